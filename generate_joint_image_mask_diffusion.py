@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Sample paired (image, mask) data from a model trained by train_seg_mask_diffusion.py.
+
+    python generate_joint_image_mask_diffusion.py --checkpoint outputs/joint --save_dir outputs/synth --num_samples 100
+
+Writes, under --save_dir:
+  images/000000.png ...     generated images
+  masks/000000.png ...      label PNGs (palette attached): the class id on the generated mask's pixels and
+                            --fill_label elsewhere, so --save_dir is itself a *generic* dataset
+  overlays/000000.png ...   the image with its mask tinted in the class colour
+  metadata.jsonl            one line per sample: files, class, prompt, seed, steps, scheduler, guidance
+  class_names.json, grid.png
+
+Sample i is drawn with seed --seed + i, whatever the batch size; a re-run with the same arguments
+keeps the samples already written and generates only the missing ones.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from segdiff.data import (
+    IGNORE_INDEX,
+    LOVEDA_CLASSES,
+    LOVEDA_PALETTE,
+    SIDEWALK_CLASSES,
+    SIDEWALK_PALETTE,
+    default_palette,
+    load_class_names,
+    save_label_png,
+    write_class_names,
+)
+from segdiff.pipelines.joint import JointImageMaskPipeline
+from segdiff.training import write_json_atomic
+from segdiff.visualize import image_grid, overlay_mask
+
+SCHEDULERS = {
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "ddpm": lambda config: DDPMScheduler.from_config(config),
+    "dpmsolver": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+}
+DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="The output folder of train_seg_mask_diffusion.py, or one of its checkpoint-N/ folders "
+        "(then its EMA weights are used when present).",
+    )
+    parser.add_argument("--save_dir", required=True, help="Where the generated dataset goes.")
+    parser.add_argument("--num_samples", type=int, default=100, help="How many (image, mask) pairs.")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASET_CLASSES),
+        default=None,
+        help="Use this dataset's default class names when the checkpoint has no class_names.json.",
+    )
+    parser.add_argument("--class_id", type=int, default=None, help="Generate only this class.")
+    parser.add_argument(
+        "--class_weights",
+        type=str,
+        default=None,
+        help="Draw each sample's class with these relative weights, one per class, e.g. '1,4,1,1,2,1,1' "
+        "to balance rare classes. Default: every class in turn.",
+    )
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance against the empty prompt (> 1 enables; the model needs --prompt_dropout).",
+    )
+    parser.add_argument("--image_size", type=int, default=None, help="Output size; default: the training resolution.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fill_label",
+        choices=["background", "ignore"],
+        default="background",
+        help="Mask value outside the generated class: class 0 (background, default; a class-vs-rest "
+        "dataset) or ignore_index (rest unknown). Samples of class 0 itself always get ignore outside.",
+    )
+    parser.add_argument("--ignore_index", type=int, default=IGNORE_INDEX)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_classes(checkpoint: Path, dataset: str | None):
+    """Class names and palette: the checkpoint's class_names.json, else a dataset's defaults."""
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / "class_names.json").is_file():
+            names, palette = load_class_names(folder / "class_names.json")
+            return names, palette or default_palette(len(names))
+    if dataset is not None:
+        return DATASET_CLASSES[dataset]
+    raise SystemExit(
+        f"{checkpoint} has no class_names.json, so the class of each id is unknown. Fix: point --checkpoint at "
+        "the output folder of train_seg_mask_diffusion.py, copy its class_names.json next to the model, "
+        "or pass --dataset loveda|sidewalk to use that dataset's class list."
+    )
+
+
+def load_pipeline(checkpoint: Path, class_names, args) -> JointImageMaskPipeline:
+    """The pipeline of a trained output folder; for checkpoint-N/, its (EMA) UNet in the parent's pipeline."""
+    dtype = torch.float16 if args.fp16 else torch.float32
+    if (checkpoint / "model_index.json").is_file():
+        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, torch_dtype=dtype)
+    elif (checkpoint / "unet").is_dir() and (checkpoint.parent / "model_index.json").is_file():
+        unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
+        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder, torch_dtype=dtype)
+        pipeline = JointImageMaskPipeline.from_pretrained(
+            checkpoint.parent, unet=unet, class_names=class_names, torch_dtype=dtype
+        )
+    else:
+        raise SystemExit(
+            f"{checkpoint} is not a trained joint model: expected model_index.json (the training output folder) "
+            "or unet/ inside a checkpoint-N folder of one."
+        )
+    if pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels + 1:
+        raise SystemExit(
+            f"{checkpoint}: the UNet takes {pipeline.unet.config.in_channels} channels, not the image latent + 1 mask "
+            "channel of a joint model. Was it trained by train_seg_mask_diffusion.py?"
+        )
+    return pipeline
+
+
+# ------------------------------------------------------------------------------------------------
+# What to generate
+# ------------------------------------------------------------------------------------------------
+
+
+def plan_classes(args, num_classes: int) -> list[int]:
+    """The class of every sample: --class_id, drawn by --class_weights, or every class in turn."""
+    if args.class_id is not None:
+        if not 0 <= args.class_id < num_classes:
+            raise SystemExit(f"--class_id {args.class_id} is out of range: the model has classes 0..{num_classes - 1}.")
+        return [args.class_id] * args.num_samples
+    if args.class_weights is not None:
+        weights = [float(w) for w in args.class_weights.split(",")]
+        if len(weights) != num_classes or min(weights) < 0 or sum(weights) <= 0:
+            raise SystemExit(
+                f"--class_weights needs {num_classes} non-negative weights (one per class), got {args.class_weights!r}."
+            )
+        generator = torch.Generator().manual_seed(args.seed)
+        return torch.multinomial(
+            torch.tensor(weights), args.num_samples, replacement=True, generator=generator
+        ).tolist()
+    return [i % num_classes for i in range(args.num_samples)]
+
+
+def label_map(mask: np.ndarray, class_id: int, fill_label: str, ignore_index: int) -> np.ndarray:
+    """The label PNG of one sample: the class on its mask, the fill elsewhere."""
+    fill = 0 if fill_label == "background" and class_id != 0 else ignore_index
+    return np.where(mask, class_id, fill).astype(np.uint8)
+
+
+def finished_samples(save_dir: Path) -> dict[int, dict]:
+    """Samples of an earlier run whose files are all on disk, by index."""
+    metadata = save_dir / "metadata.jsonl"
+    if not metadata.is_file():
+        return {}
+    done = {}
+    for line in metadata.read_text().splitlines():
+        record = json.loads(line)
+        if all((save_dir / record[key]).is_file() for key in ("file_name", "mask_file_name", "overlay_file_name")):
+            done[record["index"]] = record
+    return done
+
+
+def save_atomic(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise SystemExit(f"--checkpoint {checkpoint} does not exist.")
+    class_names, palette = load_classes(checkpoint, args.dataset)
+    pipeline = load_pipeline(checkpoint, class_names, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = SCHEDULERS[args.scheduler](pipeline.scheduler.config)
+    size = args.image_size or pipeline.default_size
+    try:
+        pipeline.check_size(size, size)
+    except ValueError as error:
+        raise SystemExit(f"--image_size {size}: {error}") from None
+
+    save_dir = Path(args.save_dir)
+    for folder in ("images", "masks", "overlays"):
+        (save_dir / folder).mkdir(parents=True, exist_ok=True)
+    write_class_names(save_dir / "class_names.json", class_names, palette)
+
+    classes = plan_classes(args, len(class_names))
+    records = finished_samples(save_dir)
+    todo = [i for i in range(args.num_samples) if i not in records]
+    if records:
+        print(f"{len(records)} samples already in {save_dir}; generating the {len(todo)} missing ones.")
+
+    with open(save_dir / "metadata.jsonl", "a") as metadata, tqdm(total=len(todo), desc="Samples") as progress:
+        for start in range(0, len(todo), args.batch_size):
+            indices = todo[start : start + args.batch_size]
+            output = pipeline(
+                [classes[i] for i in indices],
+                height=size,
+                width=size,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
+            )
+            for i, image, mask, prompt in zip(indices, output.images, output.masks, output.prompts):
+                class_id = classes[i]
+                name = f"{i:06d}.png"
+                save_atomic(image, save_dir / "images" / name)
+                save_label_png(
+                    label_map(mask, class_id, args.fill_label, args.ignore_index), save_dir / "masks" / name, palette
+                )
+                save_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
+                records[i] = {
+                    "index": i,
+                    "file_name": f"images/{name}",
+                    "mask_file_name": f"masks/{name}",
+                    "overlay_file_name": f"overlays/{name}",
+                    "class_id": class_id,
+                    "class_name": class_names[class_id],
+                    "prompt": prompt,
+                    "seed": args.seed + i,
+                    "num_inference_steps": args.num_inference_steps,
+                    "scheduler": args.scheduler,
+                    "guidance_scale": args.guidance_scale,
+                    "mask_fraction": round(float(mask.mean()), 4),
+                }
+                # Appended and flushed per sample: a crash loses at most the batch in flight.
+                metadata.write(json.dumps(records[i]) + "\n")
+                metadata.flush()
+            progress.update(len(indices))
+
+    # Rewrite the metadata in index order, without duplicates from earlier runs.
+    ordered = [records[i] for i in sorted(records)]
+    tmp = save_dir / ".metadata.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in ordered))
+    tmp.replace(save_dir / "metadata.jsonl")
+    write_grid(save_dir, ordered[:16])
+    write_json_atomic(save_dir / "generation_config.json", {**vars(args), "class_names": class_names})
+    print(f"Wrote {len(ordered)} (image, mask) pairs to {save_dir}")
+
+
+def write_grid(save_dir: Path, records) -> None:
+    """grid.png: (image, overlay) pairs, four pairs a row."""
+    if records:
+        tiles = []
+        for record in records:
+            tiles += [Image.open(save_dir / record["file_name"]), Image.open(save_dir / record["overlay_file_name"])]
+        image_grid(tiles, cols=8).save(save_dir / "grid.png")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as error:  # the pipeline's own checks (class ids, sizes)
+        sys.exit(f"error: {error}")

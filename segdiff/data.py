@@ -1,0 +1,855 @@
+"""Dataset layouts, class names, palettes, label-map I/O and joint image/mask transforms.
+
+Every layout yields the same thing: an RGB image, an integer label map (class ids, with
+``ignore_index`` marking no-data) and a name.
+
+Check a dataset before training on it::
+
+    python -m segdiff.data check --data_root /path/to/data --dataset generic --num_classes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = 255
+
+LOVEDA_CLASSES = ["background", "building", "road", "water", "barren", "forest", "agriculture"]
+# The official LoveDA colour map, in class order.
+LOVEDA_PALETTE = [
+    (255, 255, 255),
+    (255, 0, 0),
+    (255, 255, 0),
+    (0, 0, 255),
+    (159, 129, 183),
+    (0, 255, 0),
+    (255, 195, 128),
+]
+
+SIDEWALK_CLASSES = [
+    "unlabeled", "flat-road", "flat-sidewalk", "flat-crosswalk", "flat-cyclinglane",
+    "flat-parkingdriveway", "flat-railtrack", "flat-curb", "human-person", "human-rider",
+    "vehicle-car", "vehicle-truck", "vehicle-bus", "vehicle-tramtrain", "vehicle-motorcycle",
+    "vehicle-bicycle", "vehicle-caravan", "vehicle-cartrailer", "construction-building",
+    "construction-door", "construction-wall", "construction-fenceguardrail", "construction-bridge",
+    "construction-tunnel", "construction-stairs", "object-pole", "object-trafficsign",
+    "object-trafficlight", "nature-vegetation", "nature-terrain", "sky", "void-ground",
+    "void-dynamic", "void-static", "void-unclear",
+]  # fmt: skip
+# 35 distinct colours (the public demo palette repeats one). Cityscapes-like where a class exists.
+SIDEWALK_PALETTE = [
+    (0, 0, 0), (128, 64, 128), (244, 35, 232), (255, 255, 255), (0, 128, 255),
+    (250, 170, 160), (230, 150, 140), (196, 196, 196), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230),
+    (119, 11, 32), (0, 0, 110), (0, 0, 90), (70, 70, 70), (102, 102, 156),
+    (190, 153, 153), (180, 165, 180), (150, 100, 100), (150, 120, 90), (255, 128, 0),
+    (153, 153, 153), (220, 220, 0), (250, 170, 30), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (81, 0, 81), (111, 74, 0), (160, 160, 0), (90, 60, 160),
+]  # fmt: skip
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct, deterministic colours for datasets that ship none (golden-angle hues)."""
+    import colorsys
+
+    colours = []
+    for i in range(num_classes):
+        hue = (i * 0.618033988749895) % 1.0
+        value = 0.95 if i % 2 == 0 else 0.7
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def _flat_palette(palette: list[tuple[int, int, int]]) -> list[int]:
+    flat = [channel for colour in palette for channel in colour]
+    return flat + [0] * (768 - len(flat))
+
+
+def colorize_label(label: np.ndarray, palette, ignore_index: int = IGNORE_INDEX) -> Image.Image:
+    """An RGB picture of a label map: class ``c`` in ``palette[c]``, ignore (and unknown ids) black."""
+    label = np.asarray(label).astype(np.int64)
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    known = (label >= 0) & (label < len(colours)) & (label != ignore_index)
+    rgb = np.zeros((*label.shape, 3), dtype=np.uint8)
+    rgb[known] = colours[label[known]]
+    return Image.fromarray(rgb)
+
+
+def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:
+    """Write a label map as an 8-bit paletted PNG: pixel values are class ids, the palette is for eyes.
+
+    Written to a temporary name and renamed, so an interrupted write never leaves a broken file.
+    """
+    label = np.asarray(label)
+    if label.min() < 0 or label.max() > 255:
+        raise ValueError(f"label ids must be in 0..255 to be stored as a PNG, got {label.min()}..{label.max()}")
+    image = Image.fromarray(label.astype(np.uint8))  # mode L
+    if palette is not None:
+        image.putpalette(_flat_palette(palette))  # turns it into mode P, pixel values unchanged
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files: every failure becomes a DatasetError that names the file and the fix
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("loveda", "generic", "sidewalk")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+# Modes whose pixel values are the stored integers themselves (for "P", the palette index).
+LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """Bad input data. The message names the offending file or folder and says how to fix it."""
+
+
+def _decode_file(path: Path, kind: str, convert):
+    """Open an image file, decode all of it, and return ``convert(img)`` while it is open."""
+    if not path.is_file():
+        raise DatasetError(f"{kind} {path} does not exist. Fix: check --data_root and the file name.")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here, naming itself
+            return convert(img)
+    except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DatasetError(
+            f"cannot read {kind} {path} ({err}). Fix: re-export or re-download the file, "
+            "or remove it together with its pair."
+        ) from err
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An RGB image. No EXIF rotation: masks carry none, so turning only the photo would misalign them."""
+    return _decode_file(Path(path), "image", lambda img: img.convert("RGB"))
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A 2-D int64 array of the ids stored in a mask file (for a paletted PNG: the palette index)."""
+    path = Path(path)
+    return _decode_file(path, "mask", lambda img: _label_array(img, path))
+
+
+def _label_array(img: Image.Image, path: Path) -> np.ndarray:
+    if img.mode in ("LA", "PA"):
+        img = img.getchannel(0)  # the alpha band says nothing about classes
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"))
+        # Some tools save label maps as grey RGB pictures: equal channels are still ids.
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return rgb[..., 0].astype(np.int64)
+        raise DatasetError(
+            f"mask {path} is a colour ({img.mode}) mask, not a label map: its pixels are colours, not "
+            "class ids. Fix: convert it with the dataset palette (each colour -> its class id) and save "
+            "single-channel ids, e.g. with segdiff.data.save_label_png."
+        )
+    if img.mode == "F":  # float TIFFs: fine as long as every value is a whole number
+        values = np.asarray(img)
+        if not np.array_equal(values, np.round(values)):
+            raise DatasetError(f"mask {path} holds non-integer values. Fix: save class ids as integers.")
+        return values.astype(np.int64)
+    if img.mode not in LABEL_MODES:
+        raise DatasetError(
+            f"mask {path} has image mode {img.mode}, which holds no class ids. "
+            "Fix: save it as a single-channel PNG of class ids (mode L, P or 16-bit)."
+        )
+    return np.asarray(img).astype(np.int64)
+
+
+def _read_json(path: Path, what: str = "JSON file"):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise DatasetError(f"{what} {path} does not exist. Fix: check the path.") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"cannot parse {what} {path} ({err}). Fix: correct or rewrite it.") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names and palettes
+# ---------------------------------------------------------------------------------------------
+
+
+def load_class_names(path: str | Path) -> tuple[list[str], list[tuple[int, int, int]] | None]:
+    """Class names, and the palette if the file has one, from a JSON file in one of these forms:
+
+    ``["background", "building", ...]``, ``{"class_names": [...], "palette": [[r, g, b], ...]}``
+    (palette optional), or an ``id2label`` file ``{"0": "background", "1": "building", ...}``.
+    """
+    path = Path(path)
+    data = _read_json(path, "class names file")
+    palette = None
+    if isinstance(data, dict) and "class_names" in data:
+        names, palette = data["class_names"], data.get("palette")
+    elif isinstance(data, dict) and data and all(key.isdigit() for key in data):
+        if sorted(map(int, data)) != list(range(len(data))):
+            raise DatasetError(f"{path}: the ids of an id -> name file must be 0..N-1 without gaps.")
+        names = [data[str(i)] for i in range(len(data))]
+    elif isinstance(data, list):
+        names = data
+    else:
+        raise DatasetError(
+            f"{path} is not a class names file. Fix: write a JSON list of names, or "
+            '{"class_names": [...], "palette": [[r, g, b], ...]}.'
+        )
+    names = _checked_names(names, str(path))
+    if palette is not None:
+        palette = _checked_palette(palette, len(names), str(path))
+    return names, palette
+
+
+def _checked_names(names, source: str) -> list[str]:
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise DatasetError(f"{source}: the class names must be a non-empty list of strings.")
+    return list(names)
+
+
+def _checked_palette(palette, num_classes: int, source: str) -> list[tuple[int, int, int]]:
+    def is_colour(c):
+        return (
+            isinstance(c, list | tuple)
+            and len(c) == 3
+            and all(isinstance(v, int | np.integer) and 0 <= v <= 255 for v in c)
+        )
+
+    if not isinstance(palette, list | tuple) or not all(is_colour(c) for c in palette):
+        raise DatasetError(f"{source}: the palette must be a list of [r, g, b] triples of integers 0..255.")
+    if len(palette) < num_classes:
+        raise DatasetError(
+            f"{source}: the palette has {len(palette)} colours for {num_classes} classes. "
+            "Fix: give one colour per class, or leave the palette out to get a default one."
+        )
+    return [tuple(int(v) for v in c) for c in palette[:num_classes]]
+
+
+def write_class_names(path: str | Path, names: list[str], palette=None) -> None:
+    """Write ``{"class_names": [...], "palette": [...]}`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    content = {"class_names": list(names)}
+    if palette is not None:
+        content["palette"] = [[int(v) for v in colour] for colour in palette]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _resolve_classes(layout: str, names, palette, names_source, *, class_names_json, num_classes, data_root):
+    """Class names and palette: --class_names_json wins, then the layout's own list, then --num_classes."""
+    if class_names_json is not None:
+        json_names, json_palette = load_class_names(class_names_json)
+        # Keep the layout's colours for a renamed class list of the same length.
+        if json_palette is None and palette is not None and len(palette) == len(json_names):
+            json_palette = palette
+        names, palette, names_source = json_names, json_palette, class_names_json
+    if num_classes is not None and num_classes < 1:
+        raise DatasetError(f"--num_classes must be at least 1, got {num_classes}.")
+    if names is None:
+        if num_classes is None:
+            raise DatasetError(
+                f"--dataset {layout} needs the classes, and {data_root} holds no class_names.json. "
+                "Fix: pass --num_classes N (ids 0..N-1) or --class_names_json FILE, or put a "
+                f"class_names.json (a JSON list of names) in {data_root}."
+            )
+        names = [f"class_{i}" for i in range(num_classes)]
+    elif num_classes is not None and num_classes != len(names):
+        raise DatasetError(
+            f"--num_classes {num_classes} disagrees with the {len(names)} class names from {names_source}. "
+            "Fix: drop --num_classes, or make the class list match."
+        )
+    if palette is None or len(palette) != len(names):
+        palette = default_palette(len(names))
+    return list(names), [tuple(c) for c in palette]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationDataset(Dataset):
+    """(image, label map) pairs and their classes; items are ``{"image", "label", "name"}``.
+
+    ``image`` is a PIL RGB image, ``label`` an int64 HxW array of class ids 0..num_classes-1 with
+    ``ignore_index`` for no-data, ``name`` the file stem. ``label_offset`` says how the files
+    encode classes: file ids below it are no-data and class = file id - label_offset (LoveDA stores
+    no-data as 0 and its 7 classes as 1..7, so its offset is 1).
+    """
+
+    pairs: list[tuple[Path, Path]] = field(repr=False)
+    class_names: list[str]
+    palette: list[tuple[int, int, int]] = field(repr=False)
+    ignore_index: int = IGNORE_INDEX
+    layout: str = "generic"
+    label_offset: int = 0
+    split: str = "train"
+    data_root: Path | None = None
+
+    def __post_init__(self):
+        if 0 <= self.ignore_index < self.num_classes:
+            raise DatasetError(
+                f"--ignore_index {self.ignore_index} is also a class id (classes are 0..{self.num_classes - 1}). "
+                f"Fix: choose an id outside the classes (the default is {IGNORE_INDEX})."
+            )
+        self.palette = _checked_palette(list(self.palette), self.num_classes, "the palette")
+        self.pairs = [(Path(image), Path(mask)) for image, mask in self.pairs]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        label = self.decode_label(read_label_map(mask_path))
+        check_same_size(image, label, image_path, mask_path)
+        self.check_label_ids(label, mask_path)
+        return {"image": image, "label": label, "name": image_path.stem}
+
+    def decode_label(self, raw: np.ndarray) -> np.ndarray:
+        """File ids -> class ids, with ``ignore_index`` for no-data."""
+        if self.label_offset == 0:
+            return raw
+        label = raw - self.label_offset
+        label[(raw < self.label_offset) | (raw == self.ignore_index)] = self.ignore_index
+        return label
+
+    def out_of_range_ids(self, label: np.ndarray) -> list[int]:
+        """Ids in a decoded label map that are neither a class nor ``ignore_index``."""
+        valid = ((label >= 0) & (label < self.num_classes)) | (label == self.ignore_index)
+        return [] if valid.all() else np.unique(label[~valid]).tolist()
+
+    def check_label_ids(self, label: np.ndarray, mask_path: Path) -> None:
+        bad = self.out_of_range_ids(label)
+        if not bad:
+            return
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        shift = f" (class = file id - {self.label_offset})" if self.label_offset else ""
+        raise DatasetError(
+            f"mask {mask_path} holds class ids {shown}{shift}, but there are {self.num_classes} classes "
+            f"(0..{self.num_classes - 1}) and ignore_index is {self.ignore_index}. Fix: pass --num_classes or "
+            "--class_names_json (a class_names.json) listing every class, or --ignore_index if that id marks no-data."
+        )
+
+
+def check_same_size(image: Image.Image, label: np.ndarray, image_path: Path, mask_path: Path) -> None:
+    if image.size != (label.shape[1], label.shape[0]):
+        raise DatasetError(
+            f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
+            f"{label.shape[1]}x{label.shape[0]}. Fix: resize the mask to the image size with "
+            "nearest-neighbour interpolation, or re-export the pair."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding pairs on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _child(folder: Path | None, name: str) -> Path | None:
+    """The sub-folder ``name`` of ``folder``, matched case-insensitively (``Train`` or ``train``)."""
+    if folder is None or not folder.is_dir():
+        return None
+    if (folder / name).is_dir():
+        return folder / name
+    return next((p for p in sorted(folder.iterdir()) if p.is_dir() and p.name.lower() == name.lower()), None)
+
+
+def _subfolders(folder: Path) -> str:
+    names = sorted(p.name + "/" for p in folder.iterdir() if p.is_dir())
+    return "found " + (", ".join(names) if names else "no sub-folders")
+
+
+def _require_subfolders(root: Path, names: tuple[str, ...], layout: str) -> list[Path]:
+    found = [_child(root, name) for name in names]
+    if None in found:
+        wanted = " and ".join(f"{name}/" for name in names)
+        raise DatasetError(
+            f"expected {wanted} under {root} for --dataset {layout} ({_subfolders(root)}). "
+            "Fix: point --data_root at the folder that holds them, or pick the matching --dataset."
+        )
+    return found
+
+
+def _files_by_stem(folder: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        # Hidden files include the temporaries of interrupted atomic writes.
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if path.stem in files:
+            raise DatasetError(
+                f"{files[path.stem].name} and {path.name} in {folder} share the stem {path.stem!r}, so "
+                "pairing by name is ambiguous. Fix: rename or remove one of them."
+            )
+        files[path.stem] = path
+    return files
+
+
+def _some(stems: list[str], limit: int = 5) -> str:
+    return ", ".join(stems[:limit]) + (", ..." if len(stems) > limit else "")
+
+
+def _pair_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    """Match images and masks by file stem, whatever the extensions; an unmatched file is an error."""
+    images, masks = _files_by_stem(images_dir), _files_by_stem(masks_dir)
+    if not images and not masks:
+        return []
+    lonely_images = sorted(images.keys() - masks.keys())
+    lonely_masks = sorted(masks.keys() - images.keys())
+    problems = []
+    if lonely_images:
+        problems.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({_some(lonely_images)})")
+    if lonely_masks:
+        problems.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({_some(lonely_masks)})")
+    if problems:
+        raise DatasetError(
+            "; ".join(problems) + ". Fix: add the missing files or remove the unpaired ones "
+            "(images and masks are paired by file name without extension)."
+        )
+    return [(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def _require_pairs(pairs: list, images_dir: Path, masks_dir: Path) -> None:
+    if not pairs:
+        raise DatasetError(
+            f"no image/mask pairs: {images_dir} and {masks_dir} hold no {' '.join(IMAGE_EXTENSIONS)} files. "
+            "Fix: point --data_root at a folder with data."
+        )
+
+
+# Each layout returns (pairs, split, class names, palette, where the names came from);
+# names None means the layout does not know its classes.
+
+
+def _generic_layout(root: Path, split: str):
+    # A generic folder has no splits: the whole folder is the dataset, whichever split is asked for.
+    images_dir, masks_dir = _require_subfolders(root, ("images", "masks"), "generic")
+    pairs = _pair_by_stem(images_dir, masks_dir)
+    _require_pairs(pairs, images_dir, masks_dir)
+    names_file = root / "class_names.json"
+    if names_file.is_file():
+        return (pairs, split, *load_class_names(names_file), names_file)
+    return pairs, split, None, None, None
+
+
+LOVEDA_SPLITS = {"train": "Train", "val": "Val"}
+LOVEDA_SCENES = ("Urban", "Rural")
+
+
+def _find_loveda_split_folder(root: Path, split_name: str) -> Path:
+    """The folder holding Urban/ and Rural/ for a split, whichever nesting this copy of LoveDA has."""
+
+    def has_scenes(folder):
+        return any(_child(folder, scene) for scene in LOVEDA_SCENES)
+
+    outer = _child(root, split_name)
+    for candidate in (_child(outer, split_name), outer):  # Train/Train/Urban, then Train/Urban
+        if candidate is not None and has_scenes(candidate):
+            return candidate
+    if has_scenes(root):  # --data_root is itself a split folder
+        if root.name.lower() in ("train", "val", "test") and root.name.lower() != split_name.lower():
+            raise DatasetError(
+                f"--data_root {root} is the LoveDA {root.name} split, but the {split_name} split was asked for. "
+                "Fix: point --data_root at the LoveDA root (holding Train/ and Val/), or change --loveda_split."
+            )
+        return root
+    raise DatasetError(
+        f"found no LoveDA {split_name} split under {root} ({_subfolders(root)}): --dataset loveda expects "
+        f"{split_name}/Urban/ and/or {split_name}/Rural/ (or {split_name}/{split_name}/Urban/ ...), each holding "
+        "images_png/ and masks_png/. Fix: point --data_root at the LoveDA root or at one split folder."
+    )
+
+
+def _loveda_layout(root: Path, split: str, scenes):
+    if split.lower() not in LOVEDA_SPLITS:
+        raise DatasetError(f"LoveDA has no labelled split {split!r}. Fix: use --loveda_split train or val.")
+    split_name = LOVEDA_SPLITS[split.lower()]
+    split_folder = _find_loveda_split_folder(root, split_name)
+    pairs, missing = [], []
+    for scene in scenes:
+        scene_folder = _child(split_folder, scene)
+        if scene_folder is None:
+            missing.append(scene)
+            continue
+        images_dir, masks_dir = _require_subfolders(scene_folder, ("images_png", "masks_png"), "loveda")
+        pairs += _pair_by_stem(images_dir, masks_dir)
+    if len(missing) == len(scenes):
+        raise DatasetError(
+            f"none of the scenes {', '.join(scenes)} is under {split_folder} ({_subfolders(split_folder)}). "
+            "Fix: pass --loveda_scenes with the scenes you have."
+        )
+    if missing:
+        logger.warning("LoveDA scene(s) %s not under %s; using the others", ", ".join(missing), split_folder)
+    if not pairs:
+        raise DatasetError(
+            f"the LoveDA {split_name} split at {split_folder} is empty: its images_png/ folders hold no images. "
+            "Fix: finish extracting the archive there, or choose another --loveda_split."
+        )
+    return pairs, split_name.lower(), LOVEDA_CLASSES, LOVEDA_PALETTE, "the LoveDA class list"
+
+
+def _sidewalk_layout(root: Path, split: str):
+    images_dir, labels_dir = _require_subfolders(root, ("images", "labels"), "sidewalk")
+    pairs = _pair_by_stem(images_dir, labels_dir)
+    _require_pairs(pairs, images_dir, labels_dir)
+    info_file = root / "dataset_info.json"
+    info = _read_json(info_file, "sidewalk dataset info") if info_file.is_file() else {}
+    if not isinstance(info, dict):
+        raise DatasetError(f"{info_file} must hold a JSON object. Fix: re-run prepare_sidewalk.py.")
+    names = _checked_names(info["class_names"], str(info_file)) if "class_names" in info else SIDEWALK_CLASSES
+    palette = _checked_palette(info["palette"], len(names), str(info_file)) if "palette" in info else SIDEWALK_PALETTE
+    source = info_file if "class_names" in info else "the sidewalk class list"
+    splits = info.get("splits")
+    if splits is None:
+        # Without a split list every pair is training data; anything else does not exist.
+        if split != "train":
+            raise DatasetError(
+                f"{info_file} {'defines no splits' if info else 'is missing'}, so there is no {split!r} split "
+                "(every pair is 'train'). "
+                'Fix: use --loveda_split train, or add "splits": {"train": [stems], "val": [stems]} to it '
+                "(prepare_sidewalk.py --val_fraction writes them)."
+            )
+        return pairs, split, names, palette, source
+    if not isinstance(splits, dict) or not all(isinstance(stems, list) for stems in splits.values()):
+        raise DatasetError(f'{info_file}: "splits" must map split names to lists of stems.')
+    if split not in splits:
+        raise DatasetError(
+            f"{info_file} has no {split!r} split (it has {', '.join(splits) or 'none'}). Fix: pick one of those."
+        )
+    # Split lists may hold stems or file names.
+    wanted = [Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name for name in splits[split]]
+    if not wanted:
+        raise DatasetError(
+            f"the {split!r} split in {info_file} is empty. Fix: list its stems there, or pick another split."
+        )
+    by_stem = {image.stem: (image, label) for image, label in pairs}
+    absent = [stem for stem in wanted if stem not in by_stem]
+    if absent:
+        raise DatasetError(
+            f"{len(absent)} stem(s) of the {split!r} split in {info_file} have no image/label pair "
+            f"({_some(absent)}). Fix: re-run prepare_sidewalk.py, or remove them from the split."
+        )
+    return [by_stem[stem] for stem in wanted], split, names, palette, source
+
+
+def load_segmentation_dataset(
+    data_root: str | Path,
+    dataset: str,
+    *,
+    split: str = "train",
+    loveda_scenes=LOVEDA_SCENES,
+    class_names_json: str | Path | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> SegmentationDataset:
+    """Find the (image, mask) pairs of one split of a dataset in one of the layouts in ``DATASETS``."""
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown --dataset {dataset!r}. Fix: use one of {', '.join(DATASETS)}.")
+    if data_root is None:
+        raise DatasetError(f"--dataset {dataset} needs --data_root. Fix: pass the dataset folder.")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"--data_root {root} does not exist or is not a folder. Fix: check the path.")
+    if dataset == "loveda":
+        scenes = [loveda_scenes] if isinstance(loveda_scenes, str) else list(loveda_scenes)
+        pairs, split, names, palette, source = _loveda_layout(root, split, scenes)
+    elif dataset == "sidewalk":
+        pairs, split, names, palette, source = _sidewalk_layout(root, split)
+    else:
+        pairs, split, names, palette, source = _generic_layout(root, split)
+    names, palette = _resolve_classes(
+        dataset,
+        names,
+        palette,
+        source,
+        class_names_json=class_names_json,
+        num_classes=num_classes,
+        data_root=root,
+    )
+    return SegmentationDataset(
+        pairs,
+        names,
+        palette,
+        ignore_index=ignore_index,
+        layout=dataset,
+        label_offset=1 if dataset == "loveda" else 0,
+        split=split,
+        data_root=root,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a whole dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _attempt(problems: list[str], fn, *args):
+    """``fn(*args)``, or None after noting the message if it raises a DatasetError."""
+    try:
+        return fn(*args)
+    except DatasetError as err:
+        problems.append(str(err))
+        return None
+
+
+def _scan_dataset(dataset: SegmentationDataset, progress: bool = False):
+    """Read every pair; return (problems, pixels per class, pixels at ignore_index)."""
+    problems = []
+    class_pixels = np.zeros(dataset.num_classes, dtype=np.int64)
+    ignored_pixels = 0
+    for image_path, mask_path in tqdm(dataset.pairs, desc="checking", unit="pair", disable=not progress):
+        # Go on after a failure: the report should list every problem, not just the first.
+        image = _attempt(problems, read_image, image_path)
+        raw = _attempt(problems, read_label_map, mask_path)
+        if raw is None:
+            continue
+        label = dataset.decode_label(raw)
+        if image is not None:
+            _attempt(problems, check_same_size, image, label, image_path, mask_path)
+        _attempt(problems, dataset.check_label_ids, label, mask_path)
+        in_range = (label >= 0) & (label < dataset.num_classes)
+        class_pixels += np.bincount(label[in_range], minlength=dataset.num_classes)
+        ignored_pixels += int((label == dataset.ignore_index).sum())
+    return problems, class_pixels, ignored_pixels
+
+
+def check_dataset(dataset: SegmentationDataset) -> list[str]:
+    """Read every pair and return every problem found (one message each), instead of stopping at the first."""
+    return _scan_dataset(dataset)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint image/mask transforms
+# ---------------------------------------------------------------------------------------------
+
+
+class JointTransform:
+    """The same random geometry for an image and its label map; ``(PIL image, label) -> (pixels, label)``.
+
+    Resize so the short side fills ``resolution`` (bilinear with antialias for the image, nearest
+    for the label), optionally a random affine (rotation, translation, scale), then a random or
+    centre crop to ``resolution`` and a random horizontal flip. Returns ``pixel_values`` (float
+    3xHxW in [-1, 1]) and ``label`` (int64 HxW). Pixels the affine brings in from outside are
+    black in the image and ``ignore_index`` in the label, so no loss is spent on them.
+
+    Randomness comes from torch's global RNG, so seeding it (or ``torch.random.fork_rng``) makes
+    a sample reproducible.
+    """
+
+    def __init__(
+        self,
+        resolution: int | tuple[int, int],
+        *,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        affine: bool = False,
+        degrees: float = 15.0,
+        translate: float = 0.1,
+        scale: tuple[float, float] = (0.9, 1.1),
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        # torchvision is imported here, not at the top: it takes seconds to import and nothing else in
+        # this module needs it (``python -m segdiff.data check`` starts twice as fast without it).
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        self.size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        steps = []
+        if affine:
+            steps.append(
+                v2.RandomAffine(
+                    degrees=degrees,
+                    translate=(translate, translate),
+                    scale=scale,
+                    interpolation=v2.InterpolationMode.BILINEAR,  # masks are always resampled nearest
+                    fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index},
+                )
+            )
+        steps.append(v2.CenterCrop(self.size) if center_crop else v2.RandomCrop(self.size))
+        if random_flip:
+            steps.append(v2.RandomHorizontalFlip(p=0.5))
+        self.geometry = v2.Compose(steps)
+
+    def cover_size(self, height: int, width: int) -> list[int]:
+        """The smallest size with the same aspect ratio that covers ``self.size``."""
+        factor = max(self.size[0] / height, self.size[1] / width)
+        return [max(self.size[0], round(height * factor)), max(self.size[1], round(width * factor))]
+
+    def __call__(self, image: Image.Image, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as TF
+
+        image = tv_tensors.Image(TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image)
+        mask = tv_tensors.Mask(torch.as_tensor(np.asarray(label), dtype=torch.int64))
+        size = self.cover_size(*image.shape[-2:])
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask, size, interpolation=TF.InterpolationMode.NEAREST)
+        # One call on the pair: v2 draws each random parameter once and applies it to both.
+        image, mask = self.geometry(image, mask)
+        pixel_values = image.as_subclass(torch.Tensor).float() / 127.5 - 1.0
+        return pixel_values, mask.as_subclass(torch.Tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options shared by the scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = "generic") -> argparse.ArgumentParser:
+    """Add the dataset options (``--data_root --dataset --class_names_json --num_classes ...``)."""
+    group = parser.add_argument_group(
+        "dataset",
+        "Check a dataset first with: python -m segdiff.data check --data_root DIR --dataset NAME ...",
+    )
+    group.add_argument(
+        "--data_root",
+        type=str,
+        default=None,
+        help="Dataset folder. Its layout is set by --dataset.",
+    )
+    group.add_argument(
+        "--dataset",
+        type=str,
+        default=default_dataset,
+        choices=DATASETS,
+        help=(
+            "Layout of --data_root. "
+            "generic: images/ and masks/ paired by file stem (any of .png .jpg .jpeg .tif .tiff .bmp .webp); "
+            "masks are single-channel label maps of class ids (L, 16-bit or paletted PNG, where the palette "
+            "index is the class id); classes from an optional class_names.json in --data_root, or "
+            "--class_names_json, or --num_classes. "
+            "loveda: the LoveDA root holding Train/ and Val/ (or one split folder), each with Urban/ and Rural/ "
+            "(Train/Train/Urban/ nesting also works) holding images_png/ and masks_png/; mask ids 1..7 become "
+            "classes 0..6 and 0 (no-data) becomes --ignore_index. "
+            "sidewalk: the output of prepare_sidewalk.py: images/, labels/ (ids, 0 = unlabeled is a class) "
+            "and dataset_info.json (class names, palette, train/val split lists). "
+            "(default: %(default)s)"
+        ),
+    )
+    group.add_argument(
+        "--class_names_json",
+        type=str,
+        default=None,
+        help=(
+            'JSON file with the class names, in id order: ["background", "building", ...] or '
+            '{"class_names": [...], "palette": [[r, g, b], ...]}. Overrides the layout\'s own class list.'
+        ),
+    )
+    group.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help=(
+            "Number of classes (ids 0..N-1). Needed by --dataset generic when there is no class_names.json; "
+            "otherwise only checked against the class list."
+        ),
+    )
+    group.add_argument(
+        "--ignore_index",
+        type=int,
+        default=IGNORE_INDEX,
+        help="Label id meaning no-data: excluded from losses and metrics, never a class. (default: %(default)s)",
+    )
+    group.add_argument(
+        "--loveda_split",
+        type=str,
+        default="train",
+        help=(
+            "Split to use: train or val. Selects the LoveDA split folder (Train/ or Val/) and, for "
+            "--dataset sidewalk, the split list in dataset_info.json. --dataset generic has no splits "
+            "and uses the whole folder. (default: %(default)s)"
+        ),
+    )
+    group.add_argument(
+        "--loveda_scenes",
+        type=str,
+        nargs="+",
+        default=list(LOVEDA_SCENES),
+        help="LoveDA scenes to use, Urban and/or Rural. (default: %(default)s)",
+    )
+    return parser
+
+
+def dataset_from_args(args: argparse.Namespace, split: str | None = None) -> SegmentationDataset:
+    """The dataset the options of ``add_dataset_args`` describe; ``split`` overrides ``--loveda_split``."""
+    return load_segmentation_dataset(
+        args.data_root,
+        args.dataset,
+        split=split or getattr(args, "loveda_split", "train"),
+        loveda_scenes=getattr(args, "loveda_scenes", LOVEDA_SCENES),
+        class_names_json=getattr(args, "class_names_json", None),
+        num_classes=getattr(args, "num_classes", None),
+        ignore_index=getattr(args, "ignore_index", IGNORE_INDEX),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m segdiff.data check ...
+# ---------------------------------------------------------------------------------------------
+
+
+def _summary(dataset: SegmentationDataset, class_pixels: np.ndarray, ignored_pixels: int) -> str:
+    total = max(int(class_pixels.sum()) + ignored_pixels, 1)
+    lines = [
+        f"data_root: {dataset.data_root}",
+        f"layout: {dataset.layout}   split: {dataset.split}   pairs: {len(dataset)}   classes: {dataset.num_classes}",
+        "pixel share per class:",
+    ]
+    ignore_row = f"ignore ({dataset.ignore_index})"
+    width = max(len(name) for name in [*dataset.class_names, ignore_row])
+    for class_id, (name, pixels) in enumerate(zip(dataset.class_names, class_pixels)):
+        lines.append(f"  {class_id:3d} {name:<{width}}  {100 * pixels / total:6.2f}%")
+    lines.append(f"      {ignore_row:<{width}}  {100 * ignored_pixels / total:6.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segdiff.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser(
+        "check",
+        help="read every pair of a dataset and report every problem",
+        description="Read every image/mask pair, print a summary and every problem found; exit 1 if any.",
+    )
+    add_dataset_args(check)
+    check.add_argument("--split", type=str, default=None, help="Same as --loveda_split.")
+    args = parser.parse_args(argv)
+
+    try:
+        dataset = dataset_from_args(args, split=args.split)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    problems, class_pixels, ignored_pixels = _scan_dataset(dataset, progress=True)
+    print(_summary(dataset, class_pixels, ignored_pixels))
+    if not problems:
+        print("no problems found")
+        return 0
+    print(f"{len(problems)} problem(s):")
+    for problem in problems:
+        print(f"- {problem}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

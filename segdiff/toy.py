@@ -1,0 +1,274 @@
+"""The embedded default dataset: coloured shapes on a background, generated procedurally.
+
+Each class has one colour. Pixels get mild texture (a per-shape tint, a soft brightness gradient and
+per-pixel noise) so images are not flat, but every pixel stays much closer to its own class colour than
+to any other. So the label map can be read back from an image *exactly* by nearest palette colour, and
+``PaletteSegmenter`` is a perfect segmenter for real toy images: any mIoU below 1.0 measured on
+generated images is the generator's fault.
+
+Usage:
+
+    python -m segdiff.toy --output_dir data/toy --num_images 256 --val_images 64
+
+writes ``data/toy/train`` and ``data/toy/val``, two datasets in the *generic* layout
+(``images/*.png``, ``masks/*.png`` label PNGs, ``class_names.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segdiff.data import load_class_names, save_label_png, write_class_names
+
+# Class colours sit on the corners of the RGB cube at levels 40 and 215, so two colours differ by 175 in at
+# least one channel. A pixel is painted at most TINT + SHADING + NOISE = 28 away from its colour per channel,
+# far less than half of 175: nearest-colour read-back can never pick the wrong class.
+_LOW, _HIGH = 40, 215
+_TINT, _SHADING, _NOISE = 8, 8, 12
+
+_ALL_CLASSES = ["background", "square", "disk", "triangle", "diamond", "ring", "cross", "bar"]
+_ALL_COLOURS = [
+    (_LOW, _LOW, _LOW),  # background: dark grey
+    (_HIGH, _LOW, _LOW),  # square: red
+    (_LOW, _HIGH, _LOW),  # disk: green
+    (_LOW, _LOW, _HIGH),  # triangle: blue
+    (_HIGH, _HIGH, _LOW),  # diamond: yellow
+    (_HIGH, _LOW, _HIGH),  # ring: magenta
+    (_LOW, _HIGH, _HIGH),  # cross: cyan
+    (_HIGH, _HIGH, _HIGH),  # bar: light grey
+]
+MAX_TOY_CLASSES = len(_ALL_CLASSES)
+
+TOY_CLASSES = _ALL_CLASSES[:4]
+TOY_PALETTE = _ALL_COLOURS[:4]
+
+
+def toy_classes(num_classes: int = 4) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and palette of a toy dataset with ``num_classes`` classes (background included)."""
+    if not 2 <= num_classes <= MAX_TOY_CLASSES:
+        raise ValueError(f"the toy dataset has 2..{MAX_TOY_CLASSES} classes, got {num_classes}")
+    return _ALL_CLASSES[:num_classes], _ALL_COLOURS[:num_classes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes. Each takes pixel offsets (dy, dx) from the shape's centre, its radius and the random generator
+# (for orientation), and returns the boolean mask of covered pixels.
+
+
+def _square(dy, dx, radius, rng):
+    # A rectangle, really: each half-side is drawn separately.
+    half_height, half_width = radius * rng.uniform(0.6, 1.0, size=2)
+    return (np.abs(dy) <= half_height) & (np.abs(dx) <= half_width)
+
+
+def _disk(dy, dx, radius, rng):
+    return dy**2 + dx**2 <= radius**2
+
+
+def _triangle(dy, dx, radius, rng):
+    # Isosceles, apex up or down: the half-width grows linearly from 0 at the apex to `radius` at the base.
+    if rng.random() < 0.5:
+        dy = -dy
+    return (np.abs(dy) <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+
+
+def _diamond(dy, dx, radius, rng):
+    return np.abs(dy) + np.abs(dx) <= radius
+
+
+def _ring(dy, dx, radius, rng):
+    distance_squared = dy**2 + dx**2
+    return (distance_squared <= radius**2) & (distance_squared >= (0.55 * radius) ** 2)
+
+
+def _cross(dy, dx, radius, rng):
+    arm = radius / 3
+    return ((np.abs(dy) <= arm) & (np.abs(dx) <= radius)) | ((np.abs(dx) <= arm) & (np.abs(dy) <= radius))
+
+
+def _bar(dy, dx, radius, rng):
+    if rng.random() < 0.5:
+        dy, dx = dx, dy
+    return (np.abs(dy) <= radius / 4) & (np.abs(dx) <= radius * 1.3)
+
+
+_SHAPES = {
+    "square": _square,
+    "disk": _disk,
+    "triangle": _triangle,
+    "diamond": _diamond,
+    "ring": _ring,
+    "cross": _cross,
+    "bar": _bar,
+}
+
+
+def make_toy_sample(
+    rng: np.random.Generator, size: int = 32, num_classes: int = 4, max_shapes: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """One toy pair: an ``HxWx3`` uint8 image and its ``HxW`` uint8 label map.
+
+    1 to ``max_shapes`` shapes of random classes, sizes and positions are painted in turn, so later shapes
+    may cover earlier ones; the label map records what ends up on top.
+    """
+    class_names, palette = toy_classes(num_classes)
+    palette = np.asarray(palette, dtype=np.int16)
+
+    # Pixel centres, so a shape's extent does not depend on which corner we measure from.
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    label = np.zeros((size, size), dtype=np.uint8)
+    tint = np.zeros((size, size, 3), dtype=np.int16)
+    tint[:] = rng.integers(-_TINT, _TINT + 1, size=3)  # the background's own tint
+
+    for _ in range(rng.integers(1, max_shapes + 1)):
+        class_id = int(rng.integers(1, num_classes))
+        radius = rng.uniform(0.12, 0.3) * size
+        centre_y, centre_x = rng.uniform(0.15, 0.85, size=2) * size
+        covered = _SHAPES[class_names[class_id]](yy - centre_y, xx - centre_x, radius, rng)
+        label[covered] = class_id
+        tint[covered] = rng.integers(-_TINT, _TINT + 1, size=3)
+
+    # Low-frequency shading: a soft brightness ramp in a random direction, at most _SHADING at the corners.
+    direction = rng.normal(size=2)
+    direction /= np.abs(direction).sum() + 1e-8
+    ramp = (direction[0] * (yy / size - 0.5) + direction[1] * (xx / size - 0.5)) * 2
+    shading = np.round(ramp * _SHADING).astype(np.int16)[..., None]
+
+    noise = rng.integers(-_NOISE, _NOISE + 1, size=(size, size, 3), dtype=np.int16)
+    image = palette[label] + tint + shading + noise
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def make_toy_dataset(
+    output_dir: str | Path,
+    num_images: int = 256,
+    size: int = 32,
+    num_classes: int = 4,
+    seed: int = 0,
+    split: str = "train",
+) -> Path:
+    """Write a toy dataset in the generic layout and return its folder.
+
+    ``output_dir/images/{split}_00000.png``, ``output_dir/masks/{split}_00000.png`` (label PNGs with the
+    palette attached) and ``output_dir/class_names.json``. The same ``seed`` and ``split`` always give the
+    same files; different splits of one seed never repeat each other.
+    """
+    output_dir = Path(output_dir)
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    (output_dir / "masks").mkdir(parents=True, exist_ok=True)
+    class_names, palette = toy_classes(num_classes)
+
+    # crc32, not hash(): Python salts str hashes per process, which would break determinism.
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    for index in range(num_images):
+        image, label = make_toy_sample(rng, size=size, num_classes=num_classes)
+        name = f"{split}_{index:05d}.png"
+        Image.fromarray(image, mode="RGB").save(output_dir / "images" / name)
+        save_label_png(label, output_dir / "masks" / name, palette=palette)
+
+    write_class_names(output_dir / "class_names.json", class_names, palette)
+    return output_dir
+
+
+class PaletteSegmenter:
+    """Segments an image by giving each pixel the class whose palette colour is nearest (Euclidean, RGB).
+
+    Exact on toy images. Accepts:
+
+    - a float ``torch.Tensor`` shaped ``3xHxW`` or ``Bx3xHxW`` (channels first), with values in
+      ``value_range``: ``(-1, 1)`` (the default, what the models work in) or ``(0, 1)`` (what pipelines
+      return with ``output_type="pt"``); a uint8 tensor is read as 0..255;
+    - a ``numpy`` array shaped ``HxWx3`` or ``BxHxWx3`` (channels last): uint8 is 0..255, floats are read in
+      ``value_range`` (pipelines' ``output_type="np"`` gives floats in ``(0, 1)``);
+    - a ``PIL.Image``.
+
+    Returns label maps of the input's batch shape: a LongTensor for tensors, an int64 array otherwise.
+    """
+
+    def __init__(self, palette, value_range: tuple[float, float] = (-1.0, 1.0)):
+        self.palette = torch.tensor(np.asarray(palette), dtype=torch.float32).reshape(-1, 3)
+        self.value_range = value_range
+
+    @classmethod
+    def from_class_names_json(cls, path: str | Path, **kwargs) -> PaletteSegmenter:
+        _, palette = load_class_names(path)
+        if palette is None:
+            raise ValueError(f"{path} has no palette to segment by")
+        return cls(palette, **kwargs)
+
+    def __call__(self, images, value_range: tuple[float, float] | None = None):
+        value_range = value_range or self.value_range
+        if isinstance(images, Image.Image):
+            images = np.asarray(images.convert("RGB"))
+
+        if isinstance(images, torch.Tensor):
+            pixels = self._to_0_255(images.movedim(-3, -1), value_range)
+            return self._nearest_colour(pixels)
+        pixels = self._to_0_255(torch.from_numpy(np.array(images)), value_range)  # a copy: may be read-only
+        return self._nearest_colour(pixels).numpy()
+
+    @staticmethod
+    def _to_0_255(pixels: torch.Tensor, value_range) -> torch.Tensor:
+        if pixels.shape[-1] != 3:
+            raise ValueError(f"expected RGB images, got a channel dimension of {pixels.shape[-1]}")
+        if pixels.dtype == torch.uint8:
+            return pixels.float()
+        low, high = value_range
+        return (pixels.float() - low) * (255.0 / (high - low))
+
+    def _nearest_colour(self, pixels: torch.Tensor) -> torch.Tensor:
+        # One class at a time keeps memory at one distance map, even for many classes and large images.
+        palette = self.palette.to(pixels.device)
+        best_distance = torch.full(pixels.shape[:-1], float("inf"), device=pixels.device)
+        labels = torch.zeros(pixels.shape[:-1], dtype=torch.long, device=pixels.device)
+        for class_id, colour in enumerate(palette):
+            distance = ((pixels - colour) ** 2).sum(dim=-1)
+            closer = distance < best_distance
+            labels[closer] = class_id
+            best_distance = torch.minimum(best_distance, distance)
+        return labels
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Write the procedural toy dataset (generic layout).")
+    parser.add_argument("--output_dir", required=True, help="Where to write the dataset.")
+    parser.add_argument("--num_images", type=int, default=256, help="Training images to write.")
+    parser.add_argument(
+        "--val_images",
+        type=int,
+        default=0,
+        help="With a value > 0, write OUTPUT_DIR/train and OUTPUT_DIR/val with this many validation images; "
+        "with 0, OUTPUT_DIR itself is the (single) dataset.",
+    )
+    parser.add_argument("--size", type=int, default=32, help="Image side in pixels.")
+    parser.add_argument(
+        "--num_classes", type=int, default=4, help=f"Classes including background (2..{MAX_TOY_CLASSES})."
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if args.val_images > 0:
+        splits = [
+            ("train", output_dir / "train", args.num_images),
+            ("val", output_dir / "val", args.val_images),
+        ]
+    else:
+        splits = [("train", output_dir, args.num_images)]
+
+    for split, folder, num_images in splits:
+        make_toy_dataset(folder, num_images, size=args.size, num_classes=args.num_classes, seed=args.seed, split=split)
+        print(f"wrote {num_images} {args.size}x{args.size} toy images + masks ({args.num_classes} classes) to {folder}")
+
+
+if __name__ == "__main__":
+    main()

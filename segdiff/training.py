@@ -1,0 +1,580 @@
+"""Accelerate plumbing shared by every trainer.
+
+Each ``train_*.py`` script keeps its own readable loop (data, model, loss); what they would all
+repeat lives here once:
+
+* command-line arguments common to every trainer (names follow diffusers' train_controlnet.py),
+* accelerator, logging and tracker set-up,
+* optimizer (8-bit Adam on request) and learning-rate schedule (diffusers' ``get_scheduler``),
+* a data sampler whose shuffling and per-sample randomness are pure functions of
+  (seed, epoch, index), so a resumed run sees exactly the batches and augmentations an
+  uninterrupted run would,
+* checkpoints: diffusers-format models inside ``accelerator.save_state`` folders, written under a
+  temporary name and renamed, rotated by ``--checkpoints_total_limit``, resumed with
+  ``--resume_from_checkpoint latest|PATH`` at the exact batch inside the epoch,
+* EMA through diffusers' ``EMAModel``, a stop on a non-finite loss, and the
+  ``training_config.json`` / ``class_names.json`` that travel with every trained folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: int = 512) -> None:
+    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py."""
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="A Stable-Diffusion-format folder (or hub id when online): model_index.json, unet/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/. `python -m segdiff.tiny --output_dir DIR` writes a tiny one offline.",
+    )
+    group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model (hub only).")
+    group.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    group.add_argument("--output_dir", type=str, required=True, help="Where the trained model and checkpoints go.")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seeds model init, shuffling, augmentation and noise. Resumed runs reproduce uninterrupted ones.",
+    )
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=default_resolution,
+        help="Training images are resized (short side) and cropped to this square size.",
+    )
+    group.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop to --resolution.")
+    group.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="Disable horizontal flips.")
+    group.add_argument(
+        "--random_affine",
+        action="store_true",
+        help="Apply the same random rotation/scale/translation to image and mask (labels padded with ignore).",
+    )
+    group.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total optimizer steps. If given, overrides --num_train_epochs; training stops exactly here.",
+    )
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the trained model."
+    )
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x number of processes.",
+    )
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='One of diffusers\' schedules: "linear", "cosine", "cosine_with_restarts", "polynomial", '
+        '"constant", "constant_with_warmup".',
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr schedule.")
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument(
+        "--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install bitsandbytes)."
+    )
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="Maximum EMA decay (warmup ramps up to it).")
+    group.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: main process)."
+    )
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint (checkpoint-N/) every N optimizer steps.",
+    )
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint folder, or "latest" for the newest complete one in --output_dir.',
+    )
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides the accelerate config. bf16 needs Ampere or newer (A100).",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs (faster).")
+    group.add_argument(
+        "--set_grads_to_none", action="store_true", help="Free gradients instead of zeroing them (less memory)."
+    )
+    group.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='Tracker: "tensorboard" (default), "wandb", "comet_ml", "all" or "none".',
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    group.add_argument("--tracker_project_name", type=str, default=None, help="Project name for the trackers.")
+    group.add_argument(
+        "--validation_steps",
+        type=int,
+        default=500,
+        help="Generate validation samples every N optimizer steps (0 disables); grids go to output_dir/validation/.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Accelerator, optimizer, schedule
+# --------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """Accelerator with project folders, logging and seeding; also sweeps half-written checkpoints."""
+    output_dir = Path(args.output_dir)
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    accelerator = Accelerator(
+        cpu=launched_on_cpus_only(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def launched_on_cpus_only() -> bool:
+    """True for a multi-process launch (torchrun, mpirun) on a machine without GPUs.
+
+    accelerate only sets up its gloo process group on CPUs when told so (``accelerate launch --cpu``);
+    under plain ``torchrun`` it would silently train one independent copy per process.
+    """
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    has_device = torch.cuda.is_available() or is_xpu_available() or is_npu_available()
+    return world_size > 1 and not has_device
+
+
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen models (VAE, text encoder): half precision when training in mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(args: argparse.Namespace, parameters, accelerator: Accelerator) -> torch.optim.Optimizer:
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise SystemExit("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag to train on CPU.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    return optimizer_class(
+        parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def plan_steps(args: argparse.Namespace, num_batches_per_epoch: int) -> int:
+    """Fill in ``args.max_train_steps``/``args.num_train_epochs`` from each other; returns updates per epoch.
+
+    ``num_batches_per_epoch`` is the length of the dataloader after ``accelerator.prepare`` (per process).
+    """
+    updates_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    return updates_per_epoch
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelerator):
+    """diffusers' get_scheduler; step counts are multiplied by the process count because the
+    prepared scheduler steps once per process per update (as in diffusers' examples)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_project: str) -> None:
+    """Start the trackers with the run's arguments (only values tensorboard can show)."""
+    if not accelerator.is_main_process or args.report_to == "none":
+        return
+    config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    accelerator.init_trackers(args.tracker_project_name or default_project, config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: deterministic shuffling and per-sample randomness
+# --------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that depends only on ``parts``: stable across processes, workers and resumes."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class EpochSeededSampler(Sampler):
+    """Yields ``(index, sample_seed)`` pairs: a permutation fixed by (seed, epoch), and a seed per sample.
+
+    The sample seed drives that sample's augmentation and any random choice made for it (its noise,
+    timestep, selected class ...). Nothing depends on a global RNG that a resume, another worker count
+    or another process count would change. Set the epoch with :meth:`start_epoch` (deliberately not
+    ``set_epoch``: accelerate calls that with its own iteration counter, which restarts on resume).
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(
+                self.num_samples, generator=torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch))
+            ).tolist()
+        else:
+            order = range(self.num_samples)
+        for index in order:
+            yield index, derive_seed(self.seed, "sample", self.epoch, index)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so ``dataset[(index, seed)]`` runs ``process(sample, generator)`` under that seed.
+
+    The global torch RNG is forked and seeded for the call, so torchvision's random transforms are
+    reproducible; ``generator`` (a ``torch.Generator`` on the same seed) is for the trainer's own choices.
+    """
+
+    def __init__(self, dataset, process):
+        self.dataset = dataset
+        self.process = process
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, derive_seed("unseeded", key))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            example = self.process(self.dataset[index], torch.Generator().manual_seed(seed))
+        example["seed"] = seed
+        return example
+
+
+def make_train_dataloader(
+    dataset: Dataset, args: argparse.Namespace, collate_fn
+) -> tuple[DataLoader, EpochSeededSampler]:
+    sampler = EpochSeededSampler(len(dataset), seed=args.seed)
+    dataloader = DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.train_batch_size,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        drop_last=False,
+    )
+    return dataloader, sampler
+
+
+def batch_generator(seeds: torch.Tensor | list[int], device) -> torch.Generator:
+    """One generator for a batch's noise and timesteps, fixed by the seeds of the samples in it."""
+    seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    return torch.Generator(device=device).manual_seed(derive_seed("batch", *seeds))
+
+
+def training_batches(
+    dataloader: DataLoader, sampler: EpochSeededSampler, *, first_epoch: int, num_epochs: int, skip_batches: int
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(epoch, batch)`` from ``first_epoch`` on, skipping the batches a resumed run already saw.
+
+    One flat iterator, so the training loop has a single ``break`` at ``max_train_steps``.
+    """
+    from accelerate import skip_first_batches
+
+    for epoch in range(first_epoch, num_epochs):
+        sampler.start_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches > 0:
+            batches = skip_first_batches(dataloader, skip_batches)
+        for batch in batches:
+            yield epoch, batch
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Partial saves live under hidden names and never match."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.fullmatch(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def remove_partial_checkpoints(output_dir: Path) -> None:
+    for path in output_dir.glob(".checkpoint-*"):
+        logger.warning(f"Removing {path}: a checkpoint that was interrupted while being written.")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, models: dict, ema_models: dict | None = None) -> None:
+    """Save trained models in diffusers format inside each checkpoint (``checkpoint-N/unet/`` ...).
+
+    ``models`` maps a folder name to the (unwrapped) model given to ``accelerator.prepare``;
+    ``ema_models`` maps a folder name to an ``EMAModel`` (saved as ``<name>/``). A checkpoint folder
+    is then directly usable by the generators, and resuming reloads exactly these weights.
+    """
+    ema_models = ema_models or {}
+
+    def folder_of(model) -> str:
+        unwrapped = accelerator.unwrap_model(model)
+        for name, candidate in models.items():
+            if candidate is unwrapped:
+                return name
+        raise ValueError(f"{type(unwrapped).__name__} was prepared but not registered for checkpointing")
+
+    def save_hook(prepared_models, weights, output_dir):
+        if accelerator.is_main_process:
+            for name, ema in ema_models.items():
+                ema.save_pretrained(os.path.join(output_dir, name))
+            for model in prepared_models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, folder_of(model)))
+        # The models are saved above; stop accelerate from saving them a second time.
+        weights.clear()
+
+    def load_hook(prepared_models, input_dir):
+        for name, ema in ema_models.items():
+            loaded = type(ema).from_pretrained(os.path.join(input_dir, name), model_cls=ema.model_cls)
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+        while prepared_models:
+            model = accelerator.unwrap_model(prepared_models.pop())
+            loaded = type(model).from_pretrained(input_dir, subfolder=folder_of(model))
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``--checkpoints_total_limit``.
+
+    Everything is written under a hidden temporary name and renamed once complete, so a crash (or a
+    kill) during the save never leaves a half checkpoint that ``--resume_from_checkpoint latest`` picks.
+    The oldest checkpoints are only removed after the new one is in place.
+    """
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{global_step}"
+    partial = output_dir / f".checkpoint-{global_step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replaced = output_dir / f".checkpoint-{global_step}.replaced"
+        if final.exists():  # the same step saved again after resuming from an earlier checkpoint
+            final.rename(replaced)
+        partial.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        logger.info(f"Saved state to {final}")
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_from_checkpoint(
+    accelerator: Accelerator, args: argparse.Namespace, updates_per_epoch: int
+) -> tuple[int, int, int]:
+    """Load the requested checkpoint; returns (global_step, first_epoch, batches to skip in that epoch)."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, 0
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
+            return 0, 0, 0
+        path = checkpoints[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir() and (Path(args.output_dir) / path).is_dir():
+            path = Path(args.output_dir) / path
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if not path.is_dir() or not match:
+            raise SystemExit(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint folder named checkpoint-N "
+                f"there. Available in {args.output_dir}: {[p.name for p in list_checkpoints(args.output_dir)]} "
+                "(or pass `latest`)."
+            )
+    global_step = int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1))
+    logger.info(f"Resuming from {path} (step {global_step})")
+    accelerator.load_state(str(path))
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    return global_step, first_epoch, skip_batches
+
+
+# --------------------------------------------------------------------------------------------
+# Loss guard, run files, validation images
+# --------------------------------------------------------------------------------------------
+
+
+def stop_on_nonfinite_loss(accelerator: Accelerator, loss: torch.Tensor, global_step: int, output_dir) -> None:
+    """Stop every process, before the update, when any process sees a NaN/inf loss.
+
+    The weights are not stepped with it, nothing is saved after it, so the last checkpoint stays good.
+    """
+    finite = torch.isfinite(loss.detach()).all().reshape(1).float()
+    if bool(accelerator.gather(finite).min() > 0):
+        return
+    checkpoints = list_checkpoints(output_dir)
+    last_good = checkpoints[-1] if checkpoints else None
+    raise SystemExit(
+        f"The loss became {loss.item()} at step {global_step + 1}; training stopped before applying it. "
+        + (f"The last good checkpoint is {last_good}. " if last_good else "No checkpoint was written yet. ")
+        + "Lower --learning_rate, use --mixed_precision bf16 or no instead of fp16, check the data, "
+        "then restart with --resume_from_checkpoint latest."
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, payload) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_run_files(output_dir: str | Path, args: argparse.Namespace, class_names: list[str], palette, **extra) -> None:
+    """``training_config.json`` (every argument plus what generation needs) and ``class_names.json``."""
+    import diffusers
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(vars(args))
+    config.update(extra)
+    config.update(class_names=list(class_names), num_classes=len(class_names), diffusers_version=diffusers.__version__)
+    write_json_atomic(output_dir / "training_config.json", config)
+    write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
+
+
+@contextmanager
+def ema_weights(ema, model):
+    """Temporarily put the EMA weights into ``model`` (for validation); a no-op without EMA."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+def log_validation_images(accelerator: Accelerator, grid, global_step: int, tag: str, output_dir) -> Path:
+    """Save a validation grid as PNG under output_dir/validation/ and send it to the trackers."""
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}-step{global_step:06d}.png"
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid), global_step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(grid)}, step=global_step)
+    return path

@@ -1,0 +1,47 @@
+"""Shared fixtures: a toy dataset and a tiny Stable Diffusion folder, built once per test process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses run the scripts as a user would, offline, one thread each (tests run 2 at a time).
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run_script(*command, check=True, timeout=600):
+    """Run ``python <command>`` (or ``accelerate launch`` when the command starts with it) in the repo root."""
+    if command[0] == "accelerate":
+        command = (
+            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *command[2:],
+        )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *map(str, command)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A generic-layout toy dataset of 24 images, 32 px, 4 classes."""
+    from segdiff.toy import make_toy_dataset
+
+    return make_toy_dataset(tmp_path_factory.mktemp("data") / "toy", num_images=24, size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny SD-format base folder (random weights; VAE factor 2)."""
+    from segdiff.tiny import build_tiny_sd
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    build_tiny_sd(folder, sample_size=32, seed=0)
+    return folder

@@ -1,0 +1,221 @@
+"""Joint image + mask diffusion: the trainer and generator run as a user runs them, on the tiny base."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from segdiff.data import load_segmentation_dataset, read_label_map
+from segdiff.pipelines.joint import JointImageMaskPipeline
+from train_seg_mask_diffusion import class_mask_latents, pick_class, widen_unet_for_mask
+
+
+def train_args(toy_data, tiny_sd_folder, output_dir, *extra):
+    return [
+        "train_seg_mask_diffusion.py", "--pretrained_model_name_or_path", tiny_sd_folder,
+        "--data_root", toy_data, "--dataset", "generic", "--output_dir", output_dir, "--image_size", "32",
+        "--train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none", "--validation_steps", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tiny_sd_folder, tmp_path_factory):
+    """4 steps with EMA and a checkpoint every 2, through accelerate launch."""
+    output_dir = tmp_path_factory.mktemp("joint") / "model"
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, tiny_sd_folder, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                    "--use_ema", "--validation_steps", "4", "--num_validation_images", "2"),
+    )  # fmt: skip
+    return output_dir
+
+
+def test_training_writes_the_pipeline_folder(trained):
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (trained / name).is_dir(), name
+    for name in (
+        "model_index.json",
+        "class_names.json",
+        "training_config.json",
+        "validation/validation-step000004.png",
+    ):
+        assert (trained / name).is_file(), name
+    assert json.loads((trained / "class_names.json").read_text())["class_names"] == [
+        "background",
+        "square",
+        "disk",
+        "triangle",
+    ]
+    config = json.loads((trained / "training_config.json").read_text())
+    assert config["max_train_steps"] == 4 and config["resolution"] == 32
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    unet = UNet2DConditionModel.from_pretrained(trained / "unet")
+    assert unet.config.in_channels == unet.config.out_channels == 5
+    # EMA weights are what the final pipeline holds
+    ema = load_file(trained / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    final = load_file(trained / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(ema[k], final[k]) for k in final)
+
+
+def test_pipeline_round_trips_and_generates_images_and_masks(trained, tmp_path):
+    pipeline = JointImageMaskPipeline.from_pretrained(trained)
+    assert pipeline.class_names == ["background", "square", "disk", "triangle"]
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=3, output_type="np")
+    first = pipeline("disk", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert first.images.shape == (2, 32, 32, 3) and first.masks.shape == (2, 32, 32) and first.masks.dtype == bool
+    assert first.class_ids == [2, 2] and first.prompts[0] == "a remote sensing image and mask of disk"
+
+    pipeline.save_pretrained(tmp_path / "copy")
+    again = JointImageMaskPipeline.from_pretrained(tmp_path / "copy")
+    second = again(2, generator=torch.Generator().manual_seed(0), **kwargs)
+    np.testing.assert_allclose(first.images, second.images, atol=1e-6)
+    np.testing.assert_array_equal(first.masks, second.masks)
+
+    with pytest.raises(ValueError, match="class id 7 is out of range"):
+        pipeline(7, num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown class name 'cat'"):
+        pipeline("cat", num_inference_steps=1)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pipeline(0, height=30, width=30, num_inference_steps=1)
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, tiny_sd_folder, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained / "checkpoint-2", resumed / "checkpoint-2")
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, tiny_sd_folder, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                    "--use_ema", "--resume_from_checkpoint", "latest"),
+    )  # fmt: skip
+    for folder in ("unet", "checkpoint-4/unet_ema"):
+        straight = load_file(trained / folder / "diffusion_pytorch_model.safetensors")
+        again = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(straight[k], again[k]) for k in straight), folder
+
+
+def test_cached_latents_and_v_prediction_base(toy_data, tiny_sd_folder, tmp_path):
+    base = tmp_path / "v-base"
+    shutil.copytree(tiny_sd_folder, base)
+    scheduler_config = base / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(
+        json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": "v_prediction"})
+    )
+    result = run_script(
+        *train_args(toy_data, base, tmp_path / "out", "--max_train_steps", "2", "--cache_latents",
+                    "--snr_gamma", "5", "--prompt_dropout", "0.5", "--mask_loss_weight", "2"),
+    )  # fmt: skip
+    assert "Caching latents" in result.stderr
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_widened_unet_behaves_like_the_base_at_step_zero(tiny_sd_folder):
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_folder, subfolder="unet")
+    widened = widen_unet_for_mask(UNet2DConditionModel.from_pretrained(tiny_sd_folder, subfolder="unet"))
+    assert widened.config.in_channels == widened.config.out_channels == 5
+    latents = torch.randn(2, 4, 16, 16)
+    mask = torch.randn(2, 1, 16, 16)
+    text = torch.randn(2, 77, base.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = base(latents, 10, encoder_hidden_states=text).sample
+        joint = widened(torch.cat([latents, mask], 1), 10, encoder_hidden_states=text).sample
+    torch.testing.assert_close(joint[:, :4], expected)
+    assert torch.count_nonzero(joint[:, 4]) == 0
+
+
+def test_mask_channel_is_plus_minus_one_and_ignore_has_no_weight():
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    label[0, :4, :4] = 2  # top-left quarter: the class
+    label[0, 4:, 4:] = 255  # bottom-right quarter: no data
+    mask, weight = class_mask_latents(label, torch.tensor([2]), (4, 4), ignore_index=255)
+    assert set(mask.unique().tolist()) == {-1.0, 1.0}
+    assert mask[0, 0, :2, :2].eq(1).all() and mask[0, 0, 2:, :2].eq(-1).all()
+    assert weight[0, 0, 2:, 2:].eq(0).all() and weight[0, 0, :2, :].eq(1).all()
+
+
+def test_class_choice_is_a_present_class_and_never_ignore():
+    label = torch.full((8, 8), 255)
+    label[:2] = 3
+    generator = torch.Generator().manual_seed(0)
+    assert {pick_class(label, 4, 255, True, generator) for _ in range(20)} == {3}
+    uniform = {pick_class(label, 4, 255, False, generator) for _ in range(200)}
+    assert uniform == {0, 1, 2, 3}
+
+
+def generate(trained, save_dir, *extra, check=True):
+    return run_script(
+        "generate_joint_image_mask_diffusion.py", "--checkpoint", trained, "--save_dir", save_dir,
+        "--num_inference_steps", "2", *extra, check=check,
+    )  # fmt: skip
+
+
+def test_generator_writes_a_generic_dataset(trained, tmp_path):
+    save_dir = tmp_path / "synth"
+    generate(trained, save_dir, "--num_samples", "5", "--batch_size", "2", "--scheduler", "dpmsolver")
+    records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["class_id"] for r in records] == [0, 1, 2, 3, 0]  # every class in turn
+    assert records[1]["prompt"] == "a remote sensing image and mask of square" and records[1]["seed"] == 1
+    assert records[1]["scheduler"] == "dpmsolver" and records[1]["num_inference_steps"] == 2
+    for name in ("grid.png", "class_names.json", "images/000004.png", "masks/000004.png", "overlays/000004.png"):
+        assert (save_dir / name).is_file(), name
+
+    # masks: the class on the mask, background (0) elsewhere; class-0 samples get ignore outside
+    mask_file = save_dir / "masks/000001.png"
+    assert Image.open(mask_file).mode == "P"
+    assert set(np.unique(read_label_map(mask_file))) <= {0, 1}
+    assert set(np.unique(read_label_map(save_dir / "masks/000000.png"))) <= {0, 255}
+
+    dataset = load_segmentation_dataset(save_dir, "generic")
+    assert len(dataset) == 5 and dataset.class_names == ["background", "square", "disk", "triangle"]
+    assert dataset[3]["image"].size == (32, 32)
+
+    # a re-run keeps what is there and only adds the missing samples
+    before = (save_dir / "images/000002.png").read_bytes()
+    result = generate(trained, save_dir, "--num_samples", "6", "--batch_size", "2", "--scheduler", "dpmsolver")
+    assert "5 samples already in" in result.stdout and "generating the 1 missing" in result.stdout
+    assert (save_dir / "images/000002.png").read_bytes() == before
+    assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 6
+
+
+def test_generator_samples_do_not_depend_on_batch_size(trained, tmp_path):
+    generate(trained, tmp_path / "a", "--num_samples", "3", "--batch_size", "1", "--class_id", "2")
+    generate(trained, tmp_path / "b", "--num_samples", "3", "--batch_size", "3", "--class_id", "2")
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / f"a/images/00000{i}.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / f"b/images/00000{i}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1  # batched convolutions may differ in the last bit
+
+
+def test_generator_class_weights_draw_only_weighted_classes(trained, tmp_path):
+    generate(trained, tmp_path / "w", "--num_samples", "6", "--batch_size", "6", "--class_weights", "0,0,1,3")
+    records = [json.loads(line) for line in (tmp_path / "w/metadata.jsonl").read_text().splitlines()]
+    assert {r["class_id"] for r in records} <= {2, 3}
+
+
+def test_generator_bad_inputs_give_clear_errors(trained, tmp_path):
+    result = generate(trained, tmp_path / "x", "--class_id", "9", check=False)
+    assert result.returncode != 0 and "--class_id 9 is out of range: the model has classes 0..3" in result.stderr
+
+    result = generate(trained, tmp_path / "x", "--image_size", "30", check=False)
+    assert result.returncode != 0 and "--image_size 30" in result.stderr and "multiples of 4" in result.stderr
+
+    no_names = tmp_path / "no-names"
+    shutil.copytree(trained, no_names, ignore=shutil.ignore_patterns("checkpoint-*", "class_names.json"))
+    result = generate(no_names, tmp_path / "x", check=False)
+    assert result.returncode != 0 and "has no class_names.json" in result.stderr and "--dataset" in result.stderr
+
+    result = generate(trained, tmp_path / "x", "--class_weights", "1,2", check=False)
+    assert result.returncode != 0 and "--class_weights needs 4 non-negative weights" in result.stderr
+
+
+def test_generator_takes_a_checkpoint_folder_and_uses_its_ema(trained, tmp_path):
+    generate(trained / "checkpoint-2", tmp_path / "ckpt", "--num_samples", "1")
+    assert (tmp_path / "ckpt" / "images" / "000000.png").is_file()

@@ -1,0 +1,167 @@
+"""The shared training plumbing, exercised through a real trainer run as a user runs it.
+
+tests/plumbing_trainer.py is a minimal pixel-space trainer on segdiff.training; every test here
+launches it in a subprocess (accelerate launch or torchrun) on a tiny toy dataset.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from segdiff.toy import make_toy_dataset
+from segdiff.training import EpochSeededSampler, derive_seed, list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "tests" / "plumbing_trainer.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    # 10 images at batch 4: 3 batches per epoch (4, 4, 2), so checkpoints fall inside epochs.
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(root, num_images=10, size=32, seed=0)
+    return root
+
+
+def trainer_args(toy_root, output_dir, *extra):
+    return [
+        "--data_root", str(toy_root), "--dataset", "generic", "--output_dir", str(output_dir),
+        "--resolution", "32", "--train_batch_size", "4", "--learning_rate", "1e-3",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--report_to", "none", "--random_affine",
+        *extra,
+    ]  # fmt: skip
+
+
+def launch(toy_root, output_dir, *extra, check=True):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAINER), *trainer_args(toy_root, output_dir, *extra),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def final_weights(output_dir, rank=0):
+    return torch.load(Path(output_dir) / f"weights_rank{rank}.pt")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def checkpoint_names(output_dir):
+    return [path.name for path in list_checkpoints(output_dir)]
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch():
+    first, again, other_epoch = (
+        EpochSeededSampler(10, seed=3),
+        EpochSeededSampler(10, seed=3),
+        EpochSeededSampler(10, seed=3),
+    )
+    other_epoch.start_epoch(1)
+    assert list(first) == list(again)
+    assert sorted(i for i, _ in first) == list(range(10))
+    assert [i for i, _ in first] != [i for i, _ in other_epoch]
+    assert {s for _, s in first}.isdisjoint({s for _, s in other_epoch})
+    assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
+
+
+def test_stops_exactly_at_max_train_steps_and_rotates_like_diffusers(toy_root, tmp_path):
+    # diffusers' own checkpoint test: 6 steps, every 2, limit 2 -> checkpoint-4 and checkpoint-6.
+    out = tmp_path / "run"
+    launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
+    assert (out / "checkpoint-6" / "unet" / "config.json").is_file()
+    assert (out / "training_config.json").is_file() and (out / "class_names.json").is_file()
+
+    # Resume from checkpoint-6 to step 8 -> checkpoint-6 and checkpoint-8; nothing past 8.
+    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+           "--resume_from_checkpoint", "checkpoint-6")  # fmt: skip
+    assert checkpoint_names(out) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_no_extra_steps_across_epochs(toy_root, tmp_path):
+    # 7 steps over 3-batch epochs: a trainer whose break leaves only the inner loop overshoots here.
+    out = tmp_path / "run"
+    launch(toy_root, out, "--max_train_steps", "7", "--checkpointing_steps", "1")
+    assert checkpoint_names(out) == [f"checkpoint-{i}" for i in range(1, 8)]
+
+
+def test_resume_mid_epoch_gives_identical_weights(toy_root, tmp_path):
+    out = tmp_path / "run"
+    # Straight: 8 steps with EMA; checkpoint-4 falls on the 2nd batch of the 2nd epoch.
+    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema")
+    straight = final_weights(out)
+    straight_ema = (out / "checkpoint-8" / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    # Resume the same run from its checkpoint-4 and finish again.
+    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema",
+           "--resume_from_checkpoint", str(out / "checkpoint-4"))  # fmt: skip
+    assert_same_weights(straight, final_weights(out))
+    resumed_ema = (out / "checkpoint-8" / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert resumed_ema == straight_ema
+
+
+def test_checkpoint_killed_mid_save_is_not_picked_by_latest(toy_root, tmp_path):
+    reference = tmp_path / "reference"
+    launch(toy_root, reference, "--max_train_steps", "6", "--checkpointing_steps", "2")
+
+    out = tmp_path / "run"
+    killed = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                    "--crash_during_save_at", "4", check=False)  # fmt: skip
+    assert killed.returncode != 0
+    assert checkpoint_names(out) == ["checkpoint-2"]
+    assert (out / ".checkpoint-4.partial" / "unet").is_dir()  # the half-written save is there, hidden
+
+    resumed = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                     "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert "Resuming from" in resumed.stderr and "checkpoint-2 (step 2)" in resumed.stderr
+    assert not (out / ".checkpoint-4.partial").exists()
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert_same_weights(final_weights(reference), final_weights(out))
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(toy_root, tmp_path):
+    out = tmp_path / "run"
+    result = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--fail_at_step", "3",
+                    check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "The loss became nan at step 3" in result.stderr
+    assert "last good checkpoint is" in result.stderr and "checkpoint-2" in result.stderr
+    assert checkpoint_names(out) == ["checkpoint-2"]
+
+
+def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_path):
+    out = tmp_path / "run"
+    launch(toy_root, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    result = launch(toy_root, out, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3", check=False)
+    assert result.returncode != 0
+    assert "no checkpoint folder" in result.stderr and "checkpoint-2" in result.stderr
+
+
+def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(toy_root, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(TRAINER), *trainer_args(toy_root, out, "--max_train_steps", "4", "--checkpointing_steps", "2"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "DistributedType.MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    rank0, rank1 = final_weights(out, 0), final_weights(out, 1)
+    assert_same_weights(rank0, rank1)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+    # and it did train: the weights moved between the two checkpoints
+    at_step_2 = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(at_step_2[name], rank0[name]) for name in rank0)

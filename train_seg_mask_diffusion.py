@@ -1,0 +1,430 @@
+#!/usr/bin/env python
+"""Train a joint image + mask latent diffusion model on a segmentation dataset.
+
+A Stable Diffusion UNet is widened from 4 to 5 latent channels: the image latent, plus the binary
+mask of one class at latent resolution. The prompt names the class ("a remote sensing image and
+mask of building"). After training, the model samples an image *and* the mask of the named class
+together, which makes paired (image, mask) training data for segmentation models.
+
+    accelerate launch train_seg_mask_diffusion.py \
+      --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
+      --data_root /path/to/LoveDA --dataset loveda --output_dir outputs/joint
+
+The output folder is a pipeline: ``JointImageMaskPipeline.from_pretrained(output_dir)``, with
+class_names.json and training_config.json beside it for generate_joint_image_mask_diffusion.py.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPTextModel
+
+from segdiff import training
+from segdiff.data import JointTransform, add_dataset_args, dataset_from_args
+from segdiff.pipelines.joint import DEFAULT_PROMPT_TEMPLATE, JointImageMaskPipeline, class_prompt
+from segdiff.visualize import overlay_mask
+
+logger = training.logger
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    training.add_training_args(parser, default_resolution=512)
+    add_dataset_args(parser, default_dataset="loveda")
+    group = parser.add_argument_group("joint image + mask")
+    group.add_argument("--image_size", type=int, dest="resolution", help="Alias of --resolution.")
+    group.add_argument(
+        "--prompt_template",
+        type=str,
+        default=DEFAULT_PROMPT_TEMPLATE,
+        help='Prompt for the selected class; {class_name} is replaced. Default: "%(default)s".',
+    )
+    group.add_argument(
+        "--sample_present_class",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Pick the class of each sample among those present in its mask (default), or uniformly "
+        "among all classes with --no_sample_present_class (then some masks are empty). ignore_index is never picked.",
+    )
+    group.add_argument(
+        "--mask_loss_weight", type=float, default=1.0, help="Weight of the mask channel's loss against the image's."
+    )
+    group.add_argument(
+        "--prompt_dropout",
+        type=float,
+        default=0.1,
+        help="Probability of training on the empty prompt, so generation can use classifier-free guidance.",
+    )
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting (Hang et al. 2023); 5.0 is the paper's value. Off by default.",
+    )
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every training image (and its mirror) with the VAE once and train from the cache. "
+        "Implies center crops and no --random_affine.",
+    )
+    group.add_argument(
+        "--num_validation_images", type=int, default=8, help="Validation samples (one per class, in turn)."
+    )
+    args = parser.parse_args(argv)
+    if args.pretrained_model_name_or_path is None:
+        parser.error("--pretrained_model_name_or_path is required (a Stable Diffusion folder)")
+    if args.data_root is None:
+        parser.error("--data_root is required")
+    if not 0 <= args.prompt_dropout < 1:
+        parser.error("--prompt_dropout must be in [0, 1)")
+    if args.cache_latents and args.random_affine:
+        parser.error("--cache_latents encodes each image once, so it cannot be combined with --random_affine")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# The 5-channel UNet and the mask channel
+# ------------------------------------------------------------------------------------------------
+
+
+def widen_unet_for_mask(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Add one input and one output channel for the mask.
+
+    The pretrained weights are kept for the image channels and the new ones start at zero, so at
+    step 0 the image channels behave exactly as the base model and the mask output is 0.
+    """
+    if unet.config.in_channels != unet.config.out_channels:
+        raise SystemExit(
+            f"The base UNet has {unet.config.in_channels} input and {unet.config.out_channels} output channels; "
+            "a text-to-image base (same number in and out) is needed."
+        )
+    channels = unet.config.in_channels
+
+    def widened(conv: torch.nn.Conv2d, in_channels: int, out_channels: int) -> torch.nn.Conv2d:
+        new = torch.nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[: conv.out_channels, : conv.in_channels] = conv.weight
+            new.bias.zero_()
+            new.bias[: conv.out_channels] = conv.bias
+        return new
+
+    unet.conv_in = widened(unet.conv_in, channels + 1, unet.conv_in.out_channels)
+    unet.conv_out = widened(unet.conv_out, unet.conv_out.in_channels, channels + 1)
+    unet.register_to_config(in_channels=channels + 1, out_channels=channels + 1)
+    return unet
+
+
+def pick_class(label: torch.Tensor, num_classes: int, ignore_index: int, present_only: bool, generator) -> int:
+    """A class for this sample: among those present in its mask, or uniform. Never ignore_index."""
+    if present_only:
+        present = [c for c in torch.unique(label).tolist() if c != ignore_index and c < num_classes]
+        if present:
+            return present[torch.randint(len(present), (1,), generator=generator).item()]
+    return torch.randint(num_classes, (1,), generator=generator).item()
+
+
+def class_mask_latents(labels: torch.Tensor, class_ids: torch.Tensor, size, ignore_index: int):
+    """The mask channel and its loss weight at latent resolution.
+
+    The binary mask of the class is area-downsampled to the latent grid and thresholded at one half,
+    then mapped to {-1, 1} (-1: not the class, 1: the class), the value range of the image latents'
+    noise. Latent cells that are mostly ignore_index get weight 0 in the mask loss: there is no truth
+    to learn there.
+    """
+    labels = labels.long()
+    is_class = (labels == class_ids.view(-1, 1, 1)).float().unsqueeze(1)
+    is_ignored = (labels == ignore_index).float().unsqueeze(1)
+    class_share = F.interpolate(is_class, size=size, mode="area")
+    ignored_share = F.interpolate(is_ignored, size=size, mode="area")
+    mask = torch.where(class_share > 0.5, 1.0, -1.0)
+    weight = (ignored_share < 0.5).float()
+    return mask, weight
+
+
+def joint_loss(prediction, target, mask_weight, mask_loss_weight: float, snr_weights=None):
+    """Image MSE + mask_loss_weight x mask MSE (over the cells with a truth), per sample, then averaged."""
+    image_channels = prediction.shape[1] - 1
+    image_error = (prediction[:, :image_channels].float() - target[:, :image_channels].float()) ** 2
+    mask_error = (prediction[:, image_channels:].float() - target[:, image_channels:].float()) ** 2 * mask_weight
+    image_loss = image_error.mean(dim=(1, 2, 3))
+    mask_loss = mask_error.sum(dim=(1, 2, 3)) / mask_weight.sum(dim=(1, 2, 3)).clamp(min=1)
+    loss = image_loss + mask_loss_weight * mask_loss
+    if snr_weights is not None:
+        loss = loss * snr_weights
+    return loss.mean(), image_loss.mean().detach(), mask_loss.mean().detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+def build_training_data(args, dataset, accelerator, vae, weight_dtype):
+    """The per-sample processing: transform, class choice, prompt dropout, and (optionally) cached latents."""
+    transform = JointTransform(
+        args.resolution,
+        center_crop=args.center_crop or args.cache_latents,
+        random_flip=args.random_flip and not args.cache_latents,
+        affine=args.random_affine,
+        ignore_index=dataset.ignore_index,
+    )
+    cache = encode_dataset(dataset, transform, vae, accelerator, weight_dtype) if args.cache_latents else None
+
+    def process(sample, generator):
+        pixel_values, label = transform(sample["image"], sample["label"])
+        example = {"label": label}
+        if cache is None:
+            example["pixel_values"] = pixel_values
+        else:
+            flip = args.random_flip and torch.rand(1, generator=generator).item() < 0.5
+            example["latent_mean"], example["latent_std"] = cache[sample["name"]][int(flip)]
+            if flip:
+                example["label"] = label.flip(-1)
+        example["class_id"] = pick_class(
+            example["label"], dataset.num_classes, dataset.ignore_index, args.sample_present_class, generator
+        )
+        example["drop_prompt"] = torch.rand(1, generator=generator).item() < args.prompt_dropout
+        return example
+
+    def collate(examples):
+        batch = {
+            key: torch.stack([e[key] for e in examples]) for key in examples[0] if torch.is_tensor(examples[0][key])
+        }
+        for key in ("class_id", "drop_prompt", "seed"):
+            batch[key] = torch.tensor([e[key] for e in examples])
+        return batch
+
+    return training.SeededDataset(dataset, process), collate
+
+
+@torch.no_grad()
+def encode_dataset(dataset, transform, vae, accelerator, weight_dtype, batch_size: int = 16):
+    """VAE latent distributions (mean, std) of every image and of its mirror, keyed by sample name.
+
+    Stored on the CPU in the weight dtype; each step then samples from them with the batch's own
+    generator, exactly as encoding would.
+    """
+    cache = {}
+    names, images = [], []
+
+    def flush():
+        pixels = torch.stack(images).to(accelerator.device, dtype=weight_dtype)
+        for flip in (False, True):
+            dist = vae.encode(pixels.flip(-1) if flip else pixels).latent_dist
+            for name, mean, std in zip(names, dist.mean.cpu(), dist.std.cpu()):
+                cache.setdefault(name, [None, None])[int(flip)] = (mean, std)
+        names.clear()
+        images.clear()
+
+    for index in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
+        sample = dataset[index]
+        names.append(sample["name"])
+        images.append(transform(sample["image"], sample["label"])[0])
+        if len(images) == batch_size:
+            flush()
+    if images:
+        flush()
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def log_validation(pipeline_parts, args, accelerator, dataset, global_step):
+    """One sample per class (in turn), shown as image | mask overlay, in a PNG grid and the trackers."""
+    pipeline = JointImageMaskPipeline(**pipeline_parts).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    class_ids = [i % dataset.num_classes for i in range(args.num_validation_images)]
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    output = pipeline(
+        class_ids, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution
+    )
+    tiles = []
+    for image, mask, class_id in zip(output.images, output.masks, output.class_ids):
+        tiles += [image, overlay_mask(image, mask, dataset.palette[class_id])]
+    grid = make_image_grid(tiles, rows=len(class_ids), cols=2)
+    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
+    logger.info(f"Validation grid: {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    accelerator = training.make_accelerator(args)
+    weight_dtype = training.weight_dtype_for(accelerator)
+    dataset = dataset_from_args(args)
+    logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
+
+    # Models: the base's frozen VAE and text encoder, and its UNet widened for the mask channel.
+    base = args.pretrained_model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    unet = widen_unet_for_mask(unet)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # The prompts are one per class plus the empty prompt: encode them once, index them per step.
+    prompts = [class_prompt(args.prompt_template, name) for name in dataset.class_names] + [""]
+    parts = dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+        class_names=dataset.class_names,
+        prompt_template=args.prompt_template,
+    )
+    prompt_embeds = JointImageMaskPipeline(**parts).encode_prompts(prompts).to(weight_dtype)
+    empty_prompt = len(prompts) - 1
+
+    ema_models = {}
+    if args.use_ema:
+        ema_models["unet_ema"] = EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
+        )
+    training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
+
+    train_dataset, collate = build_training_data(args, dataset, accelerator, vae, weight_dtype)
+    train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
+    optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    for ema in ema_models.values():
+        ema.to(accelerator.device)
+
+    global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
+    if accelerator.is_main_process:
+        training.write_run_files(
+            args.output_dir, args, dataset.class_names, dataset.palette, pipeline="joint_image_mask"
+        )
+    training.init_trackers(accelerator, args, "train_seg_mask_diffusion")
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
+        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
+    )
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    batches = training.training_batches(
+        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+    )
+    scaling_factor = vae.config.scaling_factor
+    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
+    for _epoch, batch in batches:
+        with accelerator.accumulate(unet):
+            generator = training.batch_generator(batch["seed"], accelerator.device)
+
+            # Clean joint latents: the image latent and the class mask channel.
+            if "latent_mean" in batch:
+                mean = batch["latent_mean"].float()
+                std = batch["latent_std"].float()
+                latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+            else:
+                pixels = batch["pixel_values"].to(weight_dtype)
+                latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+            latents = (latents - shift_factor) * scaling_factor
+            mask, mask_weight = class_mask_latents(
+                batch["label"], batch["class_id"], latents.shape[-2:], dataset.ignore_index
+            )
+            clean = torch.cat([latents, mask], dim=1)
+
+            # Forward diffusion, and the prediction target of the base's parametrisation.
+            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+            timesteps = torch.randint(
+                0,
+                noise_scheduler.config.num_train_timesteps,
+                (clean.shape[0],),
+                generator=generator,
+                device=clean.device,
+            )
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(clean, noise, timesteps)
+            else:
+                target = noise
+
+            prompt_index = torch.where(batch["drop_prompt"], empty_prompt, batch["class_id"])
+            prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds[prompt_index]).sample
+
+            snr_weights = None
+            if args.snr_gamma is not None:
+                snr = compute_snr(noise_scheduler, timesteps)
+                snr_weights = torch.clamp(snr, max=args.snr_gamma) / snr
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    snr_weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1)
+            loss, image_loss, mask_loss = joint_loss(
+                prediction, target, mask_weight, args.mask_loss_weight, snr_weights
+            )
+            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+        if accelerator.sync_gradients:
+            for ema in ema_models.values():
+                ema.step(unet.parameters())
+            global_step += 1
+            progress_bar.update(1)
+            if global_step % args.checkpointing_steps == 0:
+                training.save_checkpoint(accelerator, args, global_step)
+            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+                with training.ema_weights(ema_models.get("unet_ema"), unet):
+                    log_validation(
+                        {**parts, "unet": accelerator.unwrap_model(unet)}, args, accelerator, dataset, global_step
+                    )
+        logs = {"loss": loss.item(), "image_loss": image_loss.item(), "mask_loss": mask_loss.item()}
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+        if global_step >= args.max_train_steps:
+            break
+
+    # Save the pipeline (EMA weights when kept), with the frozen parts reloaded in full precision.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if args.use_ema:
+            ema_models["unet_ema"].copy_to(unet.parameters())
+        pipeline = JointImageMaskPipeline(
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision),
+            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            class_names=dataset.class_names,
+            prompt_template=args.prompt_template,
+        )
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the pipeline to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
