@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: venv test lint
+.PHONY: venv test lint demo
 
 venv: $(INSTALLED)
 
@@ -19,6 +19,9 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 
 test: $(INSTALLED)
 	$(PY) -m pytest -n 2 --durations=15 tests
+
+demo: $(INSTALLED)
+	$(PY) demo.py --output_dir demo_output
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

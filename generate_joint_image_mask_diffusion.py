@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -37,15 +37,12 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
+from segdiff.generation import make_scheduler, save_png_atomic
 from segdiff.pipelines.joint import JointImageMaskPipeline
 from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
 
-SCHEDULERS = {
-    "ddim": lambda config: DDIMScheduler.from_config(config),
-    "ddpm": lambda config: DDPMScheduler.from_config(config),
-    "dpmsolver": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
-}
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver")
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
 
 
@@ -73,7 +70,7 @@ def parse_args(argv=None):
         help="Draw each sample's class with these relative weights, one per class, e.g. '1,4,1,1,2,1,1' "
         "to balance rare classes. Default: every class in turn.",
     )
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument(
         "--guidance_scale",
@@ -119,14 +116,14 @@ def load_classes(checkpoint: Path, dataset: str | None):
 
 def load_pipeline(checkpoint: Path, class_names, args) -> JointImageMaskPipeline:
     """The pipeline of a trained output folder; for checkpoint-N/, its (EMA) UNet in the parent's pipeline."""
-    dtype = torch.float16 if args.fp16 else torch.float32
+    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}  # default: as saved (float32)
     if (checkpoint / "model_index.json").is_file():
-        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, torch_dtype=dtype)
+        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, **dtype)
     elif (checkpoint / "unet").is_dir() and (checkpoint.parent / "model_index.json").is_file():
         unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
-        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder, **dtype)
         pipeline = JointImageMaskPipeline.from_pretrained(
-            checkpoint.parent, unet=unet, class_names=class_names, torch_dtype=dtype
+            checkpoint.parent, unet=unet, class_names=class_names, **dtype
         )
     else:
         raise SystemExit(
@@ -184,12 +181,6 @@ def finished_samples(save_dir: Path) -> dict[int, dict]:
     return done
 
 
-def save_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +195,7 @@ def main(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = SCHEDULERS[args.scheduler](pipeline.scheduler.config)
+    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     size = args.image_size or pipeline.default_size
     try:
         pipeline.check_size(size, size)
@@ -236,11 +227,11 @@ def main(args):
             for i, image, mask, prompt in zip(indices, output.images, output.masks, output.prompts):
                 class_id = classes[i]
                 name = f"{i:06d}.png"
-                save_atomic(image, save_dir / "images" / name)
+                save_png_atomic(image, save_dir / "images" / name)
                 save_label_png(
                     label_map(mask, class_id, args.fill_label, args.ignore_index), save_dir / "masks" / name, palette
                 )
-                save_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
+                save_png_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
                 records[i] = {
                     "index": i,
                     "file_name": f"images/{name}",

@@ -15,6 +15,7 @@ class_names.json and training_config.json beside it for generate_joint_image_mas
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,9 @@ def parse_args(argv=None):
         default=DEFAULT_PROMPT_TEMPLATE,
         help='Prompt for the selected class; {class_name} is replaced. Default: "%(default)s".',
     )
-    group.add_argument(
-        "--sample_present_class",
-        action=argparse.BooleanOptionalAction,
+    training.add_switch(
+        group,
+        "sample_present_class",
         default=True,
         help="Pick the class of each sample among those present in its mask (default), or uniformly "
         "among all classes with --no_sample_present_class (then some masks are empty). ignore_index is never picked.",
@@ -63,10 +64,32 @@ def parse_args(argv=None):
         help="Probability of training on the empty prompt, so generation can use classifier-free guidance.",
     )
     group.add_argument(
+        "--prediction_type",
+        choices=["epsilon", "v_prediction"],
+        default="v_prediction",
+        help="What the UNet predicts. v_prediction (default) is needed with --zero_terminal_snr; pass the base's own "
+        "(epsilon for SD 1.x) with --no_zero_terminal_snr to keep its parametrisation.",
+    )
+    training.add_switch(
+        group,
+        "zero_terminal_snr",
+        default=True,
+        help="Rescale the noise schedule so the last timestep is pure noise (Lin et al. 2024), with trailing "
+        "timesteps at sampling. On by default: SD's schedule leaks the mean of the clean latent into its noisiest "
+        "step, the model learns to read the mask's extent from that leak, and at sampling (pure noise) masks "
+        "come out as noise. Measured on the toy data (800 steps, trained text encoder): agreement IoU 0.27 -> 0.80.",
+    )
+    group.add_argument(
         "--snr_gamma",
         type=float,
         default=None,
         help="Min-SNR loss weighting (Hang et al. 2023); 5.0 is the paper's value. Off by default.",
+    )
+    group.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Train the text encoder too (in fp32). For bases whose text encoder cannot tell the class names "
+        "apart, such as the random tiny base of the demo; a real SD text encoder can stay frozen.",
     )
     group.add_argument(
         "--cache_latents",
@@ -84,6 +107,8 @@ def parse_args(argv=None):
         parser.error("--data_root is required")
     if not 0 <= args.prompt_dropout < 1:
         parser.error("--prompt_dropout must be in [0, 1)")
+    if args.zero_terminal_snr and args.prediction_type == "epsilon":
+        parser.error("--zero_terminal_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR)")
     if args.cache_latents and args.random_affine:
         parser.error("--cache_latents encodes each image once, so it cannot be combined with --random_affine")
     return args
@@ -160,6 +185,32 @@ def joint_loss(prediction, target, mask_weight, mask_loss_weight: float, snr_wei
     if snr_weights is not None:
         loss = loss * snr_weights
     return loss.mean(), image_loss.mean().detach(), mask_loss.mean().detach()
+
+
+class PromptEmbeddings:
+    """Embeddings of the fixed prompt set: one prompt per class, and the empty prompt (last).
+
+    The prompts are tokenized once. A frozen text encoder embeds them once too; a trained one embeds
+    the batch's distinct prompts at every step, so its gradients flow.
+    """
+
+    def __init__(self, prompts, pipeline: JointImageMaskPipeline, text_encoder, trainable: bool, dtype):
+        self.input_ids = pipeline.tokenize(prompts).to(text_encoder.device)
+        self.text_encoder = text_encoder
+        self.cached = None
+        if not trainable:
+            with torch.no_grad():
+                self.cached = text_encoder(self.input_ids)[0].to(dtype)
+
+    @property
+    def empty_prompt(self) -> int:
+        return len(self.input_ids) - 1
+
+    def __call__(self, prompt_index: torch.Tensor) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[prompt_index]
+        distinct, inverse = torch.unique(prompt_index, return_inverse=True)
+        return self.text_encoder(self.input_ids[distinct])[0][inverse]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,23 +319,27 @@ def main(args):
     dataset = dataset_from_args(args)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
-    # Models: the base's frozen VAE and text encoder, and its UNet widened for the mask channel.
+    # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.
     base = args.pretrained_model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    schedule = {"prediction_type": args.prediction_type}
+    if args.zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **schedule)
     unet = widen_unet_for_mask(unet)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    text_encoder.requires_grad_(args.train_text_encoder)
     vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=torch.float32 if args.train_text_encoder else weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    trained_models = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
 
-    # The prompts are one per class plus the empty prompt: encode them once, index them per step.
-    prompts = [class_prompt(args.prompt_template, name) for name in dataset.class_names] + [""]
     parts = dict(
         vae=vae,
         text_encoder=text_encoder,
@@ -294,20 +349,28 @@ def main(args):
         class_names=dataset.class_names,
         prompt_template=args.prompt_template,
     )
-    prompt_embeds = JointImageMaskPipeline(**parts).encode_prompts(prompts).to(weight_dtype)
-    empty_prompt = len(prompts) - 1
 
     ema_models = {}
     if args.use_ema:
         ema_models["unet_ema"] = EMAModel(
             unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
         )
-    training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
+    training.register_checkpoint_hooks(accelerator, trained_models, ema_models)
 
     train_dataset, collate = build_training_data(args, dataset, accelerator, vae, weight_dtype)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
-    optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
+    parameters = [p for model in trained_models.values() for p in model.parameters()]
+    optimizer = training.make_optimizer(args, parameters, accelerator)
+    # Only trained models are prepared: DDP refuses a model without trainable parameters.
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    if args.train_text_encoder:
+        text_encoder = accelerator.prepare(text_encoder)
+    accumulated = [unet, text_encoder] if args.train_text_encoder else [unet]
+    # The prompts are one per class plus the empty prompt: tokenized (and, when frozen, encoded) once.
+    prompts = [class_prompt(args.prompt_template, name) for name in dataset.class_names] + [""]
+    prompt_embeddings = PromptEmbeddings(
+        prompts, JointImageMaskPipeline(**parts), text_encoder, args.train_text_encoder, weight_dtype
+    )
     updates_per_epoch = training.plan_steps(args, len(train_dataloader))
     lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
     for ema in ema_models.values():
@@ -325,6 +388,7 @@ def main(args):
         f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
         f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
     )
+    meter = training.ThroughputMeter(accelerator, total_batch_size)
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -334,7 +398,7 @@ def main(args):
     scaling_factor = vae.config.scaling_factor
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
     for _epoch, batch in batches:
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(*accumulated):
             generator = training.batch_generator(batch["seed"], accelerator.device)
 
             # Clean joint latents: the image latent and the class mask channel.
@@ -351,7 +415,7 @@ def main(args):
             )
             clean = torch.cat([latents, mask], dim=1)
 
-            # Forward diffusion, and the prediction target of the base's parametrisation.
+            # Forward diffusion, and the target of --prediction_type.
             noise = torch.randn(clean.shape, generator=generator, device=clean.device)
             timesteps = torch.randint(
                 0,
@@ -366,15 +430,16 @@ def main(args):
             else:
                 target = noise
 
-            prompt_index = torch.where(batch["drop_prompt"], empty_prompt, batch["class_id"])
-            prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds[prompt_index]).sample
+            prompt_index = torch.where(batch["drop_prompt"], prompt_embeddings.empty_prompt, batch["class_id"])
+            prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeddings(prompt_index)).sample
 
             snr_weights = None
             if args.snr_gamma is not None:
                 snr = compute_snr(noise_scheduler, timesteps)
-                snr_weights = torch.clamp(snr, max=args.snr_gamma) / snr
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    snr_weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1)
+                clamped = torch.clamp(snr, max=args.snr_gamma)
+                # min(SNR, gamma) / SNR on epsilon; on v the target already carries a factor SNR + 1.
+                v_target = noise_scheduler.config.prediction_type == "v_prediction"
+                snr_weights = clamped / (snr + 1) if v_target else clamped / snr
             loss, image_loss, mask_loss = joint_loss(
                 prediction, target, mask_weight, args.mask_loss_weight, snr_weights
             )
@@ -382,7 +447,7 @@ def main(args):
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
@@ -391,13 +456,22 @@ def main(args):
             for ema in ema_models.values():
                 ema.step(unet.parameters())
             global_step += 1
+            meter.step()
             progress_bar.update(1)
             if global_step % args.checkpointing_steps == 0:
                 training.save_checkpoint(accelerator, args, global_step)
             if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
                 with training.ema_weights(ema_models.get("unet_ema"), unet):
                     log_validation(
-                        {**parts, "unet": accelerator.unwrap_model(unet)}, args, accelerator, dataset, global_step
+                        {
+                            **parts,
+                            "unet": accelerator.unwrap_model(unet),
+                            "text_encoder": accelerator.unwrap_model(text_encoder),
+                        },
+                        args,
+                        accelerator,
+                        dataset,
+                        global_step,
                     )
         logs = {"loss": loss.item(), "image_loss": image_loss.item(), "mask_loss": mask_loss.item()}
         logs["lr"] = lr_scheduler.get_last_lr()[0]
@@ -409,12 +483,17 @@ def main(args):
     # Save the pipeline (EMA weights when kept), with the frozen parts reloaded in full precision.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        stats = meter.summary()
+        logger.info(f"Throughput and memory: {stats}")
+        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
         unet = accelerator.unwrap_model(unet)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(unet.parameters())
         pipeline = JointImageMaskPipeline(
             vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision),
-            text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision),
+            text_encoder=accelerator.unwrap_model(text_encoder)
+            if args.train_text_encoder
+            else CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision),
             tokenizer=tokenizer,
             unet=unet,
             scheduler=DDIMScheduler.from_config(noise_scheduler.config),

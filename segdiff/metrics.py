@@ -61,3 +61,39 @@ def pixel_accuracy(confusion: torch.Tensor) -> float:
     if total == 0:
         return float("nan")
     return float(confusion.diagonal().sum().double() / total)
+
+
+def binary_iou(a, b) -> float:
+    """IoU of two boolean masks; 1.0 when both are empty (they agree that the class is absent)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def mask_agreement(dataset_dir, segmenter) -> dict:
+    """Image/mask agreement of a joint generator's output folder.
+
+    For each sample of ``metadata.jsonl``: the IoU between the generated mask and the pixels the
+    segmenter reads as that sample's class in the generated image. Returns the mean, the mean per
+    class and the per-sample values.
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    dataset_dir = Path(dataset_dir)
+    records = [json.loads(line) for line in (dataset_dir / "metadata.jsonl").read_text().splitlines()]
+    per_sample, per_class = [], {}
+    for record in records:
+        image = Image.open(dataset_dir / record["file_name"]).convert("RGB")
+        mask = np.asarray(Image.open(dataset_dir / record["mask_file_name"])) == record["class_id"]
+        read_back = np.asarray(segmenter(image)) == record["class_id"]
+        iou = binary_iou(mask, read_back)
+        per_sample.append(iou)
+        per_class.setdefault(record["class_name"], []).append(iou)
+    return {
+        "mean_iou": float(np.mean(per_sample)) if per_sample else float("nan"),
+        "per_class": {name: float(np.mean(values)) for name, values in per_class.items()},
+        "per_sample": per_sample,
+    }

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,6 +159,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         default=500,
         help="Generate validation samples every N optimizer steps (0 disables); grids go to output_dir/validation/.",
     )
+
+
+def add_switch(group, name: str, *, default: bool, help: str) -> None:
+    """``--name`` / ``--no_name`` (underscores, as every other flag here; argparse's own gives ``--no-name``)."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +433,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, models: dict, ema_models
         while prepared_models:
             model = accelerator.unwrap_model(prepared_models.pop())
             loaded = type(model).from_pretrained(input_dir, subfolder=folder_of(model))
-            model.register_to_config(**loaded.config)
+            if hasattr(model, "register_to_config"):  # diffusers models; transformers ones keep their config
+                model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
             del loaded
 
@@ -548,6 +556,39 @@ def write_run_files(output_dir: str | Path, args: argparse.Namespace, class_name
     config.update(class_names=list(class_names), num_classes=len(class_names), diffusers_version=diffusers.__version__)
     write_json_atomic(output_dir / "training_config.json", config)
     write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
+
+
+class ThroughputMeter:
+    """Training samples per second (all processes) and peak memory, for the log and the benchmarks.
+
+    Timing starts after the first optimizer step, which pays for warm-up (allocations, autotuning).
+    """
+
+    def __init__(self, accelerator: Accelerator, samples_per_step: int):
+        self.accelerator = accelerator
+        self.samples_per_step = samples_per_step
+        self.steps = 0
+        self.start = None
+
+    def step(self) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def summary(self) -> dict:
+        elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
+        if torch.cuda.is_available():
+            peak_bytes = torch.cuda.max_memory_allocated()
+        else:  # peak resident memory of this process; Linux reports kilobytes
+            import resource  # Unix only
+
+            peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "train_samples_per_second": round(self.steps * self.samples_per_step / elapsed, 2) if elapsed else None,
+            "peak_memory_mb": round(peak_bytes / 2**20, 1),
+            "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
+        }
 
 
 @contextmanager

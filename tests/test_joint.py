@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from segdiff.data import load_segmentation_dataset, read_label_map
 from segdiff.pipelines.joint import JointImageMaskPipeline
-from train_seg_mask_diffusion import class_mask_latents, pick_class, widen_unet_for_mask
+from train_seg_mask_diffusion import class_mask_latents, parse_args, pick_class, widen_unet_for_mask
 
 
 def train_args(toy_data, tiny_sd_folder, output_dir, *extra):
@@ -27,12 +27,12 @@ def train_args(toy_data, tiny_sd_folder, output_dir, *extra):
 
 @pytest.fixture(scope="module")
 def trained(toy_data, tiny_sd_folder, tmp_path_factory):
-    """4 steps with EMA and a checkpoint every 2, through accelerate launch."""
+    """4 steps with EMA, a trained text encoder and a checkpoint every 2, through accelerate launch."""
     output_dir = tmp_path_factory.mktemp("joint") / "model"
     run_script(
         "accelerate", "launch",
         *train_args(toy_data, tiny_sd_folder, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                    "--use_ema", "--validation_steps", "4", "--num_validation_images", "2"),
+                    "--use_ema", "--train_text_encoder", "--validation_steps", "4", "--num_validation_images", "2"),
     )  # fmt: skip
     return output_dir
 
@@ -93,27 +93,44 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, ti
     run_script(
         "accelerate", "launch",
         *train_args(toy_data, tiny_sd_folder, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                    "--use_ema", "--resume_from_checkpoint", "latest"),
+                    "--use_ema", "--train_text_encoder", "--resume_from_checkpoint", "latest"),
     )  # fmt: skip
-    for folder in ("unet", "checkpoint-4/unet_ema"):
-        straight = load_file(trained / folder / "diffusion_pytorch_model.safetensors")
-        again = load_file(resumed / folder / "diffusion_pytorch_model.safetensors")
-        assert all(torch.equal(straight[k], again[k]) for k in straight), folder
+    for file in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "checkpoint-4/unet_ema/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
+        straight, again = load_file(trained / file), load_file(resumed / file)
+        assert all(torch.equal(straight[k], again[k]) for k in straight), file
 
 
-def test_cached_latents_and_v_prediction_base(toy_data, tiny_sd_folder, tmp_path):
-    base = tmp_path / "v-base"
-    shutil.copytree(tiny_sd_folder, base)
-    scheduler_config = base / "scheduler" / "scheduler_config.json"
-    scheduler_config.write_text(
-        json.dumps({**json.loads(scheduler_config.read_text()), "prediction_type": "v_prediction"})
-    )
+def test_cached_latents_and_the_bases_own_epsilon_parametrisation(toy_data, tiny_sd_folder, tmp_path):
     result = run_script(
-        *train_args(toy_data, base, tmp_path / "out", "--max_train_steps", "2", "--cache_latents",
-                    "--snr_gamma", "5", "--prompt_dropout", "0.5", "--mask_loss_weight", "2"),
+        *train_args(toy_data, tiny_sd_folder, tmp_path / "out", "--max_train_steps", "2", "--cache_latents",
+                    "--prediction_type", "epsilon", "--no_zero_terminal_snr", "--snr_gamma", "5",
+                    "--prompt_dropout", "0.5", "--mask_loss_weight", "2"),
     )  # fmt: skip
     assert "Caching latents" in result.stderr
-    assert (tmp_path / "out" / "model_index.json").is_file()
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon" and not scheduler["rescale_betas_zero_snr"]
+
+
+def test_default_schedule_is_v_prediction_with_zero_terminal_snr(trained):
+    scheduler = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler"
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["rescale_betas_zero_snr"] and scheduler["timestep_spacing"] == "trailing"
+
+
+def test_trainer_refuses_contradicting_flags(toy_data, tiny_sd_folder, tmp_path, capsys):
+    for extra, message in (
+        (["--prediction_type", "epsilon"], "--zero_terminal_snr needs --prediction_type v_prediction"),
+        (["--cache_latents", "--random_affine"], "cannot be combined with --random_affine"),
+        (["--prompt_dropout", "1"], "--prompt_dropout must be in [0, 1)"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args([str(a) for a in train_args(toy_data, tiny_sd_folder, tmp_path)[1:]] + extra)
+        assert message in capsys.readouterr().err
 
 
 def test_widened_unet_behaves_like_the_base_at_step_zero(tiny_sd_folder):

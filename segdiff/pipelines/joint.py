@@ -99,16 +99,19 @@ class JointImageMaskPipeline(DiffusionPipeline):
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids, padded to the tokenizer's full length as the text encoder was trained."""
+        return self.tokenizer(
             prompts,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenize(prompts).to(self.text_encoder.device))[0]
 
     def mask_from_latent(self, mask_latent: torch.Tensor, height: int, width: int) -> np.ndarray:
         """The mask channel, upsampled to image size and thresholded at 0 (the middle of {-1, 1})."""

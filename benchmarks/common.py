@@ -1,0 +1,60 @@
+"""What every benchmark script shares: the machine line, launching a trainer, and the RESULTS.md table."""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
+
+
+def launch_training(script: str, *args) -> dict:
+    """Run a trainer as a user would (accelerate launch, one process, every core) and return its train_stats.json.
+
+    The trainers time themselves from their second optimizer step (see segdiff.training.ThroughputMeter), so
+    start-up and the first step's warm-up are not counted; each run is its own process, so the peak memory is
+    that configuration's own.
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(os.cpu_count()),
+        str(ROOT / script), *map(str, args),
+        "--checkpointing_steps", "100000", "--validation_steps", "0", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{script} failed:\n{result.stderr[-4000:]}")
+    output_dir = Path(args[list(args).index("--output_dir") + 1])
+    return json.loads((output_dir / "train_stats.json").read_text())
+
+
+def append_results(script: str, rows: list[dict], results: str | Path = RESULTS, note: str = "") -> str:
+    """Print the rows as a markdown table and append it, with the machine, date and command, to RESULTS.md.
+
+    Each row is a dict with "setup", "measurement", "result" and (optionally) "peak_memory_mb".
+    """
+    table = ["| setup | measurement | result | peak memory (MB) |", "| --- | --- | --- | --- |"]
+    table += [f"| {r['setup']} | {r['measurement']} | {r['result']} | {r.get('peak_memory_mb', '')} |" for r in rows]
+    text = (
+        f"\n## {script}, {datetime.date.today().isoformat()}\n\n"
+        f"Machine: {machine()}. Peak memory: CUDA allocated on a GPU, process max RSS on a CPU.\n"
+        f"Command: `python {shlex.join([f'benchmarks/{script}', *sys.argv[1:]])}`\n\n" + "\n".join(table) + "\n"
+    )
+    if note:
+        text += f"\n{note}\n"
+    print(text)
+    with open(results, "a") as file:
+        file.write(text)
+    return text

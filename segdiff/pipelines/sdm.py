@@ -1,0 +1,274 @@
+"""SemanticDiffusionPipeline: images from segmentation label maps with a SpadeUNetModel (SDM).
+
+Pixel space (``vae=None``) or latent space (an ``AutoencoderKL``). Classifier-free guidance in SDM's form,
+against the null map (all zeros, what the trainer feeds when it drops the mask):
+
+    eps = eps(x, null) + s * (eps(x, map) - eps(x, null))
+
+``s = 1`` is plain conditional sampling (and skips the null half); conditional and null halves otherwise run
+in one batched forward. With a model that learns its variance (``learn_sigma``), guidance applies to the
+epsilon half only; the variance half is the conditional one. A ``DDPMScheduler`` with
+``variance_type="learned_range"`` (or ``"learned"``) receives both halves and samples with the learned variance;
+every other scheduler (DDIM, DPM-Solver, ...) receives the epsilon half only. `sdm_scheduler` gives SDM's
+training schedule, with x0 clipping in pixel space.
+
+Saved folders load with ``SemanticDiffusionPipeline.from_pretrained(folder)``; ``class_names``, ``ignore_index``
+and ``edge_map`` travel in ``model_index.json``. EMA needs nothing here: the trainer saves the EMA weights as
+``unet``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from segdiff.data import IGNORE_INDEX
+from segdiff.models.spade_unet import SpadeUNetModel, resize_label_map, unexpected_label_ids
+
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def sdm_scheduler(learn_sigma: bool = False, pixel_space: bool = True) -> DDPMScheduler:
+    """SDM's (guided-diffusion's) noise schedule: 1000 linear betas from 1e-4 to 0.02, epsilon prediction.
+
+    ``clip_sample`` is on in pixel space: guided-diffusion samples with ``clip_denoised=True``, keeping the
+    predicted x0 in [-1, 1]. Without it, deterministic samplers (DDIM) follow an imperfect model's wild x0
+    guesses at high noise and end far outside the image range (measured on the tiny toy model after 200 steps:
+    samples of std 2.5 against 0.34 for real images). Latents have no such range: no clipping there.
+    ``variance_type`` is "learned_range" for a model that learns sigma, else "fixed_small". Other samplers
+    inherit all of it: ``DDIMScheduler.from_config(sdm_scheduler(...).config)``.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        variance_type="learned_range" if learn_sigma else "fixed_small",
+        clip_sample=pixel_space,
+    )
+
+
+@dataclass
+class SemanticDiffusionPipelineOutput(BaseOutput):
+    """``images``: PIL images, or an array (N, H, W, C) in [0, 1] (a tensor for "pt"/"latent");
+    ``mask_indices``: the label map each image was generated from (images of one map are consecutive)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    mask_indices: list[int]
+
+
+def as_label_maps(label_maps) -> list[torch.Tensor]:
+    """Integer label maps (H, W) from a tensor (H, W) / (B, H, W) / (B, 1, H, W), an array, a PIL label image,
+    or a list of them. Colour-coded masks (RGB) are refused: ids, not colours, are what the model knows."""
+    if isinstance(label_maps, Image.Image | np.ndarray | torch.Tensor):
+        label_maps = [label_maps]
+    maps = []
+    for item in label_maps:
+        if isinstance(item, Image.Image):
+            if item.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
+                raise ValueError(
+                    f"a {item.mode} image is not a label map: pass class ids (mode L or P, e.g. read with "
+                    "segdiff.data.read_label_map), not a colour-coded mask"
+                )
+            item = np.array(item)
+        tensor = torch.as_tensor(item) if not torch.is_tensor(item) else item
+        if tensor.is_floating_point() or tensor.dtype == torch.bool:
+            raise ValueError(f"label maps must hold integer class ids, got dtype {tensor.dtype}")
+        if tensor.ndim == 4 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]
+        if tensor.ndim == 2:
+            maps.append(tensor.long())
+        elif tensor.ndim == 3:
+            maps.extend(tensor.long())
+        else:
+            raise ValueError(f"label maps must be (H, W) or (B, H, W), got shape {tuple(tensor.shape)}")
+    if not maps:
+        raise ValueError("no label maps given")
+    return maps
+
+
+class SemanticDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        unet: SpadeUNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL | None = None,
+        class_names: list[str] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        edge_map: bool | None = None,
+    ):
+        super().__init__()
+        class_names = list(class_names or [])
+        if class_names and len(class_names) != unet.config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a model of {unet.config.num_classes} classes")
+        if vae is not None and vae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(
+                f"the VAE has {vae.config.latent_channels} latent channels, the UNet takes {unet.config.in_channels}"
+            )
+        # The edge channel is part of the model; the entry here only records it next to the class names.
+        if edge_map is not None and bool(edge_map) != bool(unet.config.use_edge_map):
+            raise ValueError(f"edge_map={edge_map} but the UNet was built with use_edge_map={unet.config.use_edge_map}")
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(
+            class_names=class_names, ignore_index=int(ignore_index), edge_map=bool(unet.config.use_edge_map)
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names) or [str(i) for i in range(self.unet.config.num_classes)]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel and side (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) of the images the model was trained on."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def check_label_ids(self, maps: list[torch.Tensor]) -> None:
+        """A clear error for ids the model has no channel for (anything but its classes and ignore_index)."""
+        num_classes, ignore_index = self.unet.config.num_classes, self.config.ignore_index
+        unexpected = sorted({i for m in maps for i in unexpected_label_ids(m, num_classes, ignore_index)})
+        if unexpected:
+            names = ", ".join(f"{i}={name}" for i, name in enumerate(self.class_names))
+            raise ValueError(
+                f"a mask holds ids the model was not trained for: {unexpected}. The model knows {num_classes} "
+                f"classes ({names}) and ignore_index {ignore_index} (no data)."
+            )
+
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.channel_mult) - 1)
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"image size {height}x{width} cannot be generated by this model: height and width must be "
+                f"multiples of {multiple} (VAE factor {self.vae_scale_factor} x UNet downsampling). "
+                f"It was trained at {self.default_size[0]}x{self.default_size[1]}."
+            )
+
+    def split_prediction(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, variance values); the variance half exists only for ``learn_sigma`` models."""
+        if self.unet.config.learn_sigma:
+            return output.chunk(2, dim=1)
+        return output, None
+
+    def scheduler_takes_variance(self) -> bool:
+        """Whether the scheduler's step gets the variance half too: only DDPM's step samples with it."""
+        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        if variance_type not in LEARNED_VARIANCE_TYPES:
+            return False
+        if not isinstance(self.scheduler, DDPMScheduler):
+            # DPM-Solver built from a learned-variance DDPM config (`from_config`) inherits variance_type, which only
+            # makes it keep the first 3 output channels: wrong for 4-channel latents. It gets epsilon alone instead.
+            self.scheduler.register_to_config(variance_type=None)
+            return False
+        if not self.unet.config.learn_sigma:
+            raise ValueError(
+                f"the scheduler expects a learned variance (variance_type={variance_type!r}) but the UNet was "
+                "built without learn_sigma: use variance_type 'fixed_small' (or DDIM)"
+            )
+        return True
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] with the VAE's scaling (and shift, if any); pixel samples pass through."""
+        if self.vae is None:
+            return samples
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = samples / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        label_maps,
+        num_images_per_mask: int = 1,
+        guidance_scale: float = 1.5,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+    ):
+        """Generate ``num_images_per_mask`` images for each label map.
+
+        ``label_maps``: an integer tensor (B, H, W) or (H, W), or a list of arrays / PIL label images (mode L or
+        P) / tensors; any size (each is resized, nearest, to the sample size). ``ignore_index`` pixels mean "no
+        data": the model fills them freely. ``guidance_scale``: SDM's s (1 = no guidance; 1.5 is SDM's choice).
+        ``height``/``width``: image size, by default the training size. ``generator``: one, or one per image;
+        the starting noise is drawn on the CPU so a seed gives the same images on any device.
+        ``output_type``: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
+        """
+        # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
+        maps = as_label_maps(label_maps)
+        self.check_label_ids(maps)
+        default_height, default_width = self.default_size
+        height, width = height or default_height, width or default_width
+        self.check_size(height, width)
+        sample_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        labels = torch.stack([resize_label_map(m, sample_size) for m in maps])
+        mask_indices = [i for i in range(len(maps)) for _ in range(num_images_per_mask)]
+        segmentation = self.unet.encode_segmentation(labels[mask_indices], ignore_index=self.config.ignore_index)
+
+        device = self._execution_device
+        segmentation = segmentation.to(device)
+        do_guidance = guidance_scale != 1.0
+        if do_guidance:
+            segmentation = torch.cat([torch.zeros_like(segmentation), segmentation])  # null half first
+
+        # 2. Starting noise
+        shape = (len(mask_indices), self.unet.config.in_channels, *sample_size)
+        if isinstance(generator, list) and len(generator) != len(mask_indices):
+            raise ValueError(f"got {len(generator)} generators for {len(mask_indices)} images: pass one per image")
+        samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        samples = samples.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+
+        # 3. Denoise
+        takes_variance = self.scheduler_takes_variance()
+        # Stochastic steps (DDPM, DDIM with eta > 0) draw their noise from the same generator, when they take one.
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([samples] * 2) if do_guidance else samples
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            prediction, variance = self.split_prediction(self.unet(model_input, t, segmentation).sample)
+            if do_guidance:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+                variance = None if variance is None else variance.chunk(2)[1]
+            model_output = torch.cat([prediction, variance], dim=1) if takes_variance else prediction
+            samples = self.scheduler.step(model_output, t, samples, **step_kwargs).prev_sample
+
+        # 4. Decode
+        if output_type == "latent":
+            images = samples
+        else:
+            images = (self.decode(samples) / 2 + 0.5).clamp(0, 1).float()
+            if output_type != "pt":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return images, mask_indices
+        return SemanticDiffusionPipelineOutput(images=images, mask_indices=mask_indices)
