@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
-from segdiff.data import JointTransform, add_dataset_args, dataset_from_args
+from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.pipelines.joint import DEFAULT_PROMPT_TEMPLATE, JointImageMaskPipeline, class_prompt
 from segdiff.visualize import overlay_mask
 
@@ -506,4 +506,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with exit_on_bad_input():
+        main(parse_args())

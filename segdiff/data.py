@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,15 @@ logger = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad input data. The message names the offending file or folder and says how to fix it."""
+
+
+@contextmanager
+def exit_on_bad_input():
+    """End a script with the DatasetError's message (it names the file and the fix), not with a traceback."""
+    try:
+        yield
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _decode_file(path: Path, kind: str, convert):

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Generate images from label maps with a model trained by train_spade_sdm.py.
+
+    python generate_spade_sdm.py --checkpoint outputs/sdm --masks_dir data/val/labels --save_dir outputs/sdm_samples \
+      --num_samples_per_mask 5 --guidance_scale 1.5
+
+Every mask of --masks_dir (label PNGs of class ids, or colour PNGs drawn with the model's palette) gets
+--num_samples_per_mask images. Under --save_dir:
+  generated_images/sample_000001/generated_00.png ...  the images of each mask (masks in file-name order)
+  visualizations/sample_000001.png                     colourised mask | its images
+  images/ + masks/                                     flat copies: a *generic* dataset of (image, label map)
+  metadata.jsonl, class_names.json, grid.png
+
+Image j of mask i is drawn with seed --seed + i * N + j, whatever --batch_size; a re-run with the same
+arguments keeps the masks already written and generates only the missing ones.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from segdiff.data import default_palette, exit_on_bad_input, load_class_names
+from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask
+from segdiff.models.spade_unet import SpadeUNetModel
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline
+from segdiff.training import write_json_atomic
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there).",
+    )
+    parser.add_argument("--masks_dir", required=True, help="Folder of masks: label PNGs, or colour PNGs (palette).")
+    parser.add_argument("--save_dir", required=True, help="Where the images go.")
+    parser.add_argument("--num_samples_per_mask", type=int, default=5, help="Images per mask. Default: %(default)s")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.5,
+        help="Classifier-free guidance scale s (SDM: 1.5); 1 turns guidance off. Guidance needs a model trained or "
+        "fine-tuned with --drop_rate > 0. Default: %(default)s",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument(
+        "--scheduler",
+        choices=[name for name in SCHEDULERS if name != "unipc"],
+        default="ddim",
+        help="Sampler: ddim (default), ddpm (uses the learned variance of learn_sigma models), dpmsolver (++).",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch_size", type=int, default=16, help="Images per forward pass (whole masks: at least one mask's N)."
+    )
+    parser.add_argument("--image_size", type=int, default=None, help="Output size; default: the training size.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
+    args = parser.parse_args(argv)
+    if args.num_samples_per_mask < 1:
+        parser.error("--num_samples_per_mask must be at least 1")
+    return args
+
+
+def load_pipeline(checkpoint: Path, args) -> SemanticDiffusionPipeline:
+    """The pipeline of a trained output folder; for checkpoint-N/, its (EMA) UNet in the parent's pipeline."""
+    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}
+    if (checkpoint / "model_index.json").is_file():
+        return SemanticDiffusionPipeline.from_pretrained(checkpoint, **dtype)
+    if (checkpoint / "unet").is_dir() and (checkpoint.parent / "model_index.json").is_file():
+        subfolder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
+        unet = SpadeUNetModel.from_pretrained(checkpoint, subfolder=subfolder, **dtype)
+        return SemanticDiffusionPipeline.from_pretrained(checkpoint.parent, unet=unet, **dtype)
+    raise SystemExit(
+        f"{checkpoint} is not a trained SDM: expected model_index.json (the output folder of train_spade_sdm.py) "
+        "or unet/ inside one of its checkpoint-N folders."
+    )
+
+
+def load_palette(checkpoint: Path, num_classes: int):
+    for folder in (checkpoint, checkpoint.parent):
+        if (folder / "class_names.json").is_file():
+            _, palette = load_class_names(folder / "class_names.json")
+            if palette:
+                return palette
+    return default_palette(num_classes)
+
+
+def main(args):
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise SystemExit(f"--checkpoint {checkpoint} does not exist.")
+    pipeline = load_pipeline(checkpoint, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
+    height, width = (args.image_size, args.image_size) if args.image_size else pipeline.default_size
+    try:
+        pipeline.check_size(height, width)
+    except ValueError as error:
+        raise SystemExit(f"--image_size {args.image_size}: {error}") from None
+
+    class_names = pipeline.class_names
+    palette = load_palette(checkpoint, len(class_names))
+    ignore_index = pipeline.config.ignore_index
+    masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
+    per_mask = args.num_samples_per_mask
+    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, per_mask)
+    todo = [mask for mask in masks if not writer.is_done(mask)]
+    if len(todo) < len(masks):
+        print(f"{len(masks) - len(todo)} masks already done in {args.save_dir}; generating the {len(todo)} others.")
+
+    masks_per_batch = max(1, args.batch_size // per_mask)
+    with tqdm(total=len(todo) * per_mask, desc="Images") as progress:
+        for start in range(0, len(todo), masks_per_batch):
+            group = todo[start : start + masks_per_batch]
+            labels = [read_mask(mask.path, palette, ignore_index) for mask in group]
+            seeds = [args.seed + mask.index * per_mask + j for mask in group for j in range(per_mask)]
+            output = pipeline(
+                labels,
+                num_images_per_mask=per_mask,
+                guidance_scale=args.guidance_scale,
+                num_inference_steps=args.num_inference_steps,
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                height=height,
+                width=width,
+            )
+            for i, (mask, label) in enumerate(zip(group, labels)):
+                images = output.images[i * per_mask : (i + 1) * per_mask]
+                details = [
+                    {
+                        "seed": seeds[i * per_mask + j],
+                        "scheduler": args.scheduler,
+                        "num_inference_steps": args.num_inference_steps,
+                        "guidance_scale": args.guidance_scale,
+                    }
+                    for j in range(per_mask)
+                ]
+                writer.write(mask, label, images, details)
+                progress.update(per_mask)
+
+    count = writer.finish()
+    write_json_atomic(Path(args.save_dir) / "generation_config.json", {**vars(args), "class_names": class_names})
+    print(f"Wrote {count} images for {len(masks)} masks to {args.save_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        with exit_on_bad_input():
+            main(parse_args())
+    except ValueError as error:  # the pipeline's own checks
+        sys.exit(f"error: {error}")

@@ -1,0 +1,279 @@
+"""SPADE Semantic Diffusion Model: the trainer and generator run as a user runs them, on tiny models."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+from safetensors.torch import load_file
+
+from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+from train_spade_sdm import build_training_data, discretized_gaussian_log_likelihood, parse_args, variational_bound
+
+CLASS_NAMES = ["background", "square", "disk", "triangle"]
+
+
+def train_args(toy_data, output_dir, *extra):
+    return [
+        "train_spade_sdm.py", "--data_root", toy_data, "--dataset", "generic", "--output_dir", output_dir,
+        "--model_config", "configs/models/sdm_tiny.json", "--resolution", "32", "--train_batch_size", "4",
+        "--learning_rate", "1e-3", "--report_to", "none", "--validation_steps", "0", *extra,
+    ]  # fmt: skip
+
+
+def weights(folder, subfolder="unet"):
+    return load_file(folder / subfolder / "diffusion_pytorch_model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tmp_path_factory):
+    """Pixel space, SPADE, learned variance and EMA: 4 steps through accelerate launch, a checkpoint every 2."""
+    output_dir = tmp_path_factory.mktemp("sdm") / "model"
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema",
+                    "--learn_sigma", "--validation_steps", "4", "--num_validation_images", "2"),
+    )  # fmt: skip
+    return output_dir
+
+
+def test_pixel_spade_training_writes_a_pipeline_folder(trained):
+    for name in (
+        "model_index.json",
+        "class_names.json",
+        "training_config.json",
+        "validation/validation-step000004.png",
+    ):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (trained / "vae").exists()
+    config = json.loads((trained / "training_config.json").read_text())
+    assert config["space"] == "pixel" and config["unet_config"]["num_classes"] == 4
+    # The final weights are the EMA ones.
+    assert same_weights(weights(trained), weights(trained / "checkpoint-4", "unet_ema"))
+
+    pipeline = SemanticDiffusionPipeline.from_pretrained(trained)
+    assert pipeline.class_names == CLASS_NAMES and pipeline.vae is None
+    assert pipeline.unet.config.learn_sigma and pipeline.unet.config.conditioning == "spade"
+    assert pipeline.scheduler.config.variance_type == "learned_range" and pipeline.scheduler.config.clip_sample
+
+
+def test_pipeline_round_trip_gives_the_same_images(trained, toy_data, tmp_path):
+    label = read_label_map(toy_data / "masks" / sorted(p.name for p in (toy_data / "masks").iterdir())[0])
+    pipeline = SemanticDiffusionPipeline.from_pretrained(trained)
+    kwargs = dict(num_images_per_mask=2, num_inference_steps=3, output_type="np", guidance_scale=1.5)
+    first = pipeline(label, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert first.images.shape == (2, 32, 32, 3) and first.mask_indices == [0, 0]
+    pipeline.save_pretrained(tmp_path / "copy")
+    second = SemanticDiffusionPipeline.from_pretrained(tmp_path / "copy")(
+        label, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    np.testing.assert_allclose(first.images, second.images, atol=1e-6)
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained / "checkpoint-2", resumed / "checkpoint-2")
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema",
+                    "--learn_sigma", "--resume_from_checkpoint", "latest"),
+    )  # fmt: skip
+    assert same_weights(weights(trained), weights(resumed))
+    assert same_weights(weights(trained / "checkpoint-4"), weights(resumed / "checkpoint-4"))
+
+
+def test_latent_space_with_concat_conditioning(toy_data, tiny_sd_folder, tmp_path):
+    output_dir = tmp_path / "latent"
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, output_dir, "--max_train_steps", "2", "--space", "latent", "--conditioning", "concat",
+                    "--pretrained_model_name_or_path", tiny_sd_folder, "--edge_map", "--unknown_class", "channel",
+                    "--drop_rate", "0.5"),
+    )  # fmt: skip
+    pipeline = SemanticDiffusionPipeline.from_pretrained(output_dir)
+    config = pipeline.unet.config
+    assert pipeline.vae is not None and config.in_channels == pipeline.vae.config.latent_channels == 4
+    assert config.conditioning == "concat" and config.use_edge_map and config.unknown_class == "channel"
+    assert config.sample_size == 16  # 32 px through the tiny base's VAE, which downsamples by 2
+    assert not pipeline.scheduler.config.clip_sample  # latents have no [-1, 1] range
+    label = np.zeros((32, 32), dtype=np.int64)
+    label[8:20, 8:20] = 2
+    label[0, :] = 255
+    images = pipeline(label, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert images.images.shape == (1, 32, 32, 3) and np.isfinite(images.images).all()
+
+
+def test_guidance_fine_tune_starts_from_the_trained_weights(trained, toy_data, tmp_path):
+    # At learning rate 0 the fine-tune must end exactly where --init_from started it.
+    output_dir = tmp_path / "finetune"
+    run_script(
+        *train_args(toy_data, output_dir, "--max_train_steps", "2", "--init_from", trained, "--drop_rate", "0.2",
+                    "--learning_rate", "0", "--adam_weight_decay", "0", "--lr_warmup_steps", "0"),
+    )  # fmt: skip
+    assert same_weights(weights(trained), weights(output_dir))
+    config = json.loads((output_dir / "training_config.json").read_text())
+    assert config["drop_rate"] == 0.2 and config["init_from"] == str(trained)
+
+    # a checkpoint folder works too (its EMA weights), and a contradicting option is refused
+    result = run_script(
+        *train_args(toy_data, tmp_path / "bad", "--max_train_steps", "1", "--init_from", trained / "checkpoint-2",
+                    "--conditioning", "concat"),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "conditioning=concat (the model has spade)" in result.stderr
+
+
+def test_label_maps_are_dropped_at_the_drop_rate(toy_data):
+    args = parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--drop_rate", "0.3"])
+    assert args.validation_guidance_scale == 1.5  # guidance by default once the model learns the null map
+    dataset = load_segmentation_dataset(toy_data, "generic")
+    train_dataset, collate = build_training_data(args, dataset)
+    drops = [train_dataset[(i % len(dataset), seed)]["drop_label"] for i, seed in enumerate(range(400))]
+    assert 0.22 < np.mean(drops) < 0.38
+    batch = collate([train_dataset[(0, 1)], train_dataset[(1, 2)]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["label"].shape == (2, 32, 32)
+    # the same (index, seed) gives the same sample: the resume guarantee
+    torch.testing.assert_close(train_dataset[(3, 7)]["pixel_values"], train_dataset[(3, 7)]["pixel_values"])
+
+
+def test_variational_bound_is_zero_for_the_true_posterior():
+    scheduler = sdm_scheduler(learn_sigma=True)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.tensor([1, 500, 999])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    # v = -1 puts the model's variance on the (clipped) posterior's; the true noise gives the posterior mean.
+    exact = variational_bound(scheduler, clean, noisy, timesteps, noise, -torch.ones_like(clean), pixel_space=True)
+    torch.testing.assert_close(exact, torch.zeros(3), atol=1e-4, rtol=0)
+    wrong_mean = variational_bound(scheduler, clean, noisy, timesteps, noise + 0.5, -torch.ones_like(clean), True)
+    assert (wrong_mean > 1e-3).all()
+    # beta_t and the posterior variance only differ much at small t
+    wrong_variance = variational_bound(scheduler, clean, noisy, timesteps, noise, torch.ones_like(clean), True)
+    assert wrong_variance[0] > 0.1
+
+
+def test_discretized_likelihood_is_a_distribution_over_256_levels():
+    levels = torch.linspace(-1, 1, 256)
+    for mean, log_variance in ((0.3, math.log(0.01)), (-0.9, math.log(0.5)), (0.0, math.log(1e-4))):
+        log_p = discretized_gaussian_log_likelihood(levels, torch.tensor(mean), torch.tensor(log_variance))
+        assert abs(log_p.exp().sum().item() - 1) < 1e-3
+
+
+def write_masks(folder, toy_data, count=2):
+    folder.mkdir()
+    for path in sorted((toy_data / "masks").iterdir())[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def generate(trained, masks_dir, save_dir, *extra, check=True):
+    return run_script(
+        "generate_spade_sdm.py", "--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir", save_dir,
+        "--num_inference_steps", "2", *extra, check=check,
+    )  # fmt: skip
+
+
+def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data, tmp_path):
+    masks_dir = write_masks(tmp_path / "masks", toy_data)
+    save_dir = tmp_path / "out"
+    generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--batch_size", "4", "--scheduler", "ddpm")
+    stems = sorted(p.stem for p in masks_dir.iterdir())
+    for index in (1, 2):
+        for j in range(3):
+            assert (save_dir / f"generated_images/sample_{index:06d}/generated_{j:02d}.png").is_file()
+        assert Image.open(save_dir / f"visualizations/sample_{index:06d}.png").size == (4 * 32, 32)
+    assert (save_dir / "grid.png").is_file() and (save_dir / "class_names.json").is_file()
+
+    records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["mask_index"], r["image_index"]) for r in records] == [(m, j) for m in (0, 1) for j in range(3)]
+    assert [r["seed"] for r in records] == list(range(6))
+    assert records[4]["file_name"] == f"images/{stems[1]}_01.png" and records[4]["scheduler"] == "ddpm"
+    assert records[4]["mask_source"] == f"{stems[1]}.png" and records[4]["guidance_scale"] == 1.5
+
+    # the flat copy is a generic dataset whose masks are the input masks
+    dataset = load_segmentation_dataset(save_dir, "generic")
+    assert len(dataset) == 6 and dataset.class_names == CLASS_NAMES
+    np.testing.assert_array_equal(
+        read_label_map(save_dir / f"masks/{stems[0]}_02.png"), read_label_map(masks_dir / f"{stems[0]}.png")
+    )
+
+    # a re-run keeps the finished masks and only generates new ones
+    before = (save_dir / "images" / f"{stems[0]}_00.png").read_bytes()
+    extra = sorted((toy_data / "masks").iterdir())[2]
+    shutil.copy(extra, masks_dir / extra.name)
+    result = generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--scheduler", "ddpm")
+    assert "2 masks already done" in result.stdout and "generating the 1 others" in result.stdout
+    assert (save_dir / "images" / f"{stems[0]}_00.png").read_bytes() == before
+    assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 9
+
+
+def test_generator_images_do_not_depend_on_batch_size(trained, toy_data, tmp_path):
+    masks_dir = write_masks(tmp_path / "masks", toy_data)
+    generate(trained, masks_dir, tmp_path / "a", "--num_samples_per_mask", "2", "--batch_size", "1")
+    generate(trained, masks_dir, tmp_path / "b", "--num_samples_per_mask", "2", "--batch_size", "4")
+    for path in (tmp_path / "a" / "images").iterdir():
+        a = np.asarray(Image.open(path), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "b" / "images" / path.name), dtype=int)
+        assert np.abs(a - b).max() <= 1  # batched convolutions may differ in the last bit
+
+
+def test_generator_reads_colour_masks_and_checkpoint_folders(trained, toy_data, tmp_path):
+    palette = json.loads((toy_data / "class_names.json").read_text())["palette"]
+    label = np.zeros((32, 32), dtype=np.int64)
+    label[4:12, 4:12] = 1
+    colours = np.asarray(palette, dtype=np.uint8)[label]
+    masks_dir = tmp_path / "colour"
+    masks_dir.mkdir()
+    Image.fromarray(colours).save(masks_dir / "drawn.png")
+    generate(trained / "checkpoint-2", masks_dir, tmp_path / "out", "--num_samples_per_mask", "1")
+    np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/drawn_00.png"), label)
+
+
+def test_generator_bad_masks_give_clear_errors(trained, tmp_path):
+    unknown_ids = tmp_path / "ids"
+    unknown_ids.mkdir()
+    label = np.zeros((32, 32), dtype=np.uint8)
+    label[:4] = 9
+    save_label_png(label, unknown_ids / "nine.png")
+    result = generate(trained, unknown_ids, tmp_path / "x", check=False)
+    assert result.returncode != 0 and "nine.png holds ids the model was not trained for: [9]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    unknown_colour = tmp_path / "colour"
+    unknown_colour.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(unknown_colour / "odd.png")
+    result = generate(trained, unknown_colour, tmp_path / "x", check=False)
+    assert result.returncode != 0 and "odd.png has 1 colour(s) that are not in the palette, e.g. (1, 2, 3)" in (
+        result.stderr
+    )
+
+    result = generate(trained, tmp_path / "missing", tmp_path / "x", check=False)
+    assert result.returncode != 0 and "does not exist" in result.stderr
+
+    result = generate(trained, unknown_ids, tmp_path / "x", "--image_size", "31", check=False)
+    assert result.returncode != 0 and "--image_size 31" in result.stderr and "multiples of 2" in result.stderr
+
+
+def test_trainer_refuses_bad_options(toy_data, tmp_path, capsys):
+    for extra, message in (
+        (["--drop_rate", "1"], "--drop_rate must be in [0, 1)"),
+        (["--space", "latent"], "--space latent needs --pretrained_model_name_or_path"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args([str(a) for a in train_args(toy_data, tmp_path)[1:]] + extra)
+        assert message in capsys.readouterr().err
+    result = run_script(
+        *train_args(toy_data, tmp_path / "odd", "--resolution", "31", "--max_train_steps", "1"), check=False
+    )
+    assert result.returncode != 0 and "multiple of 2" in result.stderr

@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Train a Semantic Diffusion Model (SDM, Wang et al. 2022): label map -> image, with a SPADE UNet.
+
+The UNet's encoder sees only the noisy image; the label map enters the middle and the decoder through
+SPADE normalisation (segdiff/models/spade_unet.py). `--conditioning concat` trains the latent-diffusion
+variant instead (the one-hot map, projected by a learned 1x1 conv, concatenated to the input).
+`--space pixel` is SDM's own; `--space latent` diffuses in the VAE latents of --pretrained_model_name_or_path.
+
+Classifier-free guidance, SDM's recipe: train with --drop_rate 0, then fine-tune with --init_from the trained
+folder, --drop_rate 0.2 and --learning_rate 2e-5, so the model also learns the null map (all zeros).
+
+    accelerate launch --config_file configs/accelerate/8xa100_ddp.yaml train_spade_sdm.py \
+      --data_root data/sidewalk_processed --dataset sidewalk --resolution 256 \
+      --model_config configs/models/sdm_256.json --output_dir outputs/sdm --train_batch_size 2 --use_ema
+
+The output folder is a pipeline: ``SemanticDiffusionPipeline.from_pretrained(output_dir)`` (EMA weights when
+--use_ema), with class_names.json and training_config.json beside it for generate_spade_sdm.py.
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from PIL import Image
+from tqdm.auto import tqdm
+
+from segdiff import training
+from segdiff.data import JointTransform, add_dataset_args, colorize_label, dataset_from_args, exit_on_bad_input
+from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+
+logger = training.logger
+CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    training.add_training_args(parser, default_resolution=256)
+    add_dataset_args(parser, default_dataset="sidewalk")
+    group = parser.add_argument_group("semantic diffusion model")
+    group.add_argument(
+        "--model_config",
+        type=str,
+        default=str(CONFIGS / "sdm_256.json"),
+        help="SpadeUNetModel size, a JSON under configs/models/: sdm_tiny.json (tests, CPU demo), sdm_256.json and "
+        "sdm_512.json (SDM's published models). num_classes, channels and sample size are set from the data and "
+        "--space. Ignored with --init_from. Default: %(default)s",
+    )
+    group.add_argument(
+        "--space",
+        choices=["pixel", "latent"],
+        default="pixel",
+        help="Diffuse images (pixel, SDM) or the latents of the VAE of --pretrained_model_name_or_path (latent; "
+        "label maps are resized, nearest, to the latent size). Default: %(default)s",
+    )
+    group.add_argument(
+        "--conditioning",
+        choices=CONDITIONINGS,
+        default=None,
+        help="spade (SDM: label map through SPADE norms in the decoder) or concat (LDM: the projected one-hot map "
+        "concatenated to the input). Default: the --model_config's (spade in every shipped config).",
+    )
+    group.add_argument(
+        "--drop_rate",
+        type=float,
+        default=0.0,
+        help="Probability of replacing a sample's whole label map by the null map (zeros), so that sampling can "
+        "use classifier-free guidance. SDM: 0 for training, 0.2 for the fine-tune. Default: %(default)s",
+    )
+    group.add_argument(
+        "--init_from",
+        type=str,
+        default=None,
+        help="Start from a trained model: an output folder of this script, or one of its checkpoint-N folders "
+        "(its EMA weights when present). The SDM fine-tune for guidance: --drop_rate 0.2 --learning_rate 2e-5.",
+    )
+    training.add_switch(
+        group,
+        "edge_map",
+        default=None,
+        help="Add the label boundaries as one more input channel of the map (SDM uses instance edges; these are "
+        "class boundaries). Default: the --model_config's.",
+    )
+    group.add_argument(
+        "--unknown_class",
+        choices=UNKNOWN_CLASS_MODES,
+        default=None,
+        help="How ignore_index pixels are encoded: zeros (no class: every one-hot channel 0, the model fills them "
+        "freely) or channel (one more channel marks them). Default: the --model_config's (zeros).",
+    )
+    training.add_switch(
+        group,
+        "learn_sigma",
+        default=None,
+        help="Also learn the variance (improved DDPM's hybrid loss: MSE on the noise + the variational bound "
+        "for the variance). Default: the --model_config's (on in sdm_256/512, as SDM).",
+    )
+    group.add_argument(
+        "--num_validation_images", type=int, default=4, help="Validation masks (the first training masks)."
+    )
+    group.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Guidance scale of the validation samples. Default: 1.5 with --drop_rate > 0, else 1 (no guidance).",
+    )
+    args = parser.parse_args(argv)
+    if args.data_root is None:
+        parser.error("--data_root is required")
+    if args.space == "latent" and args.pretrained_model_name_or_path is None:
+        parser.error("--space latent needs --pretrained_model_name_or_path (a Stable Diffusion folder or a VAE folder)")
+    if not 0 <= args.drop_rate < 1:
+        parser.error("--drop_rate must be in [0, 1)")
+    if args.validation_guidance_scale is None:
+        args.validation_guidance_scale = 1.5 if args.drop_rate > 0 else 1.0
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+def load_vae(path: str, args) -> AutoencoderKL:
+    """The VAE of a Stable Diffusion folder (vae/), or a VAE folder itself."""
+    subfolder = "vae" if not (Path(path) / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=args.revision, variant=args.variant)
+
+
+def build_unet(args, num_classes: int, channels: int, sample_size: int) -> SpadeUNetModel:
+    """A new model from --model_config, or the --init_from one; checked against the data and --space."""
+    overrides = {
+        name: value
+        for name, value in {
+            "conditioning": args.conditioning,
+            "use_edge_map": args.edge_map,
+            "unknown_class": args.unknown_class,
+            "learn_sigma": args.learn_sigma,
+        }.items()
+        if value is not None
+    }
+    if args.init_from is None:
+        if not Path(args.model_config).is_file():
+            raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
+        return SpadeUNetModel.from_config_file(
+            args.model_config,
+            num_classes=num_classes,
+            in_channels=channels,
+            out_channels=channels,
+            sample_size=sample_size,
+            **overrides,
+        )
+
+    folder = Path(args.init_from)
+    subfolder = next((name for name in ("unet_ema", "unet") if (folder / name / "config.json").is_file()), None)
+    if subfolder is None:
+        raise SystemExit(
+            f"--init_from {folder}: no unet/ (or unet_ema/) model there. Fix: pass the output folder of "
+            "train_spade_sdm.py or one of its checkpoint-N folders."
+        )
+    unet = SpadeUNetModel.from_pretrained(folder, subfolder=subfolder)
+    config = unet.config
+    conflicts = [
+        f"{name}={value} (the model has {config[name]})" for name, value in overrides.items() if config[name] != value
+    ]
+    if config.num_classes != num_classes:
+        conflicts.append(f"{num_classes} classes in the data (the model has {config.num_classes})")
+    if config.in_channels != channels:
+        conflicts.append(f"--space {args.space} with {channels} channels (the model takes {config.in_channels})")
+    if conflicts:
+        raise SystemExit(f"--init_from {folder} does not match this run: {'; '.join(conflicts)}.")
+    logger.info(f"Initialised from {folder / subfolder}")
+    return unet
+
+
+# ------------------------------------------------------------------------------------------------
+# Learned variance: the variational-bound term of improved DDPM's hybrid loss
+# ------------------------------------------------------------------------------------------------
+
+
+def variational_bound(scheduler, clean, noisy, timesteps, predicted_noise, variance_values, pixel_space: bool):
+    """Per-sample L_vlb (bits per dimension) for a model that learns its variance (Nichol & Dhariwal 2021).
+
+    The model's variance interpolates, in log space, between the posterior variance (clipped at t=0) and
+    beta_t by ``(v + 1) / 2``, as the scheduler's "learned_range" samples it. The mean comes from the
+    predicted noise with its gradient stopped: this term trains the variance only, the MSE trains the mean.
+    At t = 0 the term is the decoder's negative log-likelihood of the clean sample (discretised to 256 levels
+    for images, a plain Gaussian density for latents).
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.to(clean.device, torch.float64)
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    betas = 1 - alphas_cumprod / previous
+    posterior_variance = betas * (1 - previous) / (1 - alphas_cumprod)
+    posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+
+    def at_t(values):
+        return values[timesteps].float().view(-1, 1, 1, 1)
+
+    coef_clean = at_t(betas * previous.sqrt() / (1 - alphas_cumprod))
+    coef_noisy = at_t((1 - previous) * (1 - betas).sqrt() / (1 - alphas_cumprod))
+    true_mean = coef_clean * clean + coef_noisy * noisy
+    true_log_variance = at_t(posterior_log_variance)
+
+    predicted_clean = (noisy - at_t((1 - alphas_cumprod).sqrt()) * predicted_noise.detach()) / at_t(
+        alphas_cumprod.sqrt()
+    )
+    model_mean = coef_clean * predicted_clean + coef_noisy * noisy
+    fraction = (variance_values.float() + 1) / 2
+    model_log_variance = fraction * at_t(betas.log()) + (1 - fraction) * true_log_variance
+
+    kl = 0.5 * (
+        -1.0
+        + model_log_variance
+        - true_log_variance
+        + torch.exp(true_log_variance - model_log_variance)
+        + (true_mean - model_mean) ** 2 * torch.exp(-model_log_variance)
+    )
+    if pixel_space:
+        decoder_nll = -discretized_gaussian_log_likelihood(clean, model_mean, model_log_variance)
+    else:
+        decoder_nll = 0.5 * (
+            math.log(2 * math.pi) + model_log_variance + (clean - model_mean) ** 2 * torch.exp(-model_log_variance)
+        )
+    per_dimension = torch.where(timesteps.view(-1, 1, 1, 1) == 0, decoder_nll, kl)
+    return per_dimension.mean(dim=(1, 2, 3)) / math.log(2.0)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_variance):
+    """log p(x) of images in [-1, 1] quantised to 256 levels under N(mean, exp(log_variance)), per pixel."""
+    inverse_std = torch.exp(-0.5 * log_variance)
+    centered = x - mean
+    cdf_plus = torch.special.ndtr(inverse_std * (centered + 1 / 255))
+    cdf_minus = torch.special.ndtr(inverse_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # the lowest level takes all mass below it
+    log_one_minus_cdf_minus = torch.log((1 - cdf_minus).clamp(min=1e-12))  # the highest, all above
+    log_bin = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_bin))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and validation
+# ------------------------------------------------------------------------------------------------
+
+
+def build_training_data(args, dataset):
+    """Per sample: the shared joint transform, and whether its label map is dropped (replaced by the null map)."""
+    transform = JointTransform(
+        args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        affine=args.random_affine,
+        ignore_index=dataset.ignore_index,
+    )
+
+    def process(sample, generator):
+        pixel_values, label = transform(sample["image"], sample["label"])
+        drop = torch.rand(1, generator=generator).item() < args.drop_rate
+        return {"pixel_values": pixel_values, "label": label, "drop_label": drop}
+
+    def collate(examples):
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "label": torch.stack([e["label"] for e in examples]),
+            "drop_label": torch.tensor([e["drop_label"] for e in examples]),
+            "seed": torch.tensor([e["seed"] for e in examples]),
+        }
+
+    return training.SeededDataset(dataset, process), collate
+
+
+def validation_examples(args, dataset):
+    """The first --num_validation_images masks, center-cropped, with their real images."""
+    transform = JointTransform(args.resolution, center_crop=True, random_flip=False, ignore_index=dataset.ignore_index)
+    count = min(args.num_validation_images, len(dataset))
+    examples = [transform(dataset[i]["image"], dataset[i]["label"]) for i in range(count)]
+    return [pixels for pixels, _ in examples], [label for _, label in examples]
+
+
+def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
+    """A grid with one row per validation mask: colourised mask | real image | generated image."""
+    pipeline.set_progress_bar_config(disable=True)
+    real_images, labels = examples
+    output = pipeline(
+        labels,
+        guidance_scale=args.validation_guidance_scale,
+        num_inference_steps=20,
+        generator=torch.Generator().manual_seed(args.seed),
+        height=args.resolution,
+        width=args.resolution,
+    )
+    tiles = []
+    for pixels, label, generated in zip(real_images, labels, output.images):
+        real = Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+        tiles += [colorize_label(label.numpy(), dataset.palette, dataset.ignore_index), real, generated]
+    grid = make_image_grid(tiles, rows=len(labels), cols=3)
+    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
+    logger.info(f"Validation grid: {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    accelerator = training.make_accelerator(args)
+    weight_dtype = training.weight_dtype_for(accelerator)
+    dataset = dataset_from_args(args)
+    logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
+
+    # The space: pixels, or the latents of the base's frozen VAE.
+    vae = None
+    channels, factor = 3, 1
+    if args.space == "latent":
+        vae = load_vae(args.pretrained_model_name_or_path, args)
+        vae.requires_grad_(False)
+        vae.to(accelerator.device, dtype=weight_dtype)
+        channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling ({factor}).")
+
+    unet = build_unet(args, dataset.num_classes, channels, args.resolution // factor)
+    levels = 2 ** (len(unet.config.channel_mult) - 1)
+    if (args.resolution // factor) % levels:
+        raise SystemExit(
+            f"--resolution {args.resolution} gives samples of {args.resolution // factor} px, which the UNet's "
+            f"{len(unet.config.channel_mult)} levels cannot halve evenly: use a multiple of {factor * levels}."
+        )
+    logger.info(
+        f"SpadeUNetModel: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
+        f"{unet.config.conditioning} conditioning, {args.space} space, learn_sigma={unet.config.learn_sigma}"
+    )
+    noise_scheduler = sdm_scheduler(learn_sigma=unet.config.learn_sigma, pixel_space=vae is None)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    ema_models = {}
+    if args.use_ema:
+        ema_models["unet_ema"] = EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=SpadeUNetModel, model_config=unet.config
+        )
+    training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
+
+    train_dataset, collate = build_training_data(args, dataset)
+    train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
+    optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    for ema in ema_models.values():
+        ema.to(accelerator.device)
+
+    global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
+    if accelerator.is_main_process:
+        training.write_run_files(
+            args.output_dir,
+            args,
+            dataset.class_names,
+            dataset.palette,
+            pipeline="spade_sdm",
+            unet_config=dict(accelerator.unwrap_model(unet).config),
+        )
+    training.init_trackers(accelerator, args, "train_spade_sdm")
+    validation = validation_examples(args, dataset) if accelerator.is_main_process and args.validation_steps else None
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
+        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
+    )
+    meter = training.ThroughputMeter(accelerator, total_batch_size)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    batches = training.training_batches(
+        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+    )
+    model = accelerator.unwrap_model(unet)
+    for _epoch, batch in batches:
+        with accelerator.accumulate(unet):
+            generator = training.batch_generator(batch["seed"], accelerator.device)
+
+            # The clean sample: the image itself, or its VAE latent.
+            if vae is None:
+                clean = batch["pixel_values"]
+            else:
+                with torch.no_grad():
+                    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=generator)
+                shift = getattr(vae.config, "shift_factor", None) or 0.0
+                clean = ((latents.float() - shift) * vae.config.scaling_factor).float()
+
+            # The label map at the sample's size; dropped samples get the null map (all zeros).
+            segmentation = model.encode_segmentation(
+                batch["label"], size=clean.shape[-2:], ignore_index=dataset.ignore_index
+            )
+            segmentation = segmentation * (~batch["drop_label"]).to(segmentation.dtype).view(-1, 1, 1, 1)
+
+            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+            timesteps = torch.randint(
+                0,
+                noise_scheduler.config.num_train_timesteps,
+                (clean.shape[0],),
+                generator=generator,
+                device=clean.device,
+            )
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            output = unet(noisy, timesteps, segmentation).sample
+            predicted_noise, variance_values = output, None
+            if model.config.learn_sigma:
+                predicted_noise, variance_values = output.chunk(2, dim=1)
+
+            mse = F.mse_loss(predicted_noise.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = mse
+            if variance_values is not None:
+                loss = loss + variational_bound(
+                    noise_scheduler, clean, noisy, timesteps, predicted_noise, variance_values, vae is None
+                )
+            loss = loss.mean()
+            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+        if accelerator.sync_gradients:
+            for ema in ema_models.values():
+                ema.step(unet.parameters())
+            global_step += 1
+            meter.step()
+            progress_bar.update(1)
+            if global_step % args.checkpointing_steps == 0:
+                training.save_checkpoint(accelerator, args, global_step)
+            if validation is not None and global_step % args.validation_steps == 0:
+                with training.ema_weights(ema_models.get("unet_ema"), model):
+                    pipeline = SemanticDiffusionPipeline(
+                        unet=model,
+                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                        vae=vae,
+                        class_names=dataset.class_names,
+                        ignore_index=dataset.ignore_index,
+                    )
+                    log_validation(pipeline, args, accelerator, dataset, validation, global_step)
+        logs = {"loss": loss.item(), "mse": mse.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+        if global_step >= args.max_train_steps:
+            break
+
+    # Save the pipeline (EMA weights when kept), the VAE reloaded in full precision.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stats = meter.summary()
+        logger.info(f"Throughput and memory: {stats}")
+        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        if args.use_ema:
+            ema_models["unet_ema"].copy_to(model.parameters())
+        pipeline = SemanticDiffusionPipeline(
+            unet=model,
+            scheduler=noise_scheduler,
+            vae=load_vae(args.pretrained_model_name_or_path, args) if vae is not None else None,
+            class_names=dataset.class_names,
+            ignore_index=dataset.ignore_index,
+        )
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the pipeline to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    with exit_on_bad_input():
+        main(parse_args())
