@@ -97,3 +97,74 @@ def mask_agreement(dataset_dir, segmenter) -> dict:
         "per_class": {name: float(np.mean(values)) for name, values in per_class.items()},
         "per_sample": per_sample,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Used by evaluate.py: a summary of a confusion matrix, pairwise diversity, colour-histogram style.
+
+
+def segmentation_summary(confusion: torch.Tensor, class_names: list[str]) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (``None`` for absent classes) of a confusion matrix.
+
+    The matrix may have extra trailing columns beyond ``len(class_names)`` (predictions that are none of
+    our classes, e.g. a segmenter's foreign classes): they count as wrong for the target class, and get
+    no IoU of their own.
+    """
+    ious = iou_per_class(confusion)[: len(class_names)]
+    return {
+        "miou": float(ious.nanmean()),
+        "pixel_accuracy": pixel_accuracy(confusion),
+        "per_class_iou": {name: (None if iou.isnan() else float(iou)) for name, iou in zip(class_names, ious)},
+    }
+
+
+def mean_pairwise_distance(items: torch.Tensor, distance, batch_size: int = 32) -> float:
+    """Mean of ``distance(a, b)`` over all unordered pairs of the ``N >= 2`` items (dimension 0).
+
+    ``distance`` takes two batches of items and returns one value per pair (any shape that flattens to
+    the batch size), e.g. an ``lpips.LPIPS`` module. Pairs are fed ``batch_size`` at a time.
+    """
+    if len(items) < 2:
+        raise ValueError(f"pairwise distances need at least 2 items, got {len(items)}")
+    first, second = torch.triu_indices(len(items), len(items), offset=1)
+    total = 0.0
+    for start in range(0, len(first), batch_size):
+        a, b = first[start : start + batch_size], second[start : start + batch_size]
+        total += float(distance(items[a], items[b]).double().sum())
+    return total / len(first)
+
+
+def color_histograms(image, bins: int = 64) -> np.ndarray:
+    """Per-channel histograms of an RGB image (PIL, or ``HxWx3`` uint8), shaped ``(3, bins)``, over 0..255."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    pixels = np.asarray(image)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {pixels.shape}")
+    # Integer binning (value * bins // 256), so each bin covers the same number of byte values.
+    binned = pixels.reshape(-1, 3).astype(np.int64) * bins // 256
+    return np.stack([np.bincount(binned[:, channel], minlength=bins) for channel in range(3)]).astype(np.float64)
+
+
+def histogram_correlation(first: np.ndarray, second: np.ndarray) -> float:
+    """Pearson correlation of two histograms: OpenCV's ``compareHist(..., HISTCMP_CORREL)``.
+
+    1.0 for histograms of the same shape (whatever their scale, so image sizes need not match), lower
+    for different ones, down to -1. Like OpenCV, two constant histograms (zero variance) give 1.0.
+    """
+    first, second = np.asarray(first, dtype=np.float64).ravel(), np.asarray(second, dtype=np.float64).ravel()
+    if first.shape != second.shape:
+        raise ValueError(f"histograms differ in size: {first.size} vs {second.size} bins")
+    first, second = first - first.mean(), second - second.mean()
+    denominator = np.sqrt((first**2).sum() * (second**2).sum())
+    if denominator <= np.finfo(np.float64).eps:
+        return 1.0
+    return float((first * second).sum() / denominator)
+
+
+def color_histogram_similarity(first, second, bins: int = 64) -> float:
+    """Mean over R, G, B of the histogram correlation of two images: 1.0 for the same colour distribution."""
+    first, second = color_histograms(first, bins), color_histograms(second, bins)
+    return float(np.mean([histogram_correlation(a, b) for a, b in zip(first, second)]))

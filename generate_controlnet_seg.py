@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+r"""Generate images from a folder of segmentation masks with a ControlNet trained by train_controlnet_seg.py.
+
+    python generate_controlnet_seg.py --controlnet outputs/controlnet --masks_dir data/val/masks \
+      --save_dir outputs/synth --num_images_per_mask 4
+
+Every mask of --masks_dir (label PNGs of class ids, or colour PNGs in the palette of the ControlNet's
+class_names.json, black = no data) is coloured by the palette, as in training, and turned into
+--num_images_per_mask images by diffusers' StableDiffusionControlNetPipeline over the base model. The
+prompt names the classes present, largest area first (the template of training), unless --prompt is given.
+
+Writes, under --save_dir (segdiff.generation's layout; --save_dir is itself a *generic* dataset):
+  generated_images/sample_000001/generated_00.png ...   the N images of each mask
+  visualizations/sample_000001.png                      colourised mask | its N images
+  images/<mask>_00.png, masks/<mask>_00.png             flat (image, label PNG) pairs
+  metadata.jsonl                                        one line per image: files, prompt, seed, scheduler, ...
+  class_names.json, grid.png, generation_config.json
+
+Image j of mask i is drawn with seed --seed + i * N + j; a re-run keeps the masks already done.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from tqdm.auto import tqdm
+
+from segdiff.data import (
+    IGNORE_INDEX,
+    colorize_label,
+    default_palette,
+    exit_on_bad_input,
+    load_class_names,
+)
+from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, resize_labels
+from segdiff.training import write_json_atomic
+from train_controlnet_seg import (
+    DEFAULT_PROMPT_TEMPLATE,
+    class_prompt,
+    classes_by_area,
+    conditioning_downsampling,
+    size_multiple,
+    vae_scale_factor,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--controlnet",
+        required=True,
+        help="The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA "
+        "weights are used when present).",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="The Stable Diffusion base the ControlNet was trained on. Default: the one in its training_config.json.",
+    )
+    parser.add_argument("--masks_dir", required=True, help="A folder of masks: label PNGs, or colour PNGs.")
+    parser.add_argument("--save_dir", required=True, help="Where the generated dataset goes.")
+    parser.add_argument("--num_images_per_mask", type=int, default=4, help="Images per mask. (default: 4)")
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="One prompt for every mask. Default: built from each mask's classes with the training template.",
+    )
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="Template of the class prompts, {classes} filled in. Default: the training's.",
+    )
+    parser.add_argument(
+        "--prompt_top_k", type=int, default=None, help="Classes named per prompt (0: all). Default: the training's."
+    )
+    parser.add_argument("--negative_prompt", default=None, help="What to steer away from (with guidance > 1).")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default="unipc",
+        help="Sampler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=30, help="(default: 30)")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance; 1 disables. (default: 7.5)"
+    )
+    parser.add_argument(
+        "--controlnet_conditioning_scale", type=float, default=1.0, help="Strength of the mask's control."
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Short side of the generated images (the mask's aspect ratio is kept, sides rounded to what the "
+        "model takes). Default: the training resolution.",
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--class_names_json",
+        default=None,
+        help="Class names and palette, when the ControlNet folder has no class_names.json.",
+    )
+    parser.add_argument("--ignore_index", type=int, default=None, help="No-data id. Default: the training's (255).")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
+    args = parser.parse_args(argv)
+    if args.num_images_per_mask < 1 or args.batch_size < 1:
+        parser.error("--num_images_per_mask and --batch_size must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_controlnet(folder: Path, dtype: dict) -> tuple[ControlNetModel, Path]:
+    """The ControlNet of a training output folder, or of a checkpoint-N/ in one (its EMA weights if kept).
+
+    Returns it with the folder holding the run files (class_names.json, training_config.json).
+    """
+    if not folder.is_dir():
+        raise SystemExit(
+            f"--controlnet {folder} does not exist. Fix: pass the output folder of train_controlnet_seg.py."
+        )
+    if (folder / "config.json").is_file():
+        return ControlNetModel.from_pretrained(folder, **dtype), folder
+    for subfolder in ("controlnet_ema", "controlnet"):
+        if (folder / subfolder / "config.json").is_file():
+            return ControlNetModel.from_pretrained(folder, subfolder=subfolder, **dtype), folder.parent
+    raise SystemExit(
+        f"--controlnet {folder} holds no ControlNet: expected config.json (the output folder of "
+        "train_controlnet_seg.py) or controlnet/ (one of its checkpoint-N folders)."
+    )
+
+
+def load_run_files(run_dir: Path, args):
+    """The training config (or {}), class names and palette: the run's class_names.json, else --class_names_json."""
+    config_file = run_dir / "training_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    names_file = Path(args.class_names_json) if args.class_names_json else run_dir / "class_names.json"
+    if not names_file.is_file():
+        raise SystemExit(
+            f"{run_dir} has no class_names.json, so the palette that maps classes to control colours is unknown. "
+            "Fix: pass --class_names_json with the class names and palette the ControlNet was trained with."
+        )
+    with exit_on_bad_input():
+        class_names, palette = load_class_names(names_file)
+    return config, class_names, palette or default_palette(len(class_names))
+
+
+def load_pipeline(base: str, controlnet: ControlNetModel, dtype: dict) -> StableDiffusionControlNetPipeline:
+    """The base with the ControlNet; a clear error if the two were not made for each other."""
+    try:
+        pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+            base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, **dtype
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot load the base model {base}: {error}") from None
+    factor = vae_scale_factor(pipeline.vae.config)
+    if conditioning_downsampling(controlnet) != factor:
+        raise SystemExit(
+            f"the ControlNet downsamples control images by {conditioning_downsampling(controlnet)} but the VAE of "
+            f"{base} by {factor}: it was trained on another base. Fix: pass the base it was trained on."
+        )
+    for key in ("cross_attention_dim", "block_out_channels"):
+        # JSON turns tuples into lists: compare the values, not the container types.
+        if json.dumps(pipeline.unet.config[key]) != json.dumps(controlnet.config[key]):
+            raise SystemExit(
+                f"the ControlNet's {key} does not match the UNet of {base}: it was trained on another base."
+            )
+    return pipeline
+
+
+def output_size(height: int, width: int, short_side: int, multiple: int) -> tuple[int, int]:
+    """The mask's aspect ratio with ``short_side`` as its short side, both sides rounded to ``multiple``."""
+    scale = short_side / min(height, width)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}  # default: as saved (float32)
+    controlnet, run_dir = load_controlnet(Path(args.controlnet), dtype)
+    config, class_names, palette = load_run_files(run_dir, args)
+    ignore_index = args.ignore_index if args.ignore_index is not None else config.get("ignore_index", IGNORE_INDEX)
+    template = args.prompt_template or config.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+    top_k = args.prompt_top_k if args.prompt_top_k is not None else config.get("prompt_top_k", 3)
+    # Every mask is read and checked before the models load: a bad file fails in seconds, named.
+    masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
+
+    base = args.pretrained_model_name_or_path or config.get("pretrained_model_name_or_path")
+    if base is None:
+        raise SystemExit(
+            f"{run_dir} has no training_config.json naming its base: pass --pretrained_model_name_or_path."
+        )
+    pipeline = load_pipeline(base, controlnet, dtype)
+    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    multiple = size_multiple(pipeline.vae.config, pipeline.unet.config)
+    short_side = args.resolution or config.get("resolution", 512)
+
+    n = args.num_images_per_mask
+    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, n)
+    todo = [mask for mask in masks if not writer.is_done(mask)]
+    if len(todo) < len(masks):
+        print(f"{len(masks) - len(todo)} masks already in {args.save_dir}; generating the {len(todo)} missing ones.")
+    for mask in tqdm(todo, desc="Masks"):
+        label = read_mask(mask.path, palette, ignore_index)
+        height, width = output_size(*label.shape, short_side, multiple)
+        label = resize_labels(label, height, width)
+        control = colorize_label(label, palette, ignore_index)
+        prompt = args.prompt or class_prompt(label, class_names, template, top_k, ignore_index)
+        # CPU generators: the same seed gives the same noise on any device.
+        seeds = [args.seed + mask.index * n + j for j in range(n)]
+        images = []
+        for start in range(0, n, args.batch_size):
+            chunk = seeds[start : start + args.batch_size]
+            images += pipeline(
+                prompt,
+                control,
+                height=height,
+                width=width,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                negative_prompt=args.negative_prompt,
+                num_images_per_prompt=len(chunk),
+                controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+                generator=[torch.Generator().manual_seed(seed) for seed in chunk],
+            ).images
+        classes = [class_names[c] for c in classes_by_area(label, len(class_names), ignore_index)]
+        details = [
+            {
+                "prompt": prompt,
+                "negative_prompt": args.negative_prompt,
+                "classes": classes,
+                "seed": seed,
+                "scheduler": args.scheduler,
+                "num_inference_steps": args.num_inference_steps,
+                "guidance_scale": args.guidance_scale,
+                "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
+            }
+            for seed in seeds
+        ]
+        writer.write(mask, label, images, details)
+
+    total = writer.finish()
+    write_json_atomic(
+        Path(args.save_dir) / "generation_config.json",
+        {**vars(args), "pretrained_model_name_or_path": base, "class_names": class_names, "prompt_template": template},
+    )
+    print(f"Wrote {total} images of {len(masks)} masks to {args.save_dir}")
+
+
+if __name__ == "__main__":
+    with exit_on_bad_input():  # bad masks or folders: the message names the file and the fix
+        main(parse_args())
