@@ -13,6 +13,10 @@ folder, --drop_rate 0.2 and --learning_rate 2e-5, so the model also learns the n
       --data_root data/sidewalk_processed --dataset sidewalk --resolution 256 \
       --model_config configs/models/sdm_256.json --output_dir outputs/sdm --train_batch_size 2 --use_ema
 
+Style reference (the landscape task): --style_reference adds a style encoder; each sample is trained with a
+differently-augmented view of its own image (random crop, flips) as the reference, so the style vector carries
+colours and lighting, not layout; --style_drop_rate drops it so sampling can guide on the style too.
+
 The output folder is a pipeline: ``SemanticDiffusionPipeline.from_pretrained(output_dir)`` (EMA weights when
 --use_ema), with class_names.json and training_config.json beside it for generate_spade_sdm.py.
 """
@@ -31,7 +35,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from segdiff import training
-from segdiff.data import JointTransform, add_dataset_args, colorize_label, dataset_from_args, exit_on_bad_input
+from segdiff.data import (
+    JointTransform,
+    StyleReferenceView,
+    add_dataset_args,
+    colorize_label,
+    dataset_from_args,
+    exit_on_bad_input,
+)
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 
@@ -112,6 +123,36 @@ def parse_args(argv=None):
         default=None,
         help="Guidance scale of the validation samples. Default: 1.5 with --drop_rate > 0, else 1 (no guidance).",
     )
+    style = parser.add_argument_group("style reference (mask + reference image -> image)")
+    style.add_argument(
+        "--style_reference",
+        action="store_true",
+        help="Add a style encoder: a reference image's global style vector joins the timestep embedding "
+        "(AdaGN). Trained with another random view (crop, flips) of the target image as the reference. With "
+        "--init_from a model without one, the encoder is added (its output starts at zero).",
+    )
+    style.add_argument(
+        "--style_drop_rate",
+        type=float,
+        default=0.1,
+        help="Probability of training a sample with the null style (no reference), drawn independently of "
+        "--drop_rate, so generation can guide on the style (--style_scale). Default: %(default)s",
+    )
+    style.add_argument(
+        "--style_channels", type=int, default=32, help="Width of the style encoder's CNN. Default: %(default)s"
+    )
+    style.add_argument(
+        "--style_resolution",
+        type=int,
+        default=64,
+        help="Side the reference images are resized to for the style encoder. Default: %(default)s",
+    )
+    style.add_argument(
+        "--style_crop_scale",
+        type=float,
+        default=0.25,
+        help="Smallest share of the image area the reference view's random crop keeps. Default: %(default)s",
+    )
     args = parser.parse_args(argv)
     if args.data_root is None:
         parser.error("--data_root is required")
@@ -119,6 +160,10 @@ def parse_args(argv=None):
         parser.error("--space latent needs --pretrained_model_name_or_path (a Stable Diffusion folder or a VAE folder)")
     if not 0 <= args.drop_rate < 1:
         parser.error("--drop_rate must be in [0, 1)")
+    if not 0 <= args.style_drop_rate < 1:
+        parser.error("--style_drop_rate must be in [0, 1)")
+    if not 0 < args.style_crop_scale <= 1:
+        parser.error("--style_crop_scale must be in (0, 1]")
     if args.validation_guidance_scale is None:
         args.validation_guidance_scale = 1.5 if args.drop_rate > 0 else 1.0
     return args
@@ -147,7 +192,10 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int) -> Spade
         }.items()
         if value is not None
     }
+    style = {"style_channels": args.style_channels, "style_resolution": args.style_resolution}
     if args.init_from is None:
+        if args.style_reference:
+            overrides.update(style)
         if not Path(args.model_config).is_file():
             raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
         return SpadeUNetModel.from_config_file(
@@ -178,7 +226,20 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int) -> Spade
     if conflicts:
         raise SystemExit(f"--init_from {folder} does not match this run: {'; '.join(conflicts)}.")
     logger.info(f"Initialised from {folder / subfolder}")
+    if args.style_reference and unet.style_encoder is None:
+        unet = with_style_encoder(unet, **style)
+        logger.info("Added a style encoder to it (its output starts at zero: the model's predictions are unchanged)")
     return unet
+
+
+def with_style_encoder(unet: SpadeUNetModel, **style_config) -> SpadeUNetModel:
+    """The same model with a new style encoder: every trained weight copied, the encoder's output at zero."""
+    # keyword overrides, not a merged dict: diffusers resets the keys listed in `_use_default_values`
+    extended = SpadeUNetModel.from_config(unet.config, **style_config)
+    missing, unexpected = extended.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("style_encoder.") for key in missing):
+        raise RuntimeError(f"cannot extend the model: missing {missing}, unexpected {unexpected}")
+    return extended
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,8 +311,12 @@ def discretized_gaussian_log_likelihood(x, mean, log_variance):
 # ------------------------------------------------------------------------------------------------
 
 
-def build_training_data(args, dataset):
-    """Per sample: the shared joint transform, and whether its label map is dropped (replaced by the null map)."""
+def build_training_data(args, dataset, style_resolution: int | None = None):
+    """Per sample: the shared joint transform, and whether its label map is dropped (replaced by the null map).
+
+    With a style encoder (``style_resolution``), also the reference: another random view of the same image,
+    and whether that is dropped (the null style).
+    """
     transform = JointTransform(
         args.resolution,
         center_crop=args.center_crop,
@@ -259,19 +324,30 @@ def build_training_data(args, dataset):
         affine=args.random_affine,
         ignore_index=dataset.ignore_index,
     )
+    reference_view = None
+    if style_resolution:
+        reference_view = StyleReferenceView(style_resolution, min_crop_scale=args.style_crop_scale)
 
     def process(sample, generator):
         pixel_values, label = transform(sample["image"], sample["label"])
         drop = torch.rand(1, generator=generator).item() < args.drop_rate
-        return {"pixel_values": pixel_values, "label": label, "drop_label": drop}
+        example = {"pixel_values": pixel_values, "label": label, "drop_label": drop}
+        if reference_view is not None:
+            example["style_reference"] = reference_view(sample["image"])
+            example["drop_style"] = torch.rand(1, generator=generator).item() < args.style_drop_rate
+        return example
 
     def collate(examples):
-        return {
+        batch = {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "label": torch.stack([e["label"] for e in examples]),
             "drop_label": torch.tensor([e["drop_label"] for e in examples]),
             "seed": torch.tensor([e["seed"] for e in examples]),
         }
+        if reference_view is not None:
+            batch["style_reference"] = torch.stack([e["style_reference"] for e in examples])
+            batch["drop_style"] = torch.tensor([e["drop_style"] for e in examples])
+        return batch
 
     return training.SeededDataset(dataset, process), collate
 
@@ -288,8 +364,11 @@ def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
     """A grid with one row per validation mask: colourised mask | real image | generated image."""
     pipeline.set_progress_bar_config(disable=True)
     real_images, labels = examples
+    # A style model gets each mask's own real image as its reference.
+    references = [(pixels + 1) / 2 for pixels in real_images] if pipeline.unet.style_encoder is not None else None
     output = pipeline(
         labels,
+        style_images=references,
         guidance_scale=args.validation_guidance_scale,
         num_inference_steps=20,
         generator=torch.Generator().manual_seed(args.seed),
@@ -349,7 +428,8 @@ def main(args):
         )
     training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
 
-    train_dataset, collate = build_training_data(args, dataset)
+    style_resolution = unet.config.style_resolution if unet.style_encoder is not None else None
+    train_dataset, collate = build_training_data(args, dataset, style_resolution)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
@@ -412,7 +492,9 @@ def main(args):
                 device=clean.device,
             )
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-            output = unet(noisy, timesteps, segmentation).sample
+            # The reference's style vector (zero for samples whose style is dropped) joins the timestep's.
+            style = batch.get("style_reference")
+            output = unet(noisy, timesteps, segmentation, style=style, drop_style=batch.get("drop_style")).sample
             predicted_noise, variance_values = output, None
             if model.config.learn_sigma:
                 predicted_noise, variance_values = output.chunk(2, dim=1)

@@ -60,6 +60,22 @@ SIDEWALK_PALETTE = [
 ]  # fmt: skip
 
 
+# The landscape task (Jittor competition; ../shared/references/004): 512x384 Flickr landscapes, grayscale label
+# maps 0..28. Palette: natural colours, all distinct, none black (black is "no data" in control images).
+LANDSCAPE_CLASSES = [
+    "mountain", "sky", "water", "sea", "rock", "tree", "earth", "hill", "river", "sand", "land", "building",
+    "grass", "plant", "person", "boat", "waterfall", "wall", "pier", "path", "lake", "bridge", "field", "road",
+    "railing", "fence", "ship", "house", "other",
+]  # fmt: skip
+LANDSCAPE_PALETTE = [
+    (120, 100, 80), (135, 206, 235), (30, 144, 255), (0, 105, 148), (128, 128, 128), (34, 139, 34),
+    (139, 90, 43), (154, 205, 50), (64, 164, 223), (238, 214, 175), (160, 120, 60), (178, 34, 34),
+    (124, 252, 0), (0, 100, 0), (255, 20, 147), (255, 165, 0), (224, 255, 255), (205, 133, 63),
+    (101, 67, 33), (210, 180, 140), (0, 191, 255), (112, 128, 144), (255, 215, 0), (64, 64, 64),
+    (192, 192, 192), (139, 69, 19), (255, 99, 71), (220, 20, 60), (255, 255, 255),
+]  # fmt: skip
+
+
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
     """Distinct, deterministic colours for datasets that ship none (golden-angle hues)."""
     import colorsys
@@ -109,7 +125,7 @@ def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:
 # Reading files: every failure becomes a DatasetError that names the file and the fix
 # ---------------------------------------------------------------------------------------------
 
-DATASETS = ("loveda", "generic", "sidewalk")
+DATASETS = ("loveda", "generic", "sidewalk", "landscape")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 # Modes whose pixel values are the stored integers themselves (for "P", the palette index).
 LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
@@ -451,15 +467,21 @@ def _require_pairs(pairs: list, images_dir: Path, masks_dir: Path) -> None:
 # names None means the layout does not know its classes.
 
 
-def _generic_layout(root: Path, split: str):
-    # A generic folder has no splits: the whole folder is the dataset, whichever split is asked for.
-    images_dir, masks_dir = _require_subfolders(root, ("images", "masks"), "generic")
-    pairs = _pair_by_stem(images_dir, masks_dir)
-    _require_pairs(pairs, images_dir, masks_dir)
-    names_file = root / "class_names.json"
+def _paired_folders(folder: Path, subfolders: tuple[str, str], dataset: str, split: str, default_classes):
+    """Images and labels in two sub-folders paired by stem; class names from ``folder/class_names.json`` if
+    present, else ``default_classes`` (names, palette, where they came from)."""
+    images_dir, labels_dir = _require_subfolders(folder, subfolders, dataset)
+    pairs = _pair_by_stem(images_dir, labels_dir)
+    _require_pairs(pairs, images_dir, labels_dir)
+    names_file = folder / "class_names.json"
     if names_file.is_file():
         return (pairs, split, *load_class_names(names_file), names_file)
-    return pairs, split, None, None, None
+    return (pairs, split, *default_classes)
+
+
+def _generic_layout(root: Path, split: str):
+    # A generic folder has no splits: the whole folder is the dataset, whichever split is asked for.
+    return _paired_folders(root, ("images", "masks"), "generic", split, (None, None, None))
 
 
 LOVEDA_SPLITS = {"train": "Train", "val": "Val"}
@@ -562,6 +584,18 @@ def _sidewalk_layout(root: Path, split: str):
     return [by_stem[stem] for stem in wanted], split, names, palette, source
 
 
+def _landscape_layout(root: Path, split: str):
+    # The competition's folders: imgs/ (jpg) and labels/ (grayscale ids 0..28), at the root or under a split folder.
+    folder = root if (_child(root, "imgs") or _child(root, "labels")) else _child(root, split)
+    if folder is None:
+        raise DatasetError(
+            f"expected imgs/ and labels/ under {root}, or under {root}/{split}/, for --dataset landscape "
+            f"({_subfolders(root)}). Fix: point --data_root at the folder that holds them."
+        )
+    defaults = (LANDSCAPE_CLASSES, LANDSCAPE_PALETTE, "the landscape class list")
+    return _paired_folders(folder, ("imgs", "labels"), "landscape", split, defaults)
+
+
 def load_segmentation_dataset(
     data_root: str | Path,
     dataset: str,
@@ -585,6 +619,8 @@ def load_segmentation_dataset(
         pairs, split, names, palette, source = _loveda_layout(root, split, scenes)
     elif dataset == "sidewalk":
         pairs, split, names, palette, source = _sidewalk_layout(root, split)
+    elif dataset == "landscape":
+        pairs, split, names, palette, source = _landscape_layout(root, split)
     else:
         pairs, split, names, palette, source = _generic_layout(root, split)
     names, palette = _resolve_classes(
@@ -720,6 +756,33 @@ class JointTransform:
         return pixel_values, mask.as_subclass(torch.Tensor)
 
 
+class StyleReferenceView:
+    """Another random view of a training image, used as its style reference: ``PIL image -> (3, R, R)`` in [-1, 1].
+
+    A random resized crop (keeping ``min_crop_scale`` to all of the area, aspect 3:4 to 4:3) and random
+    horizontal and vertical flips: the colours, lighting and texture stay, the layout does not, so a style
+    encoder trained on these views cannot copy the target's layout from its reference. Randomness comes from
+    torch's global RNG, as in `JointTransform`.
+    """
+
+    def __init__(self, resolution: int, min_crop_scale: float = 0.25):
+        from torchvision.transforms import v2
+
+        self.views = v2.Compose(
+            [
+                v2.RandomResizedCrop(resolution, scale=(min_crop_scale, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomVerticalFlip(p=0.5),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        pixels = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, Image.Image) else image
+        return self.views(pixels).float() / 127.5 - 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Command-line options shared by the scripts
 # ---------------------------------------------------------------------------------------------
@@ -753,6 +816,8 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
             "classes 0..6 and 0 (no-data) becomes --ignore_index. "
             "sidewalk: the output of prepare_sidewalk.py: images/, labels/ (ids, 0 = unlabeled is a class) "
             "and dataset_info.json (class names, palette, train/val split lists). "
+            "landscape: imgs/ (jpg) and labels/ (grayscale ids 0..28: mountain, sky, water, ... other; 29 classes), "
+            "at --data_root or under --data_root/<split>/ (the landscape style-transfer task's layout). "
             "(default: %(default)s)"
         ),
     )
@@ -785,8 +850,9 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
         type=str,
         default="train",
         help=(
-            "Split to use: train or val. Selects the LoveDA split folder (Train/ or Val/) and, for "
-            "--dataset sidewalk, the split list in dataset_info.json. --dataset generic has no splits "
+            "Split to use: train or val. Selects the LoveDA split folder (Train/ or Val/), for "
+            "--dataset sidewalk the split list in dataset_info.json, and for --dataset landscape the "
+            "<split>/ folder when --data_root has no imgs/ of its own. --dataset generic has no splits "
             "and uses the whole folder. (default: %(default)s)"
         ),
     )

@@ -17,6 +17,7 @@ writes ``data/toy/train`` and ``data/toy/val``, two datasets in the *generic* la
 from __future__ import annotations
 
 import argparse
+import json
 import zlib
 from pathlib import Path
 
@@ -47,6 +48,19 @@ MAX_TOY_CLASSES = len(_ALL_CLASSES)
 
 TOY_CLASSES = _ALL_CLASSES[:4]
 TOY_PALETTE = _ALL_COLOURS[:4]
+
+
+# Colour themes, for the style-reference task: the same scenes in other colours. "inverted" maps every pixel
+# to 255 - value (dark grey background -> light grey, red -> cyan, ...): the layout is the same, the colour
+# histogram is the mirror image, and the inverted palette reads its images back exactly.
+TOY_THEMES = ("plain", "inverted")
+
+
+def theme_palette(palette, theme: str = "plain") -> list[tuple[int, int, int]]:
+    """The class colours of ``palette`` in a theme: what a `PaletteSegmenter` needs for that theme's images."""
+    if theme not in TOY_THEMES:
+        raise ValueError(f"unknown toy theme {theme!r}; the themes are {', '.join(TOY_THEMES)}")
+    return [tuple(255 - c for c in colour) if theme == "inverted" else tuple(colour) for colour in palette]
 
 
 def toy_classes(num_classes: int = 4) -> tuple[list[str], list[tuple[int, int, int]]]:
@@ -152,13 +166,18 @@ def make_toy_dataset(
     num_classes: int = 4,
     seed: int = 0,
     split: str = "train",
+    themes: tuple[str, ...] = ("plain",),
 ) -> Path:
     """Write a toy dataset in the generic layout and return its folder.
 
     ``output_dir/images/{split}_00000.png``, ``output_dir/masks/{split}_00000.png`` (label PNGs with the
     palette attached) and ``output_dir/class_names.json``. The same ``seed`` and ``split`` always give the
-    same files; different splits of one seed never repeat each other.
+    same files; different splits of one seed never repeat each other. With several ``themes`` each image gets
+    one at random and ``themes.json`` records it (``{stem: theme}``); class_names.json keeps the plain palette.
     """
+    unknown = sorted(set(themes) - set(TOY_THEMES))
+    if unknown:
+        raise ValueError(f"unknown toy themes {unknown}; the themes are {', '.join(TOY_THEMES)}")
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     (output_dir / "masks").mkdir(parents=True, exist_ok=True)
@@ -166,13 +185,20 @@ def make_toy_dataset(
 
     # crc32, not hash(): Python salts str hashes per process, which would break determinism.
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
+    image_themes = {}
     for index in range(num_images):
         image, label = make_toy_sample(rng, size=size, num_classes=num_classes)
+        theme = themes[int(rng.integers(len(themes)))] if len(themes) > 1 else themes[0]
+        if theme == "inverted":
+            image = 255 - image
         name = f"{split}_{index:05d}.png"
         Image.fromarray(image, mode="RGB").save(output_dir / "images" / name)
         save_label_png(label, output_dir / "masks" / name, palette=palette)
+        image_themes[Path(name).stem] = theme
 
     write_class_names(output_dir / "class_names.json", class_names, palette)
+    if themes != ("plain",):
+        (output_dir / "themes.json").write_text(json.dumps(image_themes, indent=1) + "\n")
     return output_dir
 
 
@@ -250,6 +276,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--num_classes", type=int, default=4, help=f"Classes including background (2..{MAX_TOY_CLASSES})."
     )
+    parser.add_argument(
+        "--themes",
+        nargs="+",
+        default=["plain"],
+        choices=TOY_THEMES,
+        help="Colour themes; with several, each image gets one at random (recorded in themes.json). "
+        "plain inverted gives the two-theme data of the style-reference tests.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -266,7 +300,15 @@ def main(argv=None) -> None:
         splits = [("train", output_dir, args.num_images)]
 
     for split, folder, num_images in splits:
-        make_toy_dataset(folder, num_images, size=args.size, num_classes=args.num_classes, seed=args.seed, split=split)
+        make_toy_dataset(
+            folder,
+            num_images,
+            size=args.size,
+            num_classes=args.num_classes,
+            seed=args.seed,
+            split=split,
+            themes=tuple(args.themes),
+        )
         print(f"wrote {num_images} {args.size}x{args.size} toy images + masks ({args.num_classes} classes) to {folder}")
 
 

@@ -35,6 +35,11 @@ Config conventions (all saved in ``config.json`` by ``save_pretrained``):
   instead; convert with ``factor = image_size // pixels`` (256 px with attention at 32, 16, 8 px -> 8, 16, 32).
 - Heads: ``num_head_channels`` channels per head when set (SDM: 64), else ``num_heads`` heads.
 
+Style reference (``style_channels > 0``): a `StyleEncoder` maps a reference image to one global vector that is
+added to the timestep embedding, so it reaches every res-block through the same scale-shift (AdaGN) as the
+timestep. Its last layer starts at zero, so a new style encoder leaves a trained model's predictions unchanged.
+The null style (for guidance, and for samples trained without a reference) is the zero vector: no style.
+
 Load a config file with ``SpadeUNetModel.from_config_file("configs/models/sdm_256.json", num_classes=35)``.
 """
 
@@ -292,6 +297,44 @@ class UNetBlock(nn.Module):
         return h
 
 
+class StyleEncoder(nn.Module):
+    """A reference image -> one global style vector (hue, lighting, contrast), with no layout in it.
+
+    Images (B, 3, H, W) in [-1, 1], any size, are resized to ``resolution``; a small strided CNN follows,
+    and only global statistics leave it: the mean and standard deviation of its last features over all
+    pixels, together with the mean and standard deviation of the input's RGB channels (colour statistics
+    that every scene of one style shares, whatever its layout). An MLP maps them to ``out_channels``; its
+    last layer starts at zero, so a new encoder adds nothing until it has learned something.
+    """
+
+    def __init__(self, out_channels: int, channels: int = 32, resolution: int = 64, num_groups: int = 8):
+        super().__init__()
+        self.resolution = resolution
+        widths = [channels, 2 * channels, 4 * channels]
+        layers = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for cin, cout in zip(widths, widths[1:] + widths[-1:]):
+            layers += [nn.GroupNorm(min(num_groups, cin), cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, stride=2, padding=1)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Linear(2 * widths[-1] + 6, out_channels), nn.SiLU(), zero_module(nn.Linear(out_channels, out_channels))
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"style images must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        size = (self.resolution, self.resolution)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        features = self.features(images)
+        statistics = [
+            features.mean(dim=(2, 3)),
+            features.std(dim=(2, 3)),
+            images.mean(dim=(2, 3)),
+            images.std(dim=(2, 3)),
+        ]
+        return self.head(torch.cat(statistics, dim=1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The model
 
@@ -323,6 +366,8 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         num_heads (`int`), num_head_channels (`int`, *optional*): attention heads; ``num_head_channels`` wins.
         spade_hidden_channels (`int`): width of SPADE's shared conv (SDM: 128).
         resblock_updown (`bool`): resample with res-blocks (SDM) instead of a strided conv / upsample + conv.
+        style_channels (`int`): width of the `StyleEncoder` for reference-image style (0: no style input).
+        style_resolution (`int`): side the reference images are resized to before the style encoder.
     """
 
     _supports_gradient_checkpointing = True
@@ -349,6 +394,8 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         num_head_channels: int | None = None,
         spade_hidden_channels: int = 128,
         resblock_updown: bool = False,
+        style_channels: int = 0,
+        style_resolution: int = 64,
     ):
         super().__init__()
         self._check_config(channel_mult, attention_resolutions, conditioning, unknown_class)
@@ -359,6 +406,10 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         # Timestep: sinusoidal features (cos first, like guided-diffusion) and a 2-layer MLP.
         self.time_proj = Timesteps(model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(model_channels, temb_channels)
+        # Reference style: a global vector added to the timestep embedding (AdaGN in every res-block).
+        self.style_encoder = None
+        if style_channels:
+            self.style_encoder = StyleEncoder(temb_channels, style_channels, style_resolution, num_groups)
 
         # Concat variant: the learned projection of the map, concatenated to the noisy input.
         self.segmentation_projection = None
@@ -528,16 +579,44 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         if segmentation.shape[0] != sample.shape[0]:
             raise ValueError(f"got {segmentation.shape[0]} segmentation maps for {sample.shape[0]} samples")
 
+    def _require_style_encoder(self) -> None:
+        if self.style_encoder is None:
+            raise ValueError("this model has no style encoder (style_channels is 0): it takes no style reference")
+
+    def encode_style(self, images: torch.Tensor) -> torch.Tensor:
+        """Reference images (B, 3, H, W) in [-1, 1] -> style vectors (B, D), to pass as ``style`` repeatedly."""
+        self._require_style_encoder()
+        return self.style_encoder(images.to(device=self.device, dtype=self.dtype))
+
+    def _style_embedding(self, style, drop_style, temb: torch.Tensor) -> torch.Tensor | None:
+        if style is None:
+            return None
+        self._require_style_encoder()
+        embedding = self.style_encoder(style.to(temb.dtype)) if style.ndim == 4 else style.to(temb.dtype)
+        if embedding.shape != temb.shape:
+            raise ValueError(
+                f"style must be images (B, 3, H, W) or style vectors (B, {temb.shape[1]}) for {temb.shape[0]} "
+                f"samples, got shape {tuple(style.shape)}"
+            )
+        if drop_style is not None:  # dropped samples get the null style, the zero vector
+            embedding = embedding * (~drop_style.bool()).to(embedding.dtype).view(-1, 1)
+        return embedding
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         segmentation: torch.Tensor | None,
         return_dict: bool = True,
+        *,
+        style: torch.Tensor | None = None,
+        drop_style: torch.Tensor | None = None,
     ) -> UNet2DOutput | tuple:
         """Predict from ``sample`` (B, in_channels, H, W) at ``timestep`` given the encoded ``segmentation``.
 
         ``segmentation``: (B, segmentation_channels, h, w) at any resolution, or None for the null map (zeros).
+        ``style`` (models with a style encoder): reference images (B, 3, H, W) in [-1, 1], or their vectors from
+        `encode_style` (B, D); None is the null style. ``drop_style`` (B,) bool: samples that get the null style.
         Returns ``UNet2DOutput(sample=...)`` with (B, out_channels [x2 with learn_sigma], H, W), or a tuple.
         """
         if segmentation is None:
@@ -546,6 +625,9 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         self._check_inputs(sample, segmentation)
         segmentation = segmentation.to(sample.dtype)
         temb = self._embed_timestep(timestep, sample)
+        style_embedding = self._style_embedding(style, drop_style, temb)
+        if style_embedding is not None:
+            temb = temb + style_embedding
 
         h = sample
         if self.segmentation_projection is not None:

@@ -6,7 +6,14 @@ against the null map (all zeros, what the trainer feeds when it drops the mask):
     eps = eps(x, null) + s * (eps(x, map) - eps(x, null))
 
 ``s = 1`` is plain conditional sampling (and skips the null half); conditional and null halves otherwise run
-in one batched forward. With a model that learns its variance (``learn_sigma``), guidance applies to the
+in one batched forward. A model with a style encoder also takes reference images (``style_images``); guidance
+then has two terms, as InstructPix2Pix composes its two conditions (the null style is the zero vector):
+
+    eps = eps(null, no style) + s * (eps(map, no style) - eps(null, no style))
+          + s_style * (eps(map, style) - eps(map, no style))
+
+``s = s_style = 1`` is plain sampling with both conditions; each scale that differs from 1 adds its branch to
+the batched forward. With a model that learns its variance (``learn_sigma``), guidance applies to the
 epsilon half only; the variance half is the conditional one. A ``DDPMScheduler`` with
 ``variance_type="learned_range"`` (or ``"learned"``) receives both halves and samples with the learned variance;
 every other scheduler (DDIM, DPM-Solver, ...) receives the epsilon half only. `sdm_scheduler` gives SDM's
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -64,6 +72,34 @@ class SemanticDiffusionPipelineOutput(BaseOutput):
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     mask_indices: list[int]
+
+
+def as_style_images(images, resolution: int) -> torch.Tensor:
+    """Reference images -> (B, 3, resolution, resolution) in [-1, 1].
+
+    Takes a PIL image, a uint8 array (H, W, 3), a float tensor (3, H, W) or (B, 3, H, W) in [0, 1], or a list of
+    them. Each whole image is resized (stretched, antialiased) to the style encoder's square input.
+    """
+    if isinstance(images, Image.Image | np.ndarray) or (torch.is_tensor(images) and images.ndim == 3):
+        images = [images]
+    tensors = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            item = np.asarray(item.convert("RGB"))
+        if isinstance(item, np.ndarray):
+            if item.ndim != 3 or item.shape[-1] != 3:
+                raise ValueError(f"a style image array must be (H, W, 3), got shape {item.shape}")
+            # np.array copies: torch.from_numpy warns on the read-only arrays that PIL hands out
+            item = torch.from_numpy(np.array(item)).permute(2, 0, 1).float() / 255.0
+        item = item.float()
+        batch = item[None] if item.ndim == 3 else item
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"style images must be RGB (3, H, W) in [0, 1], got shape {tuple(item.shape)}")
+        size = (resolution, resolution)
+        tensors.append(F.interpolate(batch * 2 - 1, size=size, mode="bilinear", antialias=True, align_corners=False))
+    if not tensors:
+        raise ValueError("no style images given")
+    return torch.cat(tensors)
 
 
 def as_label_maps(label_maps) -> list[torch.Tensor]:
@@ -186,6 +222,34 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
             )
         return True
 
+    def encode_style_references(self, style_images, num_maps: int, mask_indices: list[int]) -> torch.Tensor | None:
+        """Style vectors, one per image to generate, from one reference for all maps or one per map."""
+        if style_images is None:
+            return None
+        if self.unet.style_encoder is None:
+            raise ValueError(
+                "style_images were given, but this model has no style encoder: train it with --style_reference"
+            )
+        references = as_style_images(style_images, self.unet.config.style_resolution)
+        if len(references) not in (1, num_maps):
+            raise ValueError(f"got {len(references)} style images for {num_maps} label maps: pass one, or one per map")
+        vectors = self.unet.encode_style(references.to(self._execution_device))
+        return vectors.expand(num_maps, -1)[mask_indices] if len(references) == 1 else vectors[mask_indices]
+
+    def guide(self, predictions: dict, full: torch.Tensor, guidance_scale: float, style_scale: float) -> torch.Tensor:
+        """Combine the branches' epsilon predictions (see the module docstring)."""
+
+        def epsilon(branch):
+            return self.split_prediction(predictions[branch])[0]
+
+        guided, conditional = full, full
+        if "map_only" in predictions:
+            conditional = epsilon("map_only")
+            guided = conditional + style_scale * (full - conditional)
+        if "null" in predictions:
+            guided = guided + (guidance_scale - 1.0) * (conditional - epsilon("null"))
+        return guided
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] with the VAE's scaling (and shift, if any); pixel samples pass through."""
         if self.vae is None:
@@ -207,6 +271,8 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         *,
         height: int | None = None,
         width: int | None = None,
+        style_images=None,
+        style_scale: float = 1.0,
     ):
         """Generate ``num_images_per_mask`` images for each label map.
 
@@ -216,6 +282,8 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         ``height``/``width``: image size, by default the training size. ``generator``: one, or one per image;
         the starting noise is drawn on the CPU so a seed gives the same images on any device.
         ``output_type``: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
+        ``style_images`` (models trained with ``--style_reference``): one reference image for every map, or one
+        per map (see `as_style_images`); ``style_scale``: the style guidance scale (1 = no extra guidance).
         """
         # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
         maps = as_label_maps(label_maps)
@@ -230,9 +298,19 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
 
         device = self._execution_device
         segmentation = segmentation.to(device)
-        do_guidance = guidance_scale != 1.0
-        if do_guidance:
-            segmentation = torch.cat([torch.zeros_like(segmentation), segmentation])  # null half first
+        style = self.encode_style_references(style_images, len(maps), mask_indices)
+
+        # The branches of the batched forward: the full condition, then what guidance compares it with.
+        branches = ["full"]
+        if style is not None and (style_scale != 1.0 or guidance_scale != 1.0):
+            branches.append("map_only")  # the map without the style
+        if guidance_scale != 1.0:
+            branches.append("null")  # neither
+        null_map = torch.zeros_like(segmentation)
+        segmentation = torch.cat([null_map if branch == "null" else segmentation for branch in branches])
+        if style is not None:
+            no_style = torch.zeros_like(style)
+            style = torch.cat([style if branch == "full" else no_style for branch in branches])
 
         # 2. Starting noise
         shape = (len(mask_indices), self.unet.config.in_channels, *sample_size)
@@ -248,13 +326,12 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([samples] * 2) if do_guidance else samples
+            model_input = torch.cat([samples] * len(branches))
             model_input = self.scheduler.scale_model_input(model_input, t)
-            prediction, variance = self.split_prediction(self.unet(model_input, t, segmentation).sample)
-            if do_guidance:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-                variance = None if variance is None else variance.chunk(2)[1]
+            output = self.unet(model_input, t, segmentation, style=style).sample
+            prediction, variance = self.split_prediction(output[: len(samples)])  # the variance is the full one's
+            predictions = dict(zip(branches, output.chunk(len(branches))))
+            prediction = self.guide(predictions, prediction, guidance_scale, style_scale)
             model_output = torch.cat([prediction, variance], dim=1) if takes_variance else prediction
             samples = self.scheduler.step(model_output, t, samples, **step_kwargs).prev_sample
 
