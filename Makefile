@@ -18,7 +18,7 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 	touch $(INSTALLED)
 
 test: $(INSTALLED)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 demo: $(INSTALLED)
 	$(PY) demo.py --output_dir demo_output

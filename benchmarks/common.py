@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def launch_training(script: str, *args) -> dict:
     start-up and the first step's warm-up are not counted; each run is its own process, so the peak memory is
     that configuration's own.
     """
+    # Every run starts from scratch, even in a reused --work_dir (a trainer would write over an old run's files).
+    output_dir = Path(args[list(args).index("--output_dir") + 1])
+    shutil.rmtree(output_dir, ignore_errors=True)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(os.cpu_count()),
@@ -36,7 +40,6 @@ def launch_training(script: str, *args) -> dict:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{script} failed:\n{result.stderr[-4000:]}")
-    output_dir = Path(args[list(args).index("--output_dir") + 1])
     return json.loads((output_dir / "train_stats.json").read_text())
 
 
