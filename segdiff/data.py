@@ -435,24 +435,36 @@ def _some(stems: list[str], limit: int = 5) -> str:
     return ", ".join(stems[:limit]) + (", ..." if len(stems) > limit else "")
 
 
-def _pair_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
-    """Match images and masks by file stem, whatever the extensions; an unmatched file is an error."""
+def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """Match images and masks by file stem, whatever the extensions; an unmatched file is an error.
+
+    With a ``problems`` list (``python -m segdiff.data check``), the error is noted there instead and the
+    matched pairs are returned, so that the check goes on to read them.
+    """
     images, masks = _files_by_stem(images_dir), _files_by_stem(masks_dir)
     if not images and not masks:
         return []
     lonely_images = sorted(images.keys() - masks.keys())
     lonely_masks = sorted(masks.keys() - images.keys())
-    problems = []
+    found, problems = problems, []
     if lonely_images:
         problems.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({_some(lonely_images)})")
     if lonely_masks:
         problems.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({_some(lonely_masks)})")
     if problems:
-        raise DatasetError(
+        _note_or_raise(
+            found,
             "; ".join(problems) + ". Fix: add the missing files or remove the unpaired ones "
-            "(images and masks are paired by file name without extension)."
+            "(images and masks are paired by file name without extension).",
         )
-    return [(images[stem], masks[stem]) for stem in sorted(images)]
+    return [(images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())]
+
+
+def _note_or_raise(problems: list[str] | None, message: str) -> None:
+    """Raise a DatasetError, or, when collecting every problem at once, note it and go on."""
+    if problems is None:
+        raise DatasetError(message)
+    problems.append(message)
 
 
 def _require_pairs(pairs: list, images_dir: Path, masks_dir: Path) -> None:
@@ -467,11 +479,11 @@ def _require_pairs(pairs: list, images_dir: Path, masks_dir: Path) -> None:
 # names None means the layout does not know its classes.
 
 
-def _paired_folders(folder: Path, subfolders: tuple[str, str], dataset: str, split: str, default_classes):
+def _paired_folders(folder: Path, subfolders: tuple[str, str], dataset: str, split: str, default_classes, problems):
     """Images and labels in two sub-folders paired by stem; class names from ``folder/class_names.json`` if
     present, else ``default_classes`` (names, palette, where they came from)."""
     images_dir, labels_dir = _require_subfolders(folder, subfolders, dataset)
-    pairs = _pair_by_stem(images_dir, labels_dir)
+    pairs = _pair_by_stem(images_dir, labels_dir, problems)
     _require_pairs(pairs, images_dir, labels_dir)
     names_file = folder / "class_names.json"
     if names_file.is_file():
@@ -479,9 +491,9 @@ def _paired_folders(folder: Path, subfolders: tuple[str, str], dataset: str, spl
     return (pairs, split, *default_classes)
 
 
-def _generic_layout(root: Path, split: str):
+def _generic_layout(root: Path, split: str, problems=None):
     # A generic folder has no splits: the whole folder is the dataset, whichever split is asked for.
-    return _paired_folders(root, ("images", "masks"), "generic", split, (None, None, None))
+    return _paired_folders(root, ("images", "masks"), "generic", split, (None, None, None), problems)
 
 
 LOVEDA_SPLITS = {"train": "Train", "val": "Val"}
@@ -512,7 +524,7 @@ def _find_loveda_split_folder(root: Path, split_name: str) -> Path:
     )
 
 
-def _loveda_layout(root: Path, split: str, scenes):
+def _loveda_layout(root: Path, split: str, scenes, problems=None):
     if split.lower() not in LOVEDA_SPLITS:
         raise DatasetError(f"LoveDA has no labelled split {split!r}. Fix: use --loveda_split train or val.")
     split_name = LOVEDA_SPLITS[split.lower()]
@@ -523,8 +535,12 @@ def _loveda_layout(root: Path, split: str, scenes):
         if scene_folder is None:
             missing.append(scene)
             continue
-        images_dir, masks_dir = _require_subfolders(scene_folder, ("images_png", "masks_png"), "loveda")
-        pairs += _pair_by_stem(images_dir, masks_dir)
+        try:
+            images_dir, masks_dir = _require_subfolders(scene_folder, ("images_png", "masks_png"), "loveda")
+        except DatasetError as err:
+            _note_or_raise(problems, str(err))  # the check goes on with the other scene
+            continue
+        pairs += _pair_by_stem(images_dir, masks_dir, problems)
     if len(missing) == len(scenes):
         raise DatasetError(
             f"none of the scenes {', '.join(scenes)} is under {split_folder} ({_subfolders(split_folder)}). "
@@ -540,9 +556,9 @@ def _loveda_layout(root: Path, split: str, scenes):
     return pairs, split_name.lower(), LOVEDA_CLASSES, LOVEDA_PALETTE, "the LoveDA class list"
 
 
-def _sidewalk_layout(root: Path, split: str):
+def _sidewalk_layout(root: Path, split: str, problems=None):
     images_dir, labels_dir = _require_subfolders(root, ("images", "labels"), "sidewalk")
-    pairs = _pair_by_stem(images_dir, labels_dir)
+    pairs = _pair_by_stem(images_dir, labels_dir, problems)
     _require_pairs(pairs, images_dir, labels_dir)
     info_file = root / "dataset_info.json"
     info = _read_json(info_file, "sidewalk dataset info") if info_file.is_file() else {}
@@ -584,7 +600,7 @@ def _sidewalk_layout(root: Path, split: str):
     return [by_stem[stem] for stem in wanted], split, names, palette, source
 
 
-def _landscape_layout(root: Path, split: str):
+def _landscape_layout(root: Path, split: str, problems=None):
     # The competition's folders: imgs/ (jpg) and labels/ (grayscale ids 0..28), at the root or under a split folder.
     folder = root if (_child(root, "imgs") or _child(root, "labels")) else _child(root, split)
     if folder is None:
@@ -593,7 +609,7 @@ def _landscape_layout(root: Path, split: str):
             f"({_subfolders(root)}). Fix: point --data_root at the folder that holds them."
         )
     defaults = (LANDSCAPE_CLASSES, LANDSCAPE_PALETTE, "the landscape class list")
-    return _paired_folders(folder, ("imgs", "labels"), "landscape", split, defaults)
+    return _paired_folders(folder, ("imgs", "labels"), "landscape", split, defaults, problems)
 
 
 def load_segmentation_dataset(
@@ -605,8 +621,13 @@ def load_segmentation_dataset(
     class_names_json: str | Path | None = None,
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    problems: list[str] | None = None,
 ) -> SegmentationDataset:
-    """Find the (image, mask) pairs of one split of a dataset in one of the layouts in ``DATASETS``."""
+    """Find the (image, mask) pairs of one split of a dataset in one of the layouts in ``DATASETS``.
+
+    Any problem raises a DatasetError, except with a ``problems`` list: then unpaired files (and a LoveDA scene
+    without its sub-folders) are noted there and the dataset holds the pairs that were found.
+    """
     if dataset not in DATASETS:
         raise DatasetError(f"unknown --dataset {dataset!r}. Fix: use one of {', '.join(DATASETS)}.")
     if data_root is None:
@@ -616,13 +637,13 @@ def load_segmentation_dataset(
         raise DatasetError(f"--data_root {root} does not exist or is not a folder. Fix: check the path.")
     if dataset == "loveda":
         scenes = [loveda_scenes] if isinstance(loveda_scenes, str) else list(loveda_scenes)
-        pairs, split, names, palette, source = _loveda_layout(root, split, scenes)
+        pairs, split, names, palette, source = _loveda_layout(root, split, scenes, problems)
     elif dataset == "sidewalk":
-        pairs, split, names, palette, source = _sidewalk_layout(root, split)
+        pairs, split, names, palette, source = _sidewalk_layout(root, split, problems)
     elif dataset == "landscape":
-        pairs, split, names, palette, source = _landscape_layout(root, split)
+        pairs, split, names, palette, source = _landscape_layout(root, split, problems)
     else:
-        pairs, split, names, palette, source = _generic_layout(root, split)
+        pairs, split, names, palette, source = _generic_layout(root, split, problems)
     names, palette = _resolve_classes(
         dataset,
         names,
@@ -866,8 +887,9 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
     return parser
 
 
-def dataset_from_args(args: argparse.Namespace, split: str | None = None) -> SegmentationDataset:
-    """The dataset the options of ``add_dataset_args`` describe; ``split`` overrides ``--loveda_split``."""
+def dataset_from_args(args: argparse.Namespace, split: str | None = None, problems=None) -> SegmentationDataset:
+    """The dataset the options of ``add_dataset_args`` describe; ``split`` overrides ``--loveda_split``;
+    ``problems`` as in `load_segmentation_dataset`."""
     return load_segmentation_dataset(
         args.data_root,
         args.dataset,
@@ -876,6 +898,7 @@ def dataset_from_args(args: argparse.Namespace, split: str | None = None) -> Seg
         class_names_json=getattr(args, "class_names_json", None),
         num_classes=getattr(args, "num_classes", None),
         ignore_index=getattr(args, "ignore_index", IGNORE_INDEX),
+        problems=problems,
     )
 
 
@@ -911,12 +934,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--split", type=str, default=None, help="Same as --loveda_split.")
     args = parser.parse_args(argv)
 
+    layout_problems = []  # unpaired files: noted, and the check goes on to read the pairs that were found
     try:
-        dataset = dataset_from_args(args, split=args.split)
+        dataset = dataset_from_args(args, split=args.split, problems=layout_problems)
     except DatasetError as err:
+        for problem in layout_problems:
+            print(f"error: {problem}", file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    problems, class_pixels, ignored_pixels = _scan_dataset(dataset, progress=True)
+    file_problems, class_pixels, ignored_pixels = _scan_dataset(dataset, progress=True)
+    problems = layout_problems + file_problems
     print(_summary(dataset, class_pixels, ignored_pixels))
     if not problems:
         print("no problems found")

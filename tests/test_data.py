@@ -5,6 +5,7 @@ Every dataset here is a handful of tiny images written into pytest's tmp_path.
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -578,6 +579,37 @@ def test_cli_check_good_and_bad_datasets(tmp_path):
     assert "4 problem(s):" in bad_out
     for fragment in ("cannot read image", "is 8x8 but its mask", "colour (RGB) mask", "holds class ids 7"):
         assert fragment in bad_out
+
+
+def test_check_reports_unpaired_files_together_with_the_problems_of_the_pairs(tmp_path, capsys):
+    make_broken_generic(tmp_path)
+    write_image(tmp_path / "images" / "lonely_image.png")
+    write_mask(tmp_path / "masks" / "lonely_mask.png", label_map(0, 4))
+
+    assert data_main(["check", "--data_root", str(tmp_path), "--dataset", "generic", "--num_classes", "4"]) == 1
+
+    out = capsys.readouterr().out
+    assert "pairs: 5" in out and "5 problem(s):" in out  # the unpaired files are one problem
+    assert "1 image(s) in" in out and "have no mask (lonely_image)" in out
+    assert "1 mask(s) in" in out and "have no image (lonely_mask)" in out
+    for fragment in ("cannot read image", "is 8x8 but its mask", "colour (RGB) mask", "holds class ids 7"):
+        assert fragment in out
+    # Loading for training still refuses the unpaired files outright.
+    with pytest.raises(DatasetError, match="have no mask"):
+        load_segmentation_dataset(tmp_path, "generic", num_classes=4)
+
+
+def test_check_goes_on_past_a_broken_loveda_scene(tmp_path, capsys):
+    make_loveda(tmp_path, split="Train")
+    shutil.rmtree(tmp_path / "Train" / "Rural" / "masks_png")
+    truncate(tmp_path / "Train" / "Urban" / "masks_png" / "0.png")
+
+    assert data_main(["check", "--data_root", str(tmp_path), "--dataset", "loveda"]) == 1
+
+    out = capsys.readouterr().out
+    assert "2 problem(s):" in out and "pairs: 2" in out
+    assert "expected images_png/ and masks_png/ under" in out and "Rural" in out
+    assert "cannot read" in out and "0.png" in out
 
 
 def test_cli_check_reports_a_dataset_that_does_not_load(tmp_path, capsys):
