@@ -66,11 +66,13 @@ def main(args):
         base / "model_index.json",
     )
     # The tiny base's text encoder is random, so it is trained too; a real SD base can keep it frozen.
-    # accelerate launch gives a CPU process one thread unless told otherwise.
+    # accelerate launch gives a CPU process one thread unless told otherwise: every core, or OMP_NUM_THREADS
+    # when set (the test suite runs two tests at a time on two cores).
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())
     seconds["train"] = run(
         "train",
         "-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
-        f"--num_cpu_threads_per_process {os.cpu_count()} "
+        f"--num_cpu_threads_per_process {threads} "
         f"train_seg_mask_diffusion.py --pretrained_model_name_or_path {q['base']} --data_root {q['data']}/train "
         f"--dataset generic --output_dir {q['model']} --image_size 32 --train_batch_size 32 "
         f"--max_train_steps {args.train_steps} --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 100 "

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff.data import (
     IGNORE_INDEX,
@@ -38,7 +39,7 @@ from segdiff.data import (
     write_class_names,
 )
 from segdiff.generation import make_scheduler, save_png_atomic
-from segdiff.pipelines.joint import JointImageMaskPipeline
+from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler
 from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
 
@@ -115,20 +116,16 @@ def load_classes(checkpoint: Path, dataset: str | None):
 
 
 def load_pipeline(checkpoint: Path, class_names, args) -> JointImageMaskPipeline:
-    """The pipeline of a trained output folder; for checkpoint-N/, its (EMA) UNet in the parent's pipeline."""
-    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}  # default: as saved (float32)
+    """The pipeline of a trained output folder, or of one of its checkpoint-N/ folders."""
+    dtype = torch.float16 if args.fp16 else torch.float32  # default: as saved (float32)
     if (checkpoint / "model_index.json").is_file():
-        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, **dtype)
-    elif (checkpoint / "unet").is_dir() and (checkpoint.parent / "model_index.json").is_file():
-        unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
-        unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder, **dtype)
-        pipeline = JointImageMaskPipeline.from_pretrained(
-            checkpoint.parent, unet=unet, class_names=class_names, **dtype
-        )
+        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, torch_dtype=dtype)
+    elif (checkpoint / "unet").is_dir() and (checkpoint.parent / "training_config.json").is_file():
+        pipeline = load_checkpoint_pipeline(checkpoint, class_names).to(dtype=dtype)
     else:
         raise SystemExit(
             f"{checkpoint} is not a trained joint model: expected model_index.json (the training output folder) "
-            "or unet/ inside a checkpoint-N folder of one."
+            "or unet/ inside a checkpoint-N folder of one (next to its training_config.json)."
         )
     if pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels + 1:
         raise SystemExit(
@@ -136,6 +133,31 @@ def load_pipeline(checkpoint: Path, class_names, args) -> JointImageMaskPipeline
             "channel of a joint model. Was it trained by train_seg_mask_diffusion.py?"
         )
     return pipeline
+
+
+def load_checkpoint_pipeline(checkpoint: Path, class_names) -> JointImageMaskPipeline:
+    """checkpoint-N/ of a run, finished or not: its UNet (EMA weights when kept) and, with --train_text_encoder,
+    its text encoder, over the frozen parts and schedule of the base named in the run's training_config.json."""
+    config = json.loads((checkpoint.parent / "training_config.json").read_text())
+    base, revision = config["pretrained_model_name_or_path"], config.get("revision")
+    unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
+    text_encoder_source = checkpoint if (checkpoint / "text_encoder").is_dir() else base
+    try:
+        schedule = joint_noise_scheduler(base, config["prediction_type"], config["zero_terminal_snr"], revision)
+        return JointImageMaskPipeline(
+            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision),
+            text_encoder=CLIPTextModel.from_pretrained(text_encoder_source, subfolder="text_encoder"),
+            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision),
+            unet=UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder),
+            scheduler=DDIMScheduler.from_config(schedule.config),
+            class_names=class_names,
+            prompt_template=config["prompt_template"],
+        )
+    except OSError as error:
+        raise SystemExit(
+            f"{checkpoint}: cannot load the base model {base!r} that training_config.json names ({error}). "
+            "Fix: make that path (or hub name) reachable from here, or generate from the finished output folder."
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
@@ -27,7 +27,12 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
-from segdiff.pipelines.joint import DEFAULT_PROMPT_TEMPLATE, JointImageMaskPipeline, class_prompt
+from segdiff.pipelines.joint import (
+    DEFAULT_PROMPT_TEMPLATE,
+    JointImageMaskPipeline,
+    class_prompt,
+    joint_noise_scheduler,
+)
 from segdiff.visualize import overlay_mask
 
 logger = training.logger
@@ -153,7 +158,8 @@ def pick_class(label: torch.Tensor, num_classes: int, ignore_index: int, present
         present = [c for c in torch.unique(label).tolist() if c != ignore_index and c < num_classes]
         if present:
             return present[torch.randint(len(present), (1,), generator=generator).item()]
-    return torch.randint(num_classes, (1,), generator=generator).item()
+    candidates = [c for c in range(num_classes) if c != ignore_index]
+    return candidates[torch.randint(len(candidates), (1,), generator=generator).item()]
 
 
 def class_mask_latents(labels: torch.Tensor, class_ids: torch.Tensor, size, ignore_index: int):
@@ -227,18 +233,17 @@ def build_training_data(args, dataset, accelerator, vae, weight_dtype):
         affine=args.random_affine,
         ignore_index=dataset.ignore_index,
     )
-    cache = encode_dataset(dataset, transform, vae, accelerator, weight_dtype) if args.cache_latents else None
+    # With the cache, each sample is its cached latents and label map (and their mirrors): no image is read again.
+    samples = cache_dataset(dataset, transform, vae, accelerator, weight_dtype) if args.cache_latents else dataset
 
     def process(sample, generator):
-        pixel_values, label = transform(sample["image"], sample["label"])
-        example = {"label": label}
-        if cache is None:
-            example["pixel_values"] = pixel_values
-        else:
+        if args.cache_latents:
             flip = args.random_flip and torch.rand(1, generator=generator).item() < 0.5
-            example["latent_mean"], example["latent_std"] = cache[sample["name"]][int(flip)]
-            if flip:
-                example["label"] = label.flip(-1)
+            (mean, std), label = sample["latents"][int(flip)], sample["label"]
+            example = {"latent_mean": mean, "latent_std": std, "label": label.flip(-1) if flip else label}
+        else:
+            pixel_values, label = transform(sample["image"], sample["label"])
+            example = {"pixel_values": pixel_values, "label": label}
         example["class_id"] = pick_class(
             example["label"], dataset.num_classes, dataset.ignore_index, args.sample_present_class, generator
         )
@@ -253,37 +258,26 @@ def build_training_data(args, dataset, accelerator, vae, weight_dtype):
             batch[key] = torch.tensor([e[key] for e in examples])
         return batch
 
-    return training.SeededDataset(dataset, process), collate
+    return training.SeededDataset(samples, process), collate
 
 
-@torch.no_grad()
-def encode_dataset(dataset, transform, vae, accelerator, weight_dtype, batch_size: int = 16):
-    """VAE latent distributions (mean, std) of every image and of its mirror, keyed by sample name.
+def cache_dataset(dataset, transform, vae, accelerator, weight_dtype) -> list[dict]:
+    """Every sample's centre crop, encoded once: ``{"latents": [(mean, std), mirror's], "label": label map}``.
 
-    Stored on the CPU in the weight dtype; each step then samples from them with the batch's own
-    generator, exactly as encoding would.
+    The transform is deterministic here (centre crop, no flip, no affine), so its label map is the same at
+    every step and is kept too.
     """
-    cache = {}
-    names, images = [], []
+    labels = []
 
-    def flush():
-        pixels = torch.stack(images).to(accelerator.device, dtype=weight_dtype)
-        for flip in (False, True):
-            dist = vae.encode(pixels.flip(-1) if flip else pixels).latent_dist
-            for name, mean, std in zip(names, dist.mean.cpu(), dist.std.cpu()):
-                cache.setdefault(name, [None, None])[int(flip)] = (mean, std)
-        names.clear()
-        images.clear()
+    def pixels():
+        for index in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
+            sample = dataset[index]
+            pixel_values, label = transform(sample["image"], sample["label"])
+            labels.append(label)
+            yield pixel_values
 
-    for index in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
-        sample = dataset[index]
-        names.append(sample["name"])
-        images.append(transform(sample["image"], sample["label"])[0])
-        if len(images) == batch_size:
-            flush()
-    if images:
-        flush()
-    return cache
+    latents = training.encode_latent_distributions(pixels(), vae, accelerator, weight_dtype)
+    return [{"latents": views, "label": label} for views, label in zip(latents, labels)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,6 +309,7 @@ def log_validation(pipeline_parts, args, accelerator, dataset, global_step):
 
 def main(args):
     accelerator = training.make_accelerator(args)
+    hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
     dataset = dataset_from_args(args)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
@@ -325,10 +320,7 @@ def main(args):
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
-    schedule = {"prediction_type": args.prediction_type}
-    if args.zero_terminal_snr:
-        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **schedule)
+    noise_scheduler = joint_noise_scheduler(base, args.prediction_type, args.zero_terminal_snr, args.revision)
     unet = widen_unet_for_mask(unet)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(args.train_text_encoder)
@@ -502,6 +494,7 @@ def main(args):
         )
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")
+        training.upload_to_hub(args, hub_repo)
     accelerator.end_training()
 
 

@@ -154,6 +154,18 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
     group.add_argument("--tracker_project_name", type=str, default=None, help="Project name for the trackers.")
     group.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the trained output folder to the Hugging Face Hub at the end.",
+    )
+    group.add_argument("--hub_token", type=str, default=None, help="Token for --push_to_hub (default: your login).")
+    group.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="Repository for --push_to_hub (default: the output folder's name).",
+    )
+    group.add_argument(
         "--validation_steps",
         type=int,
         default=500,
@@ -165,6 +177,44 @@ def add_switch(group, name: str, *, default: bool, help: str) -> None:
     """``--name`` / ``--no_name`` (underscores, as every other flag here; argparse's own gives ``--no-name``)."""
     group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
     group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")
+
+
+def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str | None:
+    """The repository id --push_to_hub uploads to, created (or found) before training, so that a missing network
+    or a bad token fails now and not after hours of training; None without --push_to_hub or off the main process."""
+    if not args.push_to_hub:
+        return None
+    import huggingface_hub
+
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise SystemExit(
+            "--hub_token cannot be used with --report_to wandb: the token would be logged with the run's arguments. "
+            "Fix: run `huggingface-cli login` and drop --hub_token."
+        )
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise SystemExit(
+            "--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set. Fix: unset it, or drop --push_to_hub."
+        )
+    if not accelerator.is_main_process:
+        return None
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    return huggingface_hub.create_repo(repo_id=repo_id, exist_ok=True, token=args.hub_token).repo_id
+
+
+def upload_to_hub(args: argparse.Namespace, repo_id: str | None) -> None:
+    """Upload the finished output folder (not its checkpoints or logs) to ``repo_id`` from `create_hub_repo`."""
+    if repo_id is None:
+        return
+    import huggingface_hub
+
+    logger.info(f"Uploading {args.output_dir} to the Hub repository {repo_id}")
+    huggingface_hub.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*"],
+        token=args.hub_token,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +387,33 @@ class SeededDataset(Dataset):
             example = self.process(self.dataset[index], torch.Generator().manual_seed(seed))
         example["seed"] = seed
         return example
+
+
+@torch.no_grad()
+def encode_latent_distributions(items, vae, accelerator: Accelerator, weight_dtype, batch_size: int = 16) -> list:
+    """For ``--cache_latents``: the VAE latent distribution of every image and of its mirror, encoded once.
+
+    ``items`` yields pixel tensors (3, H, W) in [-1, 1]. Returns, per item, ``[(mean, std), (mean, std) of the
+    mirror]`` on the CPU in the weight dtype; each step then samples its latent from them with the batch's own
+    generator, exactly as encoding that step would.
+    """
+    distributions, batch = [], []
+
+    def flush():
+        pixels = torch.stack(batch).to(accelerator.device, dtype=weight_dtype)
+        plain, mirrored = (vae.encode(p).latent_dist for p in (pixels, pixels.flip(-1)))
+        for views in zip(plain.mean, plain.std, mirrored.mean, mirrored.std):
+            mean, std, mirror_mean, mirror_std = (view.cpu() for view in views)
+            distributions.append([(mean, std), (mirror_mean, mirror_std)])
+        batch.clear()
+
+    for pixels in items:
+        batch.append(pixels)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return distributions
 
 
 def make_train_dataloader(

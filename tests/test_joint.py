@@ -11,9 +11,12 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
+import evaluate
+from generate_joint_image_mask_diffusion import load_pipeline
+from generate_joint_image_mask_diffusion import parse_args as parse_generate_args
 from segdiff.data import load_segmentation_dataset, read_label_map
 from segdiff.pipelines.joint import JointImageMaskPipeline
-from train_seg_mask_diffusion import class_mask_latents, parse_args, pick_class, widen_unet_for_mask
+from train_seg_mask_diffusion import class_mask_latents, joint_loss, parse_args, pick_class, widen_unet_for_mask
 
 
 def train_args(toy_data, tiny_sd_folder, output_dir, *extra):
@@ -32,7 +35,8 @@ def trained(toy_data, tiny_sd_folder, tmp_path_factory):
     run_script(
         "accelerate", "launch",
         *train_args(toy_data, tiny_sd_folder, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                    "--use_ema", "--train_text_encoder", "--validation_steps", "4", "--num_validation_images", "2"),
+                    "--use_ema", "--train_text_encoder", "--validation_steps", "4", "--num_validation_images", "2",
+                    "--report_to", "tensorboard"),
     )  # fmt: skip
     return output_dir
 
@@ -56,6 +60,13 @@ def test_training_writes_the_pipeline_folder(trained):
     config = json.loads((trained / "training_config.json").read_text())
     assert config["max_train_steps"] == 4 and config["resolution"] == 32
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # the default tracker: tensorboard event files under output_dir/logs, with the loss and the validation grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = trained / "logs" / "train_seg_mask_diffusion"  # --tracker_project_name's default
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert len(events.Scalars("loss")) == 4 and {"image_loss", "mask_loss", "lr"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["validation"]
 
     unet = UNet2DConditionModel.from_pretrained(trained / "unet")
     assert unet.config.in_channels == unet.config.out_channels == 5
@@ -147,6 +158,35 @@ def test_widened_unet_behaves_like_the_base_at_step_zero(tiny_sd_folder):
     assert torch.count_nonzero(joint[:, 4]) == 0
 
 
+def test_cached_latents_are_the_vaes_and_cached_samples_read_no_image(toy_data, tiny_sd_folder, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from segdiff.data import JointTransform
+    from segdiff.training import SeededDataset
+    from train_seg_mask_diffusion import build_training_data
+
+    args = parse_args([str(a) for a in train_args(toy_data, tiny_sd_folder, tmp_path)[1:]] + ["--cache_latents"])
+    dataset = load_segmentation_dataset(toy_data, "generic")
+    vae = AutoencoderKL.from_pretrained(tiny_sd_folder, subfolder="vae")
+    accelerator = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
+    cached, _ = build_training_data(args, dataset, accelerator, vae, torch.float32)
+
+    transform = JointTransform(32, center_crop=True, random_flip=False, ignore_index=dataset.ignore_index)
+    pixels, label = transform(dataset[3]["image"], dataset[3]["label"])
+    expected = vae.encode(torch.stack([pixels, pixels.flip(-1)])).latent_dist
+    examples = [cached[(3, seed)] for seed in range(8)]  # both mirrors occur among these seeds
+    assert {bool(torch.equal(e["label"], label.flip(-1))) for e in examples} == {False, True}
+    for example in examples:
+        flipped = int(not torch.equal(example["label"], label))
+        torch.testing.assert_close(example["latent_mean"], expected.mean[flipped], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(example["latent_std"], expected.std[flipped], atol=1e-5, rtol=1e-5)
+        assert "pixel_values" not in example
+    # the cached dataset no longer touches the image files
+    assert isinstance(cached, SeededDataset) and not hasattr(cached.dataset, "pairs")
+
+
 def test_mask_channel_is_plus_minus_one_and_ignore_has_no_weight():
     label = torch.zeros(1, 8, 8, dtype=torch.long)
     label[0, :4, :4] = 2  # top-left quarter: the class
@@ -164,6 +204,69 @@ def test_class_choice_is_a_present_class_and_never_ignore():
     assert {pick_class(label, 4, 255, True, generator) for _ in range(20)} == {3}
     uniform = {pick_class(label, 4, 255, False, generator) for _ in range(200)}
     assert uniform == {0, 1, 2, 3}
+    # an ignore_index among the class ids (here 0 marks no-data) is never drawn either
+    assert {pick_class(label, 4, 0, False, generator) for _ in range(200)} == {1, 2, 3}
+    assert pick_class(torch.zeros(8, 8, dtype=torch.long), 4, 0, True, generator) in {1, 2, 3}
+
+
+def test_joint_loss_weighs_the_mask_and_skips_cells_without_truth():
+    target = torch.zeros(2, 5, 2, 2)
+    prediction = torch.zeros(2, 5, 2, 2)
+    prediction[:, :4] = 1.0  # image error 1 everywhere
+    prediction[:, 4] = 2.0  # mask error 4 everywhere ...
+    weight = torch.ones(2, 1, 2, 2)
+    weight[1, :, 0] = 0  # ... but half of sample 1's cells have no truth
+    prediction[1, 4, 0] = 100.0  # and their (huge) error must not count
+    loss, image_loss, mask_loss = joint_loss(prediction, target, weight, mask_loss_weight=0.5)
+    assert image_loss.item() == 1.0 and mask_loss.item() == 4.0 and loss.item() == 1.0 + 0.5 * 4.0
+
+
+def test_frozen_prompts_are_encoded_once_and_dropped_samples_get_the_empty_prompt(toy_data, tiny_sd_folder, tmp_path):
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from train_seg_mask_diffusion import PromptEmbeddings, build_training_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sd_folder, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd_folder, subfolder="text_encoder")
+    calls = []
+    text_encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    pipeline = JointImageMaskPipeline.__new__(JointImageMaskPipeline)  # tokenize needs only the tokenizer
+    pipeline.tokenizer = tokenizer
+    prompts = ["a disk", "a square", ""]
+    embeddings = PromptEmbeddings(prompts, pipeline, text_encoder, trainable=False, dtype=torch.float32)
+    for _ in range(5):
+        out = embeddings(torch.tensor([0, 2, 2, 1]))
+    assert calls == [3]  # the three prompts, once, at start
+    torch.testing.assert_close(out[1], embeddings.cached[embeddings.empty_prompt])
+    trained = PromptEmbeddings(prompts, pipeline, text_encoder, trainable=True, dtype=torch.float32)
+    trained(torch.tensor([0, 2, 2, 1]))
+    assert calls[-1] == 3  # a trained encoder embeds the batch's distinct prompts, every step
+
+    args = parse_args(
+        [str(a) for a in train_args(toy_data, tiny_sd_folder, tmp_path)[1:]] + ["--prompt_dropout", "0.3"]
+    )
+    samples, _ = build_training_data(args, load_segmentation_dataset(toy_data, "generic"), None, None, torch.float32)
+    dropped = [samples[(i % len(samples), i)]["drop_prompt"] for i in range(400)]
+    assert 0.2 < sum(dropped) / len(dropped) < 0.4
+
+
+def test_bf16_training_keeps_the_frozen_parts_and_saves_float32(toy_data, tiny_sd_folder, tmp_path):
+    out = tmp_path / "bf16"
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, tiny_sd_folder, out, "--max_train_steps", "2", "--mixed_precision", "bf16",
+                    "--use_ema", "--validation_steps", "2", "--num_validation_images", "1"),
+    )  # fmt: skip
+    assert (out / "validation" / "validation-step000002.png").is_file()
+    for folder, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")):
+        saved = load_file(out / folder / f"{file}.safetensors")
+        assert {tensor.dtype for tensor in saved.values()} == {torch.float32}, folder
+    base_vae = load_file(tiny_sd_folder / "vae" / "diffusion_pytorch_model.safetensors")
+    saved_vae = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(base_vae[k], saved_vae[k]) for k in base_vae)  # frozen, and saved in full precision
+    base_text = load_file(tiny_sd_folder / "text_encoder" / "model.safetensors")
+    saved_text = load_file(out / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(base_text[k], saved_text[k]) for k in base_text)
 
 
 def generate(trained, save_dir, *extra, check=True):
@@ -193,6 +296,12 @@ def test_generator_writes_a_generic_dataset(trained, tmp_path):
     dataset = load_segmentation_dataset(save_dir, "generic")
     assert len(dataset) == 5 and dataset.class_names == ["background", "square", "disk", "triangle"]
     assert dataset[3]["image"].size == (32, 32)
+
+    # evaluate.py reads the generator's own layout: each image scored against its generated mask
+    results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
+                             "--results_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert results["layout"] == "joint" and results["num_generated_images"] == 5
+    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
 
     # a re-run keeps what is there and only adds the missing samples
     before = (save_dir / "images/000002.png").read_bytes()
@@ -236,3 +345,39 @@ def test_generator_bad_inputs_give_clear_errors(trained, tmp_path):
 def test_generator_takes_a_checkpoint_folder_and_uses_its_ema(trained, tmp_path):
     generate(trained / "checkpoint-2", tmp_path / "ckpt", "--num_samples", "1")
     assert (tmp_path / "ckpt" / "images" / "000000.png").is_file()
+
+
+def test_checkpoint_of_an_unfinished_run_loads_its_own_unet_ema_and_text_encoder(trained, tmp_path):
+    # A run stopped after its first checkpoint: no pipeline folder yet, only the run files and checkpoint-2.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained / "checkpoint-2", unfinished / "checkpoint-2")
+    for name in ("training_config.json", "class_names.json"):
+        shutil.copy(trained / name, unfinished / name)
+    args = parse_generate_args(["--checkpoint", str(unfinished / "checkpoint-2"), "--save_dir", str(tmp_path / "x")])
+
+    pipeline = load_pipeline(unfinished / "checkpoint-2", ["background", "square", "disk", "triangle"], args)
+
+    checkpoint = unfinished / "checkpoint-2"
+    for model, file in (
+        (pipeline.unet, checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors"),
+        (pipeline.text_encoder, checkpoint / "text_encoder" / "model.safetensors"),  # trained: not the final one
+    ):
+        saved, loaded = load_file(file), model.state_dict()
+        assert all(torch.equal(saved[k], loaded[k]) for k in saved), file
+    final_text_encoder = load_file(trained / "text_encoder" / "model.safetensors")
+    assert not all(
+        torch.equal(final_text_encoder[k], pipeline.text_encoder.state_dict()[k]) for k in final_text_encoder
+    )
+    # the run's schedule and prompt, as the finished pipeline has them
+    final = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
+    assert type(pipeline.scheduler).__name__ == final["_class_name"] == "DDIMScheduler"
+    for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing"):
+        assert pipeline.scheduler.config[key] == final[key], key
+    assert pipeline.config.prompt_template == "a remote sensing image and mask of {class_name}"
+
+    result = generate(
+        checkpoint, tmp_path / "out", "--num_samples", "2", "--scheduler", "ddpm", "--guidance_scale", "3"
+    )
+    records = [json.loads(line) for line in (tmp_path / "out/metadata.jsonl").read_text().splitlines()]
+    assert [r["scheduler"] for r in records] == ["ddpm", "ddpm"] and records[0]["guidance_scale"] == 3.0
+    assert "Wrote 2 (image, mask) pairs" in result.stdout

@@ -5,6 +5,7 @@ launches it in a subprocess (accelerate launch or torchrun) on a tiny toy datase
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,16 @@ def test_resume_mid_epoch_gives_identical_weights(toy_root, tmp_path):
     assert resumed_ema == straight_ema
 
 
-def test_checkpoint_killed_mid_save_is_not_picked_by_latest(toy_root, tmp_path):
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def six_step_run(toy_root, tmp_path_factory):
+    """An uninterrupted run: 6 steps, a checkpoint every 2."""
+    reference = tmp_path_factory.mktemp("six_steps") / "run"
     launch(toy_root, reference, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    return reference
+
+
+def test_checkpoint_killed_mid_save_is_not_picked_by_latest(toy_root, six_step_run, tmp_path):
+    reference = six_step_run
 
     out = tmp_path / "run"
     killed = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
@@ -142,9 +150,9 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(toy
     assert checkpoint_names(out) == ["checkpoint-2"]
 
 
-def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_path):
+def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, six_step_run, tmp_path):
     out = tmp_path / "run"
-    launch(toy_root, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    shutil.copytree(six_step_run / "checkpoint-2", out / "checkpoint-2")
     result = launch(toy_root, out, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3", check=False)
     assert result.returncode != 0
     assert "no checkpoint folder" in result.stderr and "checkpoint-2" in result.stderr
@@ -165,3 +173,47 @@ def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(toy_root,
     # and it did train: the weights moved between the two checkpoints
     at_step_2 = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(at_step_2[name], rank0[name]) for name in rank0)
+
+
+def test_push_to_hub_creates_the_repo_first_and_uploads_the_output_folder(monkeypatch, tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from accelerate import PartialState
+
+    from segdiff import training
+
+    PartialState()  # what the trainers' Accelerator sets up, and accelerate's logger needs
+    parser = argparse.ArgumentParser()
+    training.add_training_args(parser)
+    args = parser.parse_args(["--output_dir", str(tmp_path / "my-model"), "--push_to_hub", "--report_to", "none"])
+    main_process = SimpleNamespace(is_main_process=True)
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda **kw: calls.append(("create", kw)) or SimpleNamespace(repo_id="me/my-model"),
+    )
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set"):
+        training.create_hub_repo(main_process, args)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    repo_id = training.create_hub_repo(main_process, args)
+    assert repo_id == "me/my-model" and calls == [("create", {"repo_id": "my-model", "exist_ok": True, "token": None})]
+    assert training.create_hub_repo(SimpleNamespace(is_main_process=False), args) is None
+    training.upload_to_hub(args, repo_id)
+    kind, upload = calls[-1]
+    assert (
+        kind == "upload" and upload["repo_id"] == "me/my-model" and upload["folder_path"] == str(tmp_path / "my-model")
+    )
+    assert "checkpoint-*" in upload["ignore_patterns"]
+
+    args.hub_token, args.report_to = "secret", "wandb"
+    with pytest.raises(SystemExit, match="--hub_token cannot be used with --report_to wandb"):
+        training.create_hub_repo(main_process, args)
+    args.push_to_hub = False
+    assert training.create_hub_repo(main_process, args) is None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -33,6 +33,18 @@ class JointImageMaskPipelineOutput(BaseOutput):
     masks: np.ndarray
     class_ids: list[int]
     prompts: list[str]
+
+
+def joint_noise_scheduler(base, prediction_type: str, zero_terminal_snr: bool, revision=None) -> DDPMScheduler:
+    """The training schedule of train_seg_mask_diffusion.py: the base's betas, with the run's parametrisation.
+
+    Zero terminal SNR rescales the betas so that the noisiest step holds no trace of the clean latent, and spaces
+    sampling timesteps "trailing" so that sampling starts at that step (see the README's joint section).
+    """
+    schedule = {"prediction_type": prediction_type}
+    if zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision, **schedule)
 
 
 def class_prompt(template: str, class_name: str) -> str:
