@@ -73,7 +73,8 @@ NUM_DEFAULT_VALIDATION_MASKS = 4
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     training.add_training_args(parser, default_resolution=512)
-    # A ControlNet fine-tunes a copy of a pretrained encoder: diffusers' ControlNet example trains at 1e-5.
+    # A ControlNet fine-tunes a copy of a pretrained encoder: 1e-5, as diffusers' ControlNet README trains (its
+    # script's default is 5e-6).
     parser.set_defaults(learning_rate=1e-5)
     add_dataset_args(parser, default_dataset="loveda")
 
@@ -565,34 +566,20 @@ def build_training_data(args, dataset, class_names, palette, cache=None):
     return training.SeededDataset(dataset, process), collate
 
 
-@torch.no_grad()
-def encode_dataset(dataset, args, palette, vae, accelerator, weight_dtype, batch_size: int = 16):
-    """VAE latent distributions (mean, std) of every centre-cropped image and of its mirror, by sample index.
-
-    Stored on the CPU in the weight dtype; each step samples from them with the batch's own generator,
-    exactly as encoding would.
-    """
+def encode_dataset(dataset, args, palette, vae, accelerator, weight_dtype) -> dict:
+    """VAE latent distributions of every centre-cropped image and of its mirror, by sample index (see
+    `training.encode_latent_distributions`)."""
     transform = PairTransform(args, palette, args.ignore_index, deterministic=True)
-    cache, indices, images = {}, [], []
+    indices = []
 
-    def flush():
-        pixels = torch.stack(images).to(accelerator.device, dtype=weight_dtype)
-        for flip in (False, True):
-            dist = vae.encode(pixels.flip(-1) if flip else pixels).latent_dist
-            for index, mean, std in zip(indices, dist.mean.cpu(), dist.std.cpu()):
-                cache.setdefault(index, [None, None])[int(flip)] = (mean, std)
-        indices.clear()
-        images.clear()
+    def pixels():
+        for i in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
+            sample = dataset[i]
+            indices.append(sample["index"])
+            yield transform(sample)[0]
 
-    for i in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
-        sample = dataset[i]
-        indices.append(sample["index"])
-        images.append(transform(sample)[0])
-        if len(images) == batch_size:
-            flush()
-    if images:
-        flush()
-    return cache
+    latents = training.encode_latent_distributions(pixels(), vae, accelerator, weight_dtype)
+    return dict(zip(indices, latents))
 
 
 class PromptEmbeddingCache:
@@ -733,6 +720,7 @@ def write_run_files(args, class_names, palette, **extra) -> None:
 
 def main(args):
     accelerator = training.make_accelerator(args)
+    hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
     with accelerator.main_process_first():  # one process downloads/prepares a hub dataset
         dataset, class_names, palette, source = training_source(args)
@@ -924,6 +912,7 @@ def main(args):
             ema_models["controlnet_ema"].copy_to(controlnet.parameters())
         controlnet.save_pretrained(args.output_dir)
         logger.info(f"Saved the ControlNet to {args.output_dir}")
+        training.upload_to_hub(args, hub_repo)
     accelerator.end_training()
 
 

@@ -4,8 +4,8 @@
     python benchmarks/bench_controlnet.py               # tiny and medium SD-shaped bases
     python benchmarks/bench_controlnet.py --presets tiny --train_steps 20
 
-Training rows run train_controlnet_seg.py as a user would (accelerate launch) with and without
---cache_latents, and read the throughput, peak memory and text-encoder calls it records in
+Training rows run train_controlnet_seg.py as a user would (accelerate launch) with the caches
+(--cache_latents and the default text-embedding cache) and without either (--text_embedding_cache_size 0), and read the throughput, peak memory and text-encoder calls it records in
 train_stats.json (timed from its second optimizer step); each row is its own process, so peak memory
 is that configuration's own. Generation rows time StableDiffusionControlNetPipeline calls (the trained
 ControlNet over the base) in this process, after one warm-up call, per scheduler.
@@ -57,7 +57,9 @@ def train_row(preset: str, base: Path, data: Path, out: Path, cache: bool, steps
         "train_controlnet_seg.py",
         "--pretrained_model_name_or_path", base, "--data_root", data, "--dataset", "generic", "--output_dir", out,
         "--resolution", config["size"], "--train_batch_size", config["batch"], "--max_train_steps", steps,
-        "--learning_rate", "1e-4", "--center_crop", *(["--cache_latents"] if cache else []),
+        "--learning_rate", "1e-4", "--center_crop",
+        # "cache off" is the uncached trainer: the VAE and the text encoder run on every sample of every step
+        *(["--cache_latents"] if cache else ["--text_embedding_cache_size", 0]),
     )  # fmt: skip
     return {
         "setup": preset,

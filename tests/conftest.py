@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests run two at a time (pytest -n 2) on two cores: one thread each, in-process and in the scripts they start.
+# More threads than cores make torch's thread pools spin against each other, many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses run the scripts as a user would, offline, one thread each (tests run 2 at a time).
@@ -27,6 +30,18 @@ def run_script(*command, check=True, timeout=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-5000:]}")
     return result
+
+
+def script_error(monkeypatch, script, *args) -> str:
+    """Run ``python <script> <args>`` in this process (its ``__main__`` block, as a user's run), expecting it to
+    stop with an error message: returns that message. Saves a torch import per call over `run_script`."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert isinstance(stopped.value.code, str), f"{script} exited with {stopped.value.code!r}, not a message"
+    return stopped.value.code
 
 
 @pytest.fixture(scope="session")

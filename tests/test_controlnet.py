@@ -16,7 +16,9 @@ import torch
 from conftest import ROOT, run_script
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
+import evaluate
 from segdiff.data import DatasetError, colorize_label, load_class_names, load_segmentation_dataset, read_label_map
 from segdiff.generation import colour_mask_to_labels
 from train_controlnet_seg import (
@@ -86,8 +88,6 @@ def test_resume_from_checkpoint_continues_and_rotates(trained, toy_data, tiny_sd
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(trained, toy_data, tiny_sd_folder, tmp_path):
     """Resume from checkpoint-4 (plain python this time) and finish at 6: bit for bit the 6-step run's weights."""
-    from safetensors.torch import load_file
-
     resumed = tmp_path / "resumed"
     shutil.copytree(trained[0] / "checkpoint-4", resumed / "checkpoint-4")
     run_script(
@@ -315,12 +315,18 @@ def test_dataset_name_reads_save_to_disk_folders_and_reference_csv_folders(
 def test_metadata_csv_training_with_cached_latents_and_ema(metadata_folder, toy_data, tiny_sd_folder, tmp_path):
     output_dir = tmp_path / "out"
     result = run_script(
+        "accelerate", "launch",
         *train_args(tiny_sd_folder, output_dir, "--train_data_dir", metadata_folder, "--class_names_json",
                     toy_data / "class_names.json", "--max_train_steps", "2", "--cache_latents", "--use_ema",
                     "--proportion_empty_prompts", "0.5", "--checkpointing_steps", "2", "--gradient_checkpointing",
-                    "--set_grads_to_none"),
+                    "--set_grads_to_none", "--mixed_precision", "bf16", "--validation_steps", "2",
+                    "--validation_image", metadata_folder / "conditioning" / "train_00001.png"),
     )  # fmt: skip
     assert "Caching latents" in result.stderr
+    # bf16: the frozen parts ran in bf16, the ControlNet trained and is saved in float32; validation ran in bf16 too
+    assert "Mixed precision type: bf16" in result.stderr and (output_dir / "validation").is_dir()
+    saved = load_file(output_dir / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
     config = json.loads((output_dir / "training_config.json").read_text())
     assert config["data_source"].endswith("metadata.csv") and config["cache_latents"]
     assert load_class_names(output_dir / "class_names.json") == (TOY_NAMES, TOY_PALETTE)
@@ -382,6 +388,12 @@ def test_generator_writes_a_generic_dataset(trained, masks_dir, tmp_path):
     # the label PNGs beside the images are the input masks, the colour one read through the palette
     for i, label in enumerate(labels.values()):
         np.testing.assert_array_equal(dataset[2 * i]["label"], label)
+
+    # evaluate.py reads the generator's own layout: 3 masks of 2 samples, each scored against its mask
+    results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
+                             "--results_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert results["layout"] == "mask-conditioned" and (results["num_generated_images"], results["num_masks"]) == (6, 3)
+    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
 
 
 def test_generator_names_a_mask_with_unknown_colours(trained, masks_dir, tmp_path, monkeypatch):

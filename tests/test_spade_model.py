@@ -285,6 +285,24 @@ def test_pipeline_with_learned_sigma_feeds_each_scheduler_what_it_reads():
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_guided_sampling_runs_both_branches_in_one_forward_and_takes_a_sampler_by_name():
+    pipeline = make_pipeline(scheduler=sdm_scheduler(pixel_space=True))
+    labels = random_labels(2, 32)
+    batches = []
+    pipeline.unet.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
+    guided = generate(pipeline, labels, guidance_scale=1.5, num_inference_steps=3, scheduler="ddim").images
+    assert batches == [8, 8, 8]  # 2 maps x 2 images, conditional and null, once per step
+    batches.clear()
+    generate(pipeline, labels, guidance_scale=1.0, num_inference_steps=3, scheduler="ddim")
+    assert batches == [4, 4, 4]  # no guidance: the conditional branch alone
+
+    # scheduler="ddim" is the training schedule's DDIM, as if set on the pipeline; the pipeline's own is unchanged
+    assert isinstance(pipeline.scheduler, DDPMScheduler)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    np.testing.assert_allclose(generate(pipeline, labels, guidance_scale=1.5, num_inference_steps=3).images, guided)
+    assert not np.allclose(generate(pipeline, labels, guidance_scale=3.0, num_inference_steps=3).images, guided)
+
+
 @pytest.mark.parametrize("latent", [False, True], ids=["pixel", "latent"])
 def test_pipeline_save_and_load(tmp_path, latent):
     # Two classes: a two-item class_names list must not be mistaken for a (library, class) component entry.

@@ -39,6 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from segdiff.data import IGNORE_INDEX
+from segdiff.generation import make_scheduler
 from segdiff.models.spade_unet import SpadeUNetModel, resize_label_map, unexpected_label_ids
 
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -205,15 +206,17 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
             return output.chunk(2, dim=1)
         return output, None
 
-    def scheduler_takes_variance(self) -> bool:
-        """Whether the scheduler's step gets the variance half too: only DDPM's step samples with it."""
-        variance_type = getattr(self.scheduler.config, "variance_type", None)
+    def scheduler_takes_variance(self, scheduler=None) -> bool:
+        """Whether ``scheduler``'s (default: the pipeline's) step gets the variance half too: only DDPM's step
+        samples with it."""
+        scheduler = scheduler or self.scheduler
+        variance_type = getattr(scheduler.config, "variance_type", None)
         if variance_type not in LEARNED_VARIANCE_TYPES:
             return False
-        if not isinstance(self.scheduler, DDPMScheduler):
+        if not isinstance(scheduler, DDPMScheduler):
             # DPM-Solver built from a learned-variance DDPM config (`from_config`) inherits variance_type, which only
             # makes it keep the first 3 output channels: wrong for 4-channel latents. It gets epsilon alone instead.
-            self.scheduler.register_to_config(variance_type=None)
+            scheduler.register_to_config(variance_type=None)
             return False
         if not self.unet.config.learn_sigma:
             raise ValueError(
@@ -273,6 +276,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         width: int | None = None,
         style_images=None,
         style_scale: float = 1.0,
+        scheduler: str | None = None,
     ):
         """Generate ``num_images_per_mask`` images for each label map.
 
@@ -284,7 +288,10 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         ``output_type``: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         ``style_images`` (models trained with ``--style_reference``): one reference image for every map, or one
         per map (see `as_style_images`); ``style_scale``: the style guidance scale (1 = no extra guidance).
+        ``scheduler``: the sampler of this call by name ("ddim", "ddpm", "dpmsolver", "unipc"), built from the
+        pipeline's scheduler config (its betas, prediction type, clipping); default: ``self.scheduler``.
         """
+        sampler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
         # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
         maps = as_label_maps(label_maps)
         self.check_label_ids(maps)
@@ -317,23 +324,23 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != len(mask_indices):
             raise ValueError(f"got {len(generator)} generators for {len(mask_indices)} images: pass one per image")
         samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        samples = samples.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        sampler.set_timesteps(num_inference_steps, device=device)
+        samples = samples.to(device=device, dtype=self.unet.dtype) * sampler.init_noise_sigma
 
         # 3. Denoise
-        takes_variance = self.scheduler_takes_variance()
+        takes_variance = self.scheduler_takes_variance(sampler)
         # Stochastic steps (DDPM, DDIM with eta > 0) draw their noise from the same generator, when they take one.
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        accepts_generator = "generator" in inspect.signature(sampler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(sampler.timesteps):
             model_input = torch.cat([samples] * len(branches))
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = sampler.scale_model_input(model_input, t)
             output = self.unet(model_input, t, segmentation, style=style).sample
             prediction, variance = self.split_prediction(output[: len(samples)])  # the variance is the full one's
             predictions = dict(zip(branches, output.chunk(len(branches))))
             prediction = self.guide(predictions, prediction, guidance_scale, style_scale)
             model_output = torch.cat([prediction, variance], dim=1) if takes_variance else prediction
-            samples = self.scheduler.step(model_output, t, samples, **step_kwargs).prev_sample
+            samples = sampler.step(model_output, t, samples, **step_kwargs).prev_sample
 
         # 4. Decode
         if output_type == "latent":
