@@ -223,6 +223,10 @@ def theme_data(tmp_path_factory):
 
 
 STYLE_TRAIN_STEPS = 150
+# How much closer (histogram similarity) the images must be to the reference's theme than to the other one. With
+# the trainer's offset noise (--style_offset_noise 0.1) this model gives about 0.29 (plain) and 0.59 (inverted);
+# without it they were near zero (bench_style.py at 32 px, benchmarks/RESULTS.md: 0.057 and 0.031).
+THEME_MARGIN = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +255,7 @@ def mean_similarity(images: list, references: list) -> float:
 
 
 def test_generating_with_a_theme_b_reference_gives_theme_b_colours(style_model, theme_data, tmp_path):
-    """The issue's check: references of theme B give histograms closer to B than to A (and the other way)."""
+    """The issue's check: references of theme B give histograms clearly closer to B than to A (and the other way)."""
     assert (style_model / "validation").is_dir() and SpadeUNetModel.from_pretrained(
         style_model, subfolder="unet"
     ).style_encoder
@@ -268,8 +272,8 @@ def test_generating_with_a_theme_b_reference_gives_theme_b_colours(style_model, 
         records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
         assert all(r["style_image"].startswith(str(theme_data / theme)) and r["style_scale"] == 1.5 for r in records)
     print(f"histogram similarity (generated with reference theme -> to each theme): {figures}")
-    assert figures["plain"]["plain"] > figures["plain"]["inverted"]
-    assert figures["inverted"]["inverted"] > figures["inverted"]["plain"]
+    assert figures["plain"]["plain"] - figures["plain"]["inverted"] > THEME_MARGIN
+    assert figures["inverted"]["inverted"] - figures["inverted"]["plain"] > THEME_MARGIN
 
 
 def test_generator_style_options_and_errors(style_model, theme_data, tmp_path):
@@ -316,3 +320,4 @@ def test_trainer_adds_a_style_encoder_with_init_from(tmp_path, theme_data):
     assert unet.config.style_channels == 8 and unet.style_encoder is not None
     config = json.loads((styled / "training_config.json").read_text())
     assert config["style_reference"] and config["unet_config"]["style_channels"] == 8
+    assert config["style_offset_noise"] == 0.1  # the default: the trainer hides the noisy sample's global colour
