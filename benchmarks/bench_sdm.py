@@ -119,10 +119,12 @@ def main(args):
     if not (data / "val" / "class_names.json").exists():
         make_toy_dataset(data / "train", num_images=512, size=32, seed=0, split="train")
         make_toy_dataset(data / "val", num_images=64, size=32, seed=0, split="val")
-    base = work / "base"
+    # The latent variants need a VAE that reconstructs the toy colours: fit the tiny one (about 2 minutes).
+    # Pixel space never uses the base's VAE, so a pixel-only run skips the fitting.
+    fit_vae = any(variant.startswith("latent") for variant in args.variants)
+    base = work / ("base-fitted" if fit_vae else "base")
     if not (base / "model_index.json").exists():
-        # The latent variants need a VAE that reconstructs the toy colours: fit the tiny one (about 2 minutes).
-        build_tiny_sd(base, sample_size=32, fit_vae_data=data / "train", fit_vae_steps=400)
+        build_tiny_sd(base, sample_size=32, fit_vae_data=data / "train" if fit_vae else None, fit_vae_steps=400)
     label = load_segmentation_dataset(data / "val", "generic")[0]["label"]
 
     rows = []

@@ -204,6 +204,24 @@ def test_missing_inception_weights_stop_at_once_with_the_file_to_download(toy_da
     assert "Traceback" not in result.stderr
 
 
+def test_missing_lpips_weights_stop_at_once_and_cached_ones_are_found(toy_data, weights, tmp_path, monkeypatch):
+    generated = make_mask_conditioned_layout(toy_data, tmp_path / "sdm", num_masks=2, per_mask=2)
+    command = ["--generated_dir", str(generated), "--metrics", "lpips", "--results_dir", str(tmp_path / "eval")]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(command)
+    message = str(stopped.value)
+    assert evaluate.ALEXNET_URL in message and "--lpips_weights" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / evaluate.ALEXNET_FILE) in message
+
+    # the same file in the torch hub cache, where torchvision keeps it, is used without a flag
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(weights.alexnet, tmp_path / "torch" / "hub" / "checkpoints" / evaluate.ALEXNET_FILE)
+    results = evaluate.main(command)
+    assert results["lpips_num_masks"] == 2 and results["lpips_diversity"] > 0
+    assert results["lpips_backbone"].endswith(evaluate.ALEXNET_FILE)
+
+
 def test_without_weights_the_default_metrics_skip_fid_and_say_why(toy_data, weights, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(weights.empty_hub))
     results = evaluate.main(

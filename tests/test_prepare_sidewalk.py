@@ -245,6 +245,27 @@ def test_rerun_skips_finished_items(prepared, source, tmp_path):
     assert all_files(out) == all_files(prepared)
 
 
+def test_a_write_killed_midway_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
+    from prepare_sidewalk import save_atomically
+
+    final = tmp_path / "labels" / "000001.png"
+    final.parent.mkdir()
+
+    def write_half_and_die(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n")  # what a killed writer leaves: the start of a PNG
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", write_half_and_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(Image.new("L", (8, 8), 3), final)
+    monkeypatch.undo()
+    assert not final.exists()  # so a re-run sees the item unfinished and writes it again
+    assert [p.name for p in final.parent.iterdir()] == [".000001.png.tmp"]  # hidden: no loader pairs it
+
+    save_atomically(Image.new("L", (8, 8), 3), final)  # the re-run's write replaces the leftover
+    assert np.array_equal(np.asarray(Image.open(final)), np.full((8, 8), 3)) and not list(tmp_path.rglob(".*.tmp"))
+
+
 def test_other_geometry_over_finished_files_is_refused(tmp_path):
     from prepare_sidewalk import check_previous_settings
 

@@ -7,10 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, script_error
 from PIL import Image
 from safetensors.torch import load_file
 
+import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from train_spade_sdm import build_training_data, discretized_gaussian_log_likelihood, parse_args, variational_bound
@@ -113,6 +114,28 @@ def test_latent_space_with_concat_conditioning(toy_data, tiny_sd_folder, tmp_pat
     assert images.images.shape == (1, 32, 32, 3) and np.isfinite(images.images).all()
 
 
+@pytest.mark.parametrize(
+    "space, conditioning, precision", [("latent", "spade", "bf16"), ("pixel", "concat", "no")], ids=str
+)
+def test_the_other_space_and_conditioning_pairs_train(
+    space, conditioning, precision, toy_data, tiny_sd_folder, tmp_path
+):
+    # With the pixel/SPADE fixture and the latent/concat run above, every pair goes through the trainer; bf16
+    # runs the frozen VAE and the validation in bf16 and still saves float32 weights.
+    output_dir = tmp_path / "run"
+    result = run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, output_dir, "--max_train_steps", "2", "--space", space, "--conditioning", conditioning,
+                    "--pretrained_model_name_or_path", tiny_sd_folder, "--mixed_precision", precision,
+                    "--validation_steps", "2", "--num_validation_images", "1"),
+    )  # fmt: skip
+    assert f"Mixed precision type: {precision}" in result.stderr
+    assert (output_dir / "validation").is_dir()
+    pipeline = SemanticDiffusionPipeline.from_pretrained(output_dir)
+    assert pipeline.unet.config.conditioning == conditioning and (pipeline.vae is not None) == (space == "latent")
+    assert {tensor.dtype for tensor in weights(output_dir).values()} == {torch.float32}
+
+
 def test_guidance_fine_tune_starts_from_the_trained_weights(trained, toy_data, tmp_path):
     # At learning rate 0 the fine-tune must end exactly where --init_from started it.
     output_dir = tmp_path / "finetune"
@@ -208,6 +231,12 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
         read_label_map(save_dir / f"masks/{stems[0]}_02.png"), read_label_map(masks_dir / f"{stems[0]}.png")
     )
 
+    # evaluate.py reads the generator's own layout: 2 masks of 3 samples, each scored against its mask
+    results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
+                             "--results_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert results["layout"] == "mask-conditioned" and (results["num_generated_images"], results["num_masks"]) == (6, 2)
+    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
+
     # a re-run keeps the finished masks and only generates new ones
     before = (save_dir / "images" / f"{stems[0]}_00.png").read_bytes()
     extra = sorted((toy_data / "masks").iterdir())[2]
@@ -240,7 +269,7 @@ def test_generator_reads_colour_masks_and_checkpoint_folders(trained, toy_data, 
     np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/drawn_00.png"), label)
 
 
-def test_generator_bad_masks_give_clear_errors(trained, tmp_path):
+def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
     unknown_ids = tmp_path / "ids"
     unknown_ids.mkdir()
     label = np.zeros((32, 32), dtype=np.uint8)
@@ -250,19 +279,17 @@ def test_generator_bad_masks_give_clear_errors(trained, tmp_path):
     assert result.returncode != 0 and "nine.png holds ids the model was not trained for: [9]" in result.stderr
     assert "Traceback" not in result.stderr
 
+    def error(masks_dir, *extra):  # the same script, in this process
+        common = ["--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir", tmp_path / "x"]
+        return script_error(monkeypatch, "generate_spade_sdm.py", *common, "--num_inference_steps", "2", *extra)
+
     unknown_colour = tmp_path / "colour"
     unknown_colour.mkdir()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(unknown_colour / "odd.png")
-    result = generate(trained, unknown_colour, tmp_path / "x", check=False)
-    assert result.returncode != 0 and "odd.png has 1 colour(s) that are not in the palette, e.g. (1, 2, 3)" in (
-        result.stderr
-    )
-
-    result = generate(trained, tmp_path / "missing", tmp_path / "x", check=False)
-    assert result.returncode != 0 and "does not exist" in result.stderr
-
-    result = generate(trained, unknown_ids, tmp_path / "x", "--image_size", "31", check=False)
-    assert result.returncode != 0 and "--image_size 31" in result.stderr and "multiples of 2" in result.stderr
+    assert "odd.png has 1 colour(s) that are not in the palette, e.g. (1, 2, 3)" in error(unknown_colour)
+    assert "does not exist" in error(tmp_path / "missing")
+    message = error(unknown_ids, "--image_size", "31")
+    assert "--image_size 31" in message and "multiples of 2" in message
 
 
 def test_trainer_refuses_bad_options(toy_data, tmp_path, capsys):
