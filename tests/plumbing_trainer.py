@@ -40,7 +40,13 @@ def main(args):
     accelerator = training.make_accelerator(args)
     dataset = dataset_from_args(args)
     num_classes = dataset.num_classes
-    transform = JointTransform(args.resolution, center_crop=args.center_crop, random_flip=args.random_flip)
+    transform = JointTransform(
+        args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        affine=args.random_affine,  # the tests pass it: resume must replay random geometry exactly too
+        ignore_index=dataset.ignore_index,
+    )
 
     def process(sample, generator):
         pixel_values, label = transform(sample["image"], sample["label"])
