@@ -446,15 +446,15 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: list[str] | None 
         return []
     lonely_images = sorted(images.keys() - masks.keys())
     lonely_masks = sorted(masks.keys() - images.keys())
-    found, problems = problems, []
+    unpaired = []
     if lonely_images:
-        problems.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({_some(lonely_images)})")
+        unpaired.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({_some(lonely_images)})")
     if lonely_masks:
-        problems.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({_some(lonely_masks)})")
-    if problems:
+        unpaired.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({_some(lonely_masks)})")
+    if unpaired:
         _note_or_raise(
-            found,
-            "; ".join(problems) + ". Fix: add the missing files or remove the unpaired ones "
+            problems,
+            "; ".join(unpaired) + ". Fix: add the missing files or remove the unpaired ones "
             "(images and masks are paired by file name without extension).",
         )
     return [(images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())]
