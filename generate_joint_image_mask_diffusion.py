@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import CLIPTextModel
 
 from segdiff.data import (
     IGNORE_INDEX,
@@ -39,7 +39,7 @@ from segdiff.data import (
     write_class_names,
 )
 from segdiff.generation import make_scheduler, save_png_atomic
-from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler
+from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
 from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
 
@@ -141,17 +141,19 @@ def load_checkpoint_pipeline(checkpoint: Path, class_names) -> JointImageMaskPip
     config = json.loads((checkpoint.parent / "training_config.json").read_text())
     base, revision = config["pretrained_model_name_or_path"], config.get("revision")
     unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
-    text_encoder_source = checkpoint if (checkpoint / "text_encoder").is_dir() else base
+    trained_text_encoder = (checkpoint / "text_encoder").is_dir()
     try:
-        schedule = joint_noise_scheduler(base, config["prediction_type"], config["zero_terminal_snr"], revision)
-        return JointImageMaskPipeline(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision),
-            text_encoder=CLIPTextModel.from_pretrained(text_encoder_source, subfolder="text_encoder"),
-            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision),
-            unet=UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder),
-            scheduler=DDIMScheduler.from_config(schedule.config),
+        return pipeline_over_base(
+            base,
+            UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder),
+            text_encoder=CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder")
+            if trained_text_encoder
+            else None,
+            prediction_type=config["prediction_type"],
+            zero_terminal_snr=config["zero_terminal_snr"],
             class_names=class_names,
             prompt_template=config["prompt_template"],
+            revision=revision,
         )
     except OSError as error:
         raise SystemExit(

@@ -32,6 +32,7 @@ from segdiff.pipelines.joint import (
     JointImageMaskPipeline,
     class_prompt,
     joint_noise_scheduler,
+    pipeline_over_base,
 )
 from segdiff.visualize import overlay_mask
 
@@ -481,16 +482,15 @@ def main(args):
         unet = accelerator.unwrap_model(unet)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(unet.parameters())
-        pipeline = JointImageMaskPipeline(
-            vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision),
-            text_encoder=accelerator.unwrap_model(text_encoder)
-            if args.train_text_encoder
-            else CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision),
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+        pipeline = pipeline_over_base(
+            base,
+            unet,
+            text_encoder=accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None,
+            prediction_type=args.prediction_type,
+            zero_terminal_snr=args.zero_terminal_snr,
             class_names=dataset.class_names,
             prompt_template=args.prompt_template,
+            revision=args.revision,
         )
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 DEFAULT_PROMPT_TEMPLATE = "a remote sensing image and mask of {class_name}"
 
@@ -45,6 +45,32 @@ def joint_noise_scheduler(base, prediction_type: str, zero_terminal_snr: bool, r
     if zero_terminal_snr:
         schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision, **schedule)
+
+
+def pipeline_over_base(
+    base,
+    unet: UNet2DConditionModel,
+    *,
+    text_encoder: CLIPTextModel | None,
+    prediction_type: str,
+    zero_terminal_snr: bool,
+    class_names: list[str],
+    prompt_template: str,
+    revision=None,
+) -> JointImageMaskPipeline:
+    """A trained joint UNet (and text encoder, when it was trained; None: the base's) over the frozen VAE and
+    tokenizer of ``base``, sampling with DDIM on the run's training schedule: what train_seg_mask_diffusion.py
+    saves, and what the generator rebuilds from a checkpoint-N/ folder."""
+    schedule = joint_noise_scheduler(base, prediction_type, zero_terminal_snr, revision)
+    return JointImageMaskPipeline(
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision),
+        text_encoder=text_encoder or CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision),
+        tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(schedule.config),
+        class_names=class_names,
+        prompt_template=prompt_template,
+    )
 
 
 def class_prompt(template: str, class_name: str) -> str:
