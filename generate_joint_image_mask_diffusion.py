@@ -154,6 +154,7 @@ def load_checkpoint_pipeline(checkpoint: Path, class_names) -> JointImageMaskPip
             class_names=class_names,
             prompt_template=config["prompt_template"],
             revision=revision,
+            variant=config.get("variant"),
         )
     except OSError as error:
         raise SystemExit(

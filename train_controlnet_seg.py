@@ -705,13 +705,8 @@ def log_validation(parts, args, accelerator, conditions, weight_dtype, global_st
 
 def write_run_files(args, class_names, palette, **extra) -> None:
     """training_config.json, and class_names.json (names + palette) when the classes are known."""
-    if class_names is not None:
-        training.write_run_files(args.output_dir, args, class_names, palette, **extra)
-    else:
-        import diffusers
-
-        config = {**vars(args), **extra, "class_names": None, "diffusers_version": diffusers.__version__}
-        training.write_json_atomic(Path(args.output_dir) / "training_config.json", config)
+    training.write_run_files(args.output_dir, args, class_names, palette, **extra)
+    if class_names is None:
         logger.warning(
             "The classes are unknown (no --class_names_json): no class_names.json is written, so "
             "generate_controlnet_seg.py will need --class_names_json to read masks."
@@ -815,14 +810,20 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
-        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+        train_dataloader,
+        sampler,
+        accelerator,
+        first_epoch=first_epoch,
+        num_epochs=args.num_train_epochs,
+        skip_batches=skip_batches,
+        global_step=global_step,
+        max_train_steps=args.max_train_steps,
     )
     scaling_factor = vae.config.scaling_factor
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
     for _epoch, batch in batches:
-        if global_step >= args.max_train_steps:  # also when resuming from the last step
-            break
         if meter.start is None:
             logger.info(f"Prompts of the first batch: {batch['prompt'][:4]}")
         with accelerator.accumulate(controlnet):

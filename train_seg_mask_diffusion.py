@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
@@ -318,7 +318,9 @@ def main(args):
     # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.
     base = args.pretrained_model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(
+        base, subfolder="text_encoder", revision=args.revision, variant=args.variant
+    )
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = joint_noise_scheduler(base, args.prediction_type, args.zero_terminal_snr, args.revision)
@@ -385,8 +387,16 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
-        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+        train_dataloader,
+        sampler,
+        accelerator,
+        first_epoch=first_epoch,
+        num_epochs=args.num_train_epochs,
+        skip_batches=skip_batches,
+        global_step=global_step,
+        max_train_steps=args.max_train_steps,
     )
     scaling_factor = vae.config.scaling_factor
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
@@ -428,11 +438,7 @@ def main(args):
 
             snr_weights = None
             if args.snr_gamma is not None:
-                snr = compute_snr(noise_scheduler, timesteps)
-                clamped = torch.clamp(snr, max=args.snr_gamma)
-                # min(SNR, gamma) / SNR on epsilon; on v the target already carries a factor SNR + 1.
-                v_target = noise_scheduler.config.prediction_type == "v_prediction"
-                snr_weights = clamped / (snr + 1) if v_target else clamped / snr
+                snr_weights = training.min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
             loss, image_loss, mask_loss = joint_loss(
                 prediction, target, mask_weight, args.mask_loss_weight, snr_weights
             )
@@ -470,8 +476,6 @@ def main(args):
         logs["lr"] = lr_scheduler.get_last_lr()[0]
         progress_bar.set_postfix(**logs)
         accelerator.log(logs, step=global_step)
-        if global_step >= args.max_train_steps:
-            break
 
     # Save the pipeline (EMA weights when kept), with the frozen parts reloaded in full precision.
     accelerator.wait_for_everyone()
@@ -491,6 +495,7 @@ def main(args):
             class_names=dataset.class_names,
             prompt_template=args.prompt_template,
             revision=args.revision,
+            variant=args.variant,
         )
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")

@@ -472,8 +472,16 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
-        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+        train_dataloader,
+        sampler,
+        accelerator,
+        first_epoch=first_epoch,
+        num_epochs=args.num_train_epochs,
+        skip_batches=skip_batches,
+        global_step=global_step,
+        max_train_steps=args.max_train_steps,
     )
     model = accelerator.unwrap_model(unet)
     for _epoch, batch in batches:
@@ -555,8 +563,6 @@ def main(args):
         logs = {"loss": loss.item(), "mse": mse.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
         progress_bar.set_postfix(**logs)
         accelerator.log(logs, step=global_step)
-        if global_step >= args.max_train_steps:
-            break
 
     # Save the pipeline (EMA weights when kept), the VAE reloaded in full precision.
     accelerator.wait_for_everyone()

@@ -186,11 +186,6 @@ def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str |
         return None
     import huggingface_hub
 
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise SystemExit(
-            "--hub_token cannot be used with --report_to wandb: the token would be logged with the run's arguments. "
-            "Fix: run `huggingface-cli login` and drop --hub_token."
-        )
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise SystemExit(
             "--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set. Fix: unset it, or drop --push_to_hub."
@@ -202,19 +197,57 @@ def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str |
 
 
 def upload_to_hub(args: argparse.Namespace, repo_id: str | None) -> None:
-    """Upload the finished output folder (not its checkpoints or logs) to ``repo_id`` from `create_hub_repo`."""
+    """Upload the finished output folder (not its checkpoints or logs) to ``repo_id`` from `create_hub_repo`.
+
+    JSON files go up as `shareable_config` makes them: training_config.json names the data and base folders, and
+    diffusers writes the base's path into each model's config.json (``_name_or_path``); the uploaded copies carry
+    only the folders' names. The local files keep full paths, which the generators read back.
+    """
     if repo_id is None:
         return
     import huggingface_hub
 
-    logger.info(f"Uploading {args.output_dir} to the Hub repository {repo_id}")
-    huggingface_hub.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", f"{args.logging_dir}/*"],
-        token=args.hub_token,
+    output_dir = Path(args.output_dir)
+    logger.info(f"Uploading {output_dir} to the Hub repository {repo_id}")
+    operations = []
+    for path in sorted(output_dir.rglob("*")):
+        relative = path.relative_to(output_dir)
+        if not path.is_file() or _kept_off_the_hub(relative, args.logging_dir):
+            continue
+        content = path
+        if path.suffix == ".json":
+            content = (json.dumps(shareable_config(json.loads(path.read_text())), indent=2) + "\n").encode()
+        operations.append(huggingface_hub.CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
+    huggingface_hub.create_commit(
+        repo_id=repo_id, operations=operations, commit_message="End of training", token=args.hub_token
     )
+
+
+def _kept_off_the_hub(relative: Path, logging_dir: str) -> bool:
+    """Checkpoints (resume state: pickled optimizer and RNG), half-written files and the tracker logs."""
+    top = relative.parts[0]
+    return CHECKPOINT_PATTERN.fullmatch(top) is not None or top.startswith(".") or top == Path(logging_dir).parts[0]
+
+
+# Arguments that are never written to disk, logged, sent to a tracker or uploaded.
+SECRET_ARGUMENTS = ("hub_token",)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's arguments as they may be written down: every argument except the secrets."""
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGUMENTS}
+
+
+def shareable_config(config):
+    """A copy of a JSON config for the Hub: absolute paths of this machine become ``<local>/<name>``, which still
+    tells a reader which folder was used, without the user's directory tree."""
+    if isinstance(config, dict):
+        return {key: shareable_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [shareable_config(value) for value in config]
+    if isinstance(config, str) and os.path.isabs(config):
+        return f"<local>/{Path(config).name}"
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +350,7 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_pr
     """Start the trackers with the run's arguments (only values tensorboard can show)."""
     if not accelerator.is_main_process or args.report_to == "none":
         return
-    config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+    config = {k: v for k, v in run_config(args).items() if isinstance(v, int | float | str | bool)}
     accelerator.init_trackers(args.tracker_project_name or default_project, config=config)
 
 
@@ -438,14 +471,30 @@ def batch_generator(seeds: torch.Tensor | list[int], device) -> torch.Generator:
 
 
 def training_batches(
-    dataloader: DataLoader, sampler: EpochSeededSampler, *, first_epoch: int, num_epochs: int, skip_batches: int
+    dataloader: DataLoader,
+    sampler: EpochSeededSampler,
+    accelerator: Accelerator,
+    *,
+    first_epoch: int,
+    num_epochs: int,
+    skip_batches: int,
+    global_step: int,
+    max_train_steps: int,
 ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(epoch, batch)`` from ``first_epoch`` on, skipping the batches a resumed run already saw.
+    """Yield ``(epoch, batch)`` from ``first_epoch`` on, skipping the batches a resumed run already saw, and
+    stop exactly at ``max_train_steps``.
 
-    One flat iterator, so the training loop has a single ``break`` at ``max_train_steps``.
+    The stop lives here, before a batch is handed out, so no trainer can take a step past the end: not in the
+    middle of an epoch, not across epochs, and not when resumed from the checkpoint of the last step (a
+    requeued job with ``--resume_from_checkpoint latest``), where it yields nothing. Optimizer steps are counted
+    from ``accelerator.sync_gradients``, which the loop body's ``accelerator.accumulate`` sets for each batch.
     """
     from accelerate import skip_first_batches
 
+    step = global_step
+    if step >= max_train_steps:
+        logger.info(f"Step {step} reached --max_train_steps {max_train_steps} already: nothing to train.")
+        return
     for epoch in range(first_epoch, num_epochs):
         sampler.start_epoch(epoch)
         batches = dataloader
@@ -453,6 +502,23 @@ def training_batches(
             batches = skip_first_batches(dataloader, skip_batches)
         for batch in batches:
             yield epoch, batch
+            if accelerator.sync_gradients:
+                step += 1
+                if step >= max_train_steps:
+                    return
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR weighting (Hang et al. 2023): ``min(SNR, gamma) / SNR`` on an
+    epsilon target; a v target already carries a factor ``SNR + 1``, so there it is ``min(SNR, gamma) / (SNR + 1)``.
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clamped = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clamped / (snr + 1)
+    return clamped / snr
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,17 +690,25 @@ def write_json_atomic(path: str | Path, payload) -> None:
     tmp.replace(path)
 
 
-def write_run_files(output_dir: str | Path, args: argparse.Namespace, class_names: list[str], palette, **extra) -> None:
-    """``training_config.json`` (every argument plus what generation needs) and ``class_names.json``."""
+def write_run_files(
+    output_dir: str | Path, args: argparse.Namespace, class_names: list[str] | None, palette, **extra
+) -> None:
+    """``training_config.json`` (every argument but the secrets, plus what generation needs) and, when the classes
+    are known, ``class_names.json``."""
     import diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(vars(args))
+    config = run_config(args)
     config.update(extra)
-    config.update(class_names=list(class_names), num_classes=len(class_names), diffusers_version=diffusers.__version__)
+    config.update(
+        class_names=None if class_names is None else list(class_names), diffusers_version=diffusers.__version__
+    )
+    if class_names is not None:
+        config["num_classes"] = len(class_names)
     write_json_atomic(output_dir / "training_config.json", config)
-    write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
+    if class_names is not None:
+        write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
 
 
 class ThroughputMeter:

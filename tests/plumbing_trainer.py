@@ -95,8 +95,16 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
-        train_dataloader, sampler, first_epoch=first_epoch, num_epochs=args.num_train_epochs, skip_batches=skip_batches
+        train_dataloader,
+        sampler,
+        accelerator,
+        first_epoch=first_epoch,
+        num_epochs=args.num_train_epochs,
+        skip_batches=skip_batches,
+        global_step=global_step,
+        max_train_steps=args.max_train_steps,
     )
     for _epoch, batch in batches:
         with accelerator.accumulate(model):
@@ -132,8 +140,6 @@ def main(args):
             if global_step % args.checkpointing_steps == 0:
                 training.save_checkpoint(accelerator, args, global_step)
             progress_bar.set_postfix(loss=loss.item())
-        if global_step >= args.max_train_steps:
-            break
 
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(model)

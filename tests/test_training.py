@@ -4,6 +4,7 @@ tests/plumbing_trainer.py is a minimal pixel-space trainer on segdiff.training; 
 launches it in a subprocess (accelerate launch or torchrun) on a tiny toy dataset.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -175,7 +176,7 @@ def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(toy_root,
     assert any(not torch.equal(at_step_2[name], rank0[name]) for name in rank0)
 
 
-def test_push_to_hub_creates_the_repo_first_and_uploads_the_output_folder(monkeypatch, tmp_path):
+def test_push_to_hub_creates_the_repo_first_and_refuses_offline(monkeypatch, tmp_path):
     import argparse
     from types import SimpleNamespace
 
@@ -195,7 +196,6 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_output_folder(monkey
         "create_repo",
         lambda **kw: calls.append(("create", kw)) or SimpleNamespace(repo_id="me/my-model"),
     )
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit, match="--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set"):
@@ -205,15 +205,43 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_output_folder(monkey
     repo_id = training.create_hub_repo(main_process, args)
     assert repo_id == "me/my-model" and calls == [("create", {"repo_id": "my-model", "exist_ok": True, "token": None})]
     assert training.create_hub_repo(SimpleNamespace(is_main_process=False), args) is None
-    training.upload_to_hub(args, repo_id)
-    kind, upload = calls[-1]
-    assert (
-        kind == "upload" and upload["repo_id"] == "me/my-model" and upload["folder_path"] == str(tmp_path / "my-model")
-    )
-    assert "checkpoint-*" in upload["ignore_patterns"]
-
-    args.hub_token, args.report_to = "secret", "wandb"
-    with pytest.raises(SystemExit, match="--hub_token cannot be used with --report_to wandb"):
-        training.create_hub_repo(main_process, args)
     args.push_to_hub = False
     assert training.create_hub_repo(main_process, args) is None
+
+
+def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploaded(toy_root, tmp_path):
+    """A real trainer with --push_to_hub --hub_token and the tensorboard tracker; the Hub calls are faked (see
+    tests/fault_injection.py) and record what would have been uploaded."""
+    token = "hf_FAKEtoken0123456789abcdefghij"
+    out, record = tmp_path / "run", tmp_path / "uploaded.json"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "tests/fault_injection.py", "--fake_hub", str(record),
+        "train_spade_sdm.py", "--data_root", str(toy_root), "--dataset", "generic", "--output_dir", str(out),
+        "--model_config", "configs/models/sdm_tiny.json", "--resolution", "32", "--train_batch_size", "4",
+        "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "0", "--report_to", "tensorboard",
+        "--push_to_hub", "--hub_token", token,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert token not in result.stdout + result.stderr
+
+    # Nothing on disk holds the token: run files, checkpoints, the tracker's event files (which do hold the config).
+    files = [path for path in out.rglob("*") if path.is_file()]
+    event_files = [path for path in files if "tfevents" in path.name]
+    assert event_files and any(b"learning_rate" in path.read_bytes() for path in event_files)
+    assert [path for path in files if token.encode() in path.read_bytes()] == []
+    assert "hub_token" not in json.loads((out / "training_config.json").read_text())
+
+    # The upload: the token authenticates the call only; no checkpoint, log or local absolute path goes up.
+    uploaded = json.loads(record.read_text())
+    assert uploaded["repo_id"] == "user/run" and uploaded["token"] == token
+    assert {"model_index.json", "training_config.json", "unet/config.json"} <= set(uploaded["files"])
+    assert not [name for name in uploaded["files"] if name.startswith(("checkpoint-", "logs/", "."))]
+    local_paths = (str(tmp_path), str(ROOT))
+    assert [
+        name for name, text in uploaded["files"].items() if token in text or any(p in text for p in local_paths)
+    ] == []
+    shared_config = json.loads(uploaded["files"]["training_config.json"])
+    assert shared_config["data_root"] == f"<local>/{toy_root.name}" and shared_config["output_dir"] == "<local>/run"
+    assert json.loads((out / "training_config.json").read_text())["data_root"] == str(toy_root)  # kept locally

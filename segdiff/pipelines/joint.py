@@ -57,14 +57,17 @@ def pipeline_over_base(
     class_names: list[str],
     prompt_template: str,
     revision=None,
+    variant=None,
 ) -> JointImageMaskPipeline:
     """A trained joint UNet (and text encoder, when it was trained; None: the base's) over the frozen VAE and
     tokenizer of ``base``, sampling with DDIM on the run's training schedule: what train_seg_mask_diffusion.py
-    saves, and what the generator rebuilds from a checkpoint-N/ folder."""
+    saves, and what the generator rebuilds from a checkpoint-N/ folder. ``variant`` picks the base's weights file
+    (e.g. fp16), as in training: a base may hold only that variant."""
     schedule = joint_noise_scheduler(base, prediction_type, zero_terminal_snr, revision)
     return JointImageMaskPipeline(
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision),
-        text_encoder=text_encoder or CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision),
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision, variant=variant),
+        text_encoder=text_encoder
+        or CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision, variant=variant),
         tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision),
         unet=unet,
         scheduler=DDIMScheduler.from_config(schedule.config),

@@ -1,0 +1,97 @@
+"""Run one of the real trainers with a fault injected, to test the guarantees of the shared plumbing on it.
+
+    accelerate launch tests/fault_injection.py --nan_loss_at_step 4 train_spade_sdm.py ARGS...
+    accelerate launch tests/fault_injection.py --kill_during_save_at 4 train_spade_sdm.py ARGS...
+    accelerate launch tests/fault_injection.py --fake_hub RECORD.json train_spade_sdm.py --push_to_hub ARGS...
+
+The trainer runs unchanged, as its ``__main__``; only two functions of ``segdiff.training`` that every trainer
+calls are wrapped:
+
+* ``--nan_loss_at_step N``: from optimizer step N on, the loss the trainer computed is multiplied by NaN before
+  it reaches ``stop_on_nonfinite_loss`` (the trainer's own guard, which must stop the run before the update);
+* ``--kill_during_save_at N``: the process SIGKILLs itself while ``checkpoint-N`` is being written, after the
+  models are on disk and before the optimizer state is, as a preempted node would;
+* ``--fake_hub RECORD.json``: ``huggingface_hub.create_repo`` and ``create_commit`` answer as the Hub would, and
+  what would have been uploaded (each file's path in the repo and its bytes) is written to RECORD.json.
+"""
+
+import argparse
+import json
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+from segdiff import training
+
+
+def nan_loss_from(step: int) -> None:
+    guard = training.stop_on_nonfinite_loss
+
+    def poisoned(accelerator, loss, global_step, output_dir):
+        if global_step + 1 >= step:
+            loss = loss * float("nan")
+        return guard(accelerator, loss, global_step, output_dir)
+
+    training.stop_on_nonfinite_loss = poisoned
+
+
+def kill_while_saving(step: int) -> None:
+    register = training.register_checkpoint_hooks
+
+    def register_and_arm(accelerator, *args, **kwargs):
+        register(accelerator, *args, **kwargs)
+
+        def die(models, weights, output_dir):  # registered after the hook that writes the models, so runs after it
+            if Path(output_dir).name == f".checkpoint-{step}.partial":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        accelerator.register_save_state_pre_hook(die)
+
+    training.register_checkpoint_hooks = register_and_arm
+
+
+def fake_hub(record: Path) -> None:
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = False  # the tests run offline; nothing here goes out
+
+    def create_repo(repo_id, token=None, **kwargs):
+        return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    def create_commit(repo_id, operations, token=None, **kwargs):
+        uploaded = {}
+        for operation in operations:
+            content = operation.path_or_fileobj
+            content = Path(content).read_bytes() if isinstance(content, str | Path) else content
+            uploaded[operation.path_in_repo] = content.decode("latin-1")
+        record.write_text(json.dumps({"repo_id": repo_id, "token": token, "files": uploaded}))
+
+    huggingface_hub.create_repo = create_repo
+    huggingface_hub.create_commit = create_commit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--nan_loss_at_step", type=int, default=None)
+    parser.add_argument("--kill_during_save_at", type=int, default=None)
+    parser.add_argument("--fake_hub", type=Path, default=None)
+    parser.add_argument("script")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="The trainer's own arguments.")
+    options = parser.parse_args()
+    if options.nan_loss_at_step is not None:
+        nan_loss_from(options.nan_loss_at_step)
+    if options.kill_during_save_at is not None:
+        kill_while_saving(options.kill_during_save_at)
+    if options.fake_hub is not None:
+        fake_hub(options.fake_hub)
+    sys.argv = [options.script, *options.script_args]
+    runpy.run_path(options.script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

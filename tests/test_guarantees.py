@@ -1,0 +1,129 @@
+"""The training guarantees the README promises, tested on the three real trainers, as a user launches them.
+
+Every trainer is launched through ``accelerate launch`` on 6 toy images at batch 4 (two batches an epoch, so
+steps 1, 3, 5 end mid-epoch), with EMA and random geometry, a checkpoint every step. One uninterrupted 5-step
+run is the reference; a second run is killed while saving, resumed, resumed again at its last step, and
+finally poisoned with a NaN loss. Faults come from tests/fault_injection.py, which wraps two functions of
+segdiff.training and runs the trainer script unchanged.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import run_script
+from safetensors.torch import load_file
+
+from segdiff.training import list_checkpoints
+
+COMMON = [
+    "--dataset", "generic", "--resolution", "32", "--train_batch_size", "4", "--learning_rate", "1e-3",
+    "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "1", "--use_ema", "--random_affine",
+]  # fmt: skip
+
+# script, its model arguments, the file of the final trained weights, the EMA folder inside checkpoints
+TRAINERS = {
+    "joint": ("train_seg_mask_diffusion.py", ["--base"], "unet/diffusion_pytorch_model.safetensors", "unet_ema"),
+    "controlnet": ("train_controlnet_seg.py", ["--base"], "diffusion_pytorch_model.safetensors", "controlnet_ema"),
+    "sdm": (
+        "train_spade_sdm.py",
+        ["--model_config", "configs/models/sdm_tiny.json"],
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def six_images(tmp_path_factory):
+    from segdiff.toy import make_toy_dataset
+
+    return make_toy_dataset(tmp_path_factory.mktemp("six") / "toy", num_images=6, size=32, seed=1)
+
+
+def launcher(name, data_root, base, output_dir):
+    script, model_args, weights_file, ema_folder = TRAINERS[name]
+    model_args = ["--pretrained_model_name_or_path", base] if model_args == ["--base"] else model_args
+
+    def launch(*extra, fault=(), check=True):
+        command = ["accelerate", "launch"]
+        if fault:
+            command += ["tests/fault_injection.py", *fault]
+        command += [script, "--data_root", data_root, "--output_dir", output_dir, *COMMON, *model_args, *extra]
+        return run_script(*command, check=check)
+
+    return launch, output_dir / weights_file
+
+
+def checkpoint_steps(output_dir) -> list[int]:
+    return [int(path.name.split("-")[1]) for path in list_checkpoints(output_dir)]
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder`` with its size and modification time: what a run wrote or left alone."""
+    return {
+        path: (stat.st_size, stat.st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file() and not path.is_relative_to(folder / "logs")
+        for stat in [path.stat()]
+    }
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_stop_at_max_kill_during_save_resume_and_nan_stop(name, six_images, tiny_sd_folder, tmp_path):
+    # The reference: 5 uninterrupted steps stop exactly there (no checkpoint-6), across epoch boundaries.
+    launch, reference_weights = launcher(name, six_images, tiny_sd_folder, tmp_path / "reference")
+    launch("--max_train_steps", "5")
+    assert checkpoint_steps(tmp_path / "reference") == [1, 2, 3, 4, 5]
+    reference = load_file(reference_weights)
+
+    # Killed (SIGKILL) while writing checkpoint-4: the half-written save stays hidden, and `latest` skips it.
+    out = tmp_path / "run"
+    launch, weights = launcher(name, six_images, tiny_sd_folder, out)
+    killed = launch("--max_train_steps", "5", fault=["--kill_during_save_at", "4"], check=False)
+    assert killed.returncode != 0
+    assert checkpoint_steps(out) == [1, 2, 3] and (out / ".checkpoint-4.partial").is_dir()
+    assert not weights.exists()
+
+    # Resumed mid-epoch (step 3 ends on the first batch of the second epoch) from the last complete checkpoint: stops exactly
+    # at 5 with the reference's weights, bit for bit, EMA included.
+    resumed = launch("--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 (step 3)" in resumed.stderr
+    assert checkpoint_steps(out) == [1, 2, 3, 4, 5] and not (out / ".checkpoint-4.partial").exists()
+    assert_same_tensors(reference, load_file(weights))
+    _, _, _, ema_folder = TRAINERS[name]
+    ema_file = f"checkpoint-5/{ema_folder}/diffusion_pytorch_model.safetensors"
+    assert_same_tensors(load_file(tmp_path / "reference" / ema_file), load_file(out / ema_file))
+
+    # A requeued job resumed from the last step's checkpoint takes no step: no checkpoint-6, same weights.
+    again = launch("--max_train_steps", "5", "--resume_from_checkpoint", "latest")
+    assert "reached --max_train_steps 5 already" in again.stderr
+    assert checkpoint_steps(out) == [1, 2, 3, 4, 5]
+    assert_same_tensors(reference, load_file(weights))
+
+    # A NaN loss at step 7 stops the run before the update: checkpoint-6 is the last good one, and nothing is
+    # written after it (no checkpoint-7, no final model over the finished one).
+    before = snapshot(out)
+    poisoned = launch("--max_train_steps", "8", "--resume_from_checkpoint", "latest", fault=["--nan_loss_at_step", "7"],
+                      check=False)  # fmt: skip
+    assert poisoned.returncode != 0
+    assert "The loss became nan at step 7" in poisoned.stderr and "checkpoint-6" in poisoned.stderr
+    assert checkpoint_steps(out) == [1, 2, 3, 4, 5, 6]
+    # Written by this run: checkpoint-6, and the run files every start rewrites (with the new --max_train_steps).
+    written = {path for path, stat in snapshot(out).items() if before.get(path) != stat}
+    run_files = {out / "training_config.json", out / "class_names.json"}
+    assert {path for path in written if not path.is_relative_to(out / "checkpoint-6")} <= run_files, sorted(written)
+    assert any(path.is_relative_to(out / "checkpoint-6") for path in written)
+    assert_same_tensors(reference, load_file(weights))
+
+
+def test_fault_injection_runs_the_trainer_unchanged_without_faults():
+    """The wrapper adds nothing of its own: with no fault it only runs the script (its --help here)."""
+    result = run_script("tests/fault_injection.py", "train_spade_sdm.py", "--help")
+    assert "--drop_rate" in result.stdout and os.path.basename("train_spade_sdm.py") in result.stdout
