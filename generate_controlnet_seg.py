@@ -9,14 +9,22 @@ class_names.json, black = no data) is coloured by the palette, as in training, a
 --num_images_per_mask images by diffusers' StableDiffusionControlNetPipeline over the base model. The
 prompt names the classes present, largest area first (the template of training), unless --prompt is given.
 
-Writes, under --save_dir (segdiff.generation's layout; --save_dir is itself a *generic* dataset):
-  generated_images/sample_000001/generated_00.png ...   the N images of each mask
-  visualizations/sample_000001.png                      colourised mask | its N images
-  images/<mask>_00.png, masks/<mask>_00.png             flat (image, label PNG) pairs
-  metadata.jsonl                                        one line per image: files, prompt, seed, scheduler, ...
+Writes, under --save_dir (segdiff.generation's layout; --save_dir is itself a *generic* dataset), each mask's
+outputs named by its file stem:
+  generated_images/sample_<stem>/generated_00.png ...   the N images of each mask
+  visualizations/sample_<stem>.png                      colourised mask | its N images
+  images/<stem>_00.png, masks/<stem>_00.png             flat (image, label PNG) pairs
+  metadata.jsonl                                        one line per image (in stem order): files, prompt, seed, ...
+  generation_args.json                                  the arguments that determine the images
   class_names.json, grid.png, generation_config.json
 
-Image j of mask i is drawn with seed --seed + i * N + j; a re-run keeps the masks already done.
+Image j of a mask is drawn with seed derive_seed(--seed, <mask stem>, j), whatever --batch_size and whatever
+other masks the folder holds: masks added to --masks_dir later never change the earlier masks' images. A
+re-run into the same --save_dir keeps the masks already done and generates only the missing ones; it must use
+the same generation arguments (--controlnet, the base, the prompt options, --scheduler, --num_inference_steps,
+--guidance_scale, --controlnet_conditioning_scale, --resolution, --seed, --num_images_per_mask, the palette's
+--class_names_json, --ignore_index, --fp16), or it is refused naming the differences. --overwrite
+regenerates everything instead.
 """
 
 import argparse
@@ -34,7 +42,16 @@ from segdiff.data import (
     exit_on_bad_input,
     load_class_names,
 )
-from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, resize_labels
+from segdiff.generation import (
+    SCHEDULERS,
+    MaskSampleWriter,
+    check_save_dir,
+    list_masks,
+    make_scheduler,
+    read_mask,
+    recorded_path,
+    resize_labels,
+)
 from segdiff.training import write_json_atomic
 from train_controlnet_seg import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -60,7 +77,18 @@ def parse_args(argv=None):
         help="The Stable Diffusion base the ControlNet was trained on. Default: the one in its training_config.json.",
     )
     parser.add_argument("--masks_dir", required=True, help="A folder of masks: label PNGs, or colour PNGs.")
-    parser.add_argument("--save_dir", required=True, help="Where the generated dataset goes.")
+    parser.add_argument(
+        "--save_dir",
+        required=True,
+        help="Where the generated dataset goes. A re-run into it adds the masks it lacks, with the arguments it "
+        "was made with.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
+        "generation arguments of an existing --save_dir).",
+    )
     parser.add_argument("--num_images_per_mask", type=int, default=4, help="Images per mask. (default: 4)")
     parser.add_argument(
         "--prompt",
@@ -186,6 +214,30 @@ def output_size(height: int, width: int, short_side: int, multiple: int) -> tupl
 # ------------------------------------------------------------------------------------------------
 
 
+def generation_args(args, base: str, template: str, top_k: int, short_side: int, ignore_index: int) -> dict:
+    """The arguments that determine the images, defaults resolved from the training config (not --batch_size or
+    --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match."""
+    return {
+        "controlnet": recorded_path(args.controlnet),
+        "pretrained_model_name_or_path": recorded_path(base),
+        "num_images_per_mask": args.num_images_per_mask,
+        "prompt": args.prompt,
+        # The class prompts' options matter only without --prompt: changing them then is no different run.
+        "prompt_template": None if args.prompt else template,
+        "prompt_top_k": None if args.prompt else top_k,
+        "negative_prompt": args.negative_prompt,
+        "scheduler": args.scheduler,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
+        "resolution": short_side,
+        "seed": args.seed,
+        "class_names_json": recorded_path(args.class_names_json),
+        "ignore_index": ignore_index,
+        "fp16": args.fp16,
+    }
+
+
 def main(args):
     dtype = {"torch_dtype": torch.float16} if args.fp16 else {}  # default: as saved (float32)
     controlnet, run_dir = load_controlnet(Path(args.controlnet), dtype)
@@ -201,15 +253,17 @@ def main(args):
         raise SystemExit(
             f"{run_dir} has no training_config.json naming its base: pass --pretrained_model_name_or_path."
         )
+    short_side = args.resolution or config.get("resolution", 512)
+    recorded = generation_args(args, base, template, top_k, short_side, ignore_index)
+    check_save_dir(args.save_dir, recorded, args.overwrite)  # before the models load: a refusal takes seconds
     pipeline = load_pipeline(base, controlnet, dtype)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     multiple = size_multiple(pipeline.vae.config, pipeline.unet.config)
-    short_side = args.resolution or config.get("resolution", 512)
 
     n = args.num_images_per_mask
-    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, n)
+    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, n, recorded, overwrite=args.overwrite)
     todo = [mask for mask in masks if not writer.is_done(mask)]
     if len(todo) < len(masks):
         print(f"{len(masks) - len(todo)} masks already in {args.save_dir}; generating the {len(todo)} missing ones.")
@@ -220,7 +274,7 @@ def main(args):
         control = colorize_label(label, palette, ignore_index)
         prompt = args.prompt or class_prompt(label, class_names, template, top_k, ignore_index)
         # CPU generators: the same seed gives the same noise on any device.
-        seeds = [args.seed + mask.index * n + j for j in range(n)]
+        seeds = mask.seeds(args.seed, n)
         images = []
         for start in range(0, n, args.batch_size):
             chunk = seeds[start : start + args.batch_size]

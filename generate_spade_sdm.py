@@ -5,14 +5,20 @@
       --num_samples_per_mask 5 --guidance_scale 1.5
 
 Every mask of --masks_dir (label PNGs of class ids, or colour PNGs drawn with the model's palette) gets
---num_samples_per_mask images. Under --save_dir:
-  generated_images/sample_000001/generated_00.png ...  the images of each mask (masks in file-name order)
-  visualizations/sample_000001.png                     colourised mask | its images
-  images/ + masks/                                     flat copies: a *generic* dataset of (image, label map)
-  metadata.jsonl, class_names.json, grid.png
+--num_samples_per_mask images. Under --save_dir, each mask's outputs named by its file stem:
+  generated_images/sample_<stem>/generated_00.png ...  the images of each mask
+  visualizations/sample_<stem>.png                     colourised mask | its images
+  images/<stem>_00.png + masks/<stem>_00.png           flat copies: a *generic* dataset of (image, label map)
+  metadata.jsonl                                       one line per image (in stem order): files, mask, seed, ...
+  generation_args.json                                 the arguments that determine the images
+  class_names.json, grid.png, generation_config.json
 
-Image j of mask i is drawn with seed --seed + i * N + j, whatever --batch_size; a re-run with the same
-arguments keeps the masks already written and generates only the missing ones.
+Image j of a mask is drawn with seed derive_seed(--seed, <mask stem>, j), whatever --batch_size and whatever
+other masks the folder holds: masks added to --masks_dir later never change the earlier masks' images. A
+re-run into the same --save_dir keeps the masks already written and generates only the missing ones; it must
+use the same generation arguments (--checkpoint, --num_samples_per_mask, --guidance_scale,
+--num_inference_steps, --scheduler, --style_images, --style_scale, --seed, --image_size, --fp16), or it is
+refused naming the differences. --overwrite regenerates everything instead.
 
 A model trained with --style_reference also takes --style_images: one reference image for every mask, or a
 folder whose images pair with the masks by file stem; --style_scale strengthens the style (guidance).
@@ -33,7 +39,7 @@ from segdiff.data import (
     load_class_names,
     read_image,
 )
-from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask
+from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, recorded_path
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline
 from segdiff.training import write_json_atomic
@@ -47,7 +53,17 @@ def parse_args(argv=None):
         help="The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there).",
     )
     parser.add_argument("--masks_dir", required=True, help="Folder of masks: label PNGs, or colour PNGs (palette).")
-    parser.add_argument("--save_dir", required=True, help="Where the images go.")
+    parser.add_argument(
+        "--save_dir",
+        required=True,
+        help="Where the images go. A re-run into it adds the masks it lacks, with the arguments it was made with.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
+        "generation arguments of an existing --save_dir).",
+    )
     parser.add_argument("--num_samples_per_mask", type=int, default=5, help="Images per mask. Default: %(default)s")
     parser.add_argument(
         "--guidance_scale",
@@ -134,6 +150,23 @@ def style_references(style_images: str | None, masks) -> dict[str, Path] | None:
     return {mask.stem: by_stem[mask.stem] for mask in masks}
 
 
+def generation_args(args, height: int, width: int) -> dict:
+    """The arguments that determine the images (not --batch_size or --device: the seeds keep the images the
+    same whatever they are); recorded in --save_dir, a re-run must match them."""
+    return {
+        "checkpoint": recorded_path(args.checkpoint),
+        "num_samples_per_mask": args.num_samples_per_mask,
+        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": args.num_inference_steps,
+        "scheduler": args.scheduler,
+        "style_images": recorded_path(args.style_images),
+        "style_scale": args.style_scale,
+        "seed": args.seed,
+        "image_size": [height, width],
+        "fp16": args.fp16,
+    }
+
+
 def main(args):
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
@@ -160,7 +193,15 @@ def main(args):
             "Fix: train it with train_spade_sdm.py --style_reference, or drop --style_images."
         )
     per_mask = args.num_samples_per_mask
-    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, per_mask)
+    writer = MaskSampleWriter(
+        args.save_dir,
+        class_names,
+        palette,
+        ignore_index,
+        per_mask,
+        generation_args(args, height, width),
+        overwrite=args.overwrite,
+    )
     todo = [mask for mask in masks if not writer.is_done(mask)]
     if len(todo) < len(masks):
         print(f"{len(masks) - len(todo)} masks already done in {args.save_dir}; generating the {len(todo)} others.")
@@ -170,7 +211,7 @@ def main(args):
         for start in range(0, len(todo), masks_per_batch):
             group = todo[start : start + masks_per_batch]
             labels = [read_mask(mask.path, palette, ignore_index) for mask in group]
-            seeds = [args.seed + mask.index * per_mask + j for mask in group for j in range(per_mask)]
+            seeds = [seed for mask in group for seed in mask.seeds(args.seed, per_mask)]
             styles = None if references is None else [read_image(references[mask.stem]) for mask in group]
             output = pipeline(
                 labels,
