@@ -1,58 +1,44 @@
-"""The shared training plumbing, exercised through a real trainer run as a user runs it.
+"""The shared training plumbing (segdiff/training.py), exercised through a real trainer as a user runs it.
 
-tests/plumbing_trainer.py is a minimal pixel-space trainer on segdiff.training; every test here
-launches it in a subprocess (accelerate launch or torchrun) on a tiny toy dataset.
+The cheapest real trainer, train_spade_sdm.py with the tiny pixel-space model, is launched in a subprocess
+(accelerate launch, or torchrun for two CPU processes) on a tiny toy dataset. tests/test_guarantees.py runs
+the stop, kill and NaN guarantees on all three trainers.
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SCRIPT_ENV, run_script
 from safetensors.torch import load_file
 
 from segdiff.toy import make_toy_dataset
-from segdiff.training import EpochSeededSampler, derive_seed, list_checkpoints
+from segdiff.training import EpochSeededSampler, derive_seed, list_checkpoints, min_snr_weights
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "tests" / "plumbing_trainer.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = SCRIPT_ENV
+SDM = ["train_spade_sdm.py", "--model_config", "configs/models/sdm_tiny.json"]
 
 
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
-    # 10 images at batch 4: 3 batches per epoch (4, 4, 2), so checkpoints fall inside epochs.
+    # 6 images at batch 2: 3 batches per epoch, so with accumulation 2 an epoch is one full and one short update.
     root = tmp_path_factory.mktemp("toy")
-    make_toy_dataset(root, num_images=10, size=32, seed=0)
+    make_toy_dataset(root, num_images=6, size=32, seed=0)
     return root
 
 
 def trainer_args(toy_root, output_dir, *extra):
     return [
         "--data_root", str(toy_root), "--dataset", "generic", "--output_dir", str(output_dir),
-        "--resolution", "32", "--train_batch_size", "4", "--learning_rate", "1e-3",
-        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--report_to", "none", "--random_affine",
-        *extra,
+        "--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", "2", "--report_to", "none", "--validation_steps", "0", "--random_affine", *extra,
     ]  # fmt: skip
 
 
-def launch(toy_root, output_dir, *extra, check=True):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAINER), *trainer_args(toy_root, output_dir, *extra),
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
-
-
-def final_weights(output_dir, rank=0):
-    return torch.load(Path(output_dir) / f"weights_rank{rank}.pt")
+def sdm_weights(folder):
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def assert_same_weights(a, b):
@@ -79,101 +65,72 @@ def test_sampler_is_a_pure_function_of_seed_and_epoch():
     assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
 
 
-def test_stops_exactly_at_max_train_steps_and_rotates_like_diffusers(toy_root, tmp_path):
-    # diffusers' own checkpoint test: 6 steps, every 2, limit 2 -> checkpoint-4 and checkpoint-6.
+def test_exact_resume_with_gradient_accumulation_and_dataloader_workers(toy_root, tmp_path):
+    # Accumulation 2 over 3-batch epochs: step 1 is batches 1-2, step 2 the epoch's short last batch. Resuming from
+    # checkpoint-1 skips two batches inside the epoch; the two workers load the rest.
     out = tmp_path / "run"
-    launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
-    assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
-    assert (out / "checkpoint-6" / "unet" / "config.json").is_file()
-    assert (out / "training_config.json").is_file() and (out / "class_names.json").is_file()
+    options = ["--gradient_accumulation_steps", "2", "--dataloader_num_workers", "2", "--use_ema"]
+    run_script("accelerate", "launch", *SDM, *trainer_args(toy_root, out, "--max_train_steps", "3",
+                                                           "--checkpointing_steps", "1", *options))  # fmt: skip
+    assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    straight = sdm_weights(out)
+    straight_ema = load_file(out / "checkpoint-3" / "unet_ema" / "diffusion_pytorch_model.safetensors")
 
-    # Resume from checkpoint-6 to step 8 -> checkpoint-6 and checkpoint-8; nothing past 8.
-    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-           "--resume_from_checkpoint", "checkpoint-6")  # fmt: skip
-    assert checkpoint_names(out) == ["checkpoint-6", "checkpoint-8"]
+    run_script("accelerate", "launch", *SDM, *trainer_args(toy_root, out, "--max_train_steps", "3",
+               "--checkpointing_steps", "1", *options, "--resume_from_checkpoint", "checkpoint-1"))  # fmt: skip
+    assert_same_weights(straight, sdm_weights(out))
+    assert_same_weights(
+        straight_ema, load_file(out / "checkpoint-3" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    )
+    # and the steps did move the weights: checkpoint-1 is not the end
+    assert not torch.equal(
+        *(
+            w["conv_in.weight"]
+            for w in (straight, load_file(out / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors"))
+        )
+    )
 
 
-def test_no_extra_steps_across_epochs(toy_root, tmp_path):
-    # 7 steps over 3-batch epochs: a trainer whose break leaves only the inner loop overshoots here.
+def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_path):
     out = tmp_path / "run"
-    launch(toy_root, out, "--max_train_steps", "7", "--checkpointing_steps", "1")
-    assert checkpoint_names(out) == [f"checkpoint-{i}" for i in range(1, 8)]
-
-
-def test_resume_mid_epoch_gives_identical_weights(toy_root, tmp_path):
-    out = tmp_path / "run"
-    # Straight: 8 steps with EMA; checkpoint-4 falls on the 2nd batch of the 2nd epoch.
-    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema")
-    straight = final_weights(out)
-    straight_ema = (out / "checkpoint-8" / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes()
-
-    # Resume the same run from its checkpoint-4 and finish again.
-    launch(toy_root, out, "--max_train_steps", "8", "--checkpointing_steps", "4", "--use_ema",
-           "--resume_from_checkpoint", str(out / "checkpoint-4"))  # fmt: skip
-    assert_same_weights(straight, final_weights(out))
-    resumed_ema = (out / "checkpoint-8" / "unet_ema" / "diffusion_pytorch_model.safetensors").read_bytes()
-    assert resumed_ema == straight_ema
-
-
-@pytest.fixture(scope="module")
-def six_step_run(toy_root, tmp_path_factory):
-    """An uninterrupted run: 6 steps, a checkpoint every 2."""
-    reference = tmp_path_factory.mktemp("six_steps") / "run"
-    launch(toy_root, reference, "--max_train_steps", "6", "--checkpointing_steps", "2")
-    return reference
-
-
-def test_checkpoint_killed_mid_save_is_not_picked_by_latest(toy_root, six_step_run, tmp_path):
-    reference = six_step_run
-
-    out = tmp_path / "run"
-    killed = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
-                    "--crash_during_save_at", "4", check=False)  # fmt: skip
-    assert killed.returncode != 0
-    assert checkpoint_names(out) == ["checkpoint-2"]
-    assert (out / ".checkpoint-4.partial" / "unet").is_dir()  # the half-written save is there, hidden
-
-    resumed = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
-                     "--resume_from_checkpoint", "latest")  # fmt: skip
-    assert "Resuming from" in resumed.stderr and "checkpoint-2 (step 2)" in resumed.stderr
-    assert not (out / ".checkpoint-4.partial").exists()
-    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    assert_same_weights(final_weights(reference), final_weights(out))
-
-
-def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(toy_root, tmp_path):
-    out = tmp_path / "run"
-    result = launch(toy_root, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--fail_at_step", "3",
-                    check=False)  # fmt: skip
+    (out / "checkpoint-2").mkdir(parents=True)
+    result = run_script("accelerate", "launch", *SDM, *trainer_args(toy_root, out, "--max_train_steps", "4",
+                        "--resume_from_checkpoint", "checkpoint-3"), check=False)  # fmt: skip
     assert result.returncode != 0
-    assert "The loss became nan at step 3" in result.stderr
-    assert "last good checkpoint is" in result.stderr and "checkpoint-2" in result.stderr
-    assert checkpoint_names(out) == ["checkpoint-2"]
+    assert "no checkpoint folder" in result.stderr and "['checkpoint-2']" in result.stderr
 
 
-def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, six_step_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(six_step_run / "checkpoint-2", out / "checkpoint-2")
-    result = launch(toy_root, out, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3", check=False)
-    assert result.returncode != 0
-    assert "no checkpoint folder" in result.stderr and "checkpoint-2" in result.stderr
-
-
-def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(toy_root, tmp_path):
+def test_two_process_cpu_run_trains_one_model_across_processes(toy_root, tmp_path):
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        str(TRAINER), *trainer_args(toy_root, out, "--max_train_steps", "4", "--checkpointing_steps", "2"),
+        *SDM, *trainer_args(toy_root, out, "--max_train_steps", "3", "--checkpointing_steps", "1"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    # One gloo process group of two (plain torchrun on CPUs would otherwise train two independent copies).
     assert "DistributedType.MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
-    rank0, rank1 = final_weights(out, 0), final_weights(out, 1)
-    assert_same_weights(rank0, rank1)
-    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
-    # and it did train: the weights moved between the two checkpoints
-    at_step_2 = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(at_step_2[name], rank0[name]) for name in rank0)
+    assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    # The processes share each epoch's 3 batches (2 each, the last one padded): 2 updates an epoch, so 3 steps
+    # take 2 epochs (one process alone would do them in one).
+    assert json.loads((out / "training_config.json").read_text())["num_train_epochs"] == 2
+    at_step_1 = load_file(out / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(at_step_1[name], value) for name, value in sdm_weights(out).items())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_min_snr_gamma_over_snr_or_snr_plus_one(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 200, 999])
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weights = min_snr_weights(scheduler, timesteps, snr_gamma=5.0)
+    assert torch.allclose(weights, expected, rtol=1e-5)
+    # High-SNR (early) steps are down-weighted, low-SNR ones keep weight 1 (epsilon) or SNR/(SNR+1) (v).
+    assert weights[0] < 0.01 and (weights[3] == 1.0 if prediction_type == "epsilon" else weights[3] < 1e-4)
 
 
 def test_push_to_hub_creates_the_repo_first_and_refuses_offline(monkeypatch, tmp_path):
@@ -214,16 +171,11 @@ def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploa
     tests/fault_injection.py) and record what would have been uploaded."""
     token = "hf_FAKEtoken0123456789abcdefghij"
     out, record = tmp_path / "run", tmp_path / "uploaded.json"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "tests/fault_injection.py", "--fake_hub", str(record),
-        "train_spade_sdm.py", "--data_root", str(toy_root), "--dataset", "generic", "--output_dir", str(out),
-        "--model_config", "configs/models/sdm_tiny.json", "--resolution", "32", "--train_batch_size", "4",
-        "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "0", "--report_to", "tensorboard",
-        "--push_to_hub", "--hub_token", token,
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_script(
+        "accelerate", "launch", "tests/fault_injection.py", "--fake_hub", record, *SDM,
+        *trainer_args(toy_root, out, "--max_train_steps", "2", "--checkpointing_steps", "1"),
+        "--report_to", "tensorboard", "--push_to_hub", "--hub_token", token,
+    )  # fmt: skip
     assert token not in result.stdout + result.stderr
 
     # Nothing on disk holds the token: run files, checkpoints, the tracker's event files (which do hold the config).
@@ -245,3 +197,41 @@ def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploa
     shared_config = json.loads(uploaded["files"]["training_config.json"])
     assert shared_config["data_root"] == f"<local>/{toy_root.name}" and shared_config["output_dir"] == "<local>/run"
     assert json.loads((out / "training_config.json").read_text())["data_root"] == str(toy_root)  # kept locally
+
+
+def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates_from_a_checkpoint(
+    toy_root, tiny_sd_folder, tmp_path
+):
+    """--variant reaches every load of the base, including the final pipeline and a checkpoint's generation."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from segdiff.pipelines.joint import JointImageMaskPipeline
+
+    base = tmp_path / "fp16-only"
+    shutil.copytree(tiny_sd_folder, base)
+    for folder, model_class in (
+        ("unet", UNet2DConditionModel),
+        ("vae", AutoencoderKL),
+        ("text_encoder", CLIPTextModel),
+    ):
+        model = model_class.from_pretrained(base / folder)
+        for weights in (base / folder).glob("*.safetensors"):
+            weights.unlink()
+        model.half().save_pretrained(base / folder, variant="fp16")
+    assert sorted(p.name for p in (base / "vae").glob("*.safetensors")) == ["diffusion_pytorch_model.fp16.safetensors"]
+
+    out = tmp_path / "joint"
+    run_script(
+        "accelerate", "launch", "train_seg_mask_diffusion.py", "--pretrained_model_name_or_path", base,
+        "--variant", "fp16", *trainer_args(toy_root, out, "--max_train_steps", "1", "--checkpointing_steps", "1"),
+    )  # fmt: skip
+    pipeline = JointImageMaskPipeline.from_pretrained(out)
+    assert pipeline.unet.config.in_channels == 5 and pipeline.vae.dtype == torch.float32
+    run_script(
+        "generate_joint_image_mask_diffusion.py", "--checkpoint", out / "checkpoint-1", "--save_dir", tmp_path / "gen",
+        "--num_samples", "1", "--num_inference_steps", "2",
+    )  # fmt: skip
+    assert len(list((tmp_path / "gen" / "images").iterdir())) == 1
