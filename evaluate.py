@@ -21,9 +21,15 @@ colour style, and usefulness as training data (--downstream).
 Metrics (--metrics, a comma list). By default, every metric whose inputs are here, weights included; the
 others are skipped, each with its reason (printed, and in the report). A metric named in --metrics must have
 its inputs, or the script stops at once saying what is missing (for weights: the file, its URL, where to put it).
-  fid, kid  against the images of --real_dir, through torchmetrics. Every image, real or generated, is resized
-            to --feature_image_size (299, Inception's input; bicubic, stretched if not square) before the
-            feature extractor. KID uses subsets of min(1000, #real, #generated) images.
+  fid, kid  against the images of --real_dir, by torch-fidelity's protocol, so that the numbers compare with
+            published ones: each image goes as uint8 at its own size into torch-fidelity's Inception-v3, which
+            resizes it to 299 itself (TensorFlow-1-compatible bilinear); FID and KID of its 2048 pool3 features
+            are what torch_fidelity.calculate_metrics(input1=generated, input2=real) reports. KID: 100 subsets
+            of 1000 images, seed 2020 (torch-fidelity's defaults; --kid_subsets, --kid_subset_size, --kid_seed),
+            the subset shrunk to the smaller set when there are fewer images (recorded). Images of different
+            sizes are batched by size (an image's features do not depend on its batch-mates). The report and
+            metrics.json name the protocol; --feature_image_size (resize first) and
+            --feature_extractor_torchscript (another network) depart from it, and say so there.
   lpips     diversity: the mean pairwise LPIPS (AlexNet) among the images generated from one mask, averaged
             over masks. Higher means more varied samples; 0 means identical ones.
   miou      semantic consistency: a segmenter (--segmenter) reads each generated image, and its label map is
@@ -34,27 +40,36 @@ its inputs, or the script stops at once saying what is missing (for weights: the
 
 Weights, offline: evaluate.py never downloads. FID/KID take --inception_weights (torch-fidelity's
 weights-inception-2015-12-05-6726825d.pth, or pytorch-fid's pt_inception-2015-12-05-6726825d.pth), else that file
-from the torch hub cache (TORCH_HOME/hub/checkpoints). Any file that torch.jit.load opens is used as a custom
-feature extractor instead: a TorchScript module mapping (B, 3, S, S) images to (B, D) features, called with uint8
-0..255 images, or, if that raises, float images in [0, 1]. LPIPS takes --lpips_weights (torchvision's AlexNet
-alexnet-owt-7be5be79.pth, or any state dict with its "features.*" keys), else that file from the hub cache.
-Without them the script stops at once and says which file to download and where to put it.
+from the torch hub cache (TORCH_HOME/hub/checkpoints). It is read with torch.load(weights_only=True) only, which
+reads tensors and runs no code from the file; a file that needs more (a TorchScript archive, a pickled object) is
+refused. A custom feature extractor is explicit: --feature_extractor_torchscript FILE, a TorchScript module mapping
+(B, 3, H, W) images to (B, D) features, called with uint8 0..255 images, or, if that raises, float images in
+[0, 1]. Loading a TorchScript module runs code from its file: pass only files you trust. LPIPS takes
+--lpips_weights (torchvision's AlexNet alexnet-owt-7be5be79.pth, or any state dict with its "features.*" keys;
+also weights_only=True), else that file from the hub cache. Without them the script stops at once and says which
+file to download and where to put it.
 
 --downstream trains a small UNet twice with the same seed, steps and settings, on the real training split
 only and on it plus the generated (image, mask) pairs, and scores both on the real validation split (--real_dir's
-val/ split, --real_val_dir, or a held-out --downstream_val_fraction): both mIoUs and the gain.
+val/ split, --real_val_dir, or a held-out --downstream_val_fraction): both mIoUs and the gain. The joint
+generator's masks are class-vs-rest (its class, and "the rest", written as class 0 or ignore, where any other
+class may be): for training, their rest pixels become --ignore_index, so they teach only their own class.
 
-Writes to --results_dir: metrics.json, evaluation_report.txt, per_class_iou.png (with miou) and
-comparison_grid.png (colourised mask | real image with the mask's stem, if any | generated samples).
+Writes to --results_dir, by default a folder next to the generated one, GENERATED_DIR_evaluation (e.g.
+outputs/sdm_samples -> outputs/sdm_samples_evaluation), so the inputs are left as they were: metrics.json,
+evaluation_report.txt, per_class_iou.png (with miou) and comparison_grid.png (colourised mask | real image with
+the mask's stem, if any | generated samples).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +84,7 @@ from segdiff.data import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
     DatasetError,
+    _files_by_stem,
     colorize_label,
     default_palette,
     load_class_names,
@@ -87,6 +103,9 @@ ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
 # AlexNet shrinks 32 px to 1x1 before its last layers: LPIPS needs images at least this big.
 LPIPS_MIN_SIZE = 64
+# torch-fidelity's KID defaults (torch_fidelity.defaults.DEFAULTS: kid_subsets, kid_subset_size, rng_seed), written
+# out so that --help needs no torch-fidelity import; a test checks they still agree.
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020
 
 
 def positive_int(text: str) -> int:
@@ -156,20 +175,51 @@ def parse_args(argv=None) -> argparse.Namespace:
         "found; miou with --segmenter and masks; style with --reference_dir. The others are skipped with the reason. "
         "Naming a metric whose inputs are missing is an error that says what is missing.",
     )
-    metrics.add_argument(
+    extractor = metrics.add_mutually_exclusive_group()
+    extractor.add_argument(
         "--inception_weights",
         default=None,
-        help=f"FID/KID feature extractor: torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL}), or a TorchScript "
-        "module file (any file torch.jit.load opens) mapping (B, 3, S, S) uint8 (or, failing that, float 0..1) "
-        "images to (B, D) features. Default: that file in the torch hub cache.",
+        help=f"FID/KID Inception-v3 weights: torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL}) or pytorch-fid's "
+        "copy, read with torch.load(weights_only=True) only (tensors, no code). Default: that file in the torch hub "
+        "cache.",
+    )
+    extractor.add_argument(
+        "--feature_extractor_torchscript",
+        default=None,
+        metavar="FILE",
+        help="A custom FID/KID feature extractor instead of Inception: a TorchScript module (torch.jit.save) mapping "
+        "(B, 3, H, W) uint8 (or, failing that, float 0..1) images to (B, D) features. Loading it RUNS CODE FROM THE "
+        "FILE: use only files you trust. The scores are then not comparable with published FID/KID.",
     )
     metrics.add_argument(
         "--feature_image_size",
         type=positive_int,
-        default=299,
-        help="Side every image is resized to before the FID/KID extractor. (default: %(default)s, Inception's)",
+        default=None,
+        help="Non-standard: resize every image to this side (PIL bicubic, stretched if not square) before the "
+        "FID/KID extractor. Default: none; images go in at their own size and Inception resizes them to 299 "
+        "itself, as torch-fidelity does (the protocol of published FIDs).",
     )
-    metrics.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets. (default: %(default)s)")
+    metrics.add_argument(
+        "--kid_subsets",
+        type=positive_int,
+        default=KID_SUBSETS,
+        help="KID subsets. (default: %(default)s, torch-fidelity's)",
+    )
+    metrics.add_argument(
+        "--kid_subset_size",
+        type=positive_int,
+        default=None,
+        help=f"Images per KID subset. Default: torch-fidelity's {KID_SUBSET_SIZE}, or the number of real or "
+        "generated images if either is smaller (recorded in the report: such a KID is not comparable with "
+        "published ones).",
+    )
+    metrics.add_argument(
+        "--kid_seed",
+        type=int,
+        default=KID_SEED,
+        help="Seed of the KID subsets (numpy RandomState, as torch-fidelity draws them). (default: %(default)s, "
+        "torch-fidelity's)",
+    )
     metrics.add_argument(
         "--lpips_weights",
         default=None,
@@ -229,12 +279,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--results_dir", default=None, help="Where results go. Default: GENERATED_DIR/evaluation.")
+    output.add_argument(
+        "--results_dir",
+        default=None,
+        help="Where results go. Default: GENERATED_DIR_evaluation, a folder next to --generated_dir (e.g. "
+        "outputs/sdm_samples -> outputs/sdm_samples_evaluation): nothing is written into the inputs.",
+    )
     output.add_argument("--grid_masks", type=positive_int, default=4, help="Masks (rows) in comparison_grid.png.")
     output.add_argument("--grid_samples", type=positive_int, default=4, help="Generated samples per row of the grid.")
     output.add_argument("--batch_size", type=positive_int, default=32, help="Images per batch for the networks.")
     output.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    output.add_argument("--seed", type=int, default=0, help="Seeds KID's subsets and the downstream runs.")
+    output.add_argument(
+        "--seed", type=int, default=0, help="Seeds the downstream runs (KID's subsets: --kid_seed). (default: 0)"
+    )
     return parser.parse_args(argv)
 
 
@@ -280,18 +337,6 @@ def image_files(folder: Path) -> list[Path]:
         for path in folder.iterdir()
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
     )
-
-
-def files_by_stem(folder: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for path in image_files(folder):
-        if path.stem in files:
-            raise SystemExit(
-                f"{files[path.stem].name} and {path.name} in {folder} share the stem {path.stem!r}, so pairing by "
-                "name is ambiguous. Fix: rename or remove one of them."
-            )
-        files[path.stem] = path
-    return files
 
 
 def read_metadata(path: Path) -> list[dict]:
@@ -351,10 +396,10 @@ def samples_from_sample_folders(root: Path) -> GeneratedSet:
 
 def samples_from_files(root: Path) -> GeneratedSet:
     images_dir = root / "images" if (root / "images").is_dir() else root
-    masks = files_by_stem(root / "masks") if (root / "masks").is_dir() else {}
+    masks = _files_by_stem(root / "masks") if (root / "masks").is_dir() else {}
     samples = [
         GeneratedSample(image=path, mask=masks.get(path.stem), group=path.stem, source=path.stem)
-        for path in files_by_stem(images_dir).values()
+        for path in _files_by_stem(images_dir).values()
     ]
     return GeneratedSet(root, "generic" if masks else "images", samples)
 
@@ -384,7 +429,7 @@ def read_generated_set(root: Path, masks_dir: Path | None) -> GeneratedSet:
 def replace_masks(generated: GeneratedSet, masks_dir: Path) -> None:
     if not masks_dir.is_dir():
         raise SystemExit(f"--masks_dir {masks_dir} does not exist or is not a folder. Fix: check the path.")
-    masks = files_by_stem(masks_dir)
+    masks = _files_by_stem(masks_dir)
     if generated.layout == "sample-folders":
         # Without metadata, only the order links a sample folder to its mask.
         groups = generated.groups()
@@ -529,7 +574,8 @@ def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, 
                 raise SystemExit(f"--metrics {name} {missing[name]}.")
         return chosen, {}
 
-    weights = {"fid": (args.inception_weights, INCEPTION_FILES, INCEPTION_URL, "--inception_weights")}
+    extractor = args.inception_weights or args.feature_extractor_torchscript
+    weights = {"fid": (extractor, INCEPTION_FILES, INCEPTION_URL, "--inception_weights")}
     weights["kid"] = weights["fid"]
     weights["lpips"] = (args.lpips_weights, (ALEXNET_FILE,), ALEXNET_URL, "--lpips_weights")
     for name, (given, file_names, url, option) in weights.items():
@@ -571,53 +617,99 @@ def find_weights(given: str | None, option: str, file_names: tuple[str, ...], ur
 
 
 # ------------------------------------------------------------------------------------------------
-# FID and KID
+# FID and KID, by torch-fidelity's protocol
 # ------------------------------------------------------------------------------------------------
+
+STANDARD_PROTOCOL = (
+    "torch-fidelity: uint8 images at their own size into its Inception-v3 (resized to 299 inside, TF1-compatible "
+    "bilinear), 2048 pool3 features; FID and KID as torch_fidelity.calculate_metrics(input1=generated, input2=real)"
+)
 
 
 class FeatureExtractor(torch.nn.Module):
-    """uint8 ``(B, 3, S, S)`` images -> float ``(B, D)`` features, whatever network computes them."""
+    """uint8 ``(B, 3, H, W)`` images -> float ``(B, D)`` features, whatever network computes them."""
 
-    def __init__(self, network: torch.nn.Module, takes_float: bool, num_features: int, description: str):
+    def __init__(self, network: torch.nn.Module, takes_float: bool, description: str, standard: bool):
         super().__init__()
         self.network, self.takes_float = network, takes_float
-        self.num_features, self.description = num_features, description
+        # standard: torch-fidelity's Inception, whose FID/KID compare with published ones.
+        self.description, self.standard = description, standard
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        inputs = images.float() / 255.0 if self.takes_float else images
-        return self.network(inputs).reshape(len(images), -1).float()
+        features = self.network(images.float() / 255.0 if self.takes_float else images)
+        if isinstance(features, tuple):  # torch-fidelity's extractors return one tensor per requested layer
+            features = features[0]
+        return features.reshape(len(images), -1).float()
 
 
-def load_feature_extractor(path: Path, image_size: int, device) -> FeatureExtractor:
-    """A TorchScript module if torch.jit.load opens ``path``, else torch-fidelity's Inception with its weights."""
+def is_torchscript_archive(path: Path) -> bool:
+    """A torch.jit.save file: a zip archive with a code/ folder (the module's code, which loading it runs)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def check_inception_file(path: Path) -> None:
+    """Refuse a TorchScript archive given as weights at once, before any long work (its code is never run)."""
+    if is_torchscript_archive(path):
+        raise SystemExit(
+            f"--inception_weights {path} is a TorchScript archive, not a state dict. Loading one runs code from the "
+            f"file, so --inception_weights never does. Fix: pass torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL}); "
+            "or, only if you trust the file and want it as a custom (non-standard) feature extractor, pass it as "
+            f"--feature_extractor_torchscript {path}."
+        )
+
+
+def load_inception(path: Path, device) -> FeatureExtractor:
+    """torch-fidelity's Inception-v3 with the weights of ``path``, read with torch.load(weights_only=True) only."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    check_inception_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickled object, not plain tensors; or not a torch file at all
+        raise SystemExit(
+            f"--inception_weights {path} does not load as plain weights with torch.load(weights_only=True) "
+            f"({type(err).__name__}: {str(err)[:300]}). evaluate.py reads weights no other way: unpickling anything "
+            f"more can run code from the file. Fix: pass torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL})."
+        ) from None
+    # torch-fidelity's constructor torch.loads what it is given with weights_only=False: give it a buffer written
+    # here from the tensors just read safely, so that nothing but tensor data from the file reaches that unpickler.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
+    except Exception as err:  # another network's state dict
+        raise SystemExit(
+            f"--inception_weights {path} is not the Inception-v3 state dict of torch-fidelity "
+            f"({type(err).__name__}: {str(err)[:300]}). Fix: pass {INCEPTION_FILE} from {INCEPTION_URL}."
+        ) from None
+    description = f"torch-fidelity Inception-v3 pool3 (2048 features), weights {path}"
+    return FeatureExtractor(inception.to(device), False, description, standard=True)
+
+
+def load_torchscript_extractor(path: Path, probe_size: tuple[int, int], device) -> FeatureExtractor:
+    """--feature_extractor_torchscript: a module the user vouches for (torch.jit.load runs code from the file)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in recent torch, but still the portable format
         try:
             scripted = torch.jit.load(str(path), map_location=device)
-        except Exception:  # not a TorchScript archive: then it must be Inception weights
-            scripted = None
-    if scripted is not None:
-        return _probe_scripted(scripted.eval(), path, image_size, device)
-
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    try:
-        inception = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
-        )
-    except Exception as err:  # a wrong state dict, or not a torch file at all
-        raise SystemExit(
-            f"--inception_weights {path} is neither a TorchScript module nor the Inception-v3 weights of "
-            f"torch-fidelity ({type(err).__name__}: {str(err)[:300]}). Fix: pass {INCEPTION_FILE} from "
-            f"{INCEPTION_URL}, or a file saved with torch.jit.save."
-        ) from None
-    return FeatureExtractor(inception.to(device), False, 2048, f"Inception-v3 pool3 (2048 features) from {path}")
+        except Exception as err:
+            raise SystemExit(
+                f"--feature_extractor_torchscript {path} is not a TorchScript module ({type(err).__name__}: "
+                f"{str(err)[:300]}). Fix: save one with torch.jit.save, or pass Inception weights with "
+                "--inception_weights instead."
+            ) from None
+    return _probe_scripted(scripted.eval(), path, probe_size, device)
 
 
-def _probe_scripted(module, path: Path, image_size: int, device) -> FeatureExtractor:
-    """Find out on a dummy batch whether the module takes uint8 or float images, and how many features it gives."""
-    dummy = torch.zeros((2, 3, image_size, image_size), dtype=torch.uint8, device=device)
+def _probe_scripted(module, path: Path, size: tuple[int, int], device) -> FeatureExtractor:
+    """Find out on a dummy batch whether the module takes uint8 or float images, and that it gives (B, D)."""
+    width, height = size
+    dummy = torch.zeros((2, 3, height, width), dtype=torch.uint8, device=device)
     errors = []
     for takes_float in (False, True):
         try:
@@ -631,21 +723,16 @@ def _probe_scripted(module, path: Path, image_size: int, device) -> FeatureExtra
             continue
         num_features = int(features[0].numel())
         kind = "float 0..1" if takes_float else "uint8"
-        return FeatureExtractor(
-            module, takes_float, num_features, f"TorchScript {path} ({num_features} features, {kind})"
-        )
+        description = f"TorchScript {path} ({num_features} features, {kind})"
+        return FeatureExtractor(module, takes_float, description, standard=False)
     raise SystemExit(
-        f"--inception_weights {path} is a TorchScript module, but it maps neither uint8 nor float (B, 3, "
-        f"{image_size}, {image_size}) images to (B, D) features: {' | '.join(errors)}. Fix: save a module that does, "
-        "or change --feature_image_size."
+        f"--feature_extractor_torchscript {path} maps neither uint8 nor float (B, 3, {height}, {width}) images to "
+        f"(B, D) features: {' | '.join(errors)}. Fix: save a module that does, or set --feature_image_size."
     )
 
 
-def load_batches(files: list[Path], transform: Callable, batch_size: int, desc: str):
-    """Yield (files, stacked tensors) batches, reading the files as it goes."""
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = files[start : start + batch_size]
-        yield chunk, torch.stack([transform(read_image(path)) for path in chunk])
+def first_image_size(files: list[Path]) -> tuple[int, int]:
+    return read_image(files[0]).size
 
 
 def uint8_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
@@ -654,53 +741,103 @@ def uint8_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
+def batches_by_size(files: list[Path], batch_size: int, resized: bool) -> list[list[int]]:
+    """Indices of ``files`` in batches of one image size each (a batch is one stacked tensor).
+
+    torch-fidelity stacks the images of a batch, so it needs them all one size; in eval mode an image's features do
+    not depend on its batch-mates, so batching by size gives each image the features torch-fidelity gives it alone.
+    """
+    by_size: dict[tuple[int, int] | None, list[int]] = {}
+    for index, path in enumerate(files):
+        if resized:  # all the same size once resized: no need to open them here
+            by_size.setdefault(None, []).append(index)
+            continue
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError as err:
+            raise SystemExit(f"cannot read image {path} ({err}). Fix: re-export it, or remove it.") from None
+        by_size.setdefault(size, []).append(index)
+    return [
+        indices[start : start + batch_size]
+        for indices in by_size.values()
+        for start in range(0, len(indices), batch_size)
+    ]
+
+
 def extract_features(files, extractor: FeatureExtractor, args, device, desc: str) -> torch.Tensor:
-    features = []
-    transform = lambda image: uint8_tensor(image, args.feature_image_size)  # noqa: E731
-    for _, images in load_batches(files, transform, args.batch_size, desc):
-        features.append(extractor(images.to(device)).cpu())
-    return torch.cat(features)
+    """The extractor's ``(N, D)`` features of ``files``, in their order (KID's subsets are drawn by index)."""
+    features: torch.Tensor | None = None
+    for indices in tqdm(
+        batches_by_size(files, args.batch_size, args.feature_image_size is not None),
+        desc=desc,
+        unit="batch",
+        leave=False,
+    ):
+        images = torch.stack([uint8_tensor(read_image(files[index]), args.feature_image_size) for index in indices])
+        batch = extractor(images.to(device)).cpu()
+        if features is None:
+            features = torch.empty((len(files), batch.shape[1]), dtype=batch.dtype)
+        features[indices] = batch
+    return features
 
 
-class _Precomputed(torch.nn.Module):
-    """Lets torchmetrics' FID and KID take features extracted once for both, instead of images."""
+def protocol(extractor: FeatureExtractor, args) -> str:
+    """What the FID/KID numbers mean: torch-fidelity's protocol, or how they depart from it."""
+    resized = f"images first resized to {args.feature_image_size} px (PIL bicubic)" if args.feature_image_size else ""
+    if not extractor.standard:
+        return (
+            f"non-standard: custom feature extractor ({extractor.description})"
+            + (f", {resized}" if resized else "")
+            + "; not comparable with published FID/KID"
+        )
+    return f"non-standard: {resized}, then {STANDARD_PROTOCOL}" if resized else STANDARD_PROTOCOL
 
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def fid_and_kid(real: torch.Tensor, fake: torch.Tensor, wanted: list[str], args) -> dict:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    if min(len(real), len(fake)) < 2:
+def kid_subset_size(args, num_real: int, num_generated: int) -> int:
+    """--kid_subset_size, else torch-fidelity's 1000, shrunk to the smaller set (it would refuse: recorded)."""
+    fewest = min(num_real, num_generated)
+    if args.kid_subset_size is None:
+        return min(KID_SUBSET_SIZE, fewest)
+    if args.kid_subset_size > fewest:
         raise SystemExit(
-            f"FID/KID need at least 2 real and 2 generated images, got {len(real)} and {len(fake)}. "
+            f"--kid_subset_size {args.kid_subset_size} is more than the {num_real} real / {num_generated} generated "
+            f"images: KID subsets are drawn without replacement. Fix: pass at most {fewest}, or omit it."
+        )
+    return args.kid_subset_size
+
+
+def fid_and_kid(real: torch.Tensor, generated: torch.Tensor, wanted: list[str], args) -> dict:
+    """FID and KID as torch_fidelity.calculate_metrics(input1=generated, input2=real) computes them from these
+    features: its own functions, so that the numbers are the same, subset draws included."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    if min(len(real), len(generated)) < 2:
+        raise SystemExit(
+            f"FID/KID need at least 2 real and 2 generated images, got {len(real)} and {len(generated)}. "
             "Fix: generate more images, or leave fid,kid out with --metrics."
         )
     results = {}
     if "fid" in wanted:
-        fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
-        fid.update(real, real=True)
-        fid.update(fake, real=False)
-        results["fid"] = float(fid.compute())
+        statistics = [fid_features_to_statistics(features) for features in (generated, real)]
+        results["fid"] = fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]
     if "kid" in wanted:
-        subset_size = min(1000, len(real), len(fake))  # torchmetrics' 1000 fails on small sets
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "KID keeps all features in memory": we know
-            kid = KernelInceptionDistance(
-                feature=_Precomputed(real.shape[1]), subsets=args.kid_subsets, subset_size=subset_size
-            )
-        kid.update(real, real=True)
-        kid.update(fake, real=False)
-        torch.manual_seed(args.seed)  # the subsets are drawn with torch's global RNG
-        kid_mean, kid_std = kid.compute()
+        subset_size = kid_subset_size(args, len(real), len(generated))
+        kid = kid_features_to_metric(
+            generated,
+            real,
+            kid_subsets=args.kid_subsets,
+            kid_subset_size=subset_size,
+            rng_seed=args.kid_seed,
+            verbose=False,
+        )
         results.update(
-            kid_mean=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset_size, kid_subsets=args.kid_subsets
+            kid_mean=kid[KEY_METRIC_KID_MEAN],
+            kid_std=kid[KEY_METRIC_KID_STD],
+            kid_subsets=args.kid_subsets,
+            kid_subset_size=subset_size,
+            kid_seed=args.kid_seed,
         )
     return results
 
@@ -913,7 +1050,7 @@ def reference_lookup(reference: Path) -> Callable[[GeneratedSample], Path]:
     if not reference.is_dir():
         raise SystemExit(f"--reference_dir {reference} does not exist. Fix: pass an image or a folder of images.")
     folder = reference / "images" if (reference / "images").is_dir() else reference
-    by_stem = files_by_stem(folder)
+    by_stem = _files_by_stem(folder)
     if not by_stem:
         raise SystemExit(f"--reference_dir {reference} holds no images ({' '.join(IMAGE_EXTENSIONS)}).")
     if len(by_stem) == 1:
@@ -988,6 +1125,28 @@ def downstream_splits(args, classes: Classes) -> tuple[list, list]:
     if args.downstream_real_limit is not None:
         train = random.Random(args.seed).sample(train, min(args.downstream_real_limit, len(train)))
     return train, val
+
+
+def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path, Path]], list[int] | None]:
+    """The generated (image, mask) pairs to train on, and, for the joint layout, the class each mask marks.
+
+    The joint generator's masks are class-vs-rest: its class id on the class's pixels, and "the rest" elsewhere,
+    written as class 0 (or ignore_index), though other classes may be there. Read as full label maps they would
+    teach the segmenter that every other class is background; with the class ids, run_downstream labels only each
+    mask's own class and ignores the rest (segdiff.downstream.class_vs_rest_labels).
+    """
+    pairs = [(sample.image, sample.mask) for sample in generated.samples]
+    if generated.layout != "joint":
+        return pairs, None
+    unknown = [sample.image for sample in generated.samples if sample.class_id is None]
+    if unknown:
+        raise SystemExit(
+            f"{generated.root}/metadata.jsonl is the joint generator's (class-vs-rest masks), but {len(unknown)} "
+            f"record(s) have no class_id, e.g. the one of {unknown[0]}: which class their mask marks is unknown, so "
+            "their rest pixels cannot be ignored for --downstream. Fix: re-run generate_joint_image_mask_diffusion.py "
+            "(it writes class_id), or pass --masks_dir with full label maps."
+        )
+    return pairs, [sample.class_id for sample in generated.samples]
 
 
 def default_downstream_resolution(pairs: list) -> int:
@@ -1080,15 +1239,21 @@ def report_text(results: dict) -> str:
     ]
     if "fid" in results or "kid_mean" in results:
         lines += ["", f"Realism against {results['num_real_images']} real images of {results['real_dir']}"]
-        lines.append(
-            f"  features: {results['feature_extractor']}, images resized to {results['feature_image_size']} px"
-        )
+        lines.append(f"  protocol: {results['fid_kid_protocol']}")
+        lines.append(f"  features: {results['feature_extractor']}")
         if "fid" in results:
             lines.append(f"  FID                 {_number(results['fid'], 3)}   (lower is better)")
         if "kid_mean" in results:
+            defaults = (results["kid_subsets"], results["kid_subset_size"], results["kid_seed"]) == (
+                KID_SUBSETS,
+                KID_SUBSET_SIZE,
+                KID_SEED,
+            )
             lines.append(
                 f"  KID                 {_number(results['kid_mean'], 5)} +- {_number(results['kid_std'], 5)}   "
-                f"({results['kid_subsets']} subsets of {results['kid_subset_size']}; lower is better)"
+                f"({results['kid_subsets']} subsets of {results['kid_subset_size']}, seed {results['kid_seed']}"
+                + ("" if defaults else f"; torch-fidelity's: {KID_SUBSETS} of {KID_SUBSET_SIZE}, seed {KID_SEED}")
+                + "; lower is better)"
             )
     if "lpips_diversity" in results:
         lines += [
@@ -1128,6 +1293,7 @@ def report_text(results: dict) -> str:
                 )
             ),
             f"  {'gain from the synthetic data':<34} mIoU {down['miou_gain']:+.4f}",
+            f"  synthetic labels: {down['synthetic_labels']}",
             "  per-class IoU, real only:",
             *iou_table(down["per_class_iou_real_only"]),
             "  per-class IoU, real + synthetic:",
@@ -1162,6 +1328,13 @@ def write_atomic(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def default_results_dir(generated_dir: Path) -> Path:
+    """GENERATED_DIR_evaluation, next to the generated folder: results never land among the inputs (where a
+    re-run or another tool reading the folder would take them for generated images)."""
+    generated_dir = generated_dir.resolve()
+    return generated_dir.with_name(f"{generated_dir.name}_evaluation")
+
+
 def evaluate(args) -> dict:
     generated_dir = Path(args.generated_dir)
     generated = read_generated_set(generated_dir, Path(args.masks_dir) if args.masks_dir else None)
@@ -1170,11 +1343,18 @@ def evaluate(args) -> dict:
         print(f"skipping {name}: {reason}")
 
     # Everything that can be wrong with the inputs is checked here, before minutes of feature extraction.
-    inception = lpips_weights = None
-    if {"fid", "kid"} & set(metrics):
+    inception = torchscript = lpips_weights = None
+    if {"fid", "kid"} & set(metrics) and args.feature_extractor_torchscript is not None:
+        torchscript = Path(args.feature_extractor_torchscript).expanduser()
+        if not torchscript.is_file():
+            raise SystemExit(f"--feature_extractor_torchscript {torchscript} does not exist. Fix: check the path.")
+    elif {"fid", "kid"} & set(metrics):
         inception = find_weights(
             args.inception_weights, "--inception_weights", INCEPTION_FILES, INCEPTION_URL, "FID/KID"
         )
+        check_inception_file(inception)
+    if {"fid", "kid"} & set(metrics) and not 0 <= args.kid_seed < 2**32:
+        raise SystemExit(f"--kid_seed must be in 0..{2**32 - 1} (a numpy RandomState seed), got {args.kid_seed}.")
     if "lpips" in metrics:
         lpips_weights = find_weights(args.lpips_weights, "--lpips_weights", (ALEXNET_FILE,), ALEXNET_URL, "LPIPS")
     classes = resolve_classes(args, generated_dir)
@@ -1189,7 +1369,10 @@ def evaluate(args) -> dict:
     if args.downstream and resolution is not None and resolution % 4:
         raise SystemExit(f"--downstream_resolution must be a multiple of 4, got {resolution}.")
     real_files = real_image_files(args) if args.real_dir else []
+    if "kid" in metrics:
+        kid_subset_size(args, len(real_files), len(generated.samples))  # a --kid_subset_size too big stops here
     splits = downstream_splits(args, classes) if args.downstream else None
+    synthetic, synthetic_class_ids = downstream_synthetic_pairs(generated) if args.downstream else (None, None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     segmenter = build_segmenter(args, classes, device) if "miou" in metrics else None
     lookup = class_lookup(args, segmenter.num_labels, len(classes.names)) if segmenter else None
@@ -1206,14 +1389,23 @@ def evaluate(args) -> dict:
     }
     if real_files:
         results.update(real_dir=args.real_dir, num_real_images=len(real_files))
-    if inception is not None:
-        extractor = load_feature_extractor(inception, args.feature_image_size, device)
+    if inception is not None or torchscript is not None:
+        if inception is not None:
+            extractor = load_inception(inception, device)
+        else:
+            probe_size = (args.feature_image_size,) * 2 if args.feature_image_size else first_image_size(real_files)
+            extractor = load_torchscript_extractor(torchscript, probe_size, device)
         real_features = extract_features(real_files, extractor, args, device, "features: real")
-        fake_features = extract_features(
+        generated_features = extract_features(
             [s.image for s in generated.samples], extractor, args, device, "features: generated"
         )
-        results.update(feature_extractor=extractor.description, feature_image_size=args.feature_image_size)
-        results.update(fid_and_kid(real_features, fake_features, metrics, args))
+        results.update(
+            fid_kid_protocol=protocol(extractor, args),
+            fid_kid_standard=extractor.standard and args.feature_image_size is None,
+            feature_extractor=extractor.description,
+            feature_image_size=args.feature_image_size,
+        )
+        results.update(fid_and_kid(real_features, generated_features, metrics, args))
     if lpips_weights is not None:
         groups = [[sample.image for sample in group] for group in generated.groups().values()]
         per_mask = lpips_diversity(groups, load_lpips(lpips_weights, device), args.batch_size, device)
@@ -1239,9 +1431,10 @@ def evaluate(args) -> dict:
 
         results["downstream"] = run_downstream(
             splits[0],
-            [(sample.image, sample.mask) for sample in generated.samples],
+            synthetic,
             splits[1],
             classes.names,
+            synthetic_class_ids=synthetic_class_ids,
             steps=args.downstream_steps,
             resolution=resolution or default_downstream_resolution(splits[0]),
             batch_size=args.downstream_batch_size,
@@ -1251,7 +1444,7 @@ def evaluate(args) -> dict:
             device=device,
         )
 
-    results_dir = Path(args.results_dir) if args.results_dir else generated_dir / "evaluation"
+    results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     results = json_ready(results)
     write_atomic(results_dir / "metrics.json", json.dumps(results, indent=2) + "\n")

@@ -11,6 +11,9 @@ toy data (512 real + 256 synthetic 32 px pairs, 300 steps; OMP_NUM_THREADS=1 on 
 two OpenMP threads per process make these tiny convolutions many times slower).
 The network is deliberately small (about 0.1 M parameters): the point is comparing two training sets on
 equal terms, not reaching a state-of-the-art score.
+
+The joint generator's masks are class-vs-rest (``synthetic_class_ids``): only each mask's own class is labelled,
+its "rest" becomes ``ignore_index`` (see ``class_vs_rest_labels``).
 """
 
 from __future__ import annotations
@@ -67,18 +70,33 @@ class TinySegmentationUNet(nn.Module):
         return self.head(hidden)
 
 
+def class_vs_rest_labels(label: np.ndarray, class_id: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """A class-vs-rest mask as training labels: ``class_id`` where the mask marks it, ``ignore_index`` elsewhere.
+
+    The joint generator writes "the rest" as class 0 (or as ignore_index), but it holds whatever other classes the
+    image shows: trained on as class 0, it would teach the segmenter that all of them are background. Ignored, it
+    costs no loss, and each synthetic pair teaches only the class it was generated for.
+    """
+    return np.where(label == class_id, class_id, ignore_index)
+
+
 def load_pairs(
     pairs: list[tuple[Path, Path]],
     resolution: int,
     num_classes: int,
     ignore_index: int = IGNORE_INDEX,
     desc: str = "loading",
+    class_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read (image, mask) files into ``uint8 (N, 3, R, R)`` images and ``int16 (N, R, R)`` label maps.
 
-    Raises ``DatasetError`` naming the mask file when it holds an id that is neither a class nor
-    ``ignore_index``: training on it would crash deep inside the loss, or silently learn garbage.
+    With ``class_ids`` (one per pair), the masks are class-vs-rest: each keeps only its class, the rest becomes
+    ``ignore_index`` (``class_vs_rest_labels``). Raises ``DatasetError`` naming the mask file when it holds an id
+    that is neither a class nor ``ignore_index``: training on it would crash deep inside the loss, or silently
+    learn garbage.
     """
+    if class_ids is not None and len(class_ids) != len(pairs):
+        raise ValueError(f"class_ids has {len(class_ids)} entries for {len(pairs)} pairs")
     images = torch.empty((len(pairs), 3, resolution, resolution), dtype=torch.uint8)
     labels = torch.empty((len(pairs), resolution, resolution), dtype=torch.int16)  # fits 255 and any class id
     for index, (image_path, mask_path) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False)):
@@ -91,6 +109,8 @@ def load_pairs(
                 f"(0..{num_classes - 1}) and ignore_index is {ignore_index}. Fix: pass the right --num_classes / "
                 "--class_names_json, or --ignore_index."
             )
+        if class_ids is not None:
+            label = class_vs_rest_labels(label, class_ids[index], ignore_index)
         label = Image.fromarray(label.astype(np.int32)).resize((resolution, resolution), Image.NEAREST)
         images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         labels[index] = torch.from_numpy(np.asarray(label).astype(np.int16))
@@ -176,11 +196,13 @@ def run_downstream(
     seed: int = 0,
     ignore_index: int = IGNORE_INDEX,
     device: str | torch.device = "cpu",
+    synthetic_class_ids: list[int] | None = None,
 ) -> dict:
     """Train on real only and on real + synthetic, score both on the real validation pairs.
 
-    Returns both scores (mIoU, pixel accuracy, per-class IoU), the mIoU gain of adding the synthetic
-    pairs, and the settings, ready for metrics.json.
+    ``synthetic_class_ids``: for class-vs-rest synthetic masks (the joint generator's), the class each one
+    marks; their other pixels are ignored in training. Returns both scores (mIoU, pixel accuracy, per-class IoU),
+    the mIoU gain of adding the synthetic pairs, and the settings, ready for metrics.json.
     """
     if resolution % 4:
         raise ValueError(f"--downstream_resolution must be a multiple of 4, got {resolution}")
@@ -188,7 +210,7 @@ def run_downstream(
     started = time.perf_counter()
     load = {"resolution": resolution, "num_classes": num_classes, "ignore_index": ignore_index}
     train_images, train_labels = load_pairs(real_train, desc="real train", **load)
-    synthetic_images, synthetic_labels = load_pairs(synthetic, desc="synthetic", **load)
+    synthetic_images, synthetic_labels = load_pairs(synthetic, desc="synthetic", class_ids=synthetic_class_ids, **load)
     val_images, val_labels = load_pairs(real_val, desc="real val", **load)
 
     # Real + synthetic is one pool sampled uniformly: the usual "add the generated set to the training set".
@@ -228,6 +250,9 @@ def run_downstream(
         "per_class_iou_real_plus_synthetic": results["real_plus_synthetic"]["per_class_iou"],
         "num_real_train": len(real_train),
         "num_synthetic": len(synthetic),
+        "synthetic_labels": "full label maps"
+        if synthetic_class_ids is None
+        else "class-vs-rest masks (joint layout): each mask's class labelled, the rest ignored",
         "num_real_val": len(real_val),
         "steps": steps,
         "resolution": resolution,

@@ -1,14 +1,17 @@
 """evaluate.py: FID/KID, LPIPS diversity, semantic consistency, style and --downstream, on every generator layout.
 
-Cases with known answers: a set against itself, identical samples, exact segmenters on toy images. All weights
-are random and made here (a TorchScript feature extractor, AlexNet features), so nothing is downloaded.
+Cases with known answers: a set against itself, identical samples, exact segmenters on toy images, values worked
+out from how the test data is built. All weights are random and made here (a TorchScript feature extractor,
+AlexNet features), so nothing is downloaded. FID/KID against torch-fidelity itself: tests/test_fid_protocol.py.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,10 +21,12 @@ from conftest import ROOT, SCRIPT_ENV
 from PIL import Image
 
 import evaluate
-from segdiff.data import read_label_map, save_label_png
+from segdiff.data import IGNORE_INDEX, read_image, read_label_map, save_label_png
+from segdiff.downstream import class_vs_rest_labels, load_pairs
 from segdiff.metrics import (
     color_histogram_similarity,
     color_histograms,
+    confusion_matrix,
     histogram_correlation,
     mean_pairwise_distance,
     segmentation_summary,
@@ -137,6 +142,33 @@ def recoloured_copy(toy, folder):
     return folder
 
 
+def mask_conditioned_sources(toy, num_masks, per_mask):
+    """(mask image, source image) per sample of make_mask_conditioned_layout, in its order."""
+    images = sorted((toy / "images").iterdir())
+    return [
+        (image, images[(mask_index + image_index * num_masks) % len(images)])
+        for mask_index, image in enumerate(images[:num_masks])
+        for image_index in range(per_mask)
+    ]
+
+
+def expected_consistency(toy, num_masks, per_mask):
+    """mIoU and pixel accuracy of make_mask_conditioned_layout's samples under the palette segmenter.
+
+    It reads a toy image exactly (test_palette_segmenter_on_true_toy_images_gives_miou_one), so each sample is
+    read as its source image's own label map, and scored against the mask it stands for.
+    """
+    confusion = torch.zeros((len(TOY_CLASSES), len(TOY_CLASSES)), dtype=torch.long)
+    for mask_image, source in mask_conditioned_sources(toy, num_masks, per_mask):
+        prediction = read_label_map(toy / "masks" / source.name)
+        confusion += confusion_matrix(prediction, read_label_map(toy / "masks" / mask_image.name), len(TOY_CLASSES))
+    return segmentation_summary(confusion, list(TOY_CLASSES))
+
+
+def file_listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pure functions.
 
@@ -235,28 +267,58 @@ def test_without_weights_the_default_metrics_skip_fid_and_say_why(toy_data, weig
 
 def test_wrong_weight_files_are_named_with_the_fix(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "not_inception.pth")
-    with pytest.raises(SystemExit, match="neither a TorchScript module nor the Inception-v3 weights"):
-        evaluate.load_feature_extractor(tmp_path / "not_inception.pth", 299, "cpu")
+    with pytest.raises(SystemExit, match="is not the Inception-v3 state dict of torch-fidelity"):
+        evaluate.load_inception(tmp_path / "not_inception.pth", "cpu")
     with pytest.raises(SystemExit, match="not a torchvision AlexNet state dict"):
         evaluate.load_lpips(tmp_path / "not_inception.pth", "cpu")
 
 
+def test_weights_files_are_never_run_as_code(toy_data, weights, tmp_path, monkeypatch):
+    """--inception_weights is read with torch.load(weights_only=True): a TorchScript archive is refused without
+    torch.jit.load, and a pickle that would run code on loading is refused without running it."""
+
+    def no_jit_load(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called on --inception_weights")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit_load)
+    command = ["--generated_dir", str(toy_data), "--real_dir", str(toy_data), "--metrics", "fid"]
+    command += ["--results_dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(command + ["--inception_weights", str(weights.extractor)])
+    message = str(stopped.value)
+    assert "is a TorchScript archive" in message and "runs code" in message
+    assert f"--feature_extractor_torchscript {weights.extractor}" in message  # the fix, for a trusted file
+
+    class Payload:  # unpickled without weights_only, it makes a folder: code from the file, run
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "code_ran"),))
+
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": Payload()}, tmp_path / "trojan.pth")
+    with pytest.raises(SystemExit, match=r"does not load as plain weights with torch.load\(weights_only=True\)"):
+        evaluate.main(command + ["--inception_weights", str(tmp_path / "trojan.pth")])
+    assert not (tmp_path / "code_ran").exists()
+    assert not (tmp_path / "eval").exists()  # stopped before writing anything
+
+
 # ---------------------------------------------------------------------------------------------------------
-# FID and KID through torchmetrics, with a custom TorchScript extractor.
+# FID and KID with a custom TorchScript extractor, given explicitly.
 
 
 def test_fid_and_kid_of_a_set_against_itself_are_near_zero(toy_data, weights, tmp_path):
     def fid_kid(generated):
         return evaluate.main(
             ["--generated_dir", str(generated), "--real_dir", str(toy_data), "--metrics", "fid,kid"]
-            + ["--inception_weights", str(weights.extractor), "--feature_image_size", "64"]
+            + ["--feature_extractor_torchscript", str(weights.extractor)]
             + ["--results_dir", str(tmp_path / generated.name)]
         )
 
     same = fid_kid(toy_data)
     other = fid_kid(recoloured_copy(toy_data, tmp_path / "recoloured"))
     assert same["feature_extractor"].startswith("TorchScript") and same["num_real_images"] == 24
-    assert same["kid_subset_size"] == 24  # adapted to the small set (torchmetrics' default is 1000)
+    assert same["fid_kid_standard"] is False and same["fid_kid_protocol"].startswith("non-standard: custom")
+    assert same["kid_subset_size"] == 24  # torch-fidelity's 1000, shrunk to the 24 images (and recorded)
+    report = (tmp_path / toy_data.name / "evaluation_report.txt").read_text()
+    assert "100 subsets of 24, seed 2020; torch-fidelity's: 100 of 1000, seed 2020" in report
     assert abs(same["fid"]) < 1e-4
     assert other["fid"] > 1e3 * max(abs(same["fid"]), 1e-6)
     assert abs(same["kid_mean"]) < 0.1 * other["kid_mean"]
@@ -294,6 +356,8 @@ def test_joint_layout_scores_the_class_against_the_rest(toy_data, tmp_path):
 
 
 def test_segformer_folder_loads_and_maps_its_classes(toy_data, tmp_path):
+    """A SegFormer that predicts its id 4 everywhere (zero classifier weights, bias favouring 4): mapped to null,
+    every pixel is none of our classes and counts as wrong; mapped to background, exactly the background is right."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     config = SegformerConfig(
@@ -306,25 +370,50 @@ def test_segformer_folder_loads_and_maps_its_classes(toy_data, tmp_path):
         num_attention_heads=[1, 1],
         mlp_ratios=[2, 2],
         decoder_hidden_size=16,
-        num_labels=5,  # one more than ours: mapped to "none of ours" below
+        num_labels=5,  # one more than ours
     )
     torch.manual_seed(0)
-    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "segformer")
-    common = ["--generated_dir", str(toy_data), "--segmenter", str(tmp_path / "segformer"), "--metrics", "miou"]
+    model = SegformerForSemanticSegmentation(config)
+    with torch.no_grad():
+        model.decode_head.classifier.weight.zero_()
+        model.decode_head.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0]))
+    model.save_pretrained(tmp_path / "segformer")
+    generated = tmp_path / "six"  # six toy images and masks: enough, and quick
+    for sub in ("images", "masks"):
+        (generated / sub).mkdir(parents=True)
+        for path in sorted((toy_data / sub).iterdir())[:6]:
+            shutil.copy(path, generated / sub / path.name)
+    shutil.copy(toy_data / "class_names.json", generated)
+    common = ["--generated_dir", str(generated), "--segmenter", str(tmp_path / "segformer"), "--metrics", "miou"]
 
     with pytest.raises(SystemExit, match="--segmenter_class_map"):
         evaluate.main(common + ["--results_dir", str(tmp_path / "unmapped")])
 
-    (tmp_path / "map.json").write_text(json.dumps({"0": 0, "1": 1, "2": 2, "3": 3, "4": None}))
-    results = evaluate.main(
-        common + ["--segmenter_class_map", str(tmp_path / "map.json"), "--results_dir", str(tmp_path / "eval")]
-    )
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["segmenter"].startswith("SegformerForSemanticSegmentation")
-    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
-    assert set(metrics["per_class_iou"]) == set(TOY_CLASSES)
-    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["per_class_iou"].values())
-    assert results["miou"] == metrics["miou"]
+    def scores(mapping):
+        (tmp_path / "map.json").write_text(json.dumps(mapping))
+        results = evaluate.main(
+            common + ["--segmenter_class_map", str(tmp_path / "map.json"), "--results_dir", str(tmp_path / "eval")]
+        )
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == results
+        return results
+
+    masks = np.stack([read_label_map(path) for path in sorted((generated / "masks").iterdir())])
+    present = [name for class_id, name in enumerate(TOY_CLASSES) if (masks == class_id).any()]
+    assert present == list(TOY_CLASSES)  # each class is in the targets, so each has an IoU
+
+    nothing_ours = scores({"0": 0, "1": 1, "2": 2, "3": 3, "4": None})
+    assert nothing_ours["segmenter"].startswith("SegformerForSemanticSegmentation")
+    assert nothing_ours["miou"] == 0.0 and nothing_ours["pixel_accuracy"] == 0.0
+    assert nothing_ours["per_class_iou"] == dict.fromkeys(TOY_CLASSES, 0.0)
+
+    # All read as background: right on the background pixels; background's IoU is their share of all pixels.
+    background_share = float((masks == 0).mean())
+    all_background = scores({"4": 0})
+    assert all_background["pixel_accuracy"] == pytest.approx(background_share, abs=1e-12)
+    assert all_background["per_class_iou"] == {
+        TOY_CLASSES[0]: pytest.approx(background_share, abs=1e-12)
+    } | dict.fromkeys(TOY_CLASSES[1:], 0.0)
+    assert all_background["miou"] == pytest.approx(background_share / len(TOY_CLASSES), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,7 +424,8 @@ def test_mask_conditioned_layout_end_to_end(toy_data, weights, tmp_path):
     generated = make_mask_conditioned_layout(toy_data, tmp_path / "sdm")
     result = subprocess.run(
         [sys.executable, "evaluate.py", "--generated_dir", generated, "--real_dir", toy_data]
-        + ["--inception_weights", weights.extractor, "--feature_image_size", "64", "--lpips_weights", weights.alexnet]
+        + ["--feature_extractor_torchscript", weights.extractor, "--feature_image_size", "64"]
+        + ["--lpips_weights", weights.alexnet]
         + ["--segmenter", "palette", "--reference_dir", toy_data, "--results_dir", tmp_path / "eval"],
         cwd=ROOT,
         env={**SCRIPT_ENV, "TORCH_HOME": str(weights.empty_hub)},
@@ -349,10 +439,24 @@ def test_mask_conditioned_layout_end_to_end(toy_data, weights, tmp_path):
     assert metrics["metrics"] == ["fid", "kid", "lpips", "miou", "style"]
     assert (metrics["num_generated_images"], metrics["num_masks"], metrics["lpips_num_masks"]) == (12, 4, 4)
     assert metrics["lpips_diversity"] > 0  # the samples of each mask differ
-    # One sample in three is the mask's own image: mIoU well above chance, below 1.
-    assert 0.2 < metrics["miou"] < 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
-    # Each sample is compared with the reference of its own name, or its mask's: 1.0 exactly for sample 0.
-    assert 0.0 < metrics["style_histogram_correlation"] < 1.0
+    assert metrics["fid_kid_protocol"] == (
+        f"non-standard: custom feature extractor (TorchScript {weights.extractor} (32 features, uint8)), images "
+        "first resized to 64 px (PIL bicubic); not comparable with published FID/KID"
+    )
+    # One sample in three is the mask's own image, the others other toy images' label maps.
+    expected = expected_consistency(toy_data, num_masks=4, per_mask=3)
+    assert metrics["miou"] == pytest.approx(expected["miou"], abs=1e-12)
+    assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-12)
+    # Each sample is compared with the reference of its mask's name: sample 0 is that very image, so exactly 1.0.
+    per_sample = evaluate.style_similarity(
+        evaluate.read_generated_set(generated, None), evaluate.reference_lookup(toy_data), bins=64
+    )
+    sources = mask_conditioned_sources(toy_data, num_masks=4, per_mask=3)
+    assert [value for value, (mask_image, source) in zip(per_sample, sources) if source == mask_image] == [1.0] * 4
+    assert per_sample == [
+        color_histogram_similarity(read_image(source), read_image(mask_image)) for mask_image, source in sources
+    ]
+    assert metrics["style_histogram_correlation"] == pytest.approx(np.mean(per_sample), abs=1e-12)
     for name in RESULT_FILES:
         assert (tmp_path / "eval" / name).is_file(), name
     assert "per-class IoU" in (tmp_path / "eval" / "evaluation_report.txt").read_text()
@@ -371,7 +475,9 @@ def test_sample_folders_without_metadata_take_masks_by_order(toy_data, weights, 
         + ["--metrics", "lpips,miou", "--results_dir", str(tmp_path / "eval")]
     )  # fmt: skip
     assert results["layout"] == "sample-folders" and results["lpips_num_masks"] == 2
-    assert 0.0 < results["miou"] < 1.0
+    expected = expected_consistency(toy_data, num_masks=2, per_mask=2)
+    assert results["miou"] == pytest.approx(expected["miou"], abs=1e-12)
+    assert results["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-12)
 
     shutil.copy(sorted((toy_data / "masks").iterdir())[5], masks / "extra.png")
     with pytest.raises(SystemExit, match="sorted order"):
@@ -398,24 +504,117 @@ def test_bad_inputs_stop_with_a_message(toy_data, tmp_path, arguments, message):
 # Downstream: real only vs real + synthetic.
 
 
-def test_downstream_reports_both_mious_and_the_gain(toy_data, tmp_path):
+@pytest.fixture
+def real_split(tmp_path):
+    """A real dataset with train/ (8 pairs) and val/ (4 pairs), as python -m segdiff.toy --val_images writes."""
     real = tmp_path / "real"
     make_toy_dataset(real / "train", num_images=8, size=32, seed=1, split="train")
     make_toy_dataset(real / "val", num_images=4, size=32, seed=1, split="val")
-    results = evaluate.main(
-        ["--generated_dir", str(toy_data), "--real_dir", str(real), "--downstream", "--downstream_steps", "3"]
-        + ["--downstream_batch_size", "4", "--metrics", "miou", "--segmenter", "palette"]
-        + ["--results_dir", str(tmp_path / "eval")]
+    return real
+
+
+@pytest.fixture
+def training_sets(monkeypatch):
+    """The (images, labels) each downstream training run is given, in call order."""
+    import segdiff.downstream
+
+    seen = []
+    train = segdiff.downstream.train_segmentation_net
+
+    def recording(images, labels, *args, **kwargs):
+        seen.append((images.clone(), labels.clone()))
+        return train(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(segdiff.downstream, "train_segmentation_net", recording)
+    return seen
+
+
+def run_downstream(generated, real, results_dir, *extra):
+    return evaluate.main(
+        ["--generated_dir", str(generated), "--real_dir", str(real), "--downstream", "--downstream_steps", "20"]
+        + ["--downstream_batch_size", "4", "--metrics", "", "--results_dir", str(results_dir), *extra]
+    )["downstream"]
+
+
+def test_downstream_is_seeded_and_trains_on_what_it_is_given(toy_data, real_split, training_sets, tmp_path):
+    first = run_downstream(toy_data, real_split, tmp_path / "first")
+    assert (first["num_real_train"], first["num_synthetic"], first["num_real_val"]) == (8, 24, 4)
+    assert (first["steps"], first["resolution"]) == (20, 32)  # the toy images' own size by default
+    assert first["synthetic_labels"] == "full label maps"
+    assert [len(images) for images, _ in training_sets] == [8, 8 + 24]  # real only, then real + synthetic
+    assert first["miou_gain"] == first["miou_real_plus_synthetic"] - first["miou_real_only"]
+    # The 24 synthetic pairs change what is learnt (same seed, steps and initial weights otherwise).
+    assert first["per_class_iou_real_plus_synthetic"] != first["per_class_iou_real_only"]
+
+    # The same seed gives the same result: same batches, same initial weights.
+    second = run_downstream(toy_data, real_split, tmp_path / "second")
+    assert {key: value for key, value in second.items() if key != "seconds"} == {
+        key: value for key, value in first.items() if key != "seconds"
+    }
+
+    training_sets.clear()
+    limited = run_downstream(toy_data, real_split, tmp_path / "limited", "--downstream_real_limit", "3")
+    assert limited["num_real_train"] == 3
+    assert [len(images) for images, _ in training_sets] == [3, 3 + 24]
+    report = (tmp_path / "limited" / "evaluation_report.txt").read_text()
+    assert "real only (3 pairs)" in report and "real + synthetic (3 + 24)" in report and "gain" in report
+
+
+def test_class_vs_rest_labels_keep_only_the_masks_class():
+    mask = np.array([[0, 2, 2], [0, 0, 2]])  # a class-2 sample; the rest written as background
+    assert class_vs_rest_labels(mask, 2, 255).tolist() == [[255, 2, 2], [255, 255, 2]]
+    mask = np.array([[0, 255], [0, 255]])  # a class-0 sample: the generator writes its rest as ignore
+    assert class_vs_rest_labels(mask, 0, 255).tolist() == [[0, 255], [0, 255]]
+
+
+def test_load_pairs_with_class_ids_ignores_the_rest(toy_data):
+    pairs = [(toy_data / "images" / path.name, path) for path in sorted((toy_data / "masks").iterdir())[:2]]
+    full = [read_label_map(mask) for _, mask in pairs]
+    _, labels = load_pairs(pairs, 32, len(TOY_CLASSES), class_ids=[3, 0])
+    assert labels[0].tolist() == np.where(full[0] == 3, 3, IGNORE_INDEX).tolist()
+    assert labels[1].tolist() == np.where(full[1] == 0, 0, IGNORE_INDEX).tolist()
+    _, unchanged = load_pairs(pairs, 32, len(TOY_CLASSES))
+    assert unchanged.tolist() == np.stack(full).tolist()
+
+
+def test_downstream_on_the_joint_layout_ignores_the_rest(toy_data, real_split, training_sets, tmp_path):
+    """Issue #15: the joint generator's "rest" (class 0 in its masks) holds other classes: not background."""
+    generated = make_joint_layout(toy_data, tmp_path / "joint", num_samples=8)
+    down = run_downstream(generated, real_split, tmp_path / "eval")
+    assert down["num_synthetic"] == 8
+    assert (
+        down["synthetic_labels"] == "class-vs-rest masks (joint layout): each mask's class labelled, the rest ignored"
     )
-    down = results["downstream"]
-    assert (down["num_real_train"], down["num_synthetic"], down["num_real_val"]) == (8, 24, 4)
-    assert (down["steps"], down["resolution"]) == (3, 32)  # the toy images' own size by default
-    for key in ("miou_real_only", "miou_real_plus_synthetic", "pixel_accuracy_real_only"):
-        assert 0.0 <= down[key] <= 1.0, key
-    assert down["miou_gain"] == pytest.approx(down["miou_real_plus_synthetic"] - down["miou_real_only"])
-    assert set(down["per_class_iou_real_only"]) == set(TOY_CLASSES)
-    report = (tmp_path / "eval" / "evaluation_report.txt").read_text()
-    assert "real + synthetic" in report and "gain" in report
+    (_, real_only), (_, combined) = training_sets
+    assert combined[:8].tolist() == real_only.tolist()
+    records = [json.loads(line) for line in (generated / "metadata.jsonl").read_text().splitlines()]
+    for fed, record in zip(combined[8:], records):
+        mask = read_label_map(generated / record["mask_file_name"])
+        class_id = record["class_id"]
+        assert fed.tolist() == np.where(mask == class_id, class_id, IGNORE_INDEX).tolist()
+        if class_id != 0:  # the file says background where the image shows other classes; training ignores it
+            assert ((mask == 0) & (fed.numpy() == IGNORE_INDEX)).any()
+
+    broken = evaluate.read_generated_set(generated, None)
+    broken.samples[3].class_id = None  # a joint record without its class_id
+    with pytest.raises(SystemExit, match="have no class_id"):
+        evaluate.downstream_synthetic_pairs(broken)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where results go, and --help.
+
+
+def test_results_go_next_to_the_generated_folder_not_into_it(toy_data, tmp_path, monkeypatch):
+    generated = make_mask_conditioned_layout(toy_data, tmp_path / "sdm", num_masks=2, per_mask=2)
+    before = file_listing(generated)
+    results = evaluate.main(["--generated_dir", str(generated), "--segmenter", "palette", "--metrics", "miou"])
+    assert file_listing(generated) == before
+    results_dir = tmp_path / "sdm_evaluation"
+    assert sorted(path.name for path in results_dir.iterdir()) == sorted(RESULT_FILES)
+    assert json.loads((results_dir / "metrics.json").read_text()) == results
+    monkeypatch.chdir(generated)  # "." is named after the folder it stands for
+    assert evaluate.default_results_dir(Path(".")) == results_dir.resolve()
 
 
 def test_help_lists_the_required_options(capsys):
@@ -425,5 +624,10 @@ def test_help_lists_the_required_options(capsys):
     for option in (
         "--real_dir", "--generated_dir", "--masks_dir", "--results_dir", "--metrics", "--inception_weights",
         "--segmenter", "--num_classes", "--class_names_json", "--downstream", "--lpips_weights",
+        "--feature_extractor_torchscript", "--kid_subset_size", "--kid_seed",
     ):  # fmt: skip
         assert option in help_text
+    words = " ".join(help_text.split())  # argparse wraps lines anywhere
+    assert "Loading it RUNS CODE FROM THE FILE: use only files you trust." in words
+    assert "torch.load(weights_only=True)" in words
+    assert "Default: GENERATED_DIR_evaluation, a folder next to" in words
