@@ -180,11 +180,14 @@ def load_run_files(run_dir: Path, args):
     return config, class_names, palette or default_palette(len(class_names))
 
 
-def load_pipeline(base: str, controlnet: ControlNetModel, dtype: dict) -> StableDiffusionControlNetPipeline:
-    """The base with the ControlNet; a clear error if the two were not made for each other."""
+def load_pipeline(
+    base: str, controlnet: ControlNetModel, dtype: dict, variant: str | None = None
+) -> StableDiffusionControlNetPipeline:
+    """The base (its ``variant`` weights, as in training) with the ControlNet; a clear error if the two were not
+    made for each other."""
     try:
         pipeline = StableDiffusionControlNetPipeline.from_pretrained(
-            base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, **dtype
+            base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, variant=variant, **dtype
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot load the base model {base}: {error}") from None
@@ -239,7 +242,8 @@ def generation_args(args, base: str, template: str, top_k: int, short_side: int,
 
 
 def main(args):
-    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}  # default: as saved (float32)
+    # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
+    dtype = {"torch_dtype": torch.float16 if args.fp16 else torch.float32}
     controlnet, run_dir = load_controlnet(Path(args.controlnet), dtype)
     config, class_names, palette = load_run_files(run_dir, args)
     ignore_index = args.ignore_index if args.ignore_index is not None else config.get("ignore_index", IGNORE_INDEX)
@@ -256,7 +260,7 @@ def main(args):
     short_side = args.resolution or config.get("resolution", 512)
     recorded = generation_args(args, base, template, top_k, short_side, ignore_index)
     check_save_dir(args.save_dir, recorded, args.overwrite)  # before the models load: a refusal takes seconds
-    pipeline = load_pipeline(base, controlnet, dtype)
+    pipeline = load_pipeline(base, controlnet, dtype, variant=config.get("variant"))
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -749,7 +749,9 @@ def main(args):
     for frozen in (vae, unet, text_encoder):
         frozen.requires_grad_(False)
         frozen.to(accelerator.device)
-        if weight_dtype != torch.float32:  # cast only when needed: diffusers warns about every cast
+        # Cast only when needed (diffusers warns about every cast): mixed precision, or a base whose --variant
+        # weights load in half precision under a float32 run.
+        if frozen.dtype != weight_dtype:
             frozen.to(dtype=weight_dtype)
     if controlnet.dtype != torch.float32:  # trained weights stay fp32; mixed precision autocasts the maths
         controlnet.to(dtype=torch.float32)

@@ -199,9 +199,7 @@ def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploa
     assert json.loads((out / "training_config.json").read_text())["data_root"] == str(toy_root)  # kept locally
 
 
-def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates_from_a_checkpoint(
-    toy_root, tiny_sd_folder, tmp_path
-):
+def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates(toy_root, tiny_sd_folder, tmp_path):
     """--variant reaches every load of the base, including the final pipeline and a checkpoint's generation."""
     import shutil
 
@@ -235,3 +233,15 @@ def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates_from_a
         "--num_samples", "1", "--num_inference_steps", "2",
     )  # fmt: skip
     assert len(list((tmp_path / "gen" / "images").iterdir())) == 1
+
+    # The ControlNet generator loads the base with the variant its training run recorded.
+    controlnet = tmp_path / "controlnet"
+    run_script(
+        "accelerate", "launch", "train_controlnet_seg.py", "--pretrained_model_name_or_path", base,
+        "--variant", "fp16", *trainer_args(toy_root, controlnet, "--max_train_steps", "1"),
+    )  # fmt: skip
+    run_script(
+        "generate_controlnet_seg.py", "--controlnet", controlnet, "--masks_dir", toy_root / "masks",
+        "--save_dir", tmp_path / "rendered", "--num_images_per_mask", "1", "--num_inference_steps", "2",
+    )  # fmt: skip
+    assert len(list((tmp_path / "rendered" / "images").iterdir())) == 6
