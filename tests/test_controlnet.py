@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
-from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
+from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
 from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
 from segdiff.data import DatasetError, colorize_label, load_class_names, load_segmentation_dataset, read_label_map
-from segdiff.generation import colour_mask_to_labels
+from segdiff.generation import colour_mask_to_labels, make_scheduler
+from segdiff.training import derive_seed
 from train_controlnet_seg import (
     PromptEmbeddingCache,
     build_training_data,
@@ -330,7 +332,12 @@ def test_metadata_csv_training_with_cached_latents_and_ema(metadata_folder, toy_
     config = json.loads((output_dir / "training_config.json").read_text())
     assert config["data_source"].endswith("metadata.csv") and config["cache_latents"]
     assert load_class_names(output_dir / "class_names.json") == (TOY_NAMES, TOY_PALETTE)
-    assert (output_dir / "checkpoint-2" / "controlnet_ema").is_dir()
+    # the saved ControlNet holds the EMA weights of the last checkpoint, not the trained weights they average
+    ema = load_file(output_dir / "checkpoint-2" / "controlnet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(output_dir / "checkpoint-2" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == saved.keys() == raw.keys()
+    assert all(torch.equal(ema[k], saved[k]) for k in saved)
+    assert not all(torch.equal(raw[k], saved[k]) for k in saved)
     assert ControlNetModel.from_pretrained(output_dir).config.conditioning_embedding_out_channels == [16, 32]
 
 
@@ -367,15 +374,15 @@ def test_generator_writes_a_generic_dataset(trained, masks_dir, tmp_path):
     result = generate(trained[0], folder, save_dir, "--num_images_per_mask", "2", "--scheduler", "dpmsolver",
                       "--seed", "10")  # fmt: skip
     assert "Wrote 6 images of 3 masks" in result.stdout
-    for name in ("grid.png", "class_names.json", "generation_config.json", "visualizations/sample_000003.png"):
+    for name in ("grid.png", "class_names.json", "generation_config.json", "visualizations/sample_train_00001.png"):
         assert (save_dir / name).is_file(), name
-    for i in (1, 2, 3):
+    for stem in (name.removesuffix(".png") for name in labels):
         for j in (0, 1):
-            assert Image.open(save_dir / f"generated_images/sample_{i:06d}/generated_{j:02d}.png").size == (32, 32)
+            assert Image.open(save_dir / f"generated_images/sample_{stem}/generated_{j:02d}.png").size == (32, 32)
 
     records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
     assert len(records) == 6
-    assert [r["seed"] for r in records] == [10, 11, 12, 13, 14, 15]
+    assert [r["seed"] for r in records] == [derive_seed(10, n.removesuffix(".png"), j) for n in labels for j in (0, 1)]
     assert {r["scheduler"] for r in records} == {"dpmsolver"} and records[0]["num_inference_steps"] == 2
     # masks in file-name order: colour_train_00002.png, train_00000.png, train_00001.png
     assert [r["mask_source"] for r in records[::2]] == list(labels)
@@ -393,7 +400,43 @@ def test_generator_writes_a_generic_dataset(trained, masks_dir, tmp_path):
     results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
                              "--results_dir", str(tmp_path / "eval")])  # fmt: skip
     assert results["layout"] == "mask-conditioned" and (results["num_generated_images"], results["num_masks"]) == (6, 3)
-    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
+    # the score of exactly these files, recomputed with numpy: each image read by palette against its own mask
+    miou, per_class = expected_miou(save_dir, joint=False)
+    assert results["miou"] == pytest.approx(miou, abs=1e-6)
+    assert results["per_class_iou"] == pytest.approx(per_class, abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["miou"] == pytest.approx(miou, abs=1e-6)
+
+
+def test_make_scheduler_keeps_the_bases_schedule(tiny_sd_folder):
+    base = DDPMScheduler.from_pretrained(tiny_sd_folder, subfolder="scheduler").config  # SD's: epsilon, leading
+    assert base.prediction_type == "epsilon" and not base.clip_sample
+    for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
+        sampler = make_scheduler(name, base)
+        assert type(sampler) is SAMPLERS[name], name
+        for key in ("prediction_type", "timestep_spacing", "steps_offset", "beta_schedule", "beta_start", "beta_end"):
+            assert sampler.config[key] == base[key], (name, key)
+        assert not sampler.config.thresholding  # latents: nothing to clip
+    assert make_scheduler("dpmsolver", base).config.algorithm_type == "dpmsolver++"
+
+
+def test_generator_samples_with_the_scheduler_it_names(trained, masks_dir, tmp_path, monkeypatch):
+    one_mask = tmp_path / "one"
+    one_mask.mkdir()
+    shutil.copy(sorted(masks_dir[0].iterdir())[0], one_mask)
+    seen = spy_on_samplers(monkeypatch)
+    for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
+        seen["steps"].clear()
+        run_generator(
+            monkeypatch, "generate_controlnet_seg.py", "--controlnet", trained[0], "--masks_dir", one_mask,
+            "--save_dir", tmp_path / name, "--num_images_per_mask", "1", "--num_inference_steps", "3",
+            "--scheduler", name,
+        )  # fmt: skip
+        built_name, built = seen["built"][-1]
+        assert built_name == name and type(built) is SAMPLERS[name]
+        assert built.config.prediction_type == "epsilon"  # the base's
+        # 3 steps, all with the named sampler and none with another
+        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+    assert len(seen["built"]) == 4
 
 
 def test_generator_names_a_mask_with_unknown_colours(trained, masks_dir, tmp_path, monkeypatch):

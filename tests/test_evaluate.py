@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,7 +219,7 @@ def test_lpips_diversity_is_zero_for_identical_samples_and_positive_for_differen
 
 
 def test_missing_inception_weights_stop_at_once_with_the_file_to_download(toy_data, weights):
-    started = time.perf_counter()
+    # How fast it stops is a row of benchmarks/bench_startup.py, not a timed assert.
     result = subprocess.run(
         [sys.executable, "evaluate.py", "--generated_dir", toy_data, "--real_dir", toy_data, "--metrics", "fid"],
         cwd=ROOT,
@@ -230,7 +229,6 @@ def test_missing_inception_weights_stop_at_once_with_the_file_to_download(toy_da
         timeout=60,
     )
     assert result.returncode != 0
-    assert time.perf_counter() - started < 30  # the time to import torch, not a download's timeout
     assert evaluate.INCEPTION_URL in result.stderr and "--inception_weights" in result.stderr
     assert str(weights.empty_hub / "hub" / "checkpoints" / evaluate.INCEPTION_FILE) in result.stderr
     assert "Traceback" not in result.stderr

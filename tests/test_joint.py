@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import run_script, script_error
 from diffusers import UNet2DConditionModel
+from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,7 +16,8 @@ import evaluate
 from generate_joint_image_mask_diffusion import load_pipeline
 from generate_joint_image_mask_diffusion import parse_args as parse_generate_args
 from segdiff.data import load_segmentation_dataset, read_label_map
-from segdiff.pipelines.joint import JointImageMaskPipeline
+from segdiff.generation import make_scheduler
+from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler
 from train_seg_mask_diffusion import class_mask_latents, joint_loss, parse_args, pick_class, widen_unet_for_mask
 
 
@@ -70,10 +72,13 @@ def test_training_writes_the_pipeline_folder(trained):
 
     unet = UNet2DConditionModel.from_pretrained(trained / "unet")
     assert unet.config.in_channels == unet.config.out_channels == 5
-    # EMA weights are what the final pipeline holds
+    # EMA weights are what the final pipeline holds, not the trained weights they average
     ema = load_file(trained / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors")
     final = load_file(trained / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(trained / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == final.keys() == raw.keys()
     assert all(torch.equal(ema[k], final[k]) for k in final)
+    assert not all(torch.equal(raw[k], final[k]) for k in final)
 
 
 def test_pipeline_round_trips_and_generates_images_and_masks(trained, tmp_path):
@@ -219,6 +224,37 @@ def test_joint_loss_weighs_the_mask_and_skips_cells_without_truth():
     prediction[1, 4, 0] = 100.0  # and their (huge) error must not count
     loss, image_loss, mask_loss = joint_loss(prediction, target, weight, mask_loss_weight=0.5)
     assert image_loss.item() == 1.0 and mask_loss.item() == 4.0 and loss.item() == 1.0 + 0.5 * 4.0
+    # Min-SNR weights scale each sample's loss (both are 3.0 here), then the batch is averaged
+    weighted, _, _ = joint_loss(prediction, target, weight, 0.5, snr_weights=torch.tensor([0.25, 1.0]))
+    assert weighted.item() == (0.25 * 3.0 + 1.0 * 3.0) / 2
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_min_snr_gamma_over_the_targets_snr(prediction_type, tiny_sd_folder):
+    """Hang et al. 2023: min(SNR, gamma) / SNR for an epsilon target, min(SNR, gamma) / (SNR + 1) for v."""
+    from segdiff.training import min_snr_weights
+
+    v = prediction_type == "v_prediction"  # the trainer's default, with zero terminal SNR
+    scheduler = joint_noise_scheduler(tiny_sd_folder, prediction_type, zero_terminal_snr=v)
+    timesteps = torch.tensor([0, 50, 200, 400, 600, 800, 999])
+    alphas = scheduler.alphas_cumprod.double()[timesteps]
+    snr = alphas / (1 - alphas)  # alpha_bar / (1 - alpha_bar)
+    gamma = 5.0
+    assert snr.max() > gamma > snr.min()  # both sides of the clamp are exercised
+    expected = snr.clamp(max=gamma) / (snr + 1 if v else snr)
+
+    weights = min_snr_weights(scheduler, timesteps, gamma)
+    assert weights.shape == (7,)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    high_noise = snr < gamma
+    if v:  # below gamma the weight is SNR / (SNR + 1): 0 at the zero-SNR last step, where epsilon is undefined
+        assert weights[6].item() == 0.0
+        torch.testing.assert_close(weights[high_noise].double(), (snr / (snr + 1))[high_noise], rtol=1e-5, atol=1e-6)
+    else:  # below gamma no down-weighting at all
+        assert torch.equal(weights[high_noise], torch.ones(int(high_noise.sum())))
+    torch.testing.assert_close(
+        weights[~high_noise].double(), (gamma / (snr + 1 if v else snr))[~high_noise], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_frozen_prompts_are_encoded_once_and_dropped_samples_get_the_empty_prompt(toy_data, tiny_sd_folder, tmp_path):
@@ -301,7 +337,11 @@ def test_generator_writes_a_generic_dataset(trained, tmp_path):
     results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
                              "--results_dir", str(tmp_path / "eval")])  # fmt: skip
     assert results["layout"] == "joint" and results["num_generated_images"] == 5
-    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
+    # the score of exactly these files, recomputed with numpy (class-vs-rest per sample)
+    miou, per_class = expected_miou(save_dir, joint=True)
+    assert results["miou"] == pytest.approx(miou, abs=1e-6)
+    assert results["per_class_iou"] == pytest.approx(per_class, abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["miou"] == pytest.approx(miou, abs=1e-6)
 
     # a re-run keeps what is there and only adds the missing samples
     before = (save_dir / "images/000002.png").read_bytes()
@@ -320,10 +360,41 @@ def test_generator_samples_do_not_depend_on_batch_size(trained, tmp_path):
         assert np.abs(a - b).max() <= 1  # batched convolutions may differ in the last bit
 
 
+def test_make_scheduler_keeps_the_joint_schedule(trained):
+    training = JointImageMaskPipeline.from_pretrained(trained).scheduler  # v, zero terminal SNR, trailing
+    assert training.alphas_cumprod[-1] == 0
+    for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
+        sampler = make_scheduler(name, training.config)
+        assert type(sampler) is SAMPLERS[name], name
+        for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "beta_schedule", "beta_end"):
+            assert sampler.config[key] == training.config[key], (name, key)
+        assert not sampler.config.thresholding  # latents: nothing to clip
+        # the same noise levels (the multistep solvers nudge the zero-SNR end off 0 to keep log-SNR finite)
+        torch.testing.assert_close(sampler.alphas_cumprod[:-1], training.alphas_cumprod[:-1], rtol=0, atol=0)
+    assert make_scheduler("dpmsolver", training.config).config.algorithm_type == "dpmsolver++"
+
+
+def test_generator_samples_with_the_scheduler_it_names(trained, tmp_path, monkeypatch):
+    seen = spy_on_samplers(monkeypatch)
+    for name in ("ddim", "ddpm", "dpmsolver"):
+        seen["steps"].clear()
+        run_generator(
+            monkeypatch, "generate_joint_image_mask_diffusion.py", "--checkpoint", trained, "--save_dir",
+            tmp_path / name, "--num_samples", "2", "--batch_size", "2", "--num_inference_steps", "3",
+            "--scheduler", name,
+        )  # fmt: skip
+        built_name, built = seen["built"][-1]
+        assert built_name == name and type(built) is SAMPLERS[name]
+        assert built.config.prediction_type == "v_prediction" and built.config.timestep_spacing == "trailing"
+        # one batch of 3 steps, all with the named sampler and none with another
+        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+    assert len(seen["built"]) == 3
+
+
 def test_generator_class_weights_draw_only_weighted_classes(trained, tmp_path):
     generate(trained, tmp_path / "w", "--num_samples", "6", "--batch_size", "6", "--class_weights", "0,0,1,3")
     records = [json.loads(line) for line in (tmp_path / "w/metadata.jsonl").read_text().splitlines()]
-    assert {r["class_id"] for r in records} <= {2, 3}
+    assert len(records) == 6 and {r["class_id"] for r in records} <= {2, 3}
 
 
 def test_generator_bad_inputs_give_clear_errors(trained, tmp_path, monkeypatch):
@@ -348,7 +419,21 @@ def test_generator_bad_inputs_give_clear_errors(trained, tmp_path, monkeypatch):
 
 def test_generator_takes_a_checkpoint_folder_and_uses_its_ema(trained, tmp_path):
     generate(trained / "checkpoint-2", tmp_path / "ckpt", "--num_samples", "1")
-    assert (tmp_path / "ckpt" / "images" / "000000.png").is_file()
+    written = np.asarray(Image.open(tmp_path / "ckpt" / "images" / "000000.png"), dtype=int)
+
+    # The same sample (class 0, seed 0, DDIM, 2 steps) from checkpoint-2's EMA UNet and trained text encoder ...
+    pipeline = JointImageMaskPipeline.from_pretrained(trained)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.text_encoder = pipeline.text_encoder.from_pretrained(trained / "checkpoint-2", subfolder="text_encoder")
+
+    def sample(unet_folder):
+        pipeline.unet = UNet2DConditionModel.from_pretrained(trained / "checkpoint-2", subfolder=unet_folder)
+        output = pipeline([0], height=32, width=32, num_inference_steps=2, generator=[torch.Generator().manual_seed(0)])
+        return np.asarray(output.images[0], dtype=int)
+
+    assert np.abs(sample("unet_ema") - written).max() <= 1
+    # ... and not from its non-EMA UNet
+    assert np.abs(sample("unet") - written).max() > 1
 
 
 def test_checkpoint_of_an_unfinished_run_loads_its_own_unet_ema_and_text_encoder(trained, tmp_path):

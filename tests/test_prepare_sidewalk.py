@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -317,10 +316,9 @@ def test_pad_fills_label_borders_with_ignore_index(source, tmp_path):
 
 
 def test_offline_without_data_dir_fails_fast_naming_data_dir(source, tmp_path):
-    start = time.monotonic()
+    # How fast it stops is a row of benchmarks/bench_startup.py, not a timed assert.
     result = run_prepare(source, "--output_dir", tmp_path / "out")
     assert result.returncode != 0
     assert "--data_dir" in result.stdout and "offline (" in result.stdout
     assert "Traceback" not in result.stdout
-    assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists()

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, script_error
+from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
 from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
+from segdiff.generation import make_scheduler
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+from segdiff.training import derive_seed
 from train_spade_sdm import build_training_data, discretized_gaussian_log_likelihood, parse_args, variational_bound
 
 CLASS_NAMES = ["background", "square", "disk", "triangle"]
@@ -59,8 +62,10 @@ def test_pixel_spade_training_writes_a_pipeline_folder(trained):
     assert not (trained / "vae").exists()
     config = json.loads((trained / "training_config.json").read_text())
     assert config["space"] == "pixel" and config["unet_config"]["num_classes"] == 4
-    # The final weights are the EMA ones.
+    # The final weights are the EMA ones, not the trained weights they average.
     assert same_weights(weights(trained), weights(trained / "checkpoint-4", "unet_ema"))
+    assert weights(trained).keys() == weights(trained / "checkpoint-4").keys()
+    assert not same_weights(weights(trained), weights(trained / "checkpoint-4"))
 
     pipeline = SemanticDiffusionPipeline.from_pretrained(trained)
     assert pipeline.class_names == CLASS_NAMES and pipeline.vae is None
@@ -212,15 +217,15 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     save_dir = tmp_path / "out"
     generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--batch_size", "4", "--scheduler", "ddpm")
     stems = sorted(p.stem for p in masks_dir.iterdir())
-    for index in (1, 2):
+    for stem in stems:
         for j in range(3):
-            assert (save_dir / f"generated_images/sample_{index:06d}/generated_{j:02d}.png").is_file()
-        assert Image.open(save_dir / f"visualizations/sample_{index:06d}.png").size == (4 * 32, 32)
+            assert (save_dir / f"generated_images/sample_{stem}/generated_{j:02d}.png").is_file()
+        assert Image.open(save_dir / f"visualizations/sample_{stem}.png").size == (4 * 32, 32)
     assert (save_dir / "grid.png").is_file() and (save_dir / "class_names.json").is_file()
 
     records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
-    assert [(r["mask_index"], r["image_index"]) for r in records] == [(m, j) for m in (0, 1) for j in range(3)]
-    assert [r["seed"] for r in records] == list(range(6))
+    assert [(r["mask_stem"], r["image_index"]) for r in records] == [(s, j) for s in stems for j in range(3)]
+    assert [r["seed"] for r in records] == [derive_seed(0, s, j) for s in stems for j in range(3)]
     assert records[4]["file_name"] == f"images/{stems[1]}_01.png" and records[4]["scheduler"] == "ddpm"
     assert records[4]["mask_source"] == f"{stems[1]}.png" and records[4]["guidance_scale"] == 1.5
 
@@ -235,7 +240,11 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     results = evaluate.main(["--generated_dir", str(save_dir), "--segmenter", "palette", "--metrics", "miou",
                              "--results_dir", str(tmp_path / "eval")])  # fmt: skip
     assert results["layout"] == "mask-conditioned" and (results["num_generated_images"], results["num_masks"]) == (6, 2)
-    assert 0 <= results["miou"] <= 1 and (tmp_path / "eval" / "metrics.json").is_file()
+    # the score of exactly these files, recomputed with numpy: each image read by palette against its own mask
+    miou, per_class = expected_miou(save_dir, joint=False)
+    assert results["miou"] == pytest.approx(miou, abs=1e-6)
+    assert results["per_class_iou"] == pytest.approx(per_class, abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["miou"] == pytest.approx(miou, abs=1e-6)
 
     # a re-run keeps the finished masks and only generates new ones
     before = (save_dir / "images" / f"{stems[0]}_00.png").read_bytes()
@@ -245,6 +254,42 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     assert "2 masks already done" in result.stdout and "generating the 1 others" in result.stdout
     assert (save_dir / "images" / f"{stems[0]}_00.png").read_bytes() == before
     assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 9
+
+
+@pytest.mark.parametrize("pixel_space", [True, False], ids=["pixel", "latent"])
+def test_make_scheduler_keeps_the_sdm_schedule_and_its_clipping(pixel_space):
+    training = sdm_scheduler(learn_sigma=True, pixel_space=pixel_space)
+    for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
+        sampler = make_scheduler(name, training.config)
+        assert type(sampler) is SAMPLERS[name], name
+        for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"):
+            assert sampler.config[key] == training.config[key], (name, key)
+        torch.testing.assert_close(sampler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+        if name in ("ddim", "ddpm"):  # they clip x0 themselves
+            assert sampler.config.clip_sample == pixel_space and not sampler.config.thresholding
+        else:  # the multistep solvers clip through thresholding at the clip range, only in pixel space
+            assert sampler.config.thresholding == pixel_space
+            assert not pixel_space or sampler.config.sample_max_value == training.config.clip_sample_range == 1.0
+    assert make_scheduler("ddpm", training.config).config.variance_type == "learned_range"
+    assert make_scheduler("dpmsolver", training.config).config.algorithm_type == "dpmsolver++"
+
+
+def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_path, monkeypatch):
+    masks_dir = write_masks(tmp_path / "masks", toy_data, count=1)
+    seen = spy_on_samplers(monkeypatch)
+    for name in ("ddim", "ddpm", "dpmsolver"):
+        seen["steps"].clear()
+        run_generator(
+            monkeypatch, "generate_spade_sdm.py", "--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir",
+            tmp_path / name, "--num_samples_per_mask", "1", "--num_inference_steps", "3", "--scheduler", name,
+        )  # fmt: skip
+        built_name, built = seen["built"][-1]
+        assert built_name == name and type(built) is SAMPLERS[name]
+        # the pixel model's clipping, whichever way the sampler applies it
+        assert built.config.clip_sample if name != "dpmsolver" else built.config.thresholding
+        # 3 steps, all with the named sampler and none with another
+        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+    assert len(seen["built"]) == 3
 
 
 def test_generator_images_do_not_depend_on_batch_size(trained, toy_data, tmp_path):

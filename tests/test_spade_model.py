@@ -265,14 +265,29 @@ def test_pipeline_generates_deterministically(latent):
     assert len(pil) == 2 and pil[0].size == (32, 32)
 
 
+def channels_stepped(pipeline) -> list:
+    """The channel count of every model output the pipeline's scheduler steps with."""
+    seen, step = [], pipeline.scheduler.step
+
+    def spy(model_output, *args, **kwargs):
+        seen.append(model_output.shape[1])
+        return step(model_output, *args, **kwargs)
+
+    pipeline.scheduler.step = spy
+    return seen
+
+
 def test_pipeline_with_learned_sigma_feeds_each_scheduler_what_it_reads():
     labels = random_labels(1, 32)
     ddpm = DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range", clip_sample=False)
     for scheduler in (ddpm, DDIMScheduler(num_train_timesteps=1000, clip_sample=False)):
         pipeline = make_pipeline(learn_sigma=True, scheduler=scheduler)
         assert pipeline.scheduler_takes_variance() == (scheduler is ddpm)
+        stepped = channels_stepped(pipeline)
         images = generate(pipeline, labels).images
         assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+        # 2 steps: DDPM's learned range reads epsilon and the variance interpolation (3 + 3), DDIM epsilon alone
+        assert stepped == [6, 6] if scheduler is ddpm else stepped == [3, 3]
     with pytest.raises(ValueError, match="learn_sigma"):
         generate(make_pipeline(scheduler=ddpm), labels)
 
@@ -281,8 +296,10 @@ def test_pipeline_with_learned_sigma_feeds_each_scheduler_what_it_reads():
         latent=True, learn_sigma=True, scheduler=DPMSolverMultistepScheduler.from_config(ddpm.config)
     )
     assert pipeline.scheduler.config.variance_type == "learned_range" and not pipeline.scheduler_takes_variance()
+    stepped = channels_stepped(pipeline)
     images = generate(pipeline, labels, num_images_per_mask=1).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert stepped == [4, 4]  # the epsilon half of the 8 channels
 
 
 def test_guided_sampling_runs_both_branches_in_one_forward_and_takes_a_sampler_by_name():
