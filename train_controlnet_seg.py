@@ -48,6 +48,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
 from segdiff.data import (
+    LABEL_OFFSETS,
     DatasetError,
     JointTransform,
     add_dataset_args,
@@ -634,8 +635,9 @@ def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Ima
     controls, labels = [], []
     if args.validation_image:
         for path in args.validation_image:
-            if palette is not None:  # label PNGs or colour PNGs in the palette
-                label = resize_labels(read_mask(Path(path), palette, args.ignore_index), size, size)
+            if palette is not None:  # label PNGs (as the training layout stores them: raw LoveDA ids) or colours
+                offset = LABEL_OFFSETS.get(args.dataset, 0) if args.data_root else 0
+                label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), size, size)
                 controls.append(colorize_label(label, palette, args.ignore_index))
                 labels.append(label)
             else:

@@ -166,6 +166,20 @@ def read_image(path: str | Path) -> Image.Image:
     return _decode_file(Path(path), "image", lambda img: img.convert("RGB"))
 
 
+# How a layout's mask files encode classes: class = file id - offset, file ids below it are no-data.
+# LoveDA stores 0 for no-data and classes from 1.
+LABEL_OFFSETS = {"loveda": 1}
+
+
+def decode_label_ids(raw: np.ndarray, label_offset: int, ignore_index: int) -> np.ndarray:
+    """File ids -> class ids: minus ``label_offset``, with ``ignore_index`` for ids below it (no-data)."""
+    if label_offset == 0:
+        return raw
+    label = raw - label_offset
+    label[(raw < label_offset) | (raw == ignore_index)] = ignore_index
+    return label
+
+
 def read_label_map(path: str | Path) -> np.ndarray:
     """A 2-D int64 array of the ids stored in a mask file (for a paletted PNG: the palette index)."""
     path = Path(path)
@@ -353,11 +367,7 @@ class SegmentationDataset(Dataset):
 
     def decode_label(self, raw: np.ndarray) -> np.ndarray:
         """File ids -> class ids, with ``ignore_index`` for no-data."""
-        if self.label_offset == 0:
-            return raw
-        label = raw - self.label_offset
-        label[(raw < self.label_offset) | (raw == self.ignore_index)] = self.ignore_index
-        return label
+        return decode_label_ids(raw, self.label_offset, self.ignore_index)
 
     def out_of_range_ids(self, label: np.ndarray) -> list[int]:
         """Ids in a decoded label map that are neither a class nor ``ignore_index``."""
@@ -659,7 +669,7 @@ def load_segmentation_dataset(
         palette,
         ignore_index=ignore_index,
         layout=dataset,
-        label_offset=1 if dataset == "loveda" else 0,
+        label_offset=LABEL_OFFSETS.get(dataset, 0),
         split=split,
         data_root=root,
     )

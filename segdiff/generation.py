@@ -37,6 +37,7 @@ from segdiff.data import (
     _decode_file,
     _label_array,
     colorize_label,
+    decode_label_ids,
     save_label_png,
     write_class_names,
 )
@@ -108,15 +109,16 @@ def colour_mask_to_labels(rgb: np.ndarray, palette, ignore_index: int, path: Pat
     return np.asarray([lookup[int(code)] for code in unique], dtype=np.int64)[inverse].reshape(codes.shape)
 
 
-def read_mask(path: Path, palette, ignore_index: int) -> np.ndarray:
-    """A label map from a label PNG (ids), or from a colour PNG mapped through the palette."""
+def read_mask(path: Path, palette, ignore_index: int, label_offset: int = 0) -> np.ndarray:
+    """A label map from a label PNG (ids, read as a dataset of that ``label_offset`` stores them: 1 for raw LoveDA
+    masks), or from a colour PNG mapped through the palette."""
 
     def convert(img: Image.Image) -> np.ndarray:
         if img.mode in ("RGB", "RGBA"):
             rgb = np.asarray(img.convert("RGB"))
             if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
                 return colour_mask_to_labels(rgb, palette, ignore_index, path)
-        return _label_array(img, path)
+        return decode_label_ids(_label_array(img, path), label_offset, ignore_index)
 
     return _decode_file(path, "mask", convert)
 

@@ -245,6 +245,24 @@ def test_label_maps_are_coloured_after_the_shared_geometry(toy_data, tiny_sd_fol
         assert example["prompt"] == class_prompt(labels, TOY_NAMES, top_k=2)
 
 
+def test_raw_loveda_validation_masks_are_read_as_the_loveda_loader_reads_them(tiny_sd_folder, tmp_path):
+    """The README's LoveDA example passes a raw LoveDA mask (0 no-data, classes 1..7) as --validation_image."""
+    from segdiff.data import LOVEDA_PALETTE, save_label_png
+    from train_controlnet_seg import validation_conditions
+
+    raw = np.repeat(np.arange(8, dtype=np.uint8), 4)[None].repeat(32, axis=0)  # columns of raw ids 0..7
+    save_label_png(raw, tmp_path / "3514.png")
+    args = parse_args(
+        [str(a) for a in train_args(tiny_sd_folder, tmp_path / "out")[1:]]
+        + ["--data_root", str(tmp_path), "--dataset", "loveda", "--validation_image", str(tmp_path / "3514.png")]
+        + ["--validation_prompt", "a remote sensing image"]
+    )
+    [(control, prompt)] = validation_conditions(args, None, ["c"] * 7, LOVEDA_PALETTE)
+    colours = np.asarray(control)[0, ::4]  # one pixel per raw id
+    assert colours[0].tolist() == [0, 0, 0]  # no-data: drawn as ignore
+    assert colours[1:].tolist() == [list(colour) for colour in LOVEDA_PALETTE]  # raw id k -> class k - 1
+
+
 def write_metadata_csv(toy_data, folder, num_rows=8):
     """The reference's layout: image, conditioning_image (the colourised mask), text; every other caption empty."""
     (folder / "conditioning").mkdir(parents=True)
