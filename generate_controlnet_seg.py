@@ -28,20 +28,12 @@ regenerates everything instead.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from tqdm.auto import tqdm
 
-from segdiff.data import (
-    IGNORE_INDEX,
-    colorize_label,
-    default_palette,
-    exit_on_bad_input,
-    load_class_names,
-)
+from segdiff.data import exit_on_bad_input
 from segdiff.generation import (
     SCHEDULERS,
     MaskSampleWriter,
@@ -50,17 +42,19 @@ from segdiff.generation import (
     make_scheduler,
     read_mask,
     recorded_path,
-    resize_labels,
+)
+from segdiff.prompts import classes_by_area
+from segdiff.rendering import (
+    CONTROLNET_GUIDANCE_SCALE,
+    CONTROLNET_SCHEDULER,
+    ControlNetRenderer,
+    load_controlnet,
+    load_controlnet_pipeline,
+    load_run_files,
+    recorded_base,
+    run_setting,
 )
 from segdiff.training import write_json_atomic
-from train_controlnet_seg import (
-    DEFAULT_PROMPT_TEMPLATE,
-    class_prompt,
-    classes_by_area,
-    conditioning_downsampling,
-    size_multiple,
-    vae_scale_factor,
-)
 
 
 def parse_args(argv=None):
@@ -107,12 +101,15 @@ def parse_args(argv=None):
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
-        default="unipc",
+        default=CONTROLNET_SCHEDULER,
         help="Sampler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
     )
     parser.add_argument("--num_inference_steps", type=int, default=30, help="(default: 30)")
     parser.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance; 1 disables. (default: 7.5)"
+        "--guidance_scale",
+        type=float,
+        default=CONTROLNET_GUIDANCE_SCALE,
+        help="Classifier-free guidance; 1 disables. (default: %(default)s)",
     )
     parser.add_argument(
         "--controlnet_conditioning_scale", type=float, default=1.0, help="Strength of the mask's control."
@@ -138,78 +135,6 @@ def parse_args(argv=None):
     if args.num_images_per_mask < 1 or args.batch_size < 1:
         parser.error("--num_images_per_mask and --batch_size must be at least 1")
     return args
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
-
-
-def load_controlnet(folder: Path, dtype: dict) -> tuple[ControlNetModel, Path]:
-    """The ControlNet of a training output folder, or of a checkpoint-N/ in one (its EMA weights if kept).
-
-    Returns it with the folder holding the run files (class_names.json, training_config.json).
-    """
-    if not folder.is_dir():
-        raise SystemExit(
-            f"--controlnet {folder} does not exist. Fix: pass the output folder of train_controlnet_seg.py."
-        )
-    if (folder / "config.json").is_file():
-        return ControlNetModel.from_pretrained(folder, **dtype), folder
-    for subfolder in ("controlnet_ema", "controlnet"):
-        if (folder / subfolder / "config.json").is_file():
-            return ControlNetModel.from_pretrained(folder, subfolder=subfolder, **dtype), folder.parent
-    raise SystemExit(
-        f"--controlnet {folder} holds no ControlNet: expected config.json (the output folder of "
-        "train_controlnet_seg.py) or controlnet/ (one of its checkpoint-N folders)."
-    )
-
-
-def load_run_files(run_dir: Path, args):
-    """The training config (or {}), class names and palette: the run's class_names.json, else --class_names_json."""
-    config_file = run_dir / "training_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    names_file = Path(args.class_names_json) if args.class_names_json else run_dir / "class_names.json"
-    if not names_file.is_file():
-        raise SystemExit(
-            f"{run_dir} has no class_names.json, so the palette that maps classes to control colours is unknown. "
-            "Fix: pass --class_names_json with the class names and palette the ControlNet was trained with."
-        )
-    with exit_on_bad_input():
-        class_names, palette = load_class_names(names_file)
-    return config, class_names, palette or default_palette(len(class_names))
-
-
-def load_pipeline(
-    base: str, controlnet: ControlNetModel, dtype: dict, variant: str | None = None
-) -> StableDiffusionControlNetPipeline:
-    """The base (its ``variant`` weights, as in training) with the ControlNet; a clear error if the two were not
-    made for each other."""
-    try:
-        pipeline = StableDiffusionControlNetPipeline.from_pretrained(
-            base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, variant=variant, **dtype
-        )
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot load the base model {base}: {error}") from None
-    factor = vae_scale_factor(pipeline.vae.config)
-    if conditioning_downsampling(controlnet) != factor:
-        raise SystemExit(
-            f"the ControlNet downsamples control images by {conditioning_downsampling(controlnet)} but the VAE of "
-            f"{base} by {factor}: it was trained on another base. Fix: pass the base it was trained on."
-        )
-    for key in ("cross_attention_dim", "block_out_channels"):
-        # JSON turns tuples into lists: compare the values, not the container types.
-        if json.dumps(pipeline.unet.config[key]) != json.dumps(controlnet.config[key]):
-            raise SystemExit(
-                f"the ControlNet's {key} does not match the UNet of {base}: it was trained on another base."
-            )
-    return pipeline
-
-
-def output_size(height: int, width: int, short_side: int, multiple: int) -> tuple[int, int]:
-    """The mask's aspect ratio with ``short_side`` as its short side, both sides rounded to ``multiple``."""
-    scale = short_side / min(height, width)
-    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,28 +168,27 @@ def generation_args(args, base: str, template: str, top_k: int, short_side: int,
 
 def main(args):
     # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
-    dtype = {"torch_dtype": torch.float16 if args.fp16 else torch.float32}
-    controlnet, run_dir = load_controlnet(Path(args.controlnet), dtype)
-    config, class_names, palette = load_run_files(run_dir, args)
-    ignore_index = args.ignore_index if args.ignore_index is not None else config.get("ignore_index", IGNORE_INDEX)
-    template = args.prompt_template or config.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    top_k = args.prompt_top_k if args.prompt_top_k is not None else config.get("prompt_top_k", 3)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    controlnet, run_dir = load_controlnet(args.controlnet, dtype)
+    config, class_names, palette = load_run_files(run_dir, args.class_names_json)
+    ignore_index = run_setting(config, "ignore_index", args.ignore_index)
+    template = run_setting(config, "prompt_template", args.prompt_template or None)
+    top_k = run_setting(config, "prompt_top_k", args.prompt_top_k)
     # Every mask is read and checked before the models load: a bad file fails in seconds, named.
     masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
 
-    base = args.pretrained_model_name_or_path or config.get("pretrained_model_name_or_path")
-    if base is None:
-        raise SystemExit(
-            f"{run_dir} has no training_config.json naming its base: pass --pretrained_model_name_or_path."
-        )
-    short_side = args.resolution or config.get("resolution", 512)
+    base = recorded_base(config, run_dir, args.pretrained_model_name_or_path, flag="--pretrained_model_name_or_path")
+    short_side = run_setting(config, "resolution", args.resolution or None)
     recorded = generation_args(args, base, template, top_k, short_side, ignore_index)
     check_save_dir(args.save_dir, recorded, args.overwrite)  # before the models load: a refusal takes seconds
-    pipeline = load_pipeline(base, controlnet, dtype, variant=config.get("variant"))
-    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = load_controlnet_pipeline(base, controlnet, dtype, variant=config.get("variant"))
     pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    multiple = size_multiple(pipeline.vae.config, pipeline.unet.config)
+    # The renderer turns each mask into what the ControlNet sees (control image, prompt), as segdiff.rendering's
+    # load_renderer does, with this command line's overrides of the run's settings.
+    renderer = ControlNetRenderer(
+        pipeline, class_names, palette, ignore_index, short_side, run_dir, prompt_template=template, prompt_top_k=top_k
+    )
+    pipeline.scheduler = make_scheduler(args.scheduler, renderer.scheduler_config)
 
     n = args.num_images_per_mask
     writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, n, recorded, overwrite=args.overwrite)
@@ -272,11 +196,10 @@ def main(args):
     if len(todo) < len(masks):
         print(f"{len(masks) - len(todo)} masks already in {args.save_dir}; generating the {len(todo)} missing ones.")
     for mask in tqdm(todo, desc="Masks"):
-        label = read_mask(mask.path, palette, ignore_index)
-        height, width = output_size(*label.shape, short_side, multiple)
-        label = resize_labels(label, height, width)
-        control = colorize_label(label, palette, ignore_index)
-        prompt = args.prompt or class_prompt(label, class_names, template, top_k, ignore_index)
+        condition = renderer.condition(read_mask(mask.path, palette, ignore_index))
+        label = condition.label
+        height, width = label.shape
+        prompt = args.prompt or condition.prompt
         # CPU generators: the same seed gives the same noise on any device.
         seeds = mask.seeds(args.seed, n)
         images = []
@@ -284,7 +207,7 @@ def main(args):
             chunk = seeds[start : start + args.batch_size]
             images += pipeline(
                 prompt,
-                control,
+                condition.control,
                 height=height,
                 width=width,
                 num_inference_steps=args.num_inference_steps,

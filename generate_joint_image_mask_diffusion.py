@@ -38,12 +38,11 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
-from segdiff.generation import make_scheduler, save_png_atomic
+from segdiff.generation import CORE_SCHEDULERS, make_scheduler, save_png_atomic
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
 from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
 
-SCHEDULERS = ("ddim", "ddpm", "dpmsolver")
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
 
 
@@ -71,7 +70,7 @@ def parse_args(argv=None):
         help="Draw each sample's class with these relative weights, one per class, e.g. '1,4,1,1,2,1,1' "
         "to balance rare classes. Default: every class in turn.",
     )
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default="ddim")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument(
         "--guidance_scale",

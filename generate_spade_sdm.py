@@ -31,17 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from segdiff.data import (
-    IMAGE_EXTENSIONS,
-    DatasetError,
-    default_palette,
-    exit_on_bad_input,
-    load_class_names,
-    read_image,
-)
-from segdiff.generation import SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, recorded_path
-from segdiff.models.spade_unet import SpadeUNetModel
-from segdiff.pipelines.sdm import SemanticDiffusionPipeline
+from segdiff.data import IMAGE_EXTENSIONS, DatasetError, exit_on_bad_input, read_image
+from segdiff.generation import CORE_SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, recorded_path
+from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
 from segdiff.training import write_json_atomic
 
 
@@ -68,15 +60,15 @@ def parse_args(argv=None):
     parser.add_argument(
         "--guidance_scale",
         type=float,
-        default=1.5,
+        default=SDM_GUIDANCE_SCALE,
         help="Classifier-free guidance scale s (SDM: 1.5); 1 turns guidance off. Guidance needs a model trained or "
         "fine-tuned with --drop_rate > 0. Default: %(default)s",
     )
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument(
         "--scheduler",
-        choices=[name for name in SCHEDULERS if name != "unipc"],
-        default="ddpm",
+        choices=CORE_SCHEDULERS,
+        default=SDM_SCHEDULER,
         help="Sampler: ddpm (default; SDM's own, and the learned variance of learn_sigma models), ddim, dpmsolver "
         "(DPM-Solver++). The deterministic ones need a well-trained model: on the toy benchmark, 50 steps after "
         "a 10-minute CPU training reach mIoU 0.61 (ddim) and 0.50 (dpmsolver) against 1.00 (ddpm).",
@@ -104,30 +96,6 @@ def parse_args(argv=None):
     if args.num_samples_per_mask < 1:
         parser.error("--num_samples_per_mask must be at least 1")
     return args
-
-
-def load_pipeline(checkpoint: Path, args) -> SemanticDiffusionPipeline:
-    """The pipeline of a trained output folder; for checkpoint-N/, its (EMA) UNet in the parent's pipeline."""
-    dtype = {"torch_dtype": torch.float16} if args.fp16 else {}
-    if (checkpoint / "model_index.json").is_file():
-        return SemanticDiffusionPipeline.from_pretrained(checkpoint, **dtype)
-    if (checkpoint / "unet").is_dir() and (checkpoint.parent / "model_index.json").is_file():
-        subfolder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
-        unet = SpadeUNetModel.from_pretrained(checkpoint, subfolder=subfolder, **dtype)
-        return SemanticDiffusionPipeline.from_pretrained(checkpoint.parent, unet=unet, **dtype)
-    raise SystemExit(
-        f"{checkpoint} is not a trained SDM: expected model_index.json (the output folder of train_spade_sdm.py) "
-        "or unet/ inside one of its checkpoint-N folders."
-    )
-
-
-def load_palette(checkpoint: Path, num_classes: int):
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / "class_names.json").is_file():
-            _, palette = load_class_names(folder / "class_names.json")
-            if palette:
-                return palette
-    return default_palette(num_classes)
 
 
 def style_references(style_images: str | None, masks) -> dict[str, Path] | None:
@@ -171,7 +139,7 @@ def main(args):
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise SystemExit(f"--checkpoint {checkpoint} does not exist.")
-    pipeline = load_pipeline(checkpoint, args)
+    pipeline = load_sdm_pipeline(checkpoint, torch.float16 if args.fp16 else None)  # default: as saved
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -183,7 +151,7 @@ def main(args):
         raise SystemExit(f"--image_size {args.image_size}: {error}") from None
 
     class_names = pipeline.class_names
-    palette = load_palette(checkpoint, len(class_names))
+    palette = load_sdm_palette(checkpoint, len(class_names))
     ignore_index = pipeline.config.ignore_index
     masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
     references = style_references(args.style_images, masks)

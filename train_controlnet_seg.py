@@ -47,6 +47,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
+from segdiff.controlnet import (
+    conditioning_channels_for,
+    conditioning_downsampling,
+    size_multiple,
+    vae_scale_factor,
+)
 from segdiff.data import (
     LABEL_OFFSETS,
     DatasetError,
@@ -60,13 +66,11 @@ from segdiff.data import (
     read_image,
 )
 from segdiff.generation import colour_mask_to_labels, read_mask, resize_labels
+from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt
 from segdiff.visualize import image_grid
 
 logger = training.logger
 
-DEFAULT_PROMPT_TEMPLATE = "a photo of {classes}"
-# Stable Diffusion's ControlNet conditioning embedding: 3 stride-2 convolutions for its VAE's factor of 8.
-SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 # Training masks shown at validation when no --validation_image is given.
 NUM_DEFAULT_VALIDATION_MASKS = 4
 
@@ -144,7 +148,7 @@ def parse_args(argv=None):
     group.add_argument(
         "--prompt_top_k",
         type=int,
-        default=3,
+        default=DEFAULT_PROMPT_TOP_K,
         help="Name at most this many classes in a prompt (0: all present). (default: %(default)s)",
     )
     group.add_argument(
@@ -219,58 +223,8 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Prompts from the classes of a mask (shared with generate_controlnet_seg.py)
+# The ControlNet (its conditioning embedding follows the base's VAE: segdiff.controlnet)
 # ------------------------------------------------------------------------------------------------
-
-
-def classes_by_area(label, num_classes: int, ignore_index: int) -> list[int]:
-    """The class ids present in a label map, largest area first (ties: lower id first). ignore is never one."""
-    label = np.asarray(label).ravel()
-    label = label[(label >= 0) & (label < num_classes) & (label != ignore_index)]
-    counts = np.bincount(label, minlength=num_classes)
-    return [int(c) for c in sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))]
-
-
-def class_prompt(label, class_names, template: str = DEFAULT_PROMPT_TEMPLATE, top_k: int = 3, ignore_index=255):
-    """The prompt of a mask: ``template`` with {classes} = the top_k classes by area ("building, road, water").
-
-    Underscores and dashes in class names read as spaces ("flat-road" -> "flat road"). A mask with no
-    class at all (only no-data) fills in nothing.
-    """
-    present = classes_by_area(label, len(class_names), ignore_index)
-    if top_k:
-        present = present[:top_k]
-    names = [class_names[c].replace("_", " ").replace("-", " ") for c in present]
-    return template.format(classes=", ".join(names)).strip()
-
-
-# ------------------------------------------------------------------------------------------------
-# The ControlNet and its conditioning embedding
-# ------------------------------------------------------------------------------------------------
-
-
-def vae_scale_factor(vae_config) -> int:
-    """How much the VAE downsamples: 8 for SD's, 2 for the tiny test base. Never assumed to be 8."""
-    return 2 ** (len(vae_config.block_out_channels) - 1)
-
-
-def conditioning_channels_for(scale_factor: int) -> tuple[int, ...]:
-    """Channels of a conditioning embedding that downsamples the control image by ``scale_factor``.
-
-    ControlNet's embedding has one stride-2 convolution per step between its channel counts, so it must
-    have log2(factor) + 1 of them for its output to land on the latent grid. SD's (16, 32, 96, 256) is the
-    answer for factor 8; other factors take a prefix of it (or extend it with 256s).
-    """
-    steps = scale_factor.bit_length() - 1
-    if scale_factor < 1 or 2**steps != scale_factor:
-        raise ValueError(f"the VAE downsampling factor must be a power of 2, got {scale_factor}")
-    channels = list(SD_CONDITIONING_CHANNELS[: steps + 1])
-    return tuple(channels + [SD_CONDITIONING_CHANNELS[-1]] * (steps + 1 - len(channels)))
-
-
-def conditioning_downsampling(controlnet: ControlNetModel) -> int:
-    """How much the ControlNet's conditioning embedding downsamples its control image."""
-    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
 
 
 def build_controlnet(args, unet: UNet2DConditionModel, scale_factor: int) -> ControlNetModel:
@@ -289,11 +243,6 @@ def build_controlnet(args, unet: UNet2DConditionModel, scale_factor: int) -> Con
     # Not diffusers' default (16, 32, 96, 256), which downsamples by 8 and would break on a base whose VAE
     # downsamples by another factor (the tiny test base's by 2): the embedding follows the base's VAE.
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(scale_factor))
-
-
-def size_multiple(vae_config, unet_config) -> int:
-    """Image sides must be multiples of this: the VAE's factor times the UNet's own downsampling."""
-    return vae_scale_factor(vae_config) * 2 ** (len(unet_config.block_out_channels) - 1)
 
 
 # ------------------------------------------------------------------------------------------------

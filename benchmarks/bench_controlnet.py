@@ -27,9 +27,9 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline  # noqa
 
 from segdiff.data import colorize_label, load_segmentation_dataset  # noqa: E402
 from segdiff.generation import make_scheduler  # noqa: E402
+from segdiff.prompts import class_prompt  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import make_toy_dataset  # noqa: E402
-from train_controlnet_seg import class_prompt  # noqa: E402
 
 # Image size and batch per preset: the tiny base is the demo's (VAE factor 2), medium has SD 1.x's topology
 # (VAE factor 8, so the ControlNet gets SD's own conditioning embedding).

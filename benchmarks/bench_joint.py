@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import RESULTS, append_results, launch_training  # noqa: E402
 
-from generate_joint_image_mask_diffusion import SCHEDULERS  # noqa: E402
-from segdiff.generation import make_scheduler  # noqa: E402
+from segdiff.generation import CORE_SCHEDULERS, make_scheduler  # noqa: E402
 from segdiff.pipelines.joint import JointImageMaskPipeline  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import make_toy_dataset  # noqa: E402
@@ -64,7 +63,7 @@ def generation_rows(preset: str, model: Path, num_images: int, num_inference_ste
     pipeline = JointImageMaskPipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    for name in SCHEDULERS:
+    for name in CORE_SCHEDULERS:
         pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config)
         kwargs = dict(num_inference_steps=num_inference_steps, output_type="np")
         pipeline(0, generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
@@ -97,7 +96,7 @@ def main(args):
             rows.append(train_row(preset, base, data, out, cache, args.train_steps))
             print(rows[-1], flush=True)
         rows += generation_rows(preset, out, args.num_images, args.num_inference_steps)
-        print(*rows[-len(SCHEDULERS) :], sep="\n", flush=True)
+        print(*rows[-len(CORE_SCHEDULERS) :], sep="\n", flush=True)
 
     append_results("bench_joint.py", rows, args.results)
 

@@ -59,6 +59,9 @@ SCHEDULERS = {
     ),
     "unipc": UniPCMultistepScheduler.from_config,
 }
+# The samplers the joint and SDM generators offer (the --scheduler {ddim,ddpm,dpmsolver} of DESIGN.md), in
+# this order; the ControlNet generator offers all of SCHEDULERS, its default UniPC included.
+CORE_SCHEDULERS = ("ddim", "ddpm", "dpmsolver")
 
 
 def make_scheduler(name: str, config):

@@ -12,6 +12,15 @@ Usage:
 
 writes ``data/toy/train`` and ``data/toy/val``, two datasets in the *generic* layout
 (``images/*.png``, ``masks/*.png`` label PNGs, ``class_names.json``).
+
+Long-tailed data, for testing whether synthetic data lifts a rare class:
+
+    python -m segdiff.toy --output_dir data/toy_lt --num_images 256 --val_images 64 \
+        --rare_class triangle --rare_rate 0.04
+
+puts triangles in exactly 4% of the training images (rounded), small (radius x 0.5), on top of the usual
+shapes of the other classes; the val split has them in 4% of its images too, but in at least 8
+(--rare_val_min_images) so their IoU can be scored. Each split records its class shares in ``class_stats.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +134,25 @@ _SHAPES = {
 
 
 def make_toy_sample(
-    rng: np.random.Generator, size: int = 32, num_classes: int = 4, max_shapes: int = 3
+    rng: np.random.Generator,
+    size: int = 32,
+    num_classes: int = 4,
+    max_shapes: int = 3,
+    rare_class: int | None = None,
+    rare_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One toy pair: an ``HxWx3`` uint8 image and its ``HxW`` uint8 label map.
 
     1 to ``max_shapes`` shapes of random classes, sizes and positions are painted in turn, so later shapes
     may cover earlier ones; the label map records what ends up on top.
+
+    Long tail: the usual shapes never take the class id ``rare_class``; with ``rare_scale`` too, one shape of
+    that class, its radius scaled by ``rare_scale``, is painted last (on top: it always shows).
     """
     class_names, palette = toy_classes(num_classes)
     palette = np.asarray(palette, dtype=np.int16)
+    # The usual shapes draw from the other shape classes: one fewer to choose from when one is rare.
+    choices = num_classes - (rare_class is not None)
 
     # Pixel centres, so a shape's extent does not depend on which corner we measure from.
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
@@ -140,13 +160,24 @@ def make_toy_sample(
     tint = np.zeros((size, size, 3), dtype=np.int16)
     tint[:] = rng.integers(-_TINT, _TINT + 1, size=3)  # the background's own tint
 
-    for _ in range(rng.integers(1, max_shapes + 1)):
-        class_id = int(rng.integers(1, num_classes))
-        radius = rng.uniform(0.12, 0.3) * size
+    def paint(class_id: int, scale: float = 1.0, must_show: bool = False) -> None:
+        radius = rng.uniform(0.12, 0.3) * size * scale
+        if must_show:  # at least 1.5 px, and at least its centre pixel: a rare shape is never lost at small sizes
+            radius = max(radius, 1.5)
         centre_y, centre_x = rng.uniform(0.15, 0.85, size=2) * size
         covered = _SHAPES[class_names[class_id]](yy - centre_y, xx - centre_x, radius, rng)
+        if must_show and not covered.any():
+            covered[int(centre_y), int(centre_x)] = True
         label[covered] = class_id
         tint[covered] = rng.integers(-_TINT, _TINT + 1, size=3)
+
+    for _ in range(rng.integers(1, max_shapes + 1)):
+        class_id = int(rng.integers(1, choices))
+        if rare_class is not None and class_id >= rare_class:
+            class_id += 1  # skip the rare id
+        paint(class_id)
+    if rare_class is not None and rare_scale is not None:
+        paint(rare_class, rare_scale, must_show=True)
 
     # Low-frequency shading: a soft brightness ramp in a random direction, at most _SHADING at the corners.
     direction = rng.normal(size=2)
@@ -159,6 +190,75 @@ def make_toy_sample(
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+@dataclass(frozen=True)
+class LongTail:
+    """One rare shape class: in ``rate`` of the images (exactly ``round(rate * N)`` of N, but at least
+    ``min_images``), drawn ``scale`` times the usual size; the other shape classes fill every other shape."""
+
+    class_name: str
+    rate: float = 0.04
+    scale: float = 0.5
+    min_images: int = 0
+
+    def check(self, num_classes: int) -> int:
+        """The rare class id; a ValueError naming the problem for settings that cannot make a long tail."""
+        names, _ = toy_classes(num_classes)
+        if self.class_name not in names[1:]:
+            raise ValueError(
+                f"rare class {self.class_name!r} is not a shape class of the {num_classes}-class toy dataset "
+                f"({', '.join(names[1:])}); background cannot be rare"
+            )
+        if num_classes < 3:
+            raise ValueError("a long tail needs at least 2 shape classes (num_classes >= 3): one rare, one usual")
+        if not 0 <= self.rate <= 1 or not 0 < self.scale <= 1 or self.min_images < 0:
+            raise ValueError(f"rare rate must be in [0, 1], scale in (0, 1] and min_images >= 0; got {self}")
+        return names.index(self.class_name)
+
+    def images_with_rare(self, num_images: int, seed: int, split: str) -> set[int]:
+        """Which images of a split get the rare shape: a fixed count, placed at random (its own stream of the
+        seed, so the choice does not shift any image's shapes)."""
+        count = min(num_images, max(round(self.rate * num_images), self.min_images))
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode()), zlib.crc32(b"rare")])
+        return {int(i) for i in rng.permutation(num_images)[:count]}
+
+
+class ClassStats:
+    """Per class: the share of images it appears in, its share of all pixels, and its mean share of an image's
+    pixels where it appears (how big it is when present)."""
+
+    def __init__(self, class_names):
+        self.class_names = list(class_names)
+        self.images = 0
+        self.pixels = 0
+        self.images_with = np.zeros(len(self.class_names), dtype=np.int64)
+        self.class_pixels = np.zeros(len(self.class_names), dtype=np.int64)
+        self.share_sum = np.zeros(len(self.class_names), dtype=np.float64)
+
+    def add(self, label: np.ndarray) -> None:
+        counts = np.bincount(np.asarray(label).ravel(), minlength=len(self.class_names))[: len(self.class_names)]
+        self.images += 1
+        self.pixels += label.size
+        self.images_with += counts > 0
+        self.class_pixels += counts
+        self.share_sum += counts / label.size
+
+    def as_dict(self) -> dict:
+        def share(numerator, denominator):
+            return round(float(numerator) / denominator, 6) if denominator else 0.0
+
+        return {
+            "num_images": self.images,
+            "classes": {
+                name: {
+                    "image_share": share(self.images_with[c], self.images),
+                    "pixel_share": share(self.class_pixels[c], self.pixels),
+                    "pixel_share_when_present": share(self.share_sum[c], self.images_with[c]),
+                }
+                for c, name in enumerate(self.class_names)
+            },
+        }
+
+
 def make_toy_dataset(
     output_dir: str | Path,
     num_images: int = 256,
@@ -167,6 +267,7 @@ def make_toy_dataset(
     seed: int = 0,
     split: str = "train",
     themes: tuple[str, ...] = ("plain",),
+    long_tail: LongTail | None = None,
 ) -> Path:
     """Write a toy dataset in the generic layout and return its folder.
 
@@ -174,20 +275,29 @@ def make_toy_dataset(
     palette attached) and ``output_dir/class_names.json``. The same ``seed`` and ``split`` always give the
     same files; different splits of one seed never repeat each other. With several ``themes`` each image gets
     one at random and ``themes.json`` records it (``{stem: theme}``); class_names.json keeps the plain palette.
+    With ``long_tail``, one class is rare and small (see `LongTail`) and ``class_stats.json`` records the
+    share of images and pixels of every class (`ClassStats`).
     """
     unknown = sorted(set(themes) - set(TOY_THEMES))
     if unknown:
         raise ValueError(f"unknown toy themes {unknown}; the themes are {', '.join(TOY_THEMES)}")
+    rare_class = long_tail.check(num_classes) if long_tail else None
+    rare_images = long_tail.images_with_rare(num_images, seed, split) if long_tail else set()
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     (output_dir / "masks").mkdir(parents=True, exist_ok=True)
     class_names, palette = toy_classes(num_classes)
+    stats = ClassStats(class_names)
 
     # crc32, not hash(): Python salts str hashes per process, which would break determinism.
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     image_themes = {}
     for index in range(num_images):
-        image, label = make_toy_sample(rng, size=size, num_classes=num_classes)
+        rare_scale = long_tail.scale if index in rare_images else None
+        image, label = make_toy_sample(
+            rng, size=size, num_classes=num_classes, rare_class=rare_class, rare_scale=rare_scale
+        )
+        stats.add(label)
         theme = themes[int(rng.integers(len(themes)))] if len(themes) > 1 else themes[0]
         if theme == "inverted":
             image = 255 - image
@@ -199,6 +309,9 @@ def make_toy_dataset(
     write_class_names(output_dir / "class_names.json", class_names, palette)
     if themes != ("plain",):
         (output_dir / "themes.json").write_text(json.dumps(image_themes, indent=1) + "\n")
+    if long_tail:  # only then: the default dataset's files stay exactly what they always were
+        record = {"rare_class": long_tail.class_name, "rare_rate": long_tail.rate, "rare_scale": long_tail.scale}
+        (output_dir / "class_stats.json").write_text(json.dumps({**record, **stats.as_dict()}, indent=1) + "\n")
     return output_dir
 
 
@@ -285,7 +398,51 @@ def parse_args(argv=None) -> argparse.Namespace:
         "plain inverted gives the two-theme data of the style-reference tests.",
     )
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    group = parser.add_argument_group(
+        "long tail",
+        "Make one shape class rare and small, the others as usual; each split then records its per-class image "
+        "and pixel shares in class_stats.json.",
+    )
+    group.add_argument(
+        "--rare_class",
+        default=None,
+        choices=_ALL_CLASSES[1:],
+        help="The rare class (a shape class of --num_classes, not background). Default: none, no long tail.",
+    )
+    group.add_argument(
+        "--rare_rate",
+        type=float,
+        default=0.04,
+        help="Share of the images that show the rare class: exactly round(rate x images). (default: %(default)s)",
+    )
+    group.add_argument(
+        "--rare_scale",
+        type=float,
+        default=0.5,
+        help="Size of a rare shape: its radius is the usual random radius times this. (default: %(default)s)",
+    )
+    group.add_argument(
+        "--rare_val_min_images",
+        type=int,
+        default=8,
+        help="The val split shows the rare class at --rare_rate too, but in at least this many images, so its "
+        "IoU can be scored (64 val images at 4%% would hold 3 small shapes). (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.rare_class is not None:
+        try:
+            long_tail(args, "train").check(args.num_classes)
+        except ValueError as error:
+            parser.error(f"--rare_class/--rare_rate/--rare_scale: {error}")
+    return args
+
+
+def long_tail(args, split: str) -> LongTail | None:
+    """The long tail of a split from the command line (the val split's minimum count applies to val only)."""
+    if args.rare_class is None:
+        return None
+    minimum = args.rare_val_min_images if split == "val" else 0
+    return LongTail(args.rare_class, rate=args.rare_rate, scale=args.rare_scale, min_images=minimum)
 
 
 def main(argv=None) -> None:
@@ -308,8 +465,16 @@ def main(argv=None) -> None:
             seed=args.seed,
             split=split,
             themes=tuple(args.themes),
+            long_tail=long_tail(args, split),
         )
         print(f"wrote {num_images} {args.size}x{args.size} toy images + masks ({args.num_classes} classes) to {folder}")
+        if args.rare_class is not None:
+            rare = json.loads((folder / "class_stats.json").read_text())["classes"][args.rare_class]
+            print(
+                f"  rare class {args.rare_class}: in {rare['image_share']:.1%} of the images, "
+                f"{rare['pixel_share']:.2%} of the pixels ({rare['pixel_share_when_present']:.1%} of an image "
+                "where present); all classes in class_stats.json"
+            )
 
 
 if __name__ == "__main__":

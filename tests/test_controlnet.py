@@ -20,19 +20,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
+from segdiff.controlnet import conditioning_channels_for, conditioning_downsampling
 from segdiff.data import DatasetError, colorize_label, load_class_names, load_segmentation_dataset, read_label_map
 from segdiff.generation import colour_mask_to_labels, make_scheduler
+from segdiff.prompts import class_prompt, classes_by_area
+from segdiff.rendering import RendererError
 from segdiff.training import derive_seed
-from train_controlnet_seg import (
-    PromptEmbeddingCache,
-    build_training_data,
-    class_prompt,
-    classes_by_area,
-    conditioning_channels_for,
-    conditioning_downsampling,
-    parse_args,
-    training_source,
-)
+from train_controlnet_seg import PromptEmbeddingCache, build_training_data, parse_args, training_source
 
 
 def train_args(tiny_sd_folder, output_dir, *extra):
@@ -476,19 +470,19 @@ def test_generator_names_a_mask_with_unknown_colours(trained, masks_dir, tmp_pat
 
 
 def test_generator_takes_checkpoints_and_names_missing_folders(trained, tmp_path):
-    from generate_controlnet_seg import load_controlnet, load_run_files
     from generate_controlnet_seg import parse_args as generator_args
+    from segdiff.rendering import load_controlnet, load_run_files
 
-    controlnet, run_dir = load_controlnet(trained[0] / "checkpoint-6", {})  # its controlnet/, the run's files
+    controlnet, run_dir = load_controlnet(trained[0] / "checkpoint-6")  # its controlnet/, the run's files
     assert run_dir == trained[0] and conditioning_downsampling(controlnet) == 2
 
-    with pytest.raises(SystemExit, match="does not exist"):
-        load_controlnet(tmp_path / "nowhere", {})
-    with pytest.raises(SystemExit, match="holds no ControlNet"):
-        load_controlnet(tmp_path, {})
+    with pytest.raises(RendererError, match="does not exist"):
+        load_controlnet(tmp_path / "nowhere")
+    with pytest.raises(RendererError, match="holds no ControlNet"):
+        load_controlnet(tmp_path)
     args = generator_args(["--controlnet", str(tmp_path), "--masks_dir", str(tmp_path), "--save_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="has no class_names.json"):
-        load_run_files(tmp_path, args)
+    with pytest.raises(RendererError, match="has no class_names.json"):
+        load_run_files(tmp_path, args.class_names_json)
 
 
 def test_metadata_csv_with_missing_files_is_refused_before_training(tmp_path, tiny_sd_folder):

@@ -16,13 +16,13 @@ from PIL import Image
 import evaluate
 import generate_controlnet_seg
 import generate_spade_sdm
+from segdiff.controlnet import conditioning_channels_for
 from segdiff.data import DatasetError, write_class_names
 from segdiff.generation import ARGS_FILE, check_save_dir
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.toy import TOY_CLASSES, TOY_PALETTE
 from segdiff.training import derive_seed
-from train_controlnet_seg import conditioning_channels_for
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The toy dataset, its exact palette segmenter, and the segmentation metrics they are scored with."""
 
+import hashlib
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ from PIL import Image
 
 from segdiff.data import IGNORE_INDEX
 from segdiff.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from segdiff.toy import TOY_CLASSES, TOY_PALETTE, PaletteSegmenter, make_toy_dataset, toy_classes
+from segdiff.toy import TOY_CLASSES, TOY_PALETTE, LongTail, PaletteSegmenter, make_toy_dataset, toy_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +160,120 @@ def test_cli_writes_train_and_val(tmp_path):
         assert (folder / "class_names.json").is_file()
         with Image.open(next((folder / "images").glob("*.png"))) as image:
             assert image.size == (24, 24)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Long-tailed toy data: one rare, small class.
+
+
+def _present(folder: Path, class_id: int) -> list[bool]:
+    return [bool((np.asarray(mask) == class_id).any()) for _, mask in _read_pairs(folder)]
+
+
+def _mean_area_when_present(folder: Path, class_id: int) -> float:
+    areas = [(np.asarray(mask) == class_id).sum() for _, mask in _read_pairs(folder)]
+    return float(np.mean([a for a in areas if a > 0]))
+
+
+def _pixel_digest(folder: Path) -> str:
+    """A hash of every image's and mask's pixels, in file order (not of the PNG bytes, which a Pillow upgrade may
+    encode differently)."""
+    digest = hashlib.sha256()
+    for image, mask in _read_pairs(folder):
+        digest.update(np.asarray(image).tobytes())
+        digest.update(np.asarray(mask).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def long_tail_dir(tmp_path_factory):
+    return make_toy_dataset(
+        tmp_path_factory.mktemp("long_tail"), num_images=200, size=32, seed=0, long_tail=LongTail("triangle", 0.04)
+    )
+
+
+def test_long_tail_rare_class_is_rare_and_small(long_tail_dir):
+    triangle = TOY_CLASSES.index("triangle")
+    present = _present(long_tail_dir, triangle)
+    assert sum(present) == 8  # exactly round(0.04 x 200) images
+    assert sum(present) / len(present) == pytest.approx(0.04, abs=0.005)
+    rare_area = _mean_area_when_present(long_tail_dir, triangle)
+    other_areas = {name: _mean_area_when_present(long_tail_dir, TOY_CLASSES.index(name)) for name in ("square", "disk")}
+    assert 4 <= rare_area < min(other_areas.values()) / 3, (rare_area, other_areas)
+    # the other shape classes stay common
+    for name in ("square", "disk"):
+        assert np.mean(_present(long_tail_dir, TOY_CLASSES.index(name))) > 0.5
+
+
+def test_long_tail_class_stats_record_what_was_written(long_tail_dir):
+    stats = json.loads((long_tail_dir / "class_stats.json").read_text())
+    assert (stats["rare_class"], stats["rare_rate"], stats["rare_scale"], stats["num_images"]) == (
+        "triangle",
+        0.04,
+        0.5,
+        200,
+    )
+    masks = np.stack([np.asarray(mask) for _, mask in _read_pairs(long_tail_dir)])
+    for class_id, name in enumerate(TOY_CLASSES):
+        in_image = (masks == class_id).reshape(len(masks), -1)
+        recorded = stats["classes"][name]
+        assert recorded["image_share"] == pytest.approx(in_image.any(axis=1).mean(), abs=1e-6)
+        assert recorded["pixel_share"] == pytest.approx(in_image.mean(), abs=1e-6)
+        present = in_image.any(axis=1)
+        assert recorded["pixel_share_when_present"] == pytest.approx(in_image[present].mean(axis=1).mean(), abs=1e-6)
+    assert stats["classes"]["triangle"]["image_share"] == 0.04
+
+
+def test_long_tail_is_deterministic_and_val_keeps_a_minimum(tmp_path, long_tail_dir):
+    again = make_toy_dataset(tmp_path / "again", num_images=200, size=32, seed=0, long_tail=LongTail("triangle", 0.04))
+    assert _pixel_digest(again) == _pixel_digest(long_tail_dir)
+    # 4% of 64 would be 3 images; the val minimum makes it 8, still placed at random
+    val = make_toy_dataset(
+        tmp_path / "val",
+        num_images=64,
+        size=32,
+        seed=0,
+        split="val",
+        long_tail=LongTail("triangle", 0.04, min_images=8),
+    )
+    assert sum(_present(val, TOY_CLASSES.index("triangle"))) == 8
+    for bad, message in (
+        (LongTail("background"), "background cannot be rare"),
+        (LongTail("ring"), "not a shape class of the 4-class"),
+        (LongTail("triangle", rate=1.5), "rare rate must be in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_toy_dataset(tmp_path / "bad", num_images=2, long_tail=bad)
+
+
+def test_default_toy_data_is_unchanged_by_the_long_tail_option(tmp_path):
+    """Pixel digests of the toy data as written before the long-tail option existed: other tests and recorded
+    benchmark figures rely on these exact datasets."""
+    plain = make_toy_dataset(tmp_path / "a", num_images=12, size=32, seed=0)
+    assert _pixel_digest(plain) == "66f1c7e17f7d8f2ae1ae7333b6b7961985f133159eeed2aa1e275799aaa7ba24"
+    eight = make_toy_dataset(tmp_path / "b", num_images=6, size=40, num_classes=8, seed=1, split="val")
+    assert _pixel_digest(eight) == "d118f92b789d45888fc1a94f5cd40e9b61ca2b9bb19e496c17f8977dbacad15a"
+    assert sorted(p.name for p in plain.iterdir()) == ["class_names.json", "images", "masks"]  # no class_stats.json
+
+
+def test_cli_long_tail_writes_both_splits_with_stats(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "segdiff.toy", "--output_dir", str(tmp_path / "toy"), "--num_images", "50",
+         "--val_images", "20", "--rare_class", "disk", "--rare_rate", "0.04", "--rare_val_min_images", "5"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "rare class disk: in 4.0% of the images" in result.stdout
+    assert "rare class disk: in 25.0% of the images" in result.stdout  # val: at least 5 of 20
+    disk = TOY_CLASSES.index("disk")
+    for split, count in (("train", 2), ("val", 5)):  # round(0.04 x 50) = 2; val max(round(0.8), 5) = 5
+        folder = tmp_path / "toy" / split
+        assert sum(_present(folder, disk)) == count
+        assert json.loads((folder / "class_stats.json").read_text())["classes"]["disk"]["image_share"] == count / (
+            50 if split == "train" else 20
+        )
+    refused = subprocess.run(
+        [sys.executable, "-m", "segdiff.toy", "--output_dir", str(tmp_path / "x"), "--rare_class", "bar"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "rare class 'bar' is not a shape class of the 4-class" in refused.stderr
+    assert not (tmp_path / "x").exists()

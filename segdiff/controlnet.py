@@ -1,0 +1,41 @@
+"""Shapes of a ControlNet over a Stable Diffusion base, read from the base's configs, never assumed.
+
+A ControlNet's conditioning embedding downsamples the control image to the latent grid, so it must
+downsample by exactly the VAE's factor: 8 for Stable Diffusion, 2 for the tiny test base. The trainer sizes
+a new ControlNet's embedding with these helpers; whatever loads a trained one (segdiff.rendering) checks it
+against the base with the same ones.
+"""
+
+from __future__ import annotations
+
+# Stable Diffusion's ControlNet conditioning embedding: 3 stride-2 convolutions for its VAE's factor of 8.
+SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
+
+
+def vae_scale_factor(vae_config) -> int:
+    """How much the VAE downsamples: 8 for SD's, 2 for the tiny test base. Never assumed to be 8."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def size_multiple(vae_config, unet_config) -> int:
+    """Image sides must be multiples of this: the VAE's factor times the UNet's own downsampling."""
+    return vae_scale_factor(vae_config) * 2 ** (len(unet_config.block_out_channels) - 1)
+
+
+def conditioning_channels_for(scale_factor: int) -> tuple[int, ...]:
+    """Channels of a conditioning embedding that downsamples the control image by ``scale_factor``.
+
+    ControlNet's embedding has one stride-2 convolution per step between its channel counts, so it must
+    have log2(factor) + 1 of them for its output to land on the latent grid. SD's (16, 32, 96, 256) is the
+    answer for factor 8; other factors take a prefix of it (or extend it with 256s).
+    """
+    steps = scale_factor.bit_length() - 1
+    if scale_factor < 1 or 2**steps != scale_factor:
+        raise ValueError(f"the VAE downsampling factor must be a power of 2, got {scale_factor}")
+    channels = list(SD_CONDITIONING_CHANNELS[: steps + 1])
+    return tuple(channels + [SD_CONDITIONING_CHANNELS[-1]] * (steps + 1 - len(channels)))
+
+
+def conditioning_downsampling(controlnet) -> int:
+    """How much a ControlNetModel's conditioning embedding downsamples its control image."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
