@@ -1,0 +1,227 @@
+"""LayoutDiffusionPipeline: whole multi-class label maps with requested class ratios, from a LayoutUNetModel.
+
+    pipe = LayoutDiffusionPipeline.from_pretrained(folder)        # a train_layout_diffusion.py output folder
+    ratios, known = pipe.request({"building": 0.4})              # or build the (B, C) tensors yourself
+    out = pipe(ratios[None], known[None], guidance_scale=2.0, generator=[torch.Generator().manual_seed(0)])
+    out.label_maps                                               # (B, H, W) int64 class ids 0..C-1
+
+A request names the share of the labelled pixels some classes should have (``known`` True) and leaves the rest
+to the model (the data's own distribution given the named ones); all False is unconditional. ``domain`` picks
+one of ``pipe.domains`` per sample (LoveDA: Urban / Rural), or None.
+
+Classifier-free guidance mixes the logits of the conditional and the unconditional prediction,
+``u + s * (c - u)``, before the softmax (a product of the two distributions, sharpened towards the request);
+both halves run in one batched forward. The clean sample the scheduler receives is ``2 * softmax - 1``
+(see segdiff/models/layout_unet.py), and each label map is the argmax over classes of the last sample.
+
+Sample i depends only on its own generator: its starting noise is drawn on the CPU from ``generator[i]``, and
+stochastic samplers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
+batch (up to the last bit of batched convolutions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from segdiff.data import IGNORE_INDEX
+from segdiff.generation import make_scheduler
+from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits
+
+
+def layout_scheduler() -> DDPMScheduler:
+    """The training schedule: 1000 cosine ("squaredcos_cap_v2") betas, x0 prediction, no clipping.
+
+    Cosine betas (improved DDPM's choice for small samples); linear betas measured the same on the toy layouts
+    (full-request ratio error 0.031 against 0.033 after 600 steps at 16 px). The prediction is a softmax mixture,
+    always inside [-1, 1], so there is nothing to clip.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="sample",
+        clip_sample=False,
+        variance_type="fixed_small",
+    )
+
+
+@dataclass
+class LayoutDiffusionPipelineOutput(BaseOutput):
+    """``label_maps``: (B, H, W) int64 class ids 0..C-1 (never ignore_index)."""
+
+    label_maps: np.ndarray
+
+
+class LayoutDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: LayoutUNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        class_names: list[str] | None = None,
+        domains: list[str] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        super().__init__()
+        class_names, domains = list(class_names or []), list(domains or [])
+        if class_names and len(class_names) != unet.config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a model of {unet.config.num_classes} classes")
+        if len(domains) != unet.config.num_domains:
+            raise ValueError(f"{len(domains)} domain names for a model of {unet.config.num_domains} domains")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=class_names, domains=domains, ignore_index=int(ignore_index))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names) or [str(i) for i in range(self.unet.config.num_classes)]
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.config.domains)
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.config.ignore_index)
+
+    def request(self, shares: Mapping[str | int, float]) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """``{"building": 0.4}`` (names or class ids) -> ``(ratios (C,), known (C,))``, one row of a call's inputs."""
+        num_classes = self.unet.config.num_classes
+        ratios, known = torch.zeros(num_classes), torch.zeros(num_classes, dtype=torch.bool)
+        names = self.class_names
+        for key, share in shares.items():
+            class_id = names.index(key) if key in names else key
+            if not isinstance(class_id, int) or not 0 <= class_id < num_classes:
+                raise ValueError(f"unknown class {key!r}: the classes are {', '.join(names)}")
+            ratios[class_id], known[class_id] = float(share), True
+        return ratios, known
+
+    # ------------------------------------------------------------------------------------------------
+    # Checking the inputs
+
+    def check_request(self, ratios, known) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ratios float (B, C), known bool (B, C)), or a ValueError that says what is wrong."""
+        num_classes = self.unet.config.num_classes
+        ratios = torch.as_tensor(ratios, dtype=torch.float32).cpu()
+        known = torch.as_tensor(known).cpu()
+        classes = ", ".join(self.class_names)
+        if ratios.ndim != 2 or ratios.shape[1] != num_classes:
+            raise ValueError(
+                f"ratios must be (batch, {num_classes}): one share per class of this model ({classes}); "
+                f"got shape {tuple(ratios.shape)}"
+            )
+        if known.shape != ratios.shape:
+            raise ValueError(f"known must have the shape of ratios {tuple(ratios.shape)}, got {tuple(known.shape)}")
+        if known.dtype != torch.bool:
+            if known.is_floating_point() or not bool(((known == 0) | (known == 1)).all()):
+                raise ValueError(f"known must be a bool tensor (True = this class's ratio is requested), got {known}")
+            known = known.bool()
+        requested = ratios[known]
+        if not bool(((requested >= 0) & (requested <= 1)).all()):
+            raise ValueError(f"requested ratios must be in [0, 1], got {requested.tolist()}")
+        totals = (ratios * known).sum(1)
+        if bool((totals > 1 + 1e-4).any()):
+            raise ValueError(f"the requested ratios of a sample add up to more than 1: {totals.tolist()}")
+        return ratios, known
+
+    def check_domains(self, domain, batch_size: int) -> torch.Tensor:
+        """A per-sample list of domain ids (or None) -> (B,) long, NO_DOMAIN where none."""
+        if domain is None:
+            return torch.full((batch_size,), NO_DOMAIN, dtype=torch.long)
+        if isinstance(domain, int | str) or len(domain) != batch_size:
+            raise ValueError(f"domain must be None or a list of {batch_size} entries (an int or None per sample)")
+        ids = []
+        for entry in domain:
+            if entry is not None and not self.domains:
+                raise ValueError("this layout model was trained without domains: pass domain=None")
+            if entry is not None and not (isinstance(entry, int) and 0 <= entry < len(self.domains)):
+                choices = ", ".join(f"{i}={name}" for i, name in enumerate(self.domains))
+                raise ValueError(f"domain {entry!r} is not a domain id of this model ({choices}) or None")
+            ids.append(NO_DOMAIN if entry is None else entry)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.unet.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"layout size {height}x{width} cannot be generated by this model: height and width must be multiples "
+                f"of {multiple} (its UNet halves the size {len(self.unet.config.block_out_channels) - 1} times). "
+                f"It was trained at {self.unet.config.sample_size}."
+            )
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        ratios,
+        known,
+        domain: list[int | None] | None = None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+        return_dict: bool = True,
+    ):
+        """Sample one label map per row of ``ratios``.
+
+        ``ratios`` (B, C) float in [0, 1], the share of labelled pixels asked for each class; entries where
+        ``known`` (B, C) bool is False are ignored (the model chooses). ``domain``: None, or one id (an index into
+        ``self.domains``) or None per sample. ``guidance_scale``: classifier-free guidance on the request (1 = off).
+        ``generator``: one, or one per sample (then sample i depends only on ``generator[i]``).
+        ``height``/``width``: the layout size (default: the training size). ``scheduler``: the sampler of this call
+        by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own.
+        """
+        ratios, known = self.check_request(ratios, known)
+        batch_size = ratios.shape[0]
+        domains = self.check_domains(domain, batch_size)
+        size = self.unet.config.sample_size
+        height, width = height or size, width or size
+        self.check_size(height, width)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for {batch_size} samples: pass one per sample")
+        sampler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        device = self._execution_device
+
+        # The condition, and for guidance the unconditional half (nothing known, no domain) after it.
+        guided = guidance_scale != 1.0
+        if guided:
+            ratios = torch.cat([ratios, torch.zeros_like(ratios)])
+            known = torch.cat([known, torch.zeros_like(known)])
+            domains = torch.cat([domains, torch.full_like(domains, NO_DOMAIN)])
+        ratios, known, domains = ratios.to(device), known.to(device), domains.to(device)
+
+        # Starting noise on the CPU: a seed gives the same layout on any device.
+        shape = (batch_size, self.unet.config.num_classes, height, width)
+        samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        sampler.set_timesteps(num_inference_steps, device=device)
+        samples = samples.to(device=device, dtype=self.unet.dtype) * sampler.init_noise_sigma
+        accepts_generator = "generator" in inspect.signature(sampler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+
+        for t in self.progress_bar(sampler.timesteps):
+            model_input = torch.cat([samples, samples]) if guided else samples
+            model_input = sampler.scale_model_input(model_input, t)
+            logits = self.unet(model_input, t, ratios, known, domains).sample
+            if guided:
+                conditional, unconditional = logits.chunk(2)
+                logits = unconditional + guidance_scale * (conditional - unconditional)
+            clean = analog_from_logits(logits).to(samples.dtype)
+            samples = sampler.step(clean, t, samples, **step_kwargs).prev_sample
+
+        label_maps = samples.argmax(dim=1).cpu().numpy().astype(np.int64)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (label_maps,)
+        return LayoutDiffusionPipelineOutput(label_maps=label_maps)

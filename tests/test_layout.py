@@ -1,0 +1,308 @@
+"""Layout diffusion: the trainer run as a user runs it, the pipeline's contract, and ratio control on toy data."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, script_error
+from PIL import Image
+from safetensors.torch import load_file
+
+from segdiff.data import read_label_map, save_label_png
+from segdiff.models.layout_unet import LayoutUNetModel, class_ratios, labels_to_analog
+from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+from train_layout_diffusion import TrainingLayouts, majority_pool, parse_args
+
+CLASS_NAMES = ["background", "square", "disk", "triangle"]
+STEPS = 300  # enough for the tiny model to follow a requested ratio on the 24 toy maps (about 25 s on one core)
+
+
+def train_args(data_root, output_dir, *extra, dataset="generic"):
+    return [
+        "train_layout_diffusion.py", "--data_root", data_root, "--dataset", dataset, "--output_dir", output_dir,
+        "--model_config", "configs/models/layout_tiny.json", "--resolution", "16", "--train_batch_size", "16",
+        "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--report_to", "none", "--validation_steps", "0", *extra,
+    ]  # fmt: skip
+
+
+def weights(folder, subfolder="unet"):
+    return load_file(folder / subfolder / "diffusion_pytorch_model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def seeds(*values):
+    return [torch.Generator().manual_seed(value) for value in values]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tmp_path_factory):
+    """Layouts at 16 px (the 32 px toy maps majority-pooled), EMA, checkpoints every 100 steps (the last two kept),
+    validation at the end."""
+    output_dir = tmp_path_factory.mktemp("layout") / "model"
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, output_dir, "--max_train_steps", STEPS, "--checkpointing_steps", "100",
+                    "--checkpoints_total_limit", "2", "--use_ema", "--validation_steps", STEPS,
+                    "--num_validation_images", "2"),
+    )  # fmt: skip
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def pipeline(trained):
+    pipe = LayoutDiffusionPipeline.from_pretrained(trained)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_training_writes_a_pipeline_folder_with_the_prior(trained):
+    for name in (
+        "model_index.json",
+        "class_names.json",
+        "training_config.json",
+        "class_prior.json",
+        "train_stats.json",
+        f"validation/validation-step{STEPS:06d}.png",
+    ):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-200", "checkpoint-300"]
+    config = json.loads((trained / "training_config.json").read_text())
+    assert config["pipeline"] == "layout_diffusion" and config["unet_config"]["num_classes"] == 4
+    assert config["domains"] == [] and config["class_names"] == CLASS_NAMES
+    # The final weights are the EMA ones.
+    assert same_weights(weights(trained), weights(trained / f"checkpoint-{STEPS}", "unet_ema"))
+    assert not same_weights(weights(trained), weights(trained / f"checkpoint-{STEPS}"))
+
+    pipe = LayoutDiffusionPipeline.from_pretrained(trained)
+    assert pipe.class_names == CLASS_NAMES and pipe.domains == [] and pipe.ignore_index == 255
+    assert pipe.unet.config.sample_size == 16 and type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_class_prior_matches_a_direct_count_of_the_training_maps(trained, toy_data):
+    """Recounted here with numpy: each 32 px map majority-pooled by 2 (ties to the lower class), then counted."""
+    counts = []
+    for path in sorted((toy_data / "masks").iterdir()):
+        label = read_label_map(path).astype(np.int64)
+        blocks = label.reshape(16, 2, 16, 2).transpose(0, 2, 1, 3).reshape(16, 16, 4)
+        per_block = np.stack([(blocks == c).sum(-1) for c in range(4)], -1)
+        pooled = per_block.argmax(-1)  # the first maximum: the lower class on a tie
+        counts.append(np.bincount(pooled.ravel(), minlength=4))
+    counts = np.array(counts)
+    shares = counts / counts.sum(1, keepdims=True)
+    present = counts > 0
+    prior = json.loads((trained / "class_prior.json").read_text())
+    assert prior["class_names"] == CLASS_NAMES and prior["num_maps"] == len(counts) == 24
+    assert prior["domains"] == [] and prior["resolution"] == 16
+    np.testing.assert_allclose(prior["pixel_share"], counts.sum(0) / counts.sum(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(prior["image_share"], present.mean(0), rtol=0, atol=1e-12)
+    expected = [shares[present[:, c], c].mean() if present[:, c].any() else 0.0 for c in range(4)]
+    np.testing.assert_allclose(prior["mean_share_when_present"], expected, rtol=0, atol=1e-12)
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained / "checkpoint-200", resumed / "checkpoint-200")
+    run_script(
+        "accelerate", "launch",
+        *train_args(toy_data, resumed, "--max_train_steps", STEPS, "--checkpointing_steps", "100", "--use_ema",
+                    "--resume_from_checkpoint", "latest"),
+    )  # fmt: skip
+    assert same_weights(weights(trained), weights(resumed))
+    assert same_weights(
+        weights(trained / "checkpoint-300", "unet_ema"), weights(resumed / "checkpoint-300", "unet_ema")
+    )
+
+
+def test_ratio_conditioning_moves_the_layout_the_right_way(pipeline, toy_data):
+    """Square asked at 0.6 gives more square than asked at 0.05; full requests are followed better than chance.
+
+    0.6 is beyond any toy map (square covers at most 0.38), so this asks for "as much as you can". The figures are
+    printed (pytest -s) and reported in segdiff/models/layout_unet.py.
+    """
+    count = 12
+    shares = {}
+    for guidance_scale in (1.0, 2.0):
+        for share in (0.05, 0.6):
+            ratios, known = pipeline.request({"square": share})
+            out = pipeline(
+                ratios.expand(count, -1),
+                known.expand(count, -1),
+                guidance_scale=guidance_scale,
+                num_inference_steps=20,
+                generator=seeds(*range(count)),
+            )
+            shares[guidance_scale, share] = class_ratios(torch.from_numpy(out.label_maps), 4)[:, 1].mean().item()
+        low, high = shares[guidance_scale, 0.05], shares[guidance_scale, 0.6]
+        print(f"guidance {guidance_scale}: square asked at 0.05 -> {low:.3f}, at 0.6 -> {high:.3f}")
+    assert shares[1.0, 0.6] > shares[1.0, 0.05] + 0.02, shares
+    assert shares[2.0, 0.6] > shares[2.0, 0.05] + 0.05, shares
+
+    # Full requests: the ratios of real maps (pooled to 16 px), against the unconditional samples of the same seeds.
+    labels = []
+    for path in sorted((toy_data / "masks").iterdir())[:count]:
+        labels.append(majority_pool(read_label_map(path).astype(np.int64), (16, 16), 255))
+    requested = class_ratios(torch.from_numpy(np.stack(labels)), 4)
+    everything = torch.ones(count, 4, dtype=torch.bool)
+    got = pipeline(requested, everything, num_inference_steps=20, generator=seeds(*range(count))).label_maps
+    free = pipeline(requested, ~everything, num_inference_steps=20, generator=seeds(*range(count))).label_maps
+    error = (class_ratios(torch.from_numpy(got), 4) - requested).abs().mean().item()
+    chance = (class_ratios(torch.from_numpy(free), 4) - requested).abs().mean().item()
+    print(f"full requests: mean absolute ratio error {error:.3f} (unconditional: {chance:.3f})")
+    assert error < chance
+
+
+def test_sparse_requests_and_per_sample_generators(pipeline):
+    """Only one class named; sample i is the same alone and in a batch, also with the stochastic DDPM sampler."""
+    ratios = torch.zeros(3, 4)
+    known = torch.zeros(3, 4, dtype=torch.bool)
+    ratios[0, 2], known[0, 2] = 0.3, True  # disk only
+    ratios[1, 0], known[1, 0] = 0.9, True  # background only
+    for scheduler in (None, "ddpm"):
+        kwargs = dict(num_inference_steps=6, scheduler=scheduler, guidance_scale=1.5)
+        batch = pipeline(ratios, known, generator=seeds(5, 6, 7), **kwargs).label_maps
+        assert batch.shape == (3, 16, 16) and batch.dtype == np.int64
+        assert batch.min() >= 0 and batch.max() < 4
+        for i, seed in enumerate((5, 6, 7)):
+            alone = pipeline(ratios[i : i + 1], known[i : i + 1], generator=seeds(seed), **kwargs).label_maps
+            np.testing.assert_array_equal(alone[0], batch[i])
+
+
+def test_guidance_runs_one_batched_forward_per_step(pipeline, monkeypatch):
+    calls = []
+    forward = LayoutUNetModel.forward
+
+    def counting_forward(self, sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(LayoutUNetModel, "forward", counting_forward)
+    ratios, known = pipeline.request({"disk": 0.2})
+    pipeline(ratios.expand(3, -1), known.expand(3, -1), guidance_scale=3.0, num_inference_steps=4)
+    assert calls == [6] * 4
+    calls.clear()
+    pipeline(ratios.expand(3, -1), known.expand(3, -1), guidance_scale=1.0, num_inference_steps=4)
+    assert calls == [3] * 4
+
+
+def test_model_and_pipeline_round_trip(pipeline, tmp_path):
+    ratios, known = pipeline.request({"triangle": 0.1, "background": 0.7})
+    kwargs = dict(num_inference_steps=5, guidance_scale=2.0, height=32, width=16)
+    first = pipeline(ratios[None], known[None], generator=seeds(3), **kwargs).label_maps
+    assert first.shape == (1, 32, 16)
+    pipeline.save_pretrained(tmp_path / "copy")
+    again = LayoutDiffusionPipeline.from_pretrained(tmp_path / "copy")
+    np.testing.assert_array_equal(again(ratios[None], known[None], generator=seeds(3), **kwargs).label_maps, first)
+
+    # The model alone, with a domain embedding: the same logits after save_pretrained/from_pretrained.
+    model = LayoutUNetModel.from_config_file("configs/models/layout_tiny.json", num_classes=3, num_domains=2).eval()
+    model.save_pretrained(tmp_path / "model")
+    loaded = LayoutUNetModel.from_pretrained(tmp_path / "model").eval()
+    sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    inputs = (sample, torch.tensor([10, 900]), torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.0, 0.0]]))
+    conditions = dict(known=torch.tensor([[1, 1, 1], [1, 0, 0]]), domain=torch.tensor([1, -1]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs, **conditions).sample, loaded(*inputs, **conditions).sample)
+    assert loaded.config.num_domains == 2
+
+
+def test_pipeline_refuses_bad_requests(pipeline):
+    with pytest.raises(ValueError, match=r"ratios must be \(batch, 4\).*background, square, disk, triangle"):
+        pipeline(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="known must have the shape of ratios"):
+        pipeline(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        pipeline(torch.full((1, 4), 1.5), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        pipeline(torch.full((1, 4), 0.5), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="trained without domains"):
+        pipeline(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool), domain=[0])
+    with pytest.raises(ValueError, match="one per sample"):
+        pipeline(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool), generator=seeds(1))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipeline(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool), height=15)
+    with pytest.raises(ValueError, match="unknown class 'road'"):
+        pipeline.request({"road": 0.2})
+
+
+def test_trainer_refuses_bad_options(toy_data, tmp_path, monkeypatch):
+    message = script_error(
+        monkeypatch, *train_args(toy_data, tmp_path / "out", "--condition_on_domain", "--max_train_steps", "1")
+    )
+    assert "--condition_on_domain needs --dataset loveda" in message and "--dataset generic" in message
+    message = script_error(
+        monkeypatch, *train_args(toy_data, tmp_path / "out", "--model_config", "configs/models/nope.json")
+    )
+    assert "--model_config configs/models/nope.json does not exist" in message
+    message = script_error(monkeypatch, *train_args(toy_data, tmp_path / "out", "--resolution", "15"))
+    assert "--resolution 15" in message and "multiple of 2" in message
+
+
+def test_training_samples_are_seeded_crops_with_their_ratios():
+    layout = torch.zeros(16, 20, dtype=torch.uint8)  # a wider map: crops move sideways
+    layout[:, :4] = 1
+    layout[0, :] = 255  # a row of no-data: ratios count labelled pixels only
+    args = parse_args(["--data_root", ".", "--output_dir", "unused", "--resolution", "16", "--dataset", "generic"])
+    data = TrainingLayouts([{"layout": layout, "domain": -1}], args, num_classes=3, ignore_index=255)
+    first = data.process(data[0], torch.Generator().manual_seed(4))
+    again = data.process(data[0], torch.Generator().manual_seed(4))
+    assert all(torch.equal(first[key], again[key]) for key in ("label", "ratios", "known"))
+    label = first["label"]
+    assert label.shape == (16, 16)
+    labelled = label[label != 255]
+    expected = torch.stack([(labelled == c).float().mean() for c in range(3)])
+    torch.testing.assert_close(first["ratios"], expected)
+    # Sparse requests: over many seeds, every number of known classes turns up, and some samples know nothing.
+    known_counts = {int(data.process(data[0], torch.Generator().manual_seed(s))["known"].sum()) for s in range(60)}
+    assert known_counts == {0, 1, 2, 3}
+
+
+def test_majority_pooling_takes_the_most_frequent_label_and_no_data_only_by_majority():
+    label = np.zeros((8, 8), dtype=np.int64)
+    label[:, 1:4] = 2  # 12 of the 16 pixels of the left blocks
+    label[0:2, 4:8] = 255  # no-data on half of a block: a tie, which a class wins
+    label[4:8, 4:8] = 255  # no-data on a whole block: kept
+    pooled = majority_pool(label, (2, 2), ignore_index=255)
+    np.testing.assert_array_equal(pooled, [[2, 0], [2, 255]])
+    assert labels_to_analog(torch.tensor([[[255, 1]]]), 3)[0, :, 0, 0].abs().sum() == 0
+
+
+def test_loveda_domains_from_the_scene_folders(tmp_path):
+    """--condition_on_domain on a LoveDA tree: Urban/Rural ids, per-domain priors, sampling with a domain."""
+    root = tmp_path / "LoveDA"
+    rng = np.random.default_rng(0)
+    for scene, building in (("Urban", 6), ("Rural", 1)):
+        for i in range(3):
+            image_dir, mask_dir = root / "Train" / scene / "images_png", root / "Train" / scene / "masks_png"
+            image_dir.mkdir(parents=True, exist_ok=True)
+            mask_dir.mkdir(parents=True, exist_ok=True)
+            raw = rng.integers(1, 8, size=(32, 32)).astype(np.uint8)  # LoveDA ids 1..7; 0 = no-data
+            raw[:building, :] = 2  # building rows
+            raw[-1, :] = 0
+            Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image_dir / f"{scene}{i}.png")
+            save_label_png(raw, mask_dir / f"{scene}{i}.png")
+    output_dir = tmp_path / "model"
+    run_script(
+        "accelerate", "launch",
+        *train_args(root, output_dir, "--max_train_steps", "2", "--condition_on_domain", dataset="loveda"),
+    )  # fmt: skip
+    prior = json.loads((output_dir / "class_prior.json").read_text())
+    assert prior["domains"] == ["Urban", "Rural"] and prior["num_maps"] == 6
+    assert {name: stats["num_maps"] for name, stats in prior["per_domain"].items()} == {"Urban": 3, "Rural": 3}
+    assert prior["per_domain"]["Urban"]["pixel_share"][1] > prior["per_domain"]["Rural"]["pixel_share"][1]
+
+    pipe = LayoutDiffusionPipeline.from_pretrained(output_dir)
+    assert pipe.domains == ["Urban", "Rural"] and pipe.unet.config.num_domains == 2
+    out = pipe(torch.zeros(2, 7), torch.zeros(2, 7, dtype=torch.bool), domain=[1, None], num_inference_steps=2)
+    assert out.label_maps.shape == (2, 16, 16)
+    with pytest.raises(ValueError, match="not a domain id of this model"):
+        pipe(torch.zeros(1, 7), torch.zeros(1, 7, dtype=torch.bool), domain=[2])
+
+
+def test_layout_scheduler_predicts_the_clean_sample():
+    scheduler = layout_scheduler()
+    assert scheduler.config.prediction_type == "sample" and scheduler.config.beta_schedule == "squaredcos_cap_v2"

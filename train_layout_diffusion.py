@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""Train a layout diffusion model: whole multi-class label maps, conditioned on class ratios (and a domain).
+
+The model draws NEW label maps with chosen class proportions, to be rendered into images by a mask-to-image
+model (train_controlnet_seg.py or train_spade_sdm.py): new training pairs with more of the rare classes
+(SyntheticGen's recipe for LoveDA). See segdiff/models/layout_unet.py for the representation (one-hot maps in
+[-1, 1], x0 predicted as class logits, cross-entropy) and segdiff/pipelines/layout.py for sampling.
+
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml train_layout_diffusion.py \
+      --data_root /data/LoveDA --dataset loveda --resolution 128 --condition_on_domain \
+      --model_config configs/models/layout_128.json --train_batch_size 32 --learning_rate 2e-4 \
+      --max_train_steps 100000 --use_ema --output_dir outputs/layout-loveda
+
+Data: only the label maps are read (never the images). Each is brought once to --resolution (its short side),
+by majority pooling: every layout pixel takes the label most of the source pixels it covers have, so regions
+stay whole and a road at least half a layout pixel wide stays a connected line, where nearest sampling
+(--label_downsampling nearest) would alias it into dots; anything thinner is lost (nearest keeps it as scattered
+dots). Training samples are then random (or --center_crop) square crops of those maps with random flips
+(horizontal; vertical too for LoveDA's overhead views, see --vertical_flip).
+
+Conditioning: the ratio vector of each training layout (each class's share of its labelled pixels) with a random
+subset of the classes hidden (each sample draws a keep probability uniformly in [0, 1] and keeps each class with
+it), so a request may name only some classes; --condition_dropout hides everything (and the domain) for
+classifier-free guidance. --condition_on_domain (LoveDA) adds the scene, Urban or Rural.
+
+The output folder: ``LayoutDiffusionPipeline.from_pretrained(output_dir)`` (EMA weights with --use_ema), plus
+class_names.json, training_config.json and class_prior.json (the training maps' class frequencies at
+--resolution, which generate_synthetic_dataset.py --balance reads).
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from segdiff import training
+from segdiff.data import (
+    LOVEDA_SCENES,
+    DatasetError,
+    JointTransform,
+    add_dataset_args,
+    colorize_label,
+    dataset_from_args,
+    exit_on_bad_input,
+    read_label_map,
+)
+from segdiff.generation import resize_labels
+from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
+from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+
+logger = training.logger
+CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
+LABEL_DOWNSAMPLING = ("majority", "nearest")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    training.add_training_args(parser, default_resolution=128)
+    add_dataset_args(parser, default_dataset="loveda")
+    group = parser.add_argument_group("layout diffusion")
+    group.add_argument(
+        "--model_config",
+        type=str,
+        default=str(CONFIGS / "layout_128.json"),
+        help="LayoutUNetModel size, a JSON under configs/models/: layout_tiny.json (tests, CPU) or layout_128.json "
+        "(LoveDA at 128 px on one A100). num_classes, sample_size and num_domains are set from the data. "
+        "Default: %(default)s",
+    )
+    group.add_argument(
+        "--label_downsampling",
+        choices=LABEL_DOWNSAMPLING,
+        default="majority",
+        help="How label maps are brought to --resolution: majority (each layout pixel takes the most frequent label "
+        "of the source pixels it covers; no-data only where it is the majority) or nearest (one source pixel). "
+        "Default: %(default)s",
+    )
+    training.add_switch(
+        group,
+        "vertical_flip",
+        default=None,
+        help="Also flip layouts vertically at random (unless --no_random_flip). Default: on for --dataset loveda "
+        "(overhead views have no up), off otherwise (street and landscape scenes keep the sky on top).",
+    )
+    group.add_argument(
+        "--condition_dropout",
+        type=float,
+        default=0.1,
+        help="Probability of training a sample with nothing known (no ratio, no domain): the unconditional model "
+        "that classifier-free guidance compares with. Default: %(default)s",
+    )
+    group.add_argument(
+        "--condition_on_domain",
+        action="store_true",
+        help="LoveDA only: also condition on the scene (Urban or Rural, from each map's folder), so generation "
+        "can ask for a domain.",
+    )
+    group.add_argument(
+        "--domain_dropout",
+        type=float,
+        default=0.2,
+        help="With --condition_on_domain: probability of hiding a sample's domain while keeping its ratios, so "
+        "ratios can also be requested without a domain. Default: %(default)s",
+    )
+    group.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Validation layouts per request (the grid's columns); the rows are: unconditional, then one class "
+        "each asked at about twice its usual share. Default: %(default)s",
+    )
+    group.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=1.0,
+        help="Guidance scale of the validation samples (1 = none: the logged shares then show how closely plain "
+        "sampling follows the request; above 1 pushes the named classes further, and overshoots). "
+        "Default: %(default)s",
+    )
+    args = parser.parse_args(argv)
+    if args.data_root is None:
+        parser.error("--data_root is required")
+    if args.pretrained_model_name_or_path is not None:
+        parser.error(
+            "--pretrained_model_name_or_path: the layout model is trained from scratch and uses no base model. "
+            "Fix: drop the flag (the model's size comes from --model_config)."
+        )
+    if args.random_affine:
+        parser.error("--random_affine is not used for layouts (it pads maps with no-data). Fix: drop the flag.")
+    if not 0 <= args.condition_dropout < 1:
+        parser.error("--condition_dropout must be in [0, 1)")
+    if not 0 <= args.domain_dropout < 1:
+        parser.error("--domain_dropout must be in [0, 1)")
+    if args.vertical_flip is None:
+        args.vertical_flip = args.dataset == "loveda"
+    return args
+
+
+def check_domain_flag(args) -> None:
+    """--condition_on_domain needs a dataset whose maps say their domain: LoveDA's scene folders."""
+    if args.condition_on_domain and args.dataset != "loveda":
+        raise SystemExit(
+            f"error: --condition_on_domain needs --dataset loveda (the domain is the Urban/Rural scene folder of "
+            f"each map); --dataset {args.dataset} has no domains. Fix: drop --condition_on_domain."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: label maps only, brought once to the layout resolution
+# ------------------------------------------------------------------------------------------------
+
+
+def loveda_scene(mask_path: Path) -> str:
+    """Urban or Rural: the scene folder of a LoveDA mask (``<split>/<Scene>/masks_png/<name>.png``).
+
+    The loveda layout of segdiff.data does not report a sample's scene, so it is read from the path here.
+    """
+    folder = mask_path.parent.parent.name
+    for scene in LOVEDA_SCENES:
+        if folder.lower() == scene.lower():
+            return scene
+    raise DatasetError(
+        f"cannot tell the LoveDA scene of {mask_path}: its folder {folder!r} is none of {', '.join(LOVEDA_SCENES)}. "
+        "Fix: keep LoveDA's <split>/Urban|Rural/masks_png/ layout, or drop --condition_on_domain."
+    )
+
+
+def majority_pool(label: np.ndarray, size: tuple[int, int], ignore_index: int) -> np.ndarray:
+    """Resize a label map to ``size``: each output pixel gets the label covering most of its area.
+
+    Each present label's indicator map is area-averaged to ``size`` (exact shares for integer factors, area
+    weights otherwise) and the largest share wins; ties go to the lower class id, and no-data (ignore_index,
+    checked last) wins only with a strict majority over every class.
+    """
+    best_share = np.full(size, -1.0, dtype=np.float32)
+    pooled = np.full(size, ignore_index, dtype=np.int64)
+    labelled_ids = [int(i) for i in np.unique(label) if i != ignore_index]
+    for label_id in [*labelled_ids, ignore_index]:
+        indicator = torch.from_numpy((label == label_id).astype(np.float32))[None, None]
+        share = F.interpolate(indicator, size=size, mode="area")[0, 0].numpy()
+        wins = share > best_share
+        pooled[wins], best_share[wins] = label_id, share[wins]
+    return pooled
+
+
+def downsample_label(label: np.ndarray, size: tuple[int, int], method: str, ignore_index: int) -> np.ndarray:
+    """A decoded label map resized to ``size``, by majority pooling or nearest sampling."""
+    if tuple(label.shape) == tuple(size):
+        return label
+    if method == "nearest":
+        return resize_labels(label, *size)
+    return majority_pool(label, size, ignore_index)
+
+
+class LayoutMaps(Dataset):
+    """The dataset's label maps at --resolution (cover size), with each map's domain id; images are never read."""
+
+    def __init__(self, dataset, resolution: int, method: str, domains: list[str]):
+        self.dataset, self.method, self.domains = dataset, method, domains
+        # Only for its cover_size: the size with the map's aspect ratio whose short side is --resolution, the same
+        # size images are brought to before cropping (the crops themselves are taken per sample, in training).
+        self.geometry = JointTransform(resolution, center_crop=True, random_flip=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        _, mask_path = self.dataset.pairs[index]
+        label = self.dataset.decode_label(read_label_map(mask_path))
+        self.dataset.check_label_ids(label, mask_path)
+        ignore_index = self.dataset.ignore_index
+        size = tuple(self.geometry.cover_size(*label.shape))
+        layout = downsample_label(label, size, self.method, ignore_index)
+        domain = self.domains.index(loveda_scene(mask_path)) if self.domains else NO_DOMAIN
+        # Bytes when every id fits: the maps of a whole dataset stay in memory.
+        fits_in_bytes = self.dataset.num_classes <= 256 and 0 <= ignore_index < 256
+        dtype = torch.uint8 if fits_in_bytes else torch.int32
+        return {"layout": torch.from_numpy(np.asarray(layout)).to(dtype), "domain": domain}
+
+
+def load_layouts(dataset, args, domains: list[str]) -> list[dict]:
+    """Every training map at --resolution, read once (in --dataloader_num_workers processes) and kept in memory."""
+    maps = LayoutMaps(dataset, args.resolution, args.label_downsampling, domains)
+    loader = DataLoader(maps, batch_size=None, num_workers=args.dataloader_num_workers)
+    return [item for item in tqdm(loader, desc="Reading label maps", unit="map")]
+
+
+def center_crop(layout: torch.Tensor, resolution: int) -> torch.Tensor:
+    top, left = (layout.shape[0] - resolution) // 2, (layout.shape[1] - resolution) // 2
+    return layout[top : top + resolution, left : left + resolution]
+
+
+class TrainingLayouts(Dataset):
+    """Per sample: a crop of a map with random flips, its class ratios, which of them are known, and its domain."""
+
+    def __init__(self, layouts: list[dict], args, num_classes: int, ignore_index: int):
+        self.layouts, self.args = layouts, args
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.layouts[index]
+
+    def process(self, item: dict, generator: torch.Generator) -> dict:
+        """Every random draw comes from the sample's own generator, always in the same order (exact resume)."""
+        args, layout = self.args, item["layout"].long()
+        resolution = args.resolution
+        draws = torch.rand(4, generator=generator)  # crop offsets, horizontal and vertical flips
+        if args.center_crop:
+            layout = center_crop(layout, resolution)
+        else:
+            top = int(draws[0] * (layout.shape[0] - resolution + 1))
+            left = int(draws[1] * (layout.shape[1] - resolution + 1))
+            layout = layout[top : top + resolution, left : left + resolution]
+        if args.random_flip and draws[2] < 0.5:
+            layout = layout.flip(-1)
+        if args.random_flip and args.vertical_flip and draws[3] < 0.5:
+            layout = layout.flip(-2)
+
+        ratios = class_ratios(layout[None], self.num_classes, self.ignore_index)[0]
+        # Sparse requests: a keep probability per sample, then each class kept with it.
+        keep_probability, hide_domain, drop_all = torch.rand(3, generator=generator).tolist()
+        known = torch.rand(self.num_classes, generator=generator) < keep_probability
+        domain = item["domain"]
+        if hide_domain < args.domain_dropout:
+            domain = NO_DOMAIN
+        if drop_all < args.condition_dropout:  # the unconditional model, for classifier-free guidance
+            known[:], domain = False, NO_DOMAIN
+        return {"label": layout.contiguous(), "ratios": ratios, "known": known, "domain": domain}
+
+
+def collate(examples: list[dict]) -> dict:
+    return {
+        "label": torch.stack([e["label"] for e in examples]),
+        "ratios": torch.stack([e["ratios"] for e in examples]),
+        "known": torch.stack([e["known"] for e in examples]),
+        "domain": torch.tensor([e["domain"] for e in examples], dtype=torch.long),
+        "seed": torch.tensor([e["seed"] for e in examples]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The class-frequency prior
+# ------------------------------------------------------------------------------------------------
+
+
+def share_statistics(counts: np.ndarray) -> dict:
+    """From per-map pixel counts (N, C): pixel share, share of maps holding each class, mean share where present."""
+    per_map = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    present = counts > 0
+    total = counts.sum(0)
+    return {
+        "pixel_share": (total / max(total.sum(), 1)).tolist(),
+        "image_share": present.mean(0).tolist() if len(counts) else [0.0] * counts.shape[1],
+        "mean_share_when_present": [
+            float(per_map[present[:, c], c].mean()) if present[:, c].any() else 0.0 for c in range(counts.shape[1])
+        ],
+        "num_maps": int(len(counts)),
+    }
+
+
+def class_prior(layouts: list[dict], args, class_names: list[str], ignore_index: int, domains: list[str]) -> dict:
+    """class_prior.json: class frequencies of the training maps at --resolution (the centre square of each),
+    over labelled pixels only; per domain too when the model has domains."""
+    num_classes = len(class_names)
+    counts = np.zeros((len(layouts), num_classes), dtype=np.int64)
+    for row, item in enumerate(layouts):
+        layout = center_crop(item["layout"].long(), args.resolution).numpy().ravel()
+        counts[row] = np.bincount(layout[layout != ignore_index], minlength=num_classes)[:num_classes]
+    prior = {"class_names": list(class_names), **share_statistics(counts), "domains": list(domains)}
+    prior.update(resolution=args.resolution, label_downsampling=args.label_downsampling)
+    if domains:
+        domain_ids = np.array([item["domain"] for item in layouts])
+        prior["per_domain"] = {name: share_statistics(counts[domain_ids == i]) for i, name in enumerate(domains)}
+    return prior
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def validation_requests(prior: dict, max_classes: int = 8) -> list[tuple[str, dict[int, float]]]:
+    """(title, {class id: share}) per grid row: unconditional, then single classes at about twice their usual share
+    (the rarest classes first when there are more than ``max_classes``)."""
+    shares = prior["mean_share_when_present"]
+    order = sorted(range(len(shares)), key=lambda c: prior["pixel_share"][c])[:max_classes]
+    requests = [("unconditional", {})]
+    for class_id in sorted(order):
+        share = round(min(0.8, max(0.1, 2 * shares[class_id])), 2)
+        requests.append((f"{prior['class_names'][class_id]}={share}", {class_id: share}))
+    return requests
+
+
+def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
+    """A grid of colourised layouts: one row per request, --num_validation_images samples each."""
+    pipeline.set_progress_bar_config(disable=True)
+    requests = validation_requests(prior)
+    count, num_classes = args.num_validation_images, dataset.num_classes
+    ratios, known = torch.zeros(len(requests) * count, num_classes), torch.zeros(len(requests) * count, num_classes)
+    for row, (_, request) in enumerate(requests):
+        for class_id, share in request.items():
+            ratios[row * count : (row + 1) * count, class_id] = share
+            known[row * count : (row + 1) * count, class_id] = 1
+    generators = [torch.Generator().manual_seed(args.seed + i % count) for i in range(len(ratios))]
+    layouts = pipeline(
+        ratios,
+        known.bool(),
+        guidance_scale=args.validation_guidance_scale,
+        num_inference_steps=25,
+        generator=generators,
+    ).label_maps
+    achieved = class_ratios(torch.from_numpy(layouts), num_classes, dataset.ignore_index)
+    for row, (title, request) in enumerate(requests):
+        got = achieved[row * count : (row + 1) * count].mean(0)
+        shares = ", ".join(f"{dataset.class_names[c]} {got[c]:.2f}" for c in request) or "see the grid"
+        logger.info(f"Validation {title}: mean achieved share {shares}")
+    # Layouts are small: enlarged (nearest) so one pixel stays one flat block, with a white frame between tiles.
+    scale = max(1, 128 // args.resolution)
+    tiles = []
+    for layout in layouts:
+        tile = colorize_label(layout, dataset.palette, dataset.ignore_index)
+        tile = tile.resize((layout.shape[1] * scale, layout.shape[0] * scale), Image.Resampling.NEAREST)
+        tiles.append(ImageOps.expand(tile, border=2, fill=(255, 255, 255)))
+    grid = make_image_grid(tiles, rows=len(requests), cols=count)
+    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
+    logger.info(f"Validation grid (rows: {', '.join(title for title, _ in requests)}): {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def build_model(args, num_classes: int, num_domains: int) -> LayoutUNetModel:
+    if not Path(args.model_config).is_file():
+        raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
+    model = LayoutUNetModel.from_config_file(
+        args.model_config, num_classes=num_classes, sample_size=args.resolution, num_domains=num_domains
+    )
+    if args.resolution % model.size_multiple:
+        raise SystemExit(
+            f"--resolution {args.resolution} cannot be halved evenly by the {len(model.config.block_out_channels)} "
+            f"levels of --model_config {args.model_config}: use a multiple of {model.size_multiple}."
+        )
+    return model
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels of the batch (0, not NaN, for a batch with none)."""
+    summed = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return summed / (labels != ignore_index).sum().clamp(min=1)
+
+
+def main(args):
+    check_domain_flag(args)
+    accelerator = training.make_accelerator(args)
+    hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
+    dataset = dataset_from_args(args)
+    num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
+    domains = list(LOVEDA_SCENES) if args.condition_on_domain else []
+    logger.info(f"{len(dataset)} training maps, {num_classes} classes: {dataset.class_names}; domains: {domains}")
+
+    unet = build_model(args, num_classes, len(domains))
+    logger.info(f"LayoutUNetModel: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters")
+    noise_scheduler = layout_scheduler()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    ema_models = {}
+    if args.use_ema:
+        ema_models["unet_ema"] = EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=LayoutUNetModel, model_config=unet.config
+        )
+    training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
+
+    layouts = load_layouts(dataset, args, domains)
+    for domain_id, name in enumerate(domains):
+        if not any(item["domain"] == domain_id for item in layouts):
+            logger.warning(f"No training map of the domain {name}: the model will not learn it (see --loveda_scenes).")
+    layout_data = TrainingLayouts(layouts, args, num_classes, ignore_index)
+    train_dataset = training.SeededDataset(layout_data, layout_data.process)
+    train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
+    optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    for ema in ema_models.values():
+        ema.to(accelerator.device)
+
+    global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
+    prior = class_prior(layouts, args, dataset.class_names, ignore_index, domains)
+    if accelerator.is_main_process:
+        training.write_run_files(
+            args.output_dir,
+            args,
+            dataset.class_names,
+            dataset.palette,
+            pipeline="layout_diffusion",
+            domains=domains,
+            unet_config=dict(accelerator.unwrap_model(unet).config),
+        )
+        training.write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
+    training.init_trackers(accelerator, args, "train_layout_diffusion")
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
+        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
+    )
+    meter = training.ThroughputMeter(accelerator, total_batch_size)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
+    batches = training.training_batches(
+        train_dataloader,
+        sampler,
+        accelerator,
+        first_epoch=first_epoch,
+        num_epochs=args.num_train_epochs,
+        skip_batches=skip_batches,
+        global_step=global_step,
+        max_train_steps=args.max_train_steps,
+    )
+    model = accelerator.unwrap_model(unet)
+    for _epoch, batch in batches:
+        with accelerator.accumulate(unet):
+            generator = training.batch_generator(batch["seed"], accelerator.device)
+            labels = batch["label"]
+            clean = labels_to_analog(labels, num_classes, ignore_index)
+            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator, device=clean.device
+            )
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            logits = unet(noisy, timesteps, batch["ratios"], batch["known"], batch["domain"]).sample
+            loss = masked_cross_entropy(logits, labels, ignore_index)
+            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+
+        if accelerator.sync_gradients:
+            for ema in ema_models.values():
+                ema.step(unet.parameters())
+            global_step += 1
+            meter.step()
+            progress_bar.update(1)
+            if global_step % args.checkpointing_steps == 0:
+                training.save_checkpoint(accelerator, args, global_step)
+            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
+                with training.ema_weights(ema_models.get("unet_ema"), model):
+                    pipeline = LayoutDiffusionPipeline(
+                        unet=model,
+                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                        class_names=dataset.class_names,
+                        domains=domains,
+                        ignore_index=ignore_index,
+                    )
+                    log_validation(pipeline, args, accelerator, dataset, prior, global_step)
+        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+
+    # Save the pipeline (EMA weights when kept), sampling with DDIM by default.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stats = meter.summary()
+        logger.info(f"Throughput and memory: {stats}")
+        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        if args.use_ema:
+            ema_models["unet_ema"].copy_to(model.parameters())
+        pipeline = LayoutDiffusionPipeline(
+            unet=model,
+            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            class_names=dataset.class_names,
+            domains=domains,
+            ignore_index=ignore_index,
+        )
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the pipeline to {args.output_dir}")
+        training.upload_to_hub(args, hub_repo)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    with exit_on_bad_input():
+        main(parse_args())
