@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Does balanced synthetic data lift a rare class? The whole synthetic-data path on long-tailed toy data.
+
+    python benchmarks/bench_synthetic.py                  # about 25 minutes on 2 cores
+    python benchmarks/bench_synthetic.py --quick          # a few minutes; the numbers mean little
+
+1. `python -m segdiff.toy --rare_class triangle --rare_rate 0.04`: toy data where triangles are in 4% of the
+   training images, and small (class_stats.json has the shares);
+2. train_layout_diffusion.py on it (the layout model), train_spade_sdm.py on it (the renderer: pixel-space SDM,
+   which reaches toy mIoU 0.998 within 300 steps on a CPU, where a ControlNet would first need its tiny base's
+   VAE fitted: see RESULTS.md, bench_sdm and bench_controlnet);
+3. ratio control: --layouts_only with a one-class and a full --ratios request, and the --balance run's own
+   ratio_report.json: mean |achieved - requested| share over the requested classes;
+4. generate_synthetic_dataset.py --balance --renderer SDM, then evaluate.py --downstream on a small real
+   training set (--downstream_real_limit): the same segmenter, seeds and steps trained on real only and on
+   real + synthetic, scored on the real validation split; per seed and averaged over --seeds.
+
+Targets (issue #15): rare-class IoU gain >= +0.10 and mIoU not lower; ratio MAE <= 0.05; <= 25 CPU-minutes.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import RESULTS, append_results, launch_training  # noqa: E402
+
+RARE = "triangle"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_images", type=int, default=512, help="Real training images (long-tailed).")
+    parser.add_argument("--val_images", type=int, default=128, help="Real validation images.")
+    parser.add_argument("--rare_rate", type=float, default=0.04, help="Share of training images with the rare class.")
+    parser.add_argument("--layout_steps", type=int, default=600, help="Layout model steps (batch 32, 32 px).")
+    parser.add_argument("--renderer_steps", type=int, default=300, help="SDM renderer steps (batch 32).")
+    parser.add_argument("--num_synthetic", type=int, default=256, help="Synthetic --balance pairs.")
+    parser.add_argument("--num_layouts", type=int, default=32, help="Layouts per --ratios row.")
+    parser.add_argument(
+        "--balance_guidance",
+        type=float,
+        default=2.0,
+        help="Guidance of the --balance layouts: above 1 a requested "
+        "rare class is drawn more surely (and somewhat larger) than at 1, which the --ratios rows use.",
+    )
+    parser.add_argument("--real_limit", type=int, default=64, help="Real training pairs of the segmenter.")
+    parser.add_argument("--downstream_steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Downstream seeds.")
+    parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--work_dir", default=None, help="Keep the data and models here (default: a temp dir).")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_images, args.val_images, args.layout_steps, args.renderer_steps = 128, 32, 30, 30
+        args.num_synthetic, args.real_limit, args.downstream_steps, args.seeds = 32, 32, 30, [0]
+        args.num_layouts = 8
+    return args
+
+
+def run(*command) -> float:
+    """``python <command>`` in the repository; returns the seconds it took."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{result.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def ratio_rows(layout: Path, work: Path, seconds: dict, num_layouts: int) -> list[dict]:
+    """Layouts only, for a one-class and a full request: the ratio report of each."""
+    requests = {"one class": f"{RARE}:0.1", "full": f"background:0.55,square:0.2,disk:0.15,{RARE}:0.1"}
+    rows = []
+    for name, ratios in requests.items():
+        out = work / f"layouts-{name.replace(' ', '-')}"
+        seconds[f"layouts ({name})"] = run(
+            "generate_synthetic_dataset.py", "--layout_model", layout, "--layouts_only", "--num_samples", num_layouts,
+            "--ratios", ratios, "--save_dir", out, "--overwrite",
+        )  # fmt: skip
+        report = json.loads((out / "ratio_report.json").read_text())
+        rows.append(
+            {
+                "setup": f"--ratios {ratios}",
+                "measurement": f"ratio MAE over the requested classes ({num_layouts} layouts, guidance 1)",
+                "result": f"{report['mae']:.4f}; "
+                + ", ".join(f"{c} {v['mae']:.3f}" for c, v in report["per_class"].items()),
+            }
+        )
+    return rows
+
+
+def downstream(synthetic: Path, data: Path, work: Path, seed: int, args) -> dict:
+    out = work / f"eval-seed{seed}"
+    run(
+        "evaluate.py", "--generated_dir", synthetic, "--real_dir", data, "--segmenter", "palette",
+        "--metrics", "miou", "--downstream", "--downstream_real_limit", args.real_limit,
+        "--downstream_steps", args.downstream_steps, "--seed", seed, "--results_dir", out,
+    )  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main(args):
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_synthetic_"))
+    data, layout, renderer, synthetic = work / "toy", work / "layout", work / "sdm", work / "synthetic"
+    seconds = {}
+    started = time.perf_counter()
+
+    seconds["data"] = run(
+        "-m", "segdiff.toy", "--output_dir", data, "--num_images", args.num_images, "--val_images", args.val_images,
+        "--size", 32, "--rare_class", RARE, "--rare_rate", args.rare_rate,
+    )  # fmt: skip
+    stats = json.loads((data / "train" / "class_stats.json").read_text())["classes"][RARE]
+
+    start = time.perf_counter()
+    layout_stats = launch_training(
+        "train_layout_diffusion.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", layout,
+        "--model_config", ROOT / "configs/models/layout_tiny.json", "--resolution", 32, "--train_batch_size", 32,
+        "--learning_rate", "1e-3", "--max_train_steps", args.layout_steps, "--lr_warmup_steps", 50,
+    )  # fmt: skip
+    seconds["layout model"] = time.perf_counter() - start
+    start = time.perf_counter()
+    launch_training(
+        "train_spade_sdm.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", renderer,
+        "--model_config", ROOT / "configs/models/sdm_tiny.json", "--resolution", 32, "--train_batch_size", 32,
+        "--learning_rate", "1e-3", "--max_train_steps", args.renderer_steps, "--lr_warmup_steps", 20,
+    )  # fmt: skip
+    seconds["renderer"] = time.perf_counter() - start
+
+    rows = ratio_rows(layout, work, seconds, args.num_layouts)
+    seconds["synthetic"] = run(
+        "generate_synthetic_dataset.py", "--layout_model", layout, "--renderer", renderer, "--balance",
+        "--num_samples", args.num_synthetic, "--save_dir", synthetic, "--overwrite", "--render_steps", 50,
+        "--guidance_scale", args.balance_guidance,
+    )  # fmt: skip
+    balance = json.loads((synthetic / "ratio_report.json").read_text())
+    records = [json.loads(line) for line in (synthetic / "metadata.jsonl").read_text().splitlines()]
+    rare_share = np.mean([r["achieved_ratios"][RARE] > 0 for r in records])
+    rows.append(
+        {
+            "setup": f"--balance, {args.num_synthetic} samples, guidance {args.balance_guidance}",
+            "measurement": "ratio MAE over the requested classes; share of samples showing the rare class",
+            "result": f"{balance['mae']:.4f}; {RARE} in {rare_share:.0%} (real training data: "
+            f"{stats['image_share']:.1%})",
+        }
+    )
+
+    start = time.perf_counter()
+    evaluations = [downstream(synthetic, data, work, seed, args) for seed in args.seeds]
+    seconds["downstream"] = time.perf_counter() - start
+    rows.append(
+        {
+            "setup": "synthetic images (palette segmenter vs their layouts)",
+            "measurement": "render consistency mIoU",
+            "result": f"{evaluations[0]['miou']:.3f}",
+        }
+    )
+    gains = {"miou": [], RARE: []}
+    for seed, metrics in zip(args.seeds, evaluations):
+        down = metrics["downstream"]
+        real, mixed = down["per_class_iou_real_only"][RARE], down["per_class_iou_real_plus_synthetic"][RARE]
+        gains["miou"].append(down["miou_gain"])
+        gains[RARE].append(mixed - real)
+        rows.append(
+            {
+                "setup": f"downstream seed {seed}: {down['num_real_train']} real (+ {down['num_synthetic']} synthetic)",
+                "measurement": f"mIoU real -> real+synthetic; {RARE} IoU",
+                "result": f"{down['miou_real_only']:.3f} -> {down['miou_real_plus_synthetic']:.3f}; "
+                f"{real:.3f} -> {mixed:.3f}",
+            }
+        )
+    rows.append(
+        {
+            "setup": f"downstream, mean over seeds {args.seeds}",
+            "measurement": f"mIoU gain; {RARE} IoU gain (targets: >= 0, >= +0.10)",
+            "result": f"{np.mean(gains['miou']):+.3f}; {np.mean(gains[RARE]):+.3f}",
+        }
+    )
+    total = time.perf_counter() - started
+    rows.append(
+        {
+            "setup": "whole benchmark",
+            "measurement": "wall time (target <= 25 CPU-minutes)",
+            "result": f"{total / 60:.1f} min: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()),
+            "peak_memory_mb": layout_stats.get("peak_memory_mb", ""),
+        }
+    )
+    note = (
+        f"Long-tailed toy data: {RARE} in {stats['image_share']:.1%} of the {args.num_images} training images, "
+        f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps, SDM renderer "
+        f"{args.renderer_steps} steps, both at batch 32."
+    )
+    append_results("bench_synthetic.py", rows, args.results, note=note)
+
+
+if __name__ == "__main__":
+    main(parse_args())

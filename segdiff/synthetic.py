@@ -1,0 +1,96 @@
+"""Class-ratio requests for synthetic datasets: parsing ``--ratios``, ``--balance`` targets, and the report.
+
+A *request* is what a layout is asked for: the share of labelled pixels of some classes (a sparse vector:
+the classes not named follow the data). generate_synthetic_dataset.py turns each request into a layout with
+the layout model, renders it, and compares what it asked for with what it got (`ratio_report`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segdiff.data import DatasetError
+
+# --balance asks for a rare class at its usual size when present, times a factor drawn in this range: the layout
+# model has seen such maps (a request far outside the training ratios is extrapolation), and every sample that
+# asks for a class makes that class present, which is what lifts a rare class.
+BALANCE_SIZE_FACTOR = (1.0, 2.0)
+BALANCE_RATIO_RANGE = (0.02, 0.6)
+
+
+def parse_ratios(text: str, class_names: list[str]) -> dict[int, float]:
+    """``"water:0.4,road:0.1"`` -> ``{class id: ratio}``; every problem is refused naming the entry."""
+    requested: dict[int, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, sep, value = entry.rpartition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise DatasetError(f'--ratios entry "{entry}" is not CLASS:SHARE. Fix: write e.g. "water:0.4,road:0.1".')
+        if name not in class_names:
+            raise DatasetError(
+                f'--ratios entry "{entry}": no class "{name}". The classes of this model: {", ".join(class_names)}.'
+            )
+        try:
+            share = float(value)
+        except ValueError:
+            raise DatasetError(f'--ratios entry "{entry}": "{value}" is not a number.') from None
+        if not 0 <= share <= 1:
+            raise DatasetError(f'--ratios entry "{entry}": a share is a fraction of pixels, 0..1, not {share}.')
+        class_id = class_names.index(name)
+        if class_id in requested:
+            raise DatasetError(f'--ratios entry "{entry}": {name} is requested twice.')
+        requested[class_id] = share
+    if not requested:
+        raise DatasetError(f'--ratios "{text}" requests no class. Fix: write e.g. "water:0.4,road:0.1".')
+    total = sum(requested.values())
+    if total > 1 + 1e-6:
+        shown = " + ".join(f"{class_names[c]}:{v:g}" for c, v in requested.items())
+        raise DatasetError(f"--ratios {shown} = {total:g}: the shares of one map cannot sum to more than 1.")
+    return requested
+
+
+def balance_weights(pixel_share) -> np.ndarray:
+    """How often --balance asks for each class: in proportion to its pixel share's shortfall from uniform.
+
+    Classes at or above a uniform share are never asked for (they keep their share from the maps that follow
+    the data); the rarest classes are asked for most. All at uniform: every class alike.
+    """
+    pixel_share = np.asarray(pixel_share, dtype=np.float64)
+    deficit = np.clip(1.0 / len(pixel_share) - pixel_share, 0, None)
+    return deficit / deficit.sum() if deficit.sum() > 0 else np.full(len(pixel_share), 1.0 / len(pixel_share))
+
+
+def balanced_request(prior: dict, rng: np.random.Generator) -> dict[int, float]:
+    """One --balance request: a class drawn by `balance_weights`, asked for at its usual size when present
+    (from the prior) times a factor in BALANCE_SIZE_FACTOR, within BALANCE_RATIO_RANGE."""
+    weights = balance_weights(prior["pixel_share"])
+    class_id = int(rng.choice(len(weights), p=weights))
+    usual = float(prior["mean_share_when_present"][class_id]) or 1.0 / len(weights)
+    share = float(np.clip(usual * rng.uniform(*BALANCE_SIZE_FACTOR), *BALANCE_RATIO_RANGE))
+    return {class_id: round(share, 4)}
+
+
+def ratio_report(records: list[dict], class_names: list[str]) -> dict:
+    """Mean absolute error between requested and achieved shares, per requested class and over all requests.
+
+    ``records`` are metadata.jsonl lines with ``requested_ratios`` and ``achieved_ratios`` (by class name).
+    """
+    errors: dict[str, list[float]] = {name: [] for name in class_names}
+    for record in records:
+        for name, requested in record["requested_ratios"].items():
+            errors[name].append(abs(record["achieved_ratios"][name] - requested))
+    per_class = {
+        name: {"mae": round(float(np.mean(values)), 4), "requests": len(values)}
+        for name, values in errors.items()
+        if values
+    }
+    every_error = [value for values in errors.values() for value in values]
+    return {
+        "num_samples": len(records),
+        "num_requests": len(every_error),
+        "mae": round(float(np.mean(every_error)), 4) if every_error else None,
+        "per_class": per_class,
+        "note": "mean |achieved - requested| share of labelled pixels, over the requested classes only",
+    }

@@ -1,0 +1,206 @@
+"""Synthetic datasets: ratio requests, --balance, the ratio report, and generate_synthetic_dataset.py end to end."""
+
+import numpy as np
+import pytest
+from conftest import ROOT, SCRIPT_ENV, run_script, script_error
+
+from segdiff.data import DatasetError
+from segdiff.synthetic import balance_weights, balanced_request, parse_ratios, ratio_report
+
+NAMES = ["background", "building", "road", "water"]
+NAMES_TOY = ["background", "square", "disk", "triangle"]
+
+
+def test_parse_ratios_takes_sparse_requests_by_class_name():
+    assert parse_ratios("water:0.4, road:0.1", NAMES) == {3: 0.4, 2: 0.1}
+    assert parse_ratios("building:0.4", NAMES) == {1: 0.4}
+    assert parse_ratios("background:0.5,building:0.5", NAMES) == {0: 0.5, 1: 0.5}  # exactly 1 is fine
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lake:0.4,road:0.1", 'entry "lake:0.4": no class "lake"'),
+        ("water:-0.1", 'entry "water:-0.1": a share is a fraction of pixels, 0..1'),
+        ("water:1.5", 'entry "water:1.5": a share is a fraction of pixels'),
+        ("water:0.7,road:0.4", "water:0.7 + road:0.4 = 1.1"),
+        ("water=0.4", 'entry "water=0.4" is not CLASS:SHARE'),
+        ("water:lots", 'entry "water:lots": "lots" is not a number'),
+        ("water:0.1,water:0.2", 'entry "water:0.2": water is requested twice'),
+        (" , ", "requests no class"),
+    ],
+)
+def test_bad_ratios_are_refused_naming_the_entry(text, message):
+    with pytest.raises(DatasetError) as refused:
+        parse_ratios(text, NAMES)
+    assert message in str(refused.value)
+
+
+def test_balance_asks_for_the_classes_below_uniform_in_proportion_to_their_shortfall():
+    # Uniform is 0.25: background and building are above it, road 0.15 short, water 0.05 short.
+    weights = balance_weights([0.5, 0.3, 0.1, 0.2])
+    assert weights.tolist() == pytest.approx([0.0, 0.0, 0.75, 0.25])
+    assert balance_weights([0.25] * 4).tolist() == [0.25] * 4
+
+    prior = {"pixel_share": [0.5, 0.3, 0.1, 0.2], "mean_share_when_present": [0.6, 0.3, 0.08, 0.5]}
+    draws = [balanced_request(prior, np.random.default_rng(seed)) for seed in range(400)]
+    asked = [next(iter(d)) for d in draws]
+    assert set(asked) == {2, 3} and 0.68 < asked.count(2) / len(asked) < 0.82
+    road = [d[2] for d in draws if 2 in d]
+    assert min(road) >= 0.08 and max(road) <= 0.16  # its usual size when present, up to twice it
+    assert [balanced_request(prior, np.random.default_rng(7))] == [balanced_request(prior, np.random.default_rng(7))]
+
+
+def test_ratio_report_is_the_mean_absolute_error_over_requested_classes():
+    records = [
+        {"requested_ratios": {"water": 0.4}, "achieved_ratios": {"background": 0.5, "water": 0.3, "road": 0.2}},
+        {"requested_ratios": {"water": 0.4, "road": 0.1}, "achieved_ratios": {"water": 0.5, "road": 0.1}},
+        {"requested_ratios": {}, "achieved_ratios": {"water": 0.9}},
+    ]
+    report = ratio_report(records, ["background", "road", "water"])
+    assert report["num_samples"] == 3 and report["num_requests"] == 3
+    assert report["mae"] == pytest.approx(0.0667, abs=1e-4)
+    assert report["per_class"] == {"road": {"mae": 0.0, "requests": 1}, "water": {"mae": 0.1, "requests": 2}}
+    assert ratio_report(records[2:], ["water"])["mae"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate_synthetic_dataset.py, as a user runs it, on an untrained tiny layout model and SDM renderer (the
+# layout model's training and ratio control are tested in tests/test_layout.py; here: the dataset it writes)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """An untrained tiny layout model with its class_prior.json, and an untrained tiny pixel SDM renderer."""
+    import json
+
+    import torch
+
+    from segdiff.data import write_class_names
+    from segdiff.models.layout_unet import LayoutUNetModel
+    from segdiff.models.spade_unet import SpadeUNetModel
+    from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+    from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+    from segdiff.toy import toy_classes
+
+    root = tmp_path_factory.mktemp("synthetic-models")
+    names, palette = toy_classes(4)
+
+    def config(name):
+        return {k: v for k, v in json.loads((ROOT / "configs/models" / name).read_text()).items() if k[0] != "_"}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layout = LayoutUNetModel.from_config(config("layout_tiny.json"))
+        sdm = SpadeUNetModel.from_config(config("sdm_tiny.json"))
+    LayoutDiffusionPipeline(unet=layout, scheduler=layout_scheduler(), class_names=names).save_pretrained(
+        root / "layout"
+    )
+    write_class_names(root / "layout" / "class_names.json", names, palette)
+    prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
+    (root / "layout" / "class_prior.json").write_text(json.dumps({"class_names": names, **prior}))
+    SemanticDiffusionPipeline(sdm, sdm_scheduler(), class_names=names).save_pretrained(root / "sdm")
+    write_class_names(root / "sdm" / "class_names.json", names, palette)
+    (root / "sdm" / "training_config.json").write_text(json.dumps({"pipeline": "spade_sdm", "resolution": 32}))
+    return root
+
+
+def generate(models, save_dir, *extra, launcher=()):
+    fast = ["--num_inference_steps", "2", "--render_steps", "2", "--batch_size", "2"]
+    return run_script(
+        *launcher, "generate_synthetic_dataset.py", "--layout_model", models / "layout", "--save_dir", save_dir,
+        *fast, *extra,
+    )  # fmt: skip
+
+
+def files(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*.png"))}
+
+
+def test_writes_a_generic_dataset_with_its_requests_and_what_they_got(models, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "synthetic"
+    generate(models, out, "--renderer", models / "sdm", "--ratios", "disk:0.3", "--num_samples", "5", "--seed", "7")
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"synthetic_00000{i}.png" for i in range(5)]
+    check = subprocess.run(
+        [sys.executable, "-m", "segdiff.data", "check", "--data_root", out, "--dataset", "generic"],
+        cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 0 and "pairs: 5" in check.stdout and "no problems found" in check.stdout
+
+    import torch
+
+    from segdiff.data import load_segmentation_dataset, read_label_map
+    from segdiff.models.layout_unet import class_ratios
+
+    dataset = load_segmentation_dataset(out, "generic")
+    assert dataset.class_names == NAMES_TOY and len(dataset) == 5 and dataset[0]["image"].size == (32, 32)
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [7, 8, 9, 10, 11] and {r["renderer"] for r in records} == {"sdm"}
+    for record in records:
+        assert record["requested_ratios"] == {"disk": 0.3}
+        shares = class_ratios(torch.from_numpy(read_label_map(out / record["mask_file_name"]))[None], 4)[0]
+        assert record["achieved_ratios"] == {n: round(float(v), 4) for n, v in zip(NAMES_TOY, shares)}
+    report = json.loads((out / "ratio_report.json").read_text())
+    expected = np.mean([abs(r["achieved_ratios"]["disk"] - 0.3) for r in records])
+    assert report["num_requests"] == 5 and report["mae"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_two_processes_write_what_one_writes_and_a_rerun_adds_only_what_is_missing(models, tmp_path):
+    import sys
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--renderer", models / "sdm", "--balance", "--num_samples", "5")
+    generate(models, one, *args)
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541")
+    generate(models, two, *args, launcher=torchrun)
+    assert files(one) == files(two) and files(one)
+    assert (one / "metadata.jsonl").read_bytes() == (two / "metadata.jsonl").read_bytes()
+    assert sys.executable  # the launcher above ran under this interpreter
+
+    # --balance asked for the classes below a uniform share only (square, disk, triangle), one per sample.
+    import json
+
+    requests = [json.loads(line)["requested_ratios"] for line in (one / "metadata.jsonl").read_text().splitlines()]
+    assert all(len(r) == 1 and set(r) <= {"square", "disk", "triangle"} for r in requests)
+
+    # Lose sample 3 (as a crash would before its record), re-run: only it is drawn again, identically.
+    before = {path: path.stat().st_mtime_ns for path in (one / "images").iterdir()}
+    for folder in ("images", "masks"):
+        (one / folder / "synthetic_000003.png").unlink()
+    (one / ".records" / "synthetic_000003.json").unlink()
+    result = generate(models, one, *args)
+    assert "4 of 5 samples already" in result.stdout
+    assert files(one) == files(two)
+    after = {path: path.stat().st_mtime_ns for path in (one / "images").iterdir()}
+    assert [p.name for p in after if after[p] != before.get(p)] == ["synthetic_000003.png"]
+
+
+def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch):
+    out = tmp_path / "layouts"
+    generate(models, out, "--layouts_only", "--num_samples", "2")
+    assert not (out / "images").exists() and len(list((out / "masks").iterdir())) == 2
+    # The data's own distribution: nothing requested, nothing to score.
+    assert json_of(out / "ratio_report.json")["mae"] is None
+
+    def refusal(*extra):
+        return script_error(monkeypatch, "generate_synthetic_dataset.py", "--layout_model", models / "layout",
+                            "--save_dir", out, "--num_samples", "2", "--layouts_only", *extra)  # fmt: skip
+
+    assert 'entry "lake:0.2": no class "lake"' in refusal("--ratios", "lake:0.2")
+    assert "disk:0.8 + square:0.3 = 1.1" in refusal("--ratios", "disk:0.8,square:0.3")
+    assert "--num_inference_steps: 2 there, 5 now" in refusal("--num_inference_steps", "5")
+    assert "trained without domains" in refusal("--domain", "Urban", "--num_inference_steps", "2")
+    assert "not a layout model folder" in script_error(
+        monkeypatch, "generate_synthetic_dataset.py", "--layout_model", models / "sdm", "--save_dir", tmp_path / "x",
+        "--num_samples", "1", "--layouts_only",
+    )  # fmt: skip
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())
