@@ -56,6 +56,9 @@ def parse_args():
     parser.add_argument("--downstream_steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Downstream seeds.")
     parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
+    parser.add_argument(
+        "--ratio_rows_only", action="store_true", help="Only the --ratios rows, with the layout model in --work_dir."
+    )
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--work_dir", default=None, help="Keep the data and models here (default: a temp dir).")
     args = parser.parse_args()
@@ -76,11 +79,16 @@ def run(*command) -> float:
 
 
 def ratio_rows(layout: Path, work: Path, seconds: dict, num_layouts: int) -> list[dict]:
-    """Layouts only, for a one-class and a full request: the ratio report of each."""
-    requests = {"one class": f"{RARE}:0.1", "full": f"background:0.55,square:0.2,disk:0.15,{RARE}:0.1"}
+    """Layouts only, for requests inside the data's range (a one-class, a full one) and one far outside it (the
+    rare class at five times its usual share when present): the ratio report of each."""
+    requests = {
+        "one class": "square:0.15",
+        "full": "background:0.7,square:0.15,disk:0.15",
+        "rare, out of range": f"{RARE}:0.1",
+    }
     rows = []
     for name, ratios in requests.items():
-        out = work / f"layouts-{name.replace(' ', '-')}"
+        out = work / f"layouts-{name.replace(' ', '-').replace(',', '')}"
         seconds[f"layouts ({name})"] = run(
             "generate_synthetic_dataset.py", "--layout_model", layout, "--layouts_only", "--num_samples", num_layouts,
             "--ratios", ratios, "--save_dir", out, "--overwrite",
@@ -112,6 +120,10 @@ def main(args):
     data, layout, renderer, synthetic = work / "toy", work / "layout", work / "sdm", work / "synthetic"
     seconds = {}
     started = time.perf_counter()
+    if args.ratio_rows_only:
+        rows = ratio_rows(layout, work, seconds, args.num_layouts)
+        append_results("bench_synthetic.py", rows, args.results, note=f"Layout model of {layout}; seconds: {seconds}")
+        return
 
     seconds["data"] = run(
         "-m", "segdiff.toy", "--output_dir", data, "--num_images", args.num_images, "--val_images", args.val_images,
