@@ -23,7 +23,8 @@ The output is a *generic* dataset that every trainer here takes as it is::
     generation_args.json              the arguments that determine the samples (a re-run must match them)
 
 Sample i uses seed --seed + i for its request, its layout and its image, whatever the batch size or the
-number of processes. A re-run adds only the missing samples. Under ``accelerate launch`` (or torchrun) each
+number of processes. A re-run adds only the missing samples (also to grow a dataset: a larger --num_samples
+keeps the samples already there). Under ``accelerate launch`` (or torchrun) each
 process takes every num_processes-th sample; the outputs equal a one-process run's.
 """
 
@@ -212,7 +213,6 @@ def main(args):
         "renderer": recorded_path(args.renderer),
         "pretrained_model_name_or_path": recorded_path(args.pretrained_model_name_or_path),
         "layouts_only": args.layouts_only,
-        "num_samples": args.num_samples,
         "seed": args.seed,
         "ratios": args.ratios,
         "balance": args.balance,

@@ -178,6 +178,13 @@ def test_two_processes_write_what_one_writes_and_a_rerun_adds_only_what_is_missi
     after = {path: path.stat().st_mtime_ns for path in (one / "images").iterdir()}
     assert [p.name for p in after if after[p] != before.get(p)] == ["synthetic_000003.png"]
 
+    # Growing the dataset keeps what is there: sample 5 is added, the metadata lists all six in order.
+    args = ("--renderer", models / "sdm", "--balance", "--num_samples", "6")
+    assert "5 of 6 samples already" in generate(models, one, *args).stdout
+    assert [
+        json_of_line["index"] for json_of_line in map(json.loads, (one / "metadata.jsonl").read_text().splitlines())
+    ] == list(range(6))
+
 
 def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch):
     out = tmp_path / "layouts"
