@@ -1,7 +1,8 @@
-"""The training guarantees the README promises, tested on the three real trainers, as a user launches them.
+"""The training guarantees the README promises, tested on the four real trainers, as a user launches them.
 
 Every trainer is launched through ``accelerate launch`` on 6 toy images at batch 4 (two batches an epoch, so
-steps 1, 3, 5 end mid-epoch), with EMA and random geometry, a checkpoint every step. One uninterrupted 5-step
+steps 1, 3, 5 end mid-epoch), with EMA and random geometry (crops and flips for layouts), a checkpoint every
+step. One uninterrupted 5-step
 run is the reference; a second run is killed while saving, resumed, resumed again at its last step, and
 finally poisoned with a NaN loss. Faults come from tests/fault_injection.py, which wraps two functions of
 segdiff.training and runs the trainer script unchanged.
@@ -18,16 +19,33 @@ from segdiff.training import list_checkpoints
 
 COMMON = [
     "--dataset", "generic", "--resolution", "32", "--train_batch_size", "4", "--learning_rate", "1e-3",
-    "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "1", "--use_ema", "--random_affine",
+    "--report_to", "none", "--validation_steps", "0", "--checkpointing_steps", "1", "--use_ema",
 ]  # fmt: skip
 
-# script, its model arguments, the file of the final trained weights, the EMA folder inside checkpoints
+# script, its own arguments ("--base": the tiny SD folder), the file of the final trained weights, the EMA folder
+# inside checkpoints. Random geometry where the trainer has it (layouts are only cropped and flipped).
 TRAINERS = {
-    "joint": ("train_seg_mask_diffusion.py", ["--base"], "unet/diffusion_pytorch_model.safetensors", "unet_ema"),
-    "controlnet": ("train_controlnet_seg.py", ["--base"], "diffusion_pytorch_model.safetensors", "controlnet_ema"),
+    "joint": (
+        "train_seg_mask_diffusion.py",
+        ["--base", "--random_affine"],
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema",
+    ),
+    "controlnet": (
+        "train_controlnet_seg.py",
+        ["--base", "--random_affine"],
+        "diffusion_pytorch_model.safetensors",
+        "controlnet_ema",
+    ),
     "sdm": (
         "train_spade_sdm.py",
-        ["--model_config", "configs/models/sdm_tiny.json"],
+        ["--model_config", "configs/models/sdm_tiny.json", "--random_affine"],
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema",
+    ),
+    "layout": (
+        "train_layout_diffusion.py",
+        ["--model_config", "configs/models/layout_tiny.json"],
         "unet/diffusion_pytorch_model.safetensors",
         "unet_ema",
     ),
@@ -43,7 +61,11 @@ def six_images(tmp_path_factory):
 
 def launcher(name, data_root, base, output_dir):
     script, model_args, weights_file, ema_folder = TRAINERS[name]
-    model_args = ["--pretrained_model_name_or_path", base] if model_args == ["--base"] else model_args
+    model_args = [
+        arg
+        for name in model_args
+        for arg in (["--pretrained_model_name_or_path", base] if name == "--base" else [name])
+    ]
 
     def launch(*extra, fault=(), check=True):
         command = ["accelerate", "launch"]
@@ -117,7 +139,7 @@ def test_stop_at_max_kill_during_save_resume_and_nan_stop(name, six_images, tiny
     assert checkpoint_steps(out) == [1, 2, 3, 4, 5, 6]
     # Written by this run: checkpoint-6, and the run files every start rewrites (with the new --max_train_steps).
     written = {path for path, stat in snapshot(out).items() if before.get(path) != stat}
-    run_files = {out / "training_config.json", out / "class_names.json"}
+    run_files = {out / "training_config.json", out / "class_names.json", out / "class_prior.json"}  # prior: layouts
     assert {path for path in written if not path.is_relative_to(out / "checkpoint-6")} <= run_files, sorted(written)
     assert any(path.is_relative_to(out / "checkpoint-6") for path in written)
     assert_same_tensors(reference, load_file(weights))
