@@ -42,7 +42,7 @@ from segdiff.generation import check_save_dir, clear_outputs, recorded_path, res
 from segdiff.models.layout_unet import class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
-from segdiff.training import launched_on_cpus_only, write_json_atomic
+from segdiff.training import launched_on_cpus_only, write_json_atomic, write_jsonl_atomic
 
 RECORDS = ".records"  # one finished sample's metadata each, written last: what a re-run finds done
 
@@ -169,10 +169,7 @@ def write_sample(save_dir: Path, index: int, label: np.ndarray, image, record: d
 
 def write_metadata_and_report(save_dir: Path, num_samples: int, class_names: list[str]) -> dict:
     records = [json.loads((save_dir / RECORDS / f"{stem(i)}.json").read_text()) for i in range(num_samples)]
-    lines = "".join(json.dumps(record) + "\n" for record in records)
-    tmp = save_dir / ".metadata.jsonl.tmp"
-    tmp.write_text(lines)
-    tmp.replace(save_dir / "metadata.jsonl")
+    write_jsonl_atomic(save_dir / "metadata.jsonl", records)
     report = ratio_report(records, class_names)
     write_json_atomic(save_dir / "ratio_report.json", report)
     return report

@@ -41,7 +41,7 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
-from segdiff.training import derive_seed, write_json_atomic
+from segdiff.training import derive_seed, write_json_atomic, write_jsonl_atomic
 from segdiff.visualize import image_grid
 
 # The arguments of the run that wrote a --save_dir, as far as they determine its images: see check_save_dir.
@@ -367,9 +367,7 @@ class MaskSampleWriter:
     def finish(self, grid_rows: int = 8) -> int:
         """Rewrite metadata.jsonl in (stem, image) order, without an earlier run's leftovers, and draw grid.png."""
         ordered = [record for stem in sorted(self.records) for record in self.records[stem]]
-        tmp = self.save_dir / ".metadata.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in ordered))
-        tmp.replace(self.metadata_path)
+        write_jsonl_atomic(self.metadata_path, ordered)
         rows = [self.records[stem][0]["sample_dir"] for stem in sorted(self.records)[:grid_rows]]
         if rows:
             pictures = [Image.open(self.save_dir / "visualizations" / f"{Path(row).name}.png") for row in rows]

@@ -684,9 +684,18 @@ def _jsonable(value):
 
 
 def write_json_atomic(path: str | Path, payload) -> None:
-    path = Path(path)
+    _write_text_atomic(Path(path), json.dumps(_jsonable(payload), indent=2) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, records) -> None:
+    """One JSON object a line (metadata.jsonl), written whole or not at all."""
+    _write_text_atomic(Path(path), "".join(json.dumps(_jsonable(record)) + "\n" for record in records))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden temporary name, then rename: a crash never leaves a half-written file under ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
