@@ -378,15 +378,7 @@ def main(args):
         )
     training.init_trackers(accelerator, args, "train_seg_mask_diffusion")
 
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
-        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
-    )
-    meter = training.ThroughputMeter(accelerator, total_batch_size)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
+    meter, progress_bar = training.start_progress(accelerator, args, global_step)
     # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
         train_dataloader,

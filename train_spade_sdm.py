@@ -32,7 +32,6 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
-from tqdm.auto import tqdm
 
 from segdiff import training
 from segdiff.data import (
@@ -463,15 +462,7 @@ def main(args):
     training.init_trackers(accelerator, args, "train_spade_sdm")
     validation = validation_examples(args, dataset) if accelerator.is_main_process and args.validation_steps else None
 
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
-        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
-    )
-    meter = training.ThroughputMeter(accelerator, total_batch_size)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
+    meter, progress_bar = training.start_progress(accelerator, args, global_step)
     # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
     batches = training.training_batches(
         train_dataloader,

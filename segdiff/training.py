@@ -720,6 +720,22 @@ def write_run_files(
         write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
 
 
+def start_progress(accelerator: Accelerator, args: argparse.Namespace, global_step: int):
+    """Log the run's size and return its `ThroughputMeter` and step progress bar (starting at ``global_step``)."""
+    from tqdm.auto import tqdm
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
+        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
+    )
+    meter = ThroughputMeter(accelerator, total_batch_size)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    return meter, progress_bar
+
+
 class ThroughputMeter:
     """Training samples per second (all processes) and peak memory, for the log and the benchmarks.
 
