@@ -62,8 +62,16 @@ def parse_args(argv=None):
         "--guidance_scale",
         type=float,
         default=1.0,
-        help="Classifier-free guidance on the requested ratios (1: none, the most exact shares; above 1 a requested "
-        "class is drawn more surely, and larger than asked). (default: %(default)s)",
+        help="Classifier-free guidance on the requested ratios (1: none; above 1 the model leans further towards "
+        "the request: without --match_ratios a requested class is then drawn more surely, and larger than asked). "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--match_ratios",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Steer every layout sampling step to the requested shares exactly (LayoutDiffusionPipeline's "
+        "match_ratios); --no-match_ratios samples the model's own following of the request. (default: %(default)s)",
     )
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Layout sampling steps.")
     parser.add_argument("--scheduler", choices=["ddim", "ddpm", "dpmsolver"], default=None, help="Layout sampler.")
@@ -214,6 +222,7 @@ def main(args):
         "ratios": args.ratios,
         "balance": args.balance,
         "guidance_scale": args.guidance_scale,
+        "match_ratios": args.match_ratios,
         "num_inference_steps": args.num_inference_steps,
         "scheduler": args.scheduler,
         "domain": args.domain,
@@ -254,6 +263,7 @@ def main(args):
             num_inference_steps=args.num_inference_steps,
             generator=[torch.Generator().manual_seed(args.seed + i) for i in batch],
             scheduler=args.scheduler,
+            match_ratios=args.match_ratios,
         ).label_maps
         labels = [resize_labels(layout, size, size) for layout in layouts]
         images = [None] * len(batch)

@@ -14,6 +14,13 @@ Classifier-free guidance mixes the logits of the conditional and the uncondition
 both halves run in one batched forward. The clean sample the scheduler receives is ``2 * softmax - 1``
 (see segdiff/models/layout_unet.py), and each label map is the argmax over classes of the last sample.
 
+Ratio matching (``match_ratios=True``, the default): at every step the predicted class probabilities are
+rescaled per class, so that each requested class's mean probability over the map is exactly its request
+(and the classes left to the model share the rest, with the odds between them the model gave); see
+`match_requested_shares`. The model alone follows a request only roughly (toy data, 600 training steps: mean
+error 0.06 of the pixels); with matching the error is about 0.002, because the denoising trajectory itself is
+steered, and the model still draws the shapes around it. ``match_ratios=False`` samples the model as it is.
+
 Sample i depends only on its own generator: its starting noise is drawn on the CPU from ``generator[i]``, and
 stochastic samplers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
 batch (up to the last bit of batched convolutions).
@@ -51,6 +58,49 @@ def layout_scheduler() -> DDPMScheduler:
         clip_sample=False,
         variance_type="fixed_small",
     )
+
+
+def match_requested_shares(
+    logits: torch.Tensor,
+    ratios: torch.Tensor,
+    known: torch.Tensor,
+    tolerance: float = 1e-5,
+    max_iterations: int = 200,
+) -> torch.Tensor:
+    """Shift the (B, C, H, W) class logits per sample and class so the softmax's mean share of every known class
+    equals ``ratios``; the unknown classes get one common shift, so they share what is left and keep, at every
+    pixel, the odds between them that the model gave.
+
+    A per-class shift of the logits is a per-class factor on the probabilities; the factors that give the wanted
+    column sums, while every pixel's probabilities still sum to 1, are found by Sinkhorn's alternating scaling
+    (each round multiplies a class's factor by wanted / current share) until every share is within ``tolerance``
+    of its target (a few rounds on a model's logits; ``max_iterations`` at most). A row with nothing known is returned as
+    it came; a row where everything is known but the shares add up to less than 1 is matched to its shares
+    rescaled to 1. Shifts are bounded (+-30: a class asked at 0 is driven out, not to -inf).
+
+    The mean *probability* is matched, not the count of pixels where a class wins: a class the model gives no
+    place (a request far outside what it learned) gains probability thinly everywhere and may still win nowhere.
+    Matching winners instead (a sharpened softmax) hits such requests too, but then by scattering the class over
+    whatever pixels are least unlikely (outlines, the map's border), which is no layout at all.
+    """
+    eps = 1e-6
+    log_probs = logits.float().log_softmax(dim=1)
+    known = known.to(log_probs.device, torch.bool)
+    ratios = ratios.to(log_probs.device, torch.float32) * known
+    free = ~known
+    asked = ratios.sum(1, keepdim=True)
+    all_known = ~free.any(1, keepdim=True)
+    wanted_known = torch.where(all_known, ratios / asked.clamp(min=eps), ratios)
+    left_for_free = (1 - asked).clamp(min=0)
+    shift = torch.zeros_like(ratios)
+    for _ in range(max_iterations):
+        shares = (log_probs + shift[..., None, None]).softmax(dim=1).mean(dim=(2, 3))
+        free_share = (shares * free).sum(1, keepdim=True)
+        wanted = torch.where(known, wanted_known, shares * left_for_free / free_share.clamp(min=eps))
+        if (wanted - shares).abs().max() <= tolerance:
+            break
+        shift = (shift + wanted.clamp(min=eps).log() - shares.clamp(min=eps).log()).clamp(-30.0, 30.0)
+    return (log_probs + shift[..., None, None]).to(logits.dtype)
 
 
 @dataclass
@@ -172,6 +222,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
+        match_ratios: bool = True,
         return_dict: bool = True,
     ):
         """Sample one label map per row of ``ratios``.
@@ -182,6 +233,8 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         ``generator``: one, or one per sample (then sample i depends only on ``generator[i]``).
         ``height``/``width``: the layout size (default: the training size). ``scheduler``: the sampler of this call
         by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own.
+        ``match_ratios``: steer every step's prediction to the requested shares (`match_requested_shares`);
+        False samples the model's own following of the request.
         """
         ratios, known = self.check_request(ratios, known)
         batch_size = ratios.shape[0]
@@ -194,6 +247,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         sampler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
         device = self._execution_device
 
+        requested_ratios, requested_known = ratios.to(device), known.to(device)
         # The condition, and for guidance the unconditional half (nothing known, no domain) after it.
         guided = guidance_scale != 1.0
         if guided:
@@ -217,6 +271,8 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
             if guided:
                 conditional, unconditional = logits.chunk(2)
                 logits = unconditional + guidance_scale * (conditional - unconditional)
+            if match_ratios:
+                logits = match_requested_shares(logits, requested_ratios, requested_known)
             clean = analog_from_logits(logits).to(samples.dtype)
             samples = sampler.step(clean, t, samples, **step_kwargs).prev_sample
 
