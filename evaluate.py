@@ -12,7 +12,8 @@ colour style, and usefulness as training data (--downstream).
                      (or "sample_dir") were generated from the same input mask (SDM, ControlNet); records with
                      a "class_id" and no mask_index are the joint generator's (image, class-vs-rest mask) pairs.
   generated_images/sample_XXXXXX/generated_NN.png, without metadata: one folder per input mask; the masks
-                     then come from --masks_dir, paired with the sample folders in sorted order.
+                     then come from --masks_dir, paired with the sample folders in sorted order. The SDM
+                     reference's --generated_dir OUTPUT/generated_images (that folder itself) is read as OUTPUT.
   images/ (+ masks/) a generic dataset: images and label maps paired by file stem.
   image files        just images (FID, KID, LPIPS, style only).
 --masks_dir replaces the masks named there: a mask is looked up by the stem of the metadata's "mask_source"
@@ -64,20 +65,14 @@ the mask's stem, if any | generated samples).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
-import warnings
-import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from segdiff.data import (
     DATASETS,
@@ -87,25 +82,39 @@ from segdiff.data import (
     _files_by_stem,
     colorize_label,
     default_palette,
+    exit_on_bad_input,
     load_class_names,
     load_segmentation_dataset,
     read_image,
     read_label_map,
 )
+from segdiff.evaluation import (
+    ALEXNET_FILE,
+    ALEXNET_URL,
+    INCEPTION_FILE,
+    INCEPTION_FILES,
+    INCEPTION_URL,
+    KID_SEED,
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
+    Classes,
+    build_segmenter,
+    cached_weights,
+    check_inception_file,
+    class_lookup,
+    fid_kid_scores,
+    find_weights,
+    hub_checkpoints,
+    load_inception,
+    load_torchscript_extractor,
+    lpips_scores,
+    match_references,
+    resolve_kid_subset_size,
+    semantic_consistency,
+    style_scores,
+)
 
 ALL_METRICS = ("fid", "kid", "lpips", "miou", "style")
-
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-# pytorch-fid's copy of the same TensorFlow Inception weights, under the same parameter names.
-INCEPTION_FILES = (INCEPTION_FILE, "pt_inception-2015-12-05-6726825d.pth")
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
-# AlexNet shrinks 32 px to 1x1 before its last layers: LPIPS needs images at least this big.
-LPIPS_MIN_SIZE = 64
-# torch-fidelity's KID defaults (torch_fidelity.defaults.DEFAULTS: kid_subsets, kid_subset_size, rng_seed), written
-# out so that --help needs no torch-fidelity import; a test checks they still agree.
-KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020
 
 
 def positive_int(text: str) -> int:
@@ -119,7 +128,11 @@ def positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("inputs")
-    data.add_argument("--generated_dir", required=True, help="The generator's output folder (see above).")
+    data.add_argument(
+        "--generated_dir",
+        required=True,
+        help="The generator's output folder (see above); its generated_images/ folder is read as the output folder.",
+    )
     data.add_argument(
         "--real_dir",
         default=None,
@@ -347,15 +360,15 @@ def read_metadata(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"{path} line {number} is not JSON ({err}). Fix: correct or delete that line.") from None
+            raise DatasetError(f"{path} line {number} is not JSON ({err}). Fix: correct or delete that line.") from None
         if not isinstance(record, dict) or "file_name" not in record:
-            raise SystemExit(
+            raise DatasetError(
                 f'{path} line {number} has no "file_name". Fix: each line must be a JSON object with "file_name" '
                 '(the image, relative to the folder) and optionally "mask_file_name".'
             )
         records.append(record)
     if not records:
-        raise SystemExit(f"{path} is empty. Fix: re-run the generator, or delete it to evaluate the image files.")
+        raise DatasetError(f"{path} is empty. Fix: re-run the generator, or delete it to evaluate the image files.")
     return records
 
 
@@ -404,10 +417,25 @@ def samples_from_files(root: Path) -> GeneratedSet:
     return GeneratedSet(root, "generic" if masks else "images", samples)
 
 
+def is_bare_sample_folders(folder: Path) -> bool:
+    """A generated_images/ folder given on its own: it holds the sample_XXXX/ folders, and no layout of its own."""
+    return (
+        folder.name == "generated_images"
+        and not (folder / "metadata.jsonl").is_file()
+        and not (folder / "images").is_dir()
+        and not image_files(folder)
+    )
+
+
 def read_generated_set(root: Path, masks_dir: Path | None) -> GeneratedSet:
     """The generated samples of ``root``, whichever layout it has (see the module docstring)."""
     if not root.is_dir():
-        raise SystemExit(f"--generated_dir {root} does not exist or is not a folder. Fix: check the path.")
+        raise DatasetError(f"--generated_dir {root} does not exist or is not a folder. Fix: check the path.")
+    if is_bare_sample_folders(root):
+        # The SDM reference's evaluation is given GENERATOR_OUTPUT/generated_images: read it as its parent, whose
+        # metadata.jsonl (our generators write one) pairs the images with their masks.
+        print(f"reading {root.parent}: {root} is its generated_images/ folder")
+        root = root.parent
     if (root / "metadata.jsonl").is_file():
         generated = samples_from_metadata(root)
     elif (root / "generated_images").is_dir():
@@ -415,7 +443,7 @@ def read_generated_set(root: Path, masks_dir: Path | None) -> GeneratedSet:
     else:
         generated = samples_from_files(root)
     if not generated.samples:
-        raise SystemExit(
+        raise DatasetError(
             f"found no generated images in {root}: expected metadata.jsonl, generated_images/sample_*/, images/ or "
             f"image files ({' '.join(IMAGE_EXTENSIONS)}). Fix: point --generated_dir at a generator's --save_dir."
         )
@@ -428,13 +456,13 @@ def read_generated_set(root: Path, masks_dir: Path | None) -> GeneratedSet:
 
 def replace_masks(generated: GeneratedSet, masks_dir: Path) -> None:
     if not masks_dir.is_dir():
-        raise SystemExit(f"--masks_dir {masks_dir} does not exist or is not a folder. Fix: check the path.")
+        raise DatasetError(f"--masks_dir {masks_dir} does not exist or is not a folder. Fix: check the path.")
     masks = _files_by_stem(masks_dir)
     if generated.layout == "sample-folders":
         # Without metadata, only the order links a sample folder to its mask.
         groups = generated.groups()
         if len(masks) != len(groups):
-            raise SystemExit(
+            raise DatasetError(
                 f"{generated.root}/generated_images holds {len(groups)} sample folders but --masks_dir {masks_dir} "
                 f"holds {len(masks)} masks; without metadata.jsonl they are paired in sorted order, so the counts "
                 "must match. Fix: pass the --masks_dir the generator was given."
@@ -445,7 +473,7 @@ def replace_masks(generated: GeneratedSet, masks_dir: Path) -> None:
         return
     missing = sorted({sample.source for sample in generated.samples if sample.source not in masks})
     if missing:
-        raise SystemExit(
+        raise DatasetError(
             f"--masks_dir {masks_dir} has no mask for {len(missing)} generated sample(s), looked up by stem: "
             f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}. Fix: pass the folder of the masks the "
             "images were generated from."
@@ -458,7 +486,7 @@ def check_files_exist(paths: list[Path], kind: str) -> None:
     missing = [path for path in paths if not path.is_file()]
     if missing:
         shown = ", ".join(str(path) for path in missing[:3])
-        raise SystemExit(
+        raise DatasetError(
             f"{len(missing)} {kind} file(s) listed are missing, e.g. {shown}. Fix: re-run the generator (it "
             "resumes), or remove their lines from metadata.jsonl."
         )
@@ -477,7 +505,7 @@ def real_split_root(real_dir: Path, split: str) -> Path:
 def real_image_files(args) -> list[Path]:
     real_dir = Path(args.real_dir)
     if not real_dir.is_dir():
-        raise SystemExit(f"--real_dir {real_dir} does not exist or is not a folder. Fix: check the path.")
+        raise DatasetError(f"--real_dir {real_dir} does not exist or is not a folder. Fix: check the path.")
     if args.real_dataset != "generic":
         dataset = load_segmentation_dataset(real_dir, args.real_dataset, split=args.real_split)
         return [image for image, _ in dataset.pairs]
@@ -485,19 +513,11 @@ def real_image_files(args) -> list[Path]:
     folder = root / "images" if (root / "images").is_dir() else root
     files = image_files(folder)
     if not files:
-        raise SystemExit(
+        raise DatasetError(
             f"--real_dir {real_dir}: found no images in {folder}. Fix: point it at a folder of images, a generic "
             "dataset (images/ + masks/), or a folder with train/ and val/ datasets."
         )
     return files
-
-
-@dataclass
-class Classes:
-    names: list[str]
-    palette: list[tuple[int, int, int]]
-    palette_is_real: bool  # False when made up by default_palette: the palette segmenter cannot use it
-    source: str
 
 
 def resolve_classes(args, generated_dir: Path) -> Classes | None:
@@ -505,7 +525,7 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
     files = []
     if args.class_names_json is not None:
         if not Path(args.class_names_json).is_file():
-            raise SystemExit(f"--class_names_json {args.class_names_json} does not exist. Fix: check the path.")
+            raise DatasetError(f"--class_names_json {args.class_names_json} does not exist. Fix: check the path.")
         files.append(Path(args.class_names_json))
     if (generated_dir / "class_names.json").is_file():
         files.append(generated_dir / "class_names.json")
@@ -517,18 +537,18 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
             _, other_palette = load_class_names(files[1])
             palette = other_palette if other_palette and len(other_palette) == len(names) else None
         if args.num_classes is not None and args.num_classes != len(names):
-            raise SystemExit(
+            raise DatasetError(
                 f"--num_classes {args.num_classes} disagrees with the {len(names)} class names of {source}. "
                 "Fix: drop --num_classes, or pass the matching --class_names_json."
             )
     elif args.num_classes is not None:
         if args.num_classes < 1:
-            raise SystemExit(f"--num_classes must be at least 1, got {args.num_classes}.")
+            raise DatasetError(f"--num_classes must be at least 1, got {args.num_classes}.")
         names, palette, source = [f"class_{i}" for i in range(args.num_classes)], None, "--num_classes"
     else:
         return None
     if 0 <= args.ignore_index < len(names):
-        raise SystemExit(f"--ignore_index {args.ignore_index} is also a class id (0..{len(names) - 1}).")
+        raise DatasetError(f"--ignore_index {args.ignore_index} is also a class id (0..{len(names) - 1}).")
     return Classes(names, list(palette or default_palette(len(names))), palette is not None, source)
 
 
@@ -568,10 +588,12 @@ def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, 
         chosen = list(dict.fromkeys(name.strip().lower() for name in args.metrics.split(",") if name.strip()))
         unknown = [name for name in chosen if name not in ALL_METRICS]
         if unknown:
-            raise SystemExit(f"unknown metric {unknown[0]!r} in --metrics. Fix: choose among {','.join(ALL_METRICS)}.")
+            raise DatasetError(
+                f"unknown metric {unknown[0]!r} in --metrics. Fix: choose among {','.join(ALL_METRICS)}."
+            )
         for name in chosen:
             if missing[name] is not None:
-                raise SystemExit(f"--metrics {name} {missing[name]}.")
+                raise DatasetError(f"--metrics {name} {missing[name]}.")
         return chosen, {}
 
     extractor = args.inception_weights or args.feature_extractor_torchscript
@@ -585,497 +607,8 @@ def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, 
     skipped = {name: reason for name, reason in missing.items() if reason is not None}
     if not chosen and not args.downstream:
         reasons = "; ".join(f"{name} {reason}" for name, reason in skipped.items())
-        raise SystemExit(f"nothing to evaluate: {reasons}.")
+        raise DatasetError(f"nothing to evaluate: {reasons}.")
     return chosen, skipped
-
-
-def hub_checkpoints() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def cached_weights(file_names: tuple[str, ...]) -> Path | None:
-    """The first of these files present in the torch hub cache (where torch-fidelity and torchvision keep them)."""
-    return next((hub_checkpoints() / name for name in file_names if (hub_checkpoints() / name).is_file()), None)
-
-
-def find_weights(given: str | None, option: str, file_names: tuple[str, ...], url: str, needed_by: str) -> Path:
-    """The weights file: the option's path, else a known file name in the torch hub cache; else stop now."""
-    if given is not None:
-        path = Path(given).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"{option} {path} does not exist. Fix: check the path (download: {url}).")
-        return path
-    cached = cached_weights(file_names)
-    if cached is not None:
-        return cached
-    raise SystemExit(
-        f"{needed_by} need the weights file {file_names[0]}, and none was given ({option}) or found in the torch hub "
-        f"cache {hub_checkpoints()}. evaluate.py never downloads (offline machines would hang). Fix: download "
-        f"{url} and pass {option} /path/to/{file_names[0]}, or put it at {hub_checkpoints() / file_names[0]}; "
-        "or leave those metrics out of --metrics."
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# FID and KID, by torch-fidelity's protocol
-# ------------------------------------------------------------------------------------------------
-
-STANDARD_PROTOCOL = (
-    "torch-fidelity: uint8 images at their own size into its Inception-v3 (resized to 299 inside, TF1-compatible "
-    "bilinear), 2048 pool3 features; FID and KID as torch_fidelity.calculate_metrics(input1=generated, input2=real)"
-)
-
-
-class FeatureExtractor(torch.nn.Module):
-    """uint8 ``(B, 3, H, W)`` images -> float ``(B, D)`` features, whatever network computes them."""
-
-    def __init__(self, network: torch.nn.Module, takes_float: bool, description: str, standard: bool):
-        super().__init__()
-        self.network, self.takes_float = network, takes_float
-        # standard: torch-fidelity's Inception, whose FID/KID compare with published ones.
-        self.description, self.standard = description, standard
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.network(images.float() / 255.0 if self.takes_float else images)
-        if isinstance(features, tuple):  # torch-fidelity's extractors return one tensor per requested layer
-            features = features[0]
-        return features.reshape(len(images), -1).float()
-
-
-def is_torchscript_archive(path: Path) -> bool:
-    """A torch.jit.save file: a zip archive with a code/ folder (the module's code, which loading it runs)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
-
-
-def check_inception_file(path: Path) -> None:
-    """Refuse a TorchScript archive given as weights at once, before any long work (its code is never run)."""
-    if is_torchscript_archive(path):
-        raise SystemExit(
-            f"--inception_weights {path} is a TorchScript archive, not a state dict. Loading one runs code from the "
-            f"file, so --inception_weights never does. Fix: pass torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL}); "
-            "or, only if you trust the file and want it as a custom (non-standard) feature extractor, pass it as "
-            f"--feature_extractor_torchscript {path}."
-        )
-
-
-def load_inception(path: Path, device) -> FeatureExtractor:
-    """torch-fidelity's Inception-v3 with the weights of ``path``, read with torch.load(weights_only=True) only."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    check_inception_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickled object, not plain tensors; or not a torch file at all
-        raise SystemExit(
-            f"--inception_weights {path} does not load as plain weights with torch.load(weights_only=True) "
-            f"({type(err).__name__}: {str(err)[:300]}). evaluate.py reads weights no other way: unpickling anything "
-            f"more can run code from the file. Fix: pass torch-fidelity's {INCEPTION_FILE} ({INCEPTION_URL})."
-        ) from None
-    # torch-fidelity's constructor torch.loads what it is given with weights_only=False: give it a buffer written
-    # here from the tensors just read safely, so that nothing but tensor data from the file reaches that unpickler.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    try:
-        inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
-    except Exception as err:  # another network's state dict
-        raise SystemExit(
-            f"--inception_weights {path} is not the Inception-v3 state dict of torch-fidelity "
-            f"({type(err).__name__}: {str(err)[:300]}). Fix: pass {INCEPTION_FILE} from {INCEPTION_URL}."
-        ) from None
-    description = f"torch-fidelity Inception-v3 pool3 (2048 features), weights {path}"
-    return FeatureExtractor(inception.to(device), False, description, standard=True)
-
-
-def load_torchscript_extractor(path: Path, probe_size: tuple[int, int], device) -> FeatureExtractor:
-    """--feature_extractor_torchscript: a module the user vouches for (torch.jit.load runs code from the file)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript is deprecated in recent torch, but still the portable format
-        try:
-            scripted = torch.jit.load(str(path), map_location=device)
-        except Exception as err:
-            raise SystemExit(
-                f"--feature_extractor_torchscript {path} is not a TorchScript module ({type(err).__name__}: "
-                f"{str(err)[:300]}). Fix: save one with torch.jit.save, or pass Inception weights with "
-                "--inception_weights instead."
-            ) from None
-    return _probe_scripted(scripted.eval(), path, probe_size, device)
-
-
-def _probe_scripted(module, path: Path, size: tuple[int, int], device) -> FeatureExtractor:
-    """Find out on a dummy batch whether the module takes uint8 or float images, and that it gives (B, D)."""
-    width, height = size
-    dummy = torch.zeros((2, 3, height, width), dtype=torch.uint8, device=device)
-    errors = []
-    for takes_float in (False, True):
-        try:
-            with torch.no_grad():
-                features = module(dummy.float() / 255.0 if takes_float else dummy)
-        except Exception as err:
-            errors.append(f"{type(err).__name__}: {str(err)[:200]}")
-            continue
-        if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != 2:
-            errors.append(f"returned {type(features).__name__} {getattr(features, 'shape', '')}, not (B, D)")
-            continue
-        num_features = int(features[0].numel())
-        kind = "float 0..1" if takes_float else "uint8"
-        description = f"TorchScript {path} ({num_features} features, {kind})"
-        return FeatureExtractor(module, takes_float, description, standard=False)
-    raise SystemExit(
-        f"--feature_extractor_torchscript {path} maps neither uint8 nor float (B, 3, {height}, {width}) images to "
-        f"(B, D) features: {' | '.join(errors)}. Fix: save a module that does, or set --feature_image_size."
-    )
-
-
-def first_image_size(files: list[Path]) -> tuple[int, int]:
-    return read_image(files[0]).size
-
-
-def uint8_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
-def batches_by_size(files: list[Path], batch_size: int, resized: bool) -> list[list[int]]:
-    """Indices of ``files`` in batches of one image size each (a batch is one stacked tensor).
-
-    torch-fidelity stacks the images of a batch, so it needs them all one size; in eval mode an image's features do
-    not depend on its batch-mates, so batching by size gives each image the features torch-fidelity gives it alone.
-    """
-    by_size: dict[tuple[int, int] | None, list[int]] = {}
-    for index, path in enumerate(files):
-        if resized:  # all the same size once resized: no need to open them here
-            by_size.setdefault(None, []).append(index)
-            continue
-        try:
-            with Image.open(path) as image:
-                size = image.size
-        except OSError as err:
-            raise SystemExit(f"cannot read image {path} ({err}). Fix: re-export it, or remove it.") from None
-        by_size.setdefault(size, []).append(index)
-    return [
-        indices[start : start + batch_size]
-        for indices in by_size.values()
-        for start in range(0, len(indices), batch_size)
-    ]
-
-
-def extract_features(files, extractor: FeatureExtractor, args, device, desc: str) -> torch.Tensor:
-    """The extractor's ``(N, D)`` features of ``files``, in their order (KID's subsets are drawn by index)."""
-    features: torch.Tensor | None = None
-    for indices in tqdm(
-        batches_by_size(files, args.batch_size, args.feature_image_size is not None),
-        desc=desc,
-        unit="batch",
-        leave=False,
-    ):
-        images = torch.stack([uint8_tensor(read_image(files[index]), args.feature_image_size) for index in indices])
-        batch = extractor(images.to(device)).cpu()
-        if features is None:
-            features = torch.empty((len(files), batch.shape[1]), dtype=batch.dtype)
-        features[indices] = batch
-    return features
-
-
-def protocol(extractor: FeatureExtractor, args) -> str:
-    """What the FID/KID numbers mean: torch-fidelity's protocol, or how they depart from it."""
-    resized = f"images first resized to {args.feature_image_size} px (PIL bicubic)" if args.feature_image_size else ""
-    if not extractor.standard:
-        return (
-            f"non-standard: custom feature extractor ({extractor.description})"
-            + (f", {resized}" if resized else "")
-            + "; not comparable with published FID/KID"
-        )
-    return f"non-standard: {resized}, then {STANDARD_PROTOCOL}" if resized else STANDARD_PROTOCOL
-
-
-def kid_subset_size(args, num_real: int, num_generated: int) -> int:
-    """--kid_subset_size, else torch-fidelity's 1000, shrunk to the smaller set (it would refuse: recorded)."""
-    fewest = min(num_real, num_generated)
-    if args.kid_subset_size is None:
-        return min(KID_SUBSET_SIZE, fewest)
-    if args.kid_subset_size > fewest:
-        raise SystemExit(
-            f"--kid_subset_size {args.kid_subset_size} is more than the {num_real} real / {num_generated} generated "
-            f"images: KID subsets are drawn without replacement. Fix: pass at most {fewest}, or omit it."
-        )
-    return args.kid_subset_size
-
-
-def fid_and_kid(real: torch.Tensor, generated: torch.Tensor, wanted: list[str], args) -> dict:
-    """FID and KID as torch_fidelity.calculate_metrics(input1=generated, input2=real) computes them from these
-    features: its own functions, so that the numbers are the same, subset draws included."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
-    if min(len(real), len(generated)) < 2:
-        raise SystemExit(
-            f"FID/KID need at least 2 real and 2 generated images, got {len(real)} and {len(generated)}. "
-            "Fix: generate more images, or leave fid,kid out with --metrics."
-        )
-    results = {}
-    if "fid" in wanted:
-        statistics = [fid_features_to_statistics(features) for features in (generated, real)]
-        results["fid"] = fid_statistics_to_metric(*statistics, verbose=False)[KEY_METRIC_FID]
-    if "kid" in wanted:
-        subset_size = kid_subset_size(args, len(real), len(generated))
-        kid = kid_features_to_metric(
-            generated,
-            real,
-            kid_subsets=args.kid_subsets,
-            kid_subset_size=subset_size,
-            rng_seed=args.kid_seed,
-            verbose=False,
-        )
-        results.update(
-            kid_mean=kid[KEY_METRIC_KID_MEAN],
-            kid_std=kid[KEY_METRIC_KID_STD],
-            kid_subsets=args.kid_subsets,
-            kid_subset_size=subset_size,
-            kid_seed=args.kid_seed,
-        )
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# LPIPS diversity
-# ------------------------------------------------------------------------------------------------
-
-
-def load_lpips(weights: Path, device) -> torch.nn.Module:
-    """lpips' AlexNet LPIPS with its shipped linear layers, the backbone taken from a torchvision state dict."""
-    import lpips
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated", from inside lpips
-        # pnet_rand=True builds the backbone with random weights instead of downloading them.
-        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SystemExit(
-            f"--lpips_weights {weights} is not a torch state dict ({err}). Fix: pass {ALEXNET_FILE}."
-        ) from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    # lpips splits torchvision's alexnet.features into slices that keep the layer numbers: features.3 -> sliceK.3
-    backbone = {}
-    for slice_name, layers in model.net.named_children():
-        for layer_name, parameter in layers.state_dict().items():
-            key = f"features.{layer_name}"
-            if key not in state or state[key].shape != parameter.shape:
-                raise SystemExit(
-                    f"--lpips_weights {weights} is not a torchvision AlexNet state dict: {key} is missing or has "
-                    f"the wrong shape. Fix: pass {ALEXNET_FILE} from {ALEXNET_URL}."
-                )
-            backbone[f"{slice_name}.{layer_name}"] = state[key]
-    model.net.load_state_dict(backbone)
-    return model.eval().to(device)
-
-
-def lpips_group_tensor(paths: list[Path]) -> torch.Tensor:
-    """The images of one mask as a ``(N, 3, H, W)`` batch in [-1, 1], all at the first one's size (at least 64)."""
-    images = [read_image(path) for path in paths]
-    width, height = images[0].size
-    scale = max(1.0, LPIPS_MIN_SIZE / min(width, height))
-    size = (round(width * scale), round(height * scale))
-    return torch.stack([uint8_tensor(image.resize(size, Image.BICUBIC)) for image in images]).float() / 127.5 - 1
-
-
-@torch.no_grad()
-def lpips_diversity(groups: list[list[Path]], model: torch.nn.Module, batch_size: int, device) -> list[float]:
-    """Mean pairwise LPIPS within each group of two or more images (one value per group)."""
-    from segdiff.metrics import mean_pairwise_distance
-
-    def distance(first, second):
-        return model(first.to(device), second.to(device))
-
-    return [
-        mean_pairwise_distance(lpips_group_tensor(paths), distance, batch_size)
-        for paths in tqdm(groups, desc="LPIPS diversity", unit="mask", leave=False)
-        if len(paths) >= 2
-    ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Semantic consistency
-# ------------------------------------------------------------------------------------------------
-
-
-class PaletteLabeller:
-    """segdiff.toy.PaletteSegmenter on a list of PIL images."""
-
-    def __init__(self, palette):
-        from segdiff.toy import PaletteSegmenter
-
-        self.segmenter = PaletteSegmenter(palette)
-        self.num_labels = len(palette)
-        self.description = "palette (nearest class colour)"
-
-    def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
-        return [self.segmenter(image) for image in images]
-
-
-class TransformersLabeller:
-    """A transformers semantic-segmentation model (SegFormer) on a list of PIL images, logits upsampled to each."""
-
-    def __init__(self, folder: Path, device):
-        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, SegformerImageProcessor
-
-        try:
-            self.model = AutoModelForSemanticSegmentation.from_pretrained(folder, local_files_only=True)
-        except Exception as err:
-            raise SystemExit(
-                f"--segmenter {folder} does not load as a transformers semantic-segmentation model ({err}). Fix: "
-                "pass a folder written by SegformerForSemanticSegmentation.save_pretrained (config.json + weights)."
-            ) from None
-        self.model.eval().to(device)
-        if (folder / "preprocessor_config.json").is_file():
-            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        else:
-            self.processor = SegformerImageProcessor()  # 512x512, ImageNet mean/std: SegFormer's usual input
-        self.device = device
-        self.num_labels = int(self.model.config.num_labels)
-        self.description = f"{type(self.model).__name__} from {folder}"
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
-        inputs = self.processor(images=images, return_tensors="pt")
-        logits = self.model(pixel_values=inputs["pixel_values"].to(self.device)).logits
-        labels = []
-        for logit, image in zip(logits, images):
-            resized = torch.nn.functional.interpolate(
-                logit[None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False
-            )
-            labels.append(resized.argmax(dim=1)[0].cpu().numpy())
-        return labels
-
-
-def build_segmenter(args, classes: Classes, device):
-    if args.segmenter == "palette":
-        if not classes.palette_is_real:
-            raise SystemExit(
-                f"--segmenter palette reads classes by colour, but the class list ({classes.source}) has no palette. "
-                'Fix: pass --class_names_json with {"class_names": [...], "palette": [[r, g, b], ...]}.'
-            )
-        return PaletteLabeller(classes.palette)
-    folder = Path(args.segmenter).expanduser()
-    if not (folder / "config.json").is_file():
-        raise SystemExit(
-            f"--segmenter {args.segmenter!r} is neither 'palette' nor a model folder with a config.json. "
-            "Fix: pass palette, or the folder of a SegformerForSemanticSegmentation.save_pretrained model."
-        )
-    return TransformersLabeller(folder, device)
-
-
-def class_lookup(args, num_labels: int, num_classes: int) -> np.ndarray:
-    """Segmenter id -> our class id, with ``num_classes`` meaning "none of ours" (always counted as wrong)."""
-    if args.segmenter_class_map is None:
-        if num_labels != num_classes:
-            raise SystemExit(
-                f"the segmenter predicts {num_labels} classes and the masks have {num_classes}. Fix: pass "
-                '--segmenter_class_map JSON mapping each segmenter id to ours, e.g. {"0": 0, "7": 2, "12": null}.'
-            )
-        return np.arange(num_classes)
-    path = Path(args.segmenter_class_map)
-    try:
-        mapping = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(
-            f"cannot read --segmenter_class_map {path} ({err}). Fix: check the path and the JSON."
-        ) from None
-    if not isinstance(mapping, dict):
-        raise SystemExit(f'--segmenter_class_map {path} must be a JSON object {{"segmenter id": our id or null}}.')
-    lookup = np.full(num_labels, num_classes)
-    for key, value in mapping.items():
-        if not str(key).isdigit() or int(key) >= num_labels:
-            raise SystemExit(f"--segmenter_class_map {path}: key {key!r} is not a segmenter id 0..{num_labels - 1}.")
-        if value is None or (isinstance(value, str) and value.lower() == "ignore"):
-            continue
-        if not isinstance(value, int) or not 0 <= value < num_classes:
-            raise SystemExit(
-                f"--segmenter_class_map {path}: {key} -> {value!r} is not one of our class ids 0..{num_classes - 1} "
-                "(or null for none of ours)."
-            )
-        lookup[int(key)] = value
-    return lookup
-
-
-def semantic_consistency(generated: GeneratedSet, segmenter, lookup, classes: Classes, args) -> dict:
-    """Confusion of the masks (targets) and the segmenter's reading of the generated images (predictions)."""
-    from segdiff.metrics import confusion_matrix, segmentation_summary
-
-    num_classes = len(classes.names)
-    other = num_classes  # an extra column: predictions that are none of our classes
-    confusion = torch.zeros((num_classes + 1, num_classes + 1), dtype=torch.long)
-    samples = generated.samples
-    for start in tqdm(range(0, len(samples), args.batch_size), desc="segmenting", unit="batch", leave=False):
-        batch = samples[start : start + args.batch_size]
-        predictions = segmenter([read_image(sample.image) for sample in batch])
-        for sample, prediction in zip(batch, predictions):
-            target = read_label_map(sample.mask)
-            bad = np.unique(target[((target < 0) | (target >= num_classes)) & (target != args.ignore_index)])
-            if bad.size:
-                raise SystemExit(
-                    f"mask {sample.mask} holds ids {bad[:10].tolist()}, but there are {num_classes} classes "
-                    f"({classes.source}) and ignore_index is {args.ignore_index}. Fix: pass the right "
-                    "--class_names_json / --num_classes, or --ignore_index."
-                )
-            prediction = lookup[prediction]
-            if prediction.shape != target.shape:  # an image generated at another size than its mask
-                resized = Image.fromarray(prediction.astype(np.int32)).resize(target.shape[::-1], Image.NEAREST)
-                prediction = np.asarray(resized)
-            if sample.class_id is not None:  # joint layout: the mask only says "this class" vs "the rest"
-                rest = 0 if sample.class_id != 0 else other
-                prediction = np.where(prediction == sample.class_id, sample.class_id, rest)
-            confusion += confusion_matrix(prediction, target, num_classes + 1, args.ignore_index)
-    summary = segmentation_summary(confusion, classes.names)
-    summary["target_pixels_per_class"] = dict(zip(classes.names, confusion.sum(dim=1)[:num_classes].tolist()))
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# Style
-# ------------------------------------------------------------------------------------------------
-
-
-def reference_lookup(reference: Path) -> Callable[[GeneratedSample], Path]:
-    """Which reference image goes with a sample: one image for all, or by stem (image's, then mask's)."""
-    if reference.is_file():
-        return lambda sample: reference
-    if not reference.is_dir():
-        raise SystemExit(f"--reference_dir {reference} does not exist. Fix: pass an image or a folder of images.")
-    folder = reference / "images" if (reference / "images").is_dir() else reference
-    by_stem = _files_by_stem(folder)
-    if not by_stem:
-        raise SystemExit(f"--reference_dir {reference} holds no images ({' '.join(IMAGE_EXTENSIONS)}).")
-    if len(by_stem) == 1:
-        only = next(iter(by_stem.values()))
-        return lambda sample: only
-
-    def lookup(sample: GeneratedSample) -> Path:
-        for stem in (sample.image.stem, sample.source):
-            if stem in by_stem:
-                return by_stem[stem]
-        raise SystemExit(
-            f"--reference_dir {folder} has no image named {sample.image.stem} or {sample.source} for {sample.image}. "
-            "Fix: name references after the generated images or their masks, or pass a single reference image."
-        )
-
-    return lookup
-
-
-def style_similarity(generated: GeneratedSet, reference: Callable, bins: int) -> list[float]:
-    from segdiff.metrics import color_histogram_similarity
-
-    return [
-        color_histogram_similarity(read_image(sample.image), read_image(reference(sample)), bins)
-        for sample in tqdm(generated.samples, desc="style", unit="image", leave=False)
-    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1091,7 +624,7 @@ def downstream_splits(args, classes: Classes) -> tuple[list, list]:
     seeded subset of the training pairs (scarce real data is where synthetic data should help most).
     """
     if args.real_dir is None:
-        raise SystemExit("--downstream needs --real_dir (a labelled real dataset to train and validate on).")
+        raise DatasetError("--downstream needs --real_dir (a labelled real dataset to train and validate on).")
 
     def load(root: Path, layout: str, split: str) -> list:
         dataset = load_segmentation_dataset(
@@ -1116,10 +649,10 @@ def downstream_splits(args, classes: Classes) -> tuple[list, list]:
         val = load(real_dir / "val", "generic", "val")
     else:
         if not 0 < args.downstream_val_fraction < 1:
-            raise SystemExit(f"--downstream_val_fraction must be in (0, 1), got {args.downstream_val_fraction}.")
+            raise DatasetError(f"--downstream_val_fraction must be in (0, 1), got {args.downstream_val_fraction}.")
         num_val = max(1, round(len(train) * args.downstream_val_fraction))
         if len(train) - num_val < 1:
-            raise SystemExit(f"--real_dir has {len(train)} pairs: too few to hold some out for validation.")
+            raise DatasetError(f"--real_dir has {len(train)} pairs: too few to hold some out for validation.")
         shuffled = random.Random(args.seed).sample(train, len(train))
         train, val = shuffled[num_val:], shuffled[:num_val]
     if args.downstream_real_limit is not None:
@@ -1140,7 +673,7 @@ def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path
         return pairs, None
     unknown = [sample.image for sample in generated.samples if sample.class_id is None]
     if unknown:
-        raise SystemExit(
+        raise DatasetError(
             f"{generated.root}/metadata.jsonl is the joint generator's (class-vs-rest masks), but {len(unknown)} "
             f"record(s) have no class_id, e.g. the one of {unknown[0]}: which class their mask marks is unknown, so "
             "their rest pixels cannot be ignored for --downstream. Fix: re-run generate_joint_image_mask_diffusion.py "
@@ -1160,15 +693,17 @@ def default_downstream_resolution(pairs: list) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def comparison_grid(generated: GeneratedSet, real_by_stem: dict, palette, args) -> Image.Image:
+def comparison_grid(
+    generated: GeneratedSet, real_by_stem: dict, palette, *, num_masks: int, num_samples: int, ignore_index: int
+) -> Image.Image:
     """Rows of: colourised mask | real image of the mask's stem | generated samples (a header names them)."""
-    rows = list(generated.groups().values())[: args.grid_masks]
+    rows = list(generated.groups().values())[:num_masks]
     with Image.open(rows[0][0].image) as first:
         scale = min(256, max(64, max(first.size))) / max(first.size)
         tile = (max(1, round(first.width * scale)), max(1, round(first.height * scale)))
     show_mask = any(group[0].mask is not None for group in rows)
     show_real = any(group[0].source in real_by_stem for group in rows)
-    samples_shown = min(args.grid_samples, max(len(group) for group in rows))
+    samples_shown = min(num_samples, max(len(group) for group in rows))
     headers = ["mask"] * show_mask + ["real"] * show_real + [f"sample {i + 1}" for i in range(samples_shown)]
     header_height = 14
     grid = Image.new("RGB", (tile[0] * len(headers), header_height + tile[1] * len(rows)), "white")
@@ -1179,7 +714,7 @@ def comparison_grid(generated: GeneratedSet, real_by_stem: dict, palette, args) 
         tiles = []
         if show_mask:
             mask = group[0].mask
-            tiles.append(colorize_label(read_label_map(mask), palette, args.ignore_index) if mask else None)
+            tiles.append(colorize_label(read_label_map(mask), palette, ignore_index) if mask else None)
         if show_real:
             real = real_by_stem.get(group[0].source)
             tiles.append(read_image(real) if real else None)
@@ -1317,10 +852,38 @@ def json_ready(value):
     return value
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    # The project's atomic writers (segdiff.training) write JSON only; the report is the one text file.
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_results(
+    results: dict, results_dir: Path, generated: GeneratedSet, classes: Classes | None, real_files: list[Path], args
+) -> str:
+    """metrics.json, evaluation_report.txt, per_class_iou.png (with miou) and comparison_grid.png; returns the
+    report."""
+    # segdiff.training imports accelerate: only once there are results to write, not for --help or a bad input.
+    from segdiff.training import write_json_atomic
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results_dir / "metrics.json", results)
+    report = report_text(results)
+    write_text_atomic(results_dir / "evaluation_report.txt", report)
+    if "miou" in results:
+        title = f"Per-class IoU: {generated.root.name}"
+        plot_per_class_iou(results, classes, results_dir / "per_class_iou.png", title)
+    grid = comparison_grid(
+        generated,
+        {path.stem: path for path in real_files},
+        classes.palette if classes else default_palette(256),
+        num_masks=args.grid_masks,
+        num_samples=args.grid_samples,
+        ignore_index=args.ignore_index,
+    )
+    grid.save(results_dir / "comparison_grid.png")
+    return report
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1336,47 +899,52 @@ def default_results_dir(generated_dir: Path) -> Path:
 
 
 def evaluate(args) -> dict:
-    generated_dir = Path(args.generated_dir)
-    generated = read_generated_set(generated_dir, Path(args.masks_dir) if args.masks_dir else None)
+    generated = read_generated_set(Path(args.generated_dir), Path(args.masks_dir) if args.masks_dir else None)
+    generated_dir = generated.root  # the folder given, or the parent of a bare generated_images/ folder
     metrics, skipped = choose_metrics(args, generated)
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
 
     # Everything that can be wrong with the inputs is checked here, before minutes of feature extraction.
+    fid_kid = [name for name in metrics if name in ("fid", "kid")]
     inception = torchscript = lpips_weights = None
-    if {"fid", "kid"} & set(metrics) and args.feature_extractor_torchscript is not None:
+    if fid_kid and args.feature_extractor_torchscript is not None:
         torchscript = Path(args.feature_extractor_torchscript).expanduser()
         if not torchscript.is_file():
-            raise SystemExit(f"--feature_extractor_torchscript {torchscript} does not exist. Fix: check the path.")
-    elif {"fid", "kid"} & set(metrics):
+            raise DatasetError(f"--feature_extractor_torchscript {torchscript} does not exist. Fix: check the path.")
+    elif fid_kid:
         inception = find_weights(
             args.inception_weights, "--inception_weights", INCEPTION_FILES, INCEPTION_URL, "FID/KID"
         )
         check_inception_file(inception)
-    if {"fid", "kid"} & set(metrics) and not 0 <= args.kid_seed < 2**32:
-        raise SystemExit(f"--kid_seed must be in 0..{2**32 - 1} (a numpy RandomState seed), got {args.kid_seed}.")
+    if fid_kid and not 0 <= args.kid_seed < 2**32:
+        raise DatasetError(f"--kid_seed must be in 0..{2**32 - 1} (a numpy RandomState seed), got {args.kid_seed}.")
     if "lpips" in metrics:
         lpips_weights = find_weights(args.lpips_weights, "--lpips_weights", (ALEXNET_FILE,), ALEXNET_URL, "LPIPS")
     classes = resolve_classes(args, generated_dir)
     if classes is None and ("miou" in metrics or args.downstream):
-        raise SystemExit(
+        raise DatasetError(
             f"the classes are unknown: {generated_dir} has no class_names.json. Fix: pass --class_names_json FILE "
             "or --num_classes N."
         )
     if args.downstream and not generated.has_masks:
-        raise SystemExit(f"--downstream trains on the generated (image, mask) pairs, but {generated_dir} has no masks.")
+        raise DatasetError(
+            f"--downstream trains on the generated (image, mask) pairs, but {generated_dir} has no masks."
+        )
     resolution = args.downstream_resolution
     if args.downstream and resolution is not None and resolution % 4:
-        raise SystemExit(f"--downstream_resolution must be a multiple of 4, got {resolution}.")
+        raise DatasetError(f"--downstream_resolution must be a multiple of 4, got {resolution}.")
     real_files = real_image_files(args) if args.real_dir else []
-    if "kid" in metrics:
-        kid_subset_size(args, len(real_files), len(generated.samples))  # a --kid_subset_size too big stops here
+    if "kid" in metrics:  # a --kid_subset_size too big stops here
+        resolve_kid_subset_size(args.kid_subset_size, len(real_files), len(generated.samples))
     splits = downstream_splits(args, classes) if args.downstream else None
     synthetic, synthetic_class_ids = downstream_synthetic_pairs(generated) if args.downstream else (None, None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    segmenter = build_segmenter(args, classes, device) if "miou" in metrics else None
-    lookup = class_lookup(args, segmenter.num_labels, len(classes.names)) if segmenter else None
-    reference = reference_lookup(Path(args.reference_dir)) if "style" in metrics else None
+    segmenter = build_segmenter(args.segmenter, classes, device) if "miou" in metrics else None
+    lookup = class_lookup(args.segmenter_class_map, segmenter.num_labels, len(classes.names)) if segmenter else None
+    references = None
+    if "style" in metrics:
+        references = match_references(Path(args.reference_dir), [(s.image, s.source) for s in generated.samples])
 
     results = {
         "generated_dir": str(generated_dir),
@@ -1393,39 +961,40 @@ def evaluate(args) -> dict:
         if inception is not None:
             extractor = load_inception(inception, device)
         else:
-            probe_size = (args.feature_image_size,) * 2 if args.feature_image_size else first_image_size(real_files)
+            probe_size = (args.feature_image_size,) * 2 if args.feature_image_size else read_image(real_files[0]).size
             extractor = load_torchscript_extractor(torchscript, probe_size, device)
-        real_features = extract_features(real_files, extractor, args, device, "features: real")
-        generated_features = extract_features(
-            [s.image for s in generated.samples], extractor, args, device, "features: generated"
-        )
         results.update(
-            fid_kid_protocol=protocol(extractor, args),
-            fid_kid_standard=extractor.standard and args.feature_image_size is None,
-            feature_extractor=extractor.description,
-            feature_image_size=args.feature_image_size,
+            fid_kid_scores(
+                real_files,
+                [sample.image for sample in generated.samples],
+                extractor,
+                fid_kid,
+                device,
+                batch_size=args.batch_size,
+                image_size=args.feature_image_size,
+                kid_subsets=args.kid_subsets,
+                kid_subset_size=args.kid_subset_size,
+                kid_seed=args.kid_seed,
+            )
         )
-        results.update(fid_and_kid(real_features, generated_features, metrics, args))
     if lpips_weights is not None:
         groups = [[sample.image for sample in group] for group in generated.groups().values()]
-        per_mask = lpips_diversity(groups, load_lpips(lpips_weights, device), args.batch_size, device)
-        results.update(
-            lpips_diversity=float(np.mean(per_mask)),
-            lpips_diversity_std=float(np.std(per_mask)),
-            lpips_num_masks=len(per_mask),
-            lpips_backbone=str(lpips_weights),
-        )
+        results.update(lpips_scores(groups, lpips_weights, device, args.batch_size))
     if segmenter is not None:
-        results["segmenter"] = segmenter.description
-        results.update(semantic_consistency(generated, segmenter, lookup, classes, args))
-    if reference is not None:
-        similarities = style_similarity(generated, reference, args.histogram_bins)
         results.update(
-            style_histogram_correlation=float(np.mean(similarities)),
-            style_histogram_correlation_std=float(np.std(similarities)),
-            style_bins=args.histogram_bins,
-            reference_dir=args.reference_dir,
+            semantic_consistency(
+                [(sample.image, sample.mask) for sample in generated.samples],
+                segmenter,
+                lookup,
+                classes,
+                ignore_index=args.ignore_index,
+                batch_size=args.batch_size,
+                class_ids=[sample.class_id for sample in generated.samples],
+            )
         )
+    if references is not None:
+        images = [sample.image for sample in generated.samples]
+        results.update(style_scores(images, references, args.histogram_bins), reference_dir=args.reference_dir)
     if splits is not None:
         from segdiff.downstream import run_downstream
 
@@ -1444,27 +1013,17 @@ def evaluate(args) -> dict:
             device=device,
         )
 
-    results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     results = json_ready(results)
-    write_atomic(results_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
-    report = report_text(results)
-    write_atomic(results_dir / "evaluation_report.txt", report)
-    if "miou" in results:
-        plot_per_class_iou(results, classes, results_dir / "per_class_iou.png", f"Per-class IoU: {generated_dir.name}")
-    palette = classes.palette if classes else default_palette(256)
-    real_by_stem = {path.stem: path for path in real_files}
-    comparison_grid(generated, real_by_stem, palette, args).save(results_dir / "comparison_grid.png")
+    results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)
+    report = write_results(results, results_dir, generated, classes, real_files, args)
     print(report + f"\nWrote metrics.json, evaluation_report.txt and plots to {results_dir}")
     return results
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
+    with exit_on_bad_input():  # bad inputs: the message names the file or option and the fix
         return evaluate(args)
-    except DatasetError as err:  # data.py's readers name the file and the fix
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

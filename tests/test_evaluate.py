@@ -20,8 +20,19 @@ from conftest import ROOT, SCRIPT_ENV
 from PIL import Image
 
 import evaluate
-from segdiff.data import IGNORE_INDEX, read_image, read_label_map, save_label_png
+from segdiff.data import IGNORE_INDEX, DatasetError, read_image, read_label_map, save_label_png
 from segdiff.downstream import class_vs_rest_labels, load_pairs
+from segdiff.evaluation import (
+    ALEXNET_FILE,
+    ALEXNET_URL,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    load_inception,
+    load_lpips,
+    lpips_diversity,
+    match_references,
+    style_similarity,
+)
 from segdiff.metrics import (
     color_histogram_similarity,
     color_histograms,
@@ -205,10 +216,10 @@ def test_mean_pairwise_distance_and_segmentation_summary():
 
 
 def test_lpips_diversity_is_zero_for_identical_samples_and_positive_for_different_ones(toy_data, weights):
-    model = evaluate.load_lpips(weights.alexnet, "cpu")
+    model = load_lpips(weights.alexnet, "cpu")
     images = sorted((toy_data / "images").iterdir())
     identical, different = [images[0]] * 3, images[:3]
-    per_mask = evaluate.lpips_diversity([identical, different, images[:1]], model, batch_size=2, device="cpu")
+    per_mask = lpips_diversity([identical, different, images[:1]], model, batch_size=2, device="cpu")
     assert len(per_mask) == 2  # a mask with a single sample has no pairs
     assert per_mask[0] == pytest.approx(0.0, abs=1e-7)
     assert per_mask[1] > 1e-3
@@ -229,8 +240,8 @@ def test_missing_inception_weights_stop_at_once_with_the_file_to_download(toy_da
         timeout=60,
     )
     assert result.returncode != 0
-    assert evaluate.INCEPTION_URL in result.stderr and "--inception_weights" in result.stderr
-    assert str(weights.empty_hub / "hub" / "checkpoints" / evaluate.INCEPTION_FILE) in result.stderr
+    assert INCEPTION_URL in result.stderr and "--inception_weights" in result.stderr
+    assert str(weights.empty_hub / "hub" / "checkpoints" / INCEPTION_FILE) in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -241,15 +252,15 @@ def test_missing_lpips_weights_stop_at_once_and_cached_ones_are_found(toy_data, 
     with pytest.raises(SystemExit) as stopped:
         evaluate.main(command)
     message = str(stopped.value)
-    assert evaluate.ALEXNET_URL in message and "--lpips_weights" in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / evaluate.ALEXNET_FILE) in message
+    assert ALEXNET_URL in message and "--lpips_weights" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / ALEXNET_FILE) in message
 
     # the same file in the torch hub cache, where torchvision keeps it, is used without a flag
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
-    shutil.copy(weights.alexnet, tmp_path / "torch" / "hub" / "checkpoints" / evaluate.ALEXNET_FILE)
+    shutil.copy(weights.alexnet, tmp_path / "torch" / "hub" / "checkpoints" / ALEXNET_FILE)
     results = evaluate.main(command)
     assert results["lpips_num_masks"] == 2 and results["lpips_diversity"] > 0
-    assert results["lpips_backbone"].endswith(evaluate.ALEXNET_FILE)
+    assert results["lpips_backbone"].endswith(ALEXNET_FILE)
 
 
 def test_without_weights_the_default_metrics_skip_fid_and_say_why(toy_data, weights, tmp_path, monkeypatch):
@@ -259,16 +270,16 @@ def test_without_weights_the_default_metrics_skip_fid_and_say_why(toy_data, weig
         + ["--results_dir", str(tmp_path)]
     )
     assert results["metrics"] == ["miou"]
-    assert evaluate.INCEPTION_URL in results["skipped"]["fid"]
+    assert INCEPTION_URL in results["skipped"]["fid"]
     assert "Skipped:" in (tmp_path / "evaluation_report.txt").read_text()
 
 
 def test_wrong_weight_files_are_named_with_the_fix(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "not_inception.pth")
-    with pytest.raises(SystemExit, match="is not the Inception-v3 state dict of torch-fidelity"):
-        evaluate.load_inception(tmp_path / "not_inception.pth", "cpu")
-    with pytest.raises(SystemExit, match="not a torchvision AlexNet state dict"):
-        evaluate.load_lpips(tmp_path / "not_inception.pth", "cpu")
+    with pytest.raises(DatasetError, match="is not the Inception-v3 state dict of torch-fidelity"):
+        load_inception(tmp_path / "not_inception.pth", "cpu")
+    with pytest.raises(DatasetError, match="not a torchvision AlexNet state dict"):
+        load_lpips(tmp_path / "not_inception.pth", "cpu")
 
 
 def test_weights_files_are_never_run_as_code(toy_data, weights, tmp_path, monkeypatch):
@@ -446,9 +457,9 @@ def test_mask_conditioned_layout_end_to_end(toy_data, weights, tmp_path):
     assert metrics["miou"] == pytest.approx(expected["miou"], abs=1e-12)
     assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-12)
     # Each sample is compared with the reference of its mask's name: sample 0 is that very image, so exactly 1.0.
-    per_sample = evaluate.style_similarity(
-        evaluate.read_generated_set(generated, None), evaluate.reference_lookup(toy_data), bins=64
-    )
+    samples = evaluate.read_generated_set(generated, None).samples
+    images = [sample.image for sample in samples]
+    per_sample = style_similarity(images, match_references(toy_data, [(s.image, s.source) for s in samples]), bins=64)
     sources = mask_conditioned_sources(toy_data, num_masks=4, per_mask=3)
     assert [value for value, (mask_image, source) in zip(per_sample, sources) if source == mask_image] == [1.0] * 4
     assert per_sample == [
@@ -467,11 +478,14 @@ def test_sample_folders_without_metadata_take_masks_by_order(toy_data, weights, 
     masks.mkdir()
     for path in sorted((toy_data / "masks").iterdir())[:2]:
         shutil.copy(path, masks / path.name)
-    common = ["--generated_dir", str(generated), "--class_names_json", str(toy_data / "class_names.json")]
+    classes = ["--class_names_json", str(toy_data / "class_names.json")]
+    # The folder of the sample folders itself, as the SDM reference passes it, is read as its parent.
     results = evaluate.main(
-        common + ["--masks_dir", str(masks), "--segmenter", "palette", "--lpips_weights", str(weights.alexnet)]
+        ["--generated_dir", str(generated / "generated_images"), *classes, "--masks_dir", str(masks)]
+        + ["--segmenter", "palette", "--lpips_weights", str(weights.alexnet)]
         + ["--metrics", "lpips,miou", "--results_dir", str(tmp_path / "eval")]
     )  # fmt: skip
+    assert results["generated_dir"] == str(generated)
     assert results["layout"] == "sample-folders" and results["lpips_num_masks"] == 2
     expected = expected_consistency(toy_data, num_masks=2, per_mask=2)
     assert results["miou"] == pytest.approx(expected["miou"], abs=1e-12)
@@ -479,7 +493,10 @@ def test_sample_folders_without_metadata_take_masks_by_order(toy_data, weights, 
 
     shutil.copy(sorted((toy_data / "masks").iterdir())[5], masks / "extra.png")
     with pytest.raises(SystemExit, match="sorted order"):
-        evaluate.main(common + ["--masks_dir", str(masks), "--segmenter", "palette", "--metrics", "miou"])
+        evaluate.main(
+            ["--generated_dir", str(generated), *classes, "--masks_dir", str(masks), "--segmenter", "palette"]
+            + ["--metrics", "miou"]
+        )
 
 
 @pytest.mark.parametrize(
@@ -595,7 +612,7 @@ def test_downstream_on_the_joint_layout_ignores_the_rest(toy_data, real_split, t
 
     broken = evaluate.read_generated_set(generated, None)
     broken.samples[3].class_id = None  # a joint record without its class_id
-    with pytest.raises(SystemExit, match="have no class_id"):
+    with pytest.raises(DatasetError, match="have no class_id"):
         evaluate.downstream_synthetic_pairs(broken)
 
 
@@ -611,6 +628,10 @@ def test_results_go_next_to_the_generated_folder_not_into_it(toy_data, tmp_path,
     results_dir = tmp_path / "sdm_evaluation"
     assert sorted(path.name for path in results_dir.iterdir()) == sorted(RESULT_FILES)
     assert json.loads((results_dir / "metrics.json").read_text()) == results
+    # Its generated_images/ folder, as the SDM reference passes it, is the same folder: same results, same place.
+    command = ["--generated_dir", str(generated / "generated_images"), "--segmenter", "palette", "--metrics", "miou"]
+    assert evaluate.main(command) == results
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sdm", "sdm_evaluation"]
     monkeypatch.chdir(generated)  # "." is named after the folder it stands for
     assert evaluate.default_results_dir(Path(".")) == results_dir.resolve()
 

@@ -7,7 +7,6 @@ weights file, so nothing is downloaded.
 
 import io
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +14,16 @@ import torch
 from PIL import Image
 
 import evaluate
+from segdiff.data import DatasetError
+from segdiff.evaluation import (
+    KID_SEED,
+    KID_SUBSET_SIZE,
+    KID_SUBSETS,
+    STANDARD_PROTOCOL,
+    FeatureExtractor,
+    protocol,
+    resolve_kid_subset_size,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +69,9 @@ def test_kid_defaults_are_torch_fidelitys():
     from torch_fidelity.defaults import DEFAULTS
 
     ours = {
-        "kid_subsets": evaluate.KID_SUBSETS,
-        "kid_subset_size": evaluate.KID_SUBSET_SIZE,
-        "rng_seed": evaluate.KID_SEED,
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": KID_SUBSET_SIZE,
+        "rng_seed": KID_SEED,
     }
     assert {name: DEFAULTS[name] for name in ours} == ours
 
@@ -95,36 +104,32 @@ def test_fid_and_kid_equal_torch_fidelitys(toy_data, random_inception, tmp_path)
     assert results["kid_mean"] == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-3)
     assert results["kid_std"] == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-3)
     assert (results["kid_subsets"], results["kid_subset_size"], results["kid_seed"]) == (100, 3, 2020)
-    assert results["fid_kid_protocol"] == evaluate.STANDARD_PROTOCOL and results["fid_kid_standard"] is True
+    assert results["fid_kid_protocol"] == STANDARD_PROTOCOL and results["fid_kid_standard"] is True
     assert results["feature_image_size"] is None
     report = (tmp_path / "eval" / "evaluation_report.txt").read_text()
-    assert f"protocol: {evaluate.STANDARD_PROTOCOL}" in report
+    assert f"protocol: {STANDARD_PROTOCOL}" in report
 
 
 def test_departures_from_the_protocol_are_named():
     def extractor(standard):
-        return evaluate.FeatureExtractor(torch.nn.Identity(), False, "a network", standard=standard)
+        return FeatureExtractor(torch.nn.Identity(), False, "a network", standard=standard)
 
-    def args(size):
-        return SimpleNamespace(feature_image_size=size)
-
-    assert evaluate.protocol(extractor(True), args(None)) == evaluate.STANDARD_PROTOCOL
-    assert evaluate.protocol(extractor(True), args(64)) == (
-        f"non-standard: images first resized to 64 px (PIL bicubic), then {evaluate.STANDARD_PROTOCOL}"
+    assert protocol(extractor(True), None) == STANDARD_PROTOCOL
+    assert protocol(extractor(True), 64) == (
+        f"non-standard: images first resized to 64 px (PIL bicubic), then {STANDARD_PROTOCOL}"
     )
-    assert evaluate.protocol(extractor(False), args(None)) == (
+    assert protocol(extractor(False), None) == (
         "non-standard: custom feature extractor (a network); not comparable with published FID/KID"
     )
-    assert evaluate.protocol(extractor(False), args(64)) == (
+    assert protocol(extractor(False), 64) == (
         "non-standard: custom feature extractor (a network), images first resized to 64 px (PIL bicubic); "
         "not comparable with published FID/KID"
     )
 
 
 def test_kid_subset_size_is_torch_fidelitys_unless_there_are_fewer_images():
-    default = SimpleNamespace(kid_subset_size=None)
-    assert evaluate.kid_subset_size(default, 2000, 3000) == 1000
-    assert evaluate.kid_subset_size(default, 24, 12) == 12  # torch-fidelity would refuse; recorded in the report
-    assert evaluate.kid_subset_size(SimpleNamespace(kid_subset_size=5), 24, 12) == 5
-    with pytest.raises(SystemExit, match="--kid_subset_size 13 is more than the 24 real / 12 generated images"):
-        evaluate.kid_subset_size(SimpleNamespace(kid_subset_size=13), 24, 12)
+    assert resolve_kid_subset_size(None, 2000, 3000) == 1000
+    assert resolve_kid_subset_size(None, 24, 12) == 12  # torch-fidelity would refuse; recorded in the report
+    assert resolve_kid_subset_size(5, 24, 12) == 5
+    with pytest.raises(DatasetError, match="--kid_subset_size 13 is more than the 24 real / 12 generated images"):
+        resolve_kid_subset_size(13, 24, 12)
