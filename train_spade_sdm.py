@@ -13,6 +13,10 @@ folder, --drop_rate 0.2 and --learning_rate 2e-5, so the model also learns the n
       --data_root data/sidewalk_processed --dataset sidewalk --resolution 256 \
       --model_config configs/models/sdm_256.json --output_dir outputs/sdm --train_batch_size 2 --use_ema
 
+Latent diffusion's recipe: --space latent --conditioning concat --loss_type l1 --beta_schedule scaled_linear
+--beta_start 0.0015 --beta_end 0.0205 (configs/models/ldm_concat_semantic.json). --resolution 384,512 trains on
+height x width rectangles.
+
 Style reference (the landscape task): --style_reference adds a style encoder; each sample is trained with a
 differently-augmented view of its own image (random crop, flips) as the reference, so the style vector carries
 colours and lighting, not layout; --style_drop_rate drops it so sampling can guide on the style too.
@@ -22,13 +26,13 @@ The output folder is a pipeline: ``SemanticDiffusionPipeline.from_pretrained(out
 """
 
 import argparse
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
@@ -47,13 +51,15 @@ from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
+# diffusers' beta schedules that this trainer offers (its "sigmoid" is GeoDiff's, for molecules).
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    training.add_training_args(parser, default_resolution=256)
+    training.add_training_args(parser, default_resolution=256, rectangular=True)
     add_dataset_args(parser, default_dataset="sidewalk")
     group = parser.add_argument_group("semantic diffusion model")
     group.add_argument(
@@ -112,6 +118,36 @@ def parse_args(argv=None):
         default=None,
         help="Also learn the variance (improved DDPM's hybrid loss: MSE on the noise + the variational bound "
         "for the variance). Default: the --model_config's (on in sdm_256/512, as SDM).",
+    )
+    group.add_argument(
+        "--loss_type",
+        choices=training.LOSS_TYPES,
+        default="l2",
+        help="Loss on the predicted noise: l2 (mean squared error, SDM's) or l1 (mean absolute error, as latent "
+        "diffusion's semantic-synthesis config and the landscape project trained). The learned-variance term "
+        "is added to either. Default: %(default)s",
+    )
+    schedule = parser.add_argument_group(
+        "noise schedule (saved with the pipeline, so generation samples with the same one)"
+    )
+    schedule.add_argument(
+        "--beta_schedule",
+        choices=BETA_SCHEDULES,
+        default=None,
+        help="How the 1000 betas go from --beta_start to --beta_end: linear (SDM's, guided-diffusion's), "
+        "scaled_linear (linear in sqrt(beta): what latent diffusion's configs call \"linear\"; so LDM's "
+        "linear_start 0.0015 / linear_end 0.0205 is --beta_schedule scaled_linear --beta_start 0.0015 --beta_end "
+        "0.0205), squaredcos_cap_v2 (improved DDPM's cosine; ignores --beta_start/--beta_end). Default: linear, "
+        "or the --init_from model's.",
+    )
+    schedule.add_argument(
+        "--beta_start",
+        type=float,
+        default=None,
+        help="First beta. Default: 0.0001 (SDM), or the --init_from model's.",
+    )
+    schedule.add_argument(
+        "--beta_end", type=float, default=None, help="Last beta. Default: 0.02 (SDM), or the --init_from model's."
     )
     group.add_argument(
         "--num_validation_images", type=int, default=4, help="Validation masks (the first training masks)."
@@ -174,6 +210,12 @@ def parse_args(argv=None):
         parser.error("--style_crop_scale must be in (0, 1]")
     if args.style_offset_noise < 0:
         parser.error("--style_offset_noise must be >= 0")
+    for name in ("beta_start", "beta_end"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < 1:
+            parser.error(f"--{name} must be in (0, 1), got {value}")
+    if args.beta_start is not None and args.beta_end is not None and args.beta_start >= args.beta_end:
+        parser.error(f"--beta_start {args.beta_start} must be below --beta_end {args.beta_end}")
     if args.validation_guidance_scale is None:
         args.validation_guidance_scale = 1.5 if args.drop_rate > 0 else 1.0
     return args
@@ -190,7 +232,7 @@ def load_vae(path: str, args) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=args.revision, variant=args.variant)
 
 
-def build_unet(args, num_classes: int, channels: int, sample_size: int) -> SpadeUNetModel:
+def build_unet(args, num_classes: int, channels: int, sample_size: int | list[int]) -> SpadeUNetModel:
     """A new model from --model_config, or the --init_from one; checked against the data and --space."""
     overrides = {
         name: value
@@ -250,6 +292,39 @@ def with_style_encoder(unet: SpadeUNetModel, **style_config) -> SpadeUNetModel:
     if unexpected or any(not key.startswith("style_encoder.") for key in missing):
         raise RuntimeError(f"cannot extend the model: missing {missing}, unexpected {unexpected}")
     return extended
+
+
+def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
+    """SDM's training scheduler (`sdm_scheduler`: epsilon, variance type, clipping) with this run's betas.
+
+    Each of --beta_schedule/--beta_start/--beta_end not given comes from the --init_from model's saved
+    scheduler, so the guidance fine-tune keeps the schedule its model was trained with, else from SDM's.
+    The pipeline saves this scheduler's config, and the generator builds every sampler from it.
+    """
+    scheduler = sdm_scheduler(learn_sigma=learn_sigma, pixel_space=pixel_space)
+    trained_with = init_from_schedule(Path(args.init_from)) if args.init_from else {}
+    betas = {}
+    for name in ("beta_schedule", "beta_start", "beta_end"):
+        value = getattr(args, name)
+        betas[name] = value if value is not None else trained_with.get(name, scheduler.config[name])
+    if betas["beta_start"] >= betas["beta_end"]:
+        raise SystemExit(
+            f"The noise schedule's beta_start {betas['beta_start']} must be below its beta_end {betas['beta_end']} "
+            "(one of them from the flags, the other from the defaults or the --init_from model): pass both."
+        )
+    # Keyword overrides, not a merged dict: diffusers resets the keys listed in `_use_default_values`.
+    return DDPMScheduler.from_config(scheduler.config, **betas)
+
+
+def init_from_schedule(folder: Path) -> dict:
+    """The betas the --init_from model was trained with: its pipeline's scheduler config (for a checkpoint-N
+    folder, the run's above it); empty when there is none (a run still in training has no pipeline yet)."""
+    for candidate in (folder, folder.parent):
+        path = candidate / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            config = json.loads(path.read_text())
+            return {name: config[name] for name in ("beta_schedule", "beta_start", "beta_end") if name in config}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,14 +451,15 @@ def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
     real_images, labels = examples
     # A style model gets each mask's own real image as its reference.
     references = [(pixels + 1) / 2 for pixels in real_images] if pipeline.unet.style_encoder is not None else None
+    height, width = training.height_width(args.resolution)
     output = pipeline(
         labels,
         style_images=references,
         guidance_scale=args.validation_guidance_scale,
         num_inference_steps=20,
         generator=torch.Generator().manual_seed(args.seed),
-        height=args.resolution,
-        width=args.resolution,
+        height=height,
+        width=width,
     )
     tiles = []
     for pixels, label, generated in zip(real_images, labels, output.images):
@@ -414,21 +490,31 @@ def main(args):
         vae.requires_grad_(False)
         vae.to(accelerator.device, dtype=weight_dtype)
         channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling ({factor}).")
-
-    unet = build_unet(args, dataset.num_classes, channels, args.resolution // factor)
-    levels = 2 ** (len(unet.config.channel_mult) - 1)
-    if (args.resolution // factor) % levels:
+    height, width = training.height_width(args.resolution)
+    if height % factor or width % factor:
         raise SystemExit(
-            f"--resolution {args.resolution} gives samples of {args.resolution // factor} px, which the UNet's "
-            f"{len(unet.config.channel_mult)} levels cannot halve evenly: use a multiple of {factor * levels}."
+            f"--resolution {height}x{width} is not a multiple of the VAE's downsampling ({factor}) on both sides."
+        )
+
+    # A square keeps the int sample_size of the shipped configs; a rectangle is saved as [height, width], the
+    # pipeline's default output size.
+    sample_size = height // factor if height == width else [height // factor, width // factor]
+    unet = build_unet(args, dataset.num_classes, channels, sample_size)
+    levels = 2 ** (len(unet.config.channel_mult) - 1)
+    if (height // factor) % levels or (width // factor) % levels:
+        raise SystemExit(
+            f"--resolution {height}x{width} gives samples of {height // factor}x{width // factor} px, which the "
+            f"UNet's {len(unet.config.channel_mult)} levels cannot halve evenly: use a multiple of {factor * levels} for both."
         )
     logger.info(
         f"SpadeUNetModel: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
         f"{unet.config.conditioning} conditioning, {args.space} space, learn_sigma={unet.config.learn_sigma}"
     )
-    noise_scheduler = sdm_scheduler(learn_sigma=unet.config.learn_sigma, pixel_space=vae is None)
+    noise_scheduler = noise_schedule(args, learn_sigma=unet.config.learn_sigma, pixel_space=vae is None)
+    logger.info(
+        f"Noise schedule: {noise_scheduler.config.beta_schedule} betas from {noise_scheduler.config.beta_start} "
+        f"to {noise_scheduler.config.beta_end}, {args.loss_type} loss on the noise"
+    )
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
@@ -517,8 +603,8 @@ def main(args):
             if model.config.learn_sigma:
                 predicted_noise, variance_values = output.chunk(2, dim=1)
 
-            mse = F.mse_loss(predicted_noise.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = mse
+            noise_loss = training.noise_prediction_loss(predicted_noise, noise, args.loss_type)
+            loss = noise_loss
             if variance_values is not None:
                 loss = loss + variational_bound(
                     noise_scheduler, clean, noisy, timesteps, predicted_noise, variance_values, vae is None
@@ -551,7 +637,12 @@ def main(args):
                         ignore_index=dataset.ignore_index,
                     )
                     log_validation(pipeline, args, accelerator, dataset, validation, global_step)
-        logs = {"loss": loss.item(), "mse": mse.mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
+        # the noise term under its own name ("mse" for l2, as before; "l1"), apart from the learned-variance term
+        logs = {
+            "loss": loss.item(),
+            "mse" if args.loss_type == "l2" else "l1": noise_loss.mean().item(),
+            "lr": lr_scheduler.get_last_lr()[0],
+        }
         progress_bar.set_postfix(**logs)
         accelerator.log(logs, step=global_step)
 

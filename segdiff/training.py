@@ -48,8 +48,13 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 # --------------------------------------------------------------------------------------------
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: int = 512) -> None:
-    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py."""
+def add_training_args(
+    parser: argparse.ArgumentParser, *, default_resolution: int = 512, rectangular: bool = False
+) -> None:
+    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py.
+
+    ``rectangular``: the trainer also takes ``--resolution HEIGHT,WIDTH`` (see `parse_resolution`).
+    """
     group = parser.add_argument_group("training")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -67,11 +72,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         default=0,
         help="Seeds model init, shuffling, augmentation and noise. Resumed runs reproduce uninterrupted ones.",
     )
+    resolution_help = "Training images are resized (short side) and cropped to this square size."
+    if rectangular:
+        resolution_help += " HEIGHT,WIDTH (e.g. 384,512) trains on that rectangle: resized to cover it, then cropped."
     group.add_argument(
-        "--resolution",
-        type=int,
-        default=default_resolution,
-        help="Training images are resized (short side) and cropped to this square size.",
+        "--resolution", type=parse_resolution if rectangular else int, default=default_resolution, help=resolution_help
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop to --resolution.")
     group.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="Disable horizontal flips.")
@@ -103,11 +108,19 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         type=str,
         default="constant",
         help='One of diffusers\' schedules: "linear", "cosine", "cosine_with_restarts", "polynomial", '
-        '"constant", "constant_with_warmup".',
+        '"constant", "constant_with_warmup"; or "exponential": linear warmup, then the rate times '
+        "--lr_exponential_gamma at every optimizer step.",
     )
     group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr schedule.")
     group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument(
+        "--lr_exponential_gamma",
+        type=float,
+        default=0.9999,
+        help="Per-step decay of --lr_scheduler exponential, in (0, 1] (0.9999 halves the rate every 6931 steps "
+        "after warmup). Default: %(default)s",
+    )
     group.add_argument(
         "--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install bitsandbytes)."
     )
@@ -171,6 +184,27 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         default=500,
         help="Generate validation samples every N optimizer steps (0 disables); grids go to output_dir/validation/.",
     )
+
+
+def parse_resolution(text: str) -> int | tuple[int, int]:
+    """``--resolution`` of the trainers that take rectangles: ``N`` (a square, an int as before) or ``HEIGHT,WIDTH``."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes, default=0) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N or HEIGHT,WIDTH in pixels (e.g. 256 or 384,512), got {text!r}")
+    if len(sizes) == 1 or sizes[0] == sizes[1]:
+        return sizes[0]
+    return sizes[0], sizes[1]
+
+
+def height_width(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a ``--resolution``: a square's side, or a (height, width) pair."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    height, width = resolution
+    return int(height), int(width)
 
 
 def add_switch(group, name: str, *, default: bool, help: str) -> None:
@@ -332,10 +366,18 @@ def plan_steps(args: argparse.Namespace, num_batches_per_epoch: int) -> int:
 
 
 def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelerator):
-    """diffusers' get_scheduler; step counts are multiplied by the process count because the
-    prepared scheduler steps once per process per update (as in diffusers' examples)."""
+    """diffusers' get_scheduler, or `exponential_lr_schedule` for ``--lr_scheduler exponential``; step counts are
+    multiplied by the process count because the prepared scheduler steps once per process per update (as in
+    diffusers' examples)."""
     from diffusers.optimization import get_scheduler
 
+    if args.lr_scheduler == "exponential":
+        return exponential_lr_schedule(
+            optimizer,
+            warmup_steps=args.lr_warmup_steps,
+            gamma=args.lr_exponential_gamma,
+            steps_per_update=accelerator.num_processes,
+        )
     return get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -344,6 +386,45 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelera
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+
+
+def exponential_lr_schedule(optimizer, *, warmup_steps: int, gamma: float, steps_per_update: int = 1):
+    """Linear warmup over ``warmup_steps`` optimizer updates (from 0, as diffusers' warmups), then the rate times
+    ``gamma`` at every update: ``lr * gamma ** (update - warmup_steps)``. diffusers has no exponential schedule;
+    the earlier landscape project trained with one (torch's ExponentialLR, which has no warmup).
+
+    ``steps_per_update``: how often the scheduler is stepped per optimizer update (accelerate's prepared
+    scheduler steps once per process), so the rate depends on the update count alone.
+    """
+    if not 0 < gamma <= 1:
+        raise SystemExit(f"--lr_exponential_gamma must be in (0, 1], got {gamma}: it is the per-step decay factor.")
+    if warmup_steps < 0:
+        raise SystemExit(f"--lr_warmup_steps must be >= 0, got {warmup_steps}.")
+
+    def factor(step: int) -> float:
+        update = step / steps_per_update
+        if update < warmup_steps:
+            return update / warmup_steps
+        return gamma ** (update - warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# The --loss_type choices of the trainers that offer one.
+LOSS_TYPES = ("l2", "l1")
+
+
+def noise_prediction_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2") -> torch.Tensor:
+    """Per-sample loss, averaged over every other dimension (in float32): ``l2`` the mean squared error (DDPM's
+    "simple" loss), ``l1`` the mean absolute error (latent diffusion's ``loss_type: l1``)."""
+    prediction, target = prediction.float(), target.float()
+    if loss_type == "l2":
+        error = torch.nn.functional.mse_loss(prediction, target, reduction="none")
+    elif loss_type == "l1":
+        error = torch.nn.functional.l1_loss(prediction, target, reduction="none")
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return error.mean(dim=tuple(range(1, error.ndim)))
 
 
 def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_project: str) -> None:

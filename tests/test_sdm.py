@@ -16,8 +16,14 @@ import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
 from segdiff.generation import make_scheduler
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-from segdiff.training import derive_seed
-from train_spade_sdm import build_training_data, discretized_gaussian_log_likelihood, parse_args, variational_bound
+from segdiff.training import derive_seed, exponential_lr_schedule, noise_prediction_loss
+from train_spade_sdm import (
+    build_training_data,
+    discretized_gaussian_log_likelihood,
+    noise_schedule,
+    parse_args,
+    variational_bound,
+)
 
 CLASS_NAMES = ["background", "square", "disk", "triangle"]
 
@@ -99,14 +105,29 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, tm
 
 
 def test_latent_space_with_concat_conditioning(toy_data, tiny_sd_folder, tmp_path):
+    # latent diffusion's semantic-synthesis recipe: concat, L1 loss, its betas (its "linear" is scaled_linear)
     output_dir = tmp_path / "latent"
     run_script(
         "accelerate", "launch",
         *train_args(toy_data, output_dir, "--max_train_steps", "2", "--space", "latent", "--conditioning", "concat",
                     "--pretrained_model_name_or_path", tiny_sd_folder, "--edge_map", "--unknown_class", "channel",
-                    "--drop_rate", "0.5"),
+                    "--drop_rate", "0.5", "--loss_type", "l1", "--beta_schedule", "scaled_linear",
+                    "--beta_start", "0.0015", "--beta_end", "0.0205"),
     )  # fmt: skip
     pipeline = SemanticDiffusionPipeline.from_pretrained(output_dir)
+    # The saved schedule is LDM's: betas linear in sqrt(beta), and every sampler the generator builds keeps it.
+    saved = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["beta_schedule"], saved["beta_start"], saved["beta_end"]) == ("scaled_linear", 0.0015, 0.0205)
+    ldm_alphas_cumprod = torch.cumprod(1 - torch.linspace(0.0015**0.5, 0.0205**0.5, 1000) ** 2, dim=0)
+    for name in ("ddpm", "ddim"):
+        sampler = make_scheduler(name, pipeline.scheduler.config)
+        torch.testing.assert_close(sampler.alphas_cumprod, ldm_alphas_cumprod, rtol=0, atol=1e-6)
+    # A fine-tune from it keeps that schedule unless told otherwise; an explicit flag wins.
+    fine_tune = [str(a) for a in train_args(toy_data, "unused", "--init_from", output_dir)[1:]]
+    inherited = noise_schedule(parse_args(fine_tune), learn_sigma=False, pixel_space=False).config
+    assert (inherited.beta_schedule, inherited.beta_start, inherited.beta_end) == ("scaled_linear", 0.0015, 0.0205)
+    changed = noise_schedule(parse_args([*fine_tune, "--beta_end", "0.03"]), learn_sigma=False, pixel_space=False)
+    assert (changed.config.beta_start, changed.config.beta_end) == (0.0015, 0.03)
     config = pipeline.unet.config
     assert pipeline.vae is not None and config.in_channels == pipeline.vae.config.latent_channels == 4
     assert config.conditioning == "concat" and config.use_edge_map and config.unknown_class == "channel"
@@ -120,25 +141,34 @@ def test_latent_space_with_concat_conditioning(toy_data, tiny_sd_folder, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "space, conditioning, precision", [("latent", "spade", "bf16"), ("pixel", "concat", "no")], ids=str
+    "space, conditioning, precision, height, width",
+    [("latent", "spade", "bf16", 32, 32), ("pixel", "concat", "no", 16, 24)],
+    ids=str,
 )
 def test_the_other_space_and_conditioning_pairs_train(
-    space, conditioning, precision, toy_data, tiny_sd_folder, tmp_path
+    space, conditioning, precision, height, width, toy_data, tiny_sd_folder, tmp_path
 ):
     # With the pixel/SPADE fixture and the latent/concat run above, every pair goes through the trainer; bf16
-    # runs the frozen VAE and the validation in bf16 and still saves float32 weights.
+    # runs the frozen VAE and the validation in bf16 and still saves float32 weights. The pixel run trains on
+    # rectangles (--resolution HEIGHT,WIDTH, the landscape task's 384,512 in small).
     output_dir = tmp_path / "run"
     result = run_script(
         "accelerate", "launch",
         *train_args(toy_data, output_dir, "--max_train_steps", "2", "--space", space, "--conditioning", conditioning,
                     "--pretrained_model_name_or_path", tiny_sd_folder, "--mixed_precision", precision,
-                    "--validation_steps", "2", "--num_validation_images", "1"),
+                    "--validation_steps", "2", "--num_validation_images", "1", "--resolution", f"{height},{width}"),
     )  # fmt: skip
     assert f"Mixed precision type: {precision}" in result.stderr
-    assert (output_dir / "validation").is_dir()
+    # one row: mask | real image | generated image, each tile at the training size
+    assert Image.open(output_dir / "validation" / "validation-step000002.png").size == (3 * width, height)
     pipeline = SemanticDiffusionPipeline.from_pretrained(output_dir)
     assert pipeline.unet.config.conditioning == conditioning and (pipeline.vae is not None) == (space == "latent")
     assert {tensor.dtype for tensor in weights(output_dir).values()} == {torch.float32}
+    # the pipeline's default size is the training rectangle
+    assert pipeline.default_size == (height, width)
+    label = np.zeros((32, 32), dtype=np.int64)
+    images = pipeline(label, num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert images.images.shape == (1, height, width, 3)
 
 
 def test_guidance_fine_tune_starts_from_the_trained_weights(trained, toy_data, tmp_path):
@@ -172,6 +202,45 @@ def test_label_maps_are_dropped_at_the_drop_rate(toy_data):
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["label"].shape == (2, 32, 32)
     # the same (index, seed) gives the same sample: the resume guarantee
     torch.testing.assert_close(train_dataset[(3, 7)]["pixel_values"], train_dataset[(3, 7)]["pixel_values"])
+
+
+def test_rectangular_resolution_gives_height_by_width_pairs(toy_data, capsys):
+    args = parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "16,24"])
+    assert args.resolution == (16, 24)
+    dataset = load_segmentation_dataset(toy_data, "generic")
+    train_dataset, collate = build_training_data(args, dataset)
+    batch = collate([train_dataset[(0, 1)], train_dataset[(5, 2)]])
+    assert batch["pixel_values"].shape == (2, 3, 16, 24) and batch["label"].shape == (2, 16, 24)
+    assert parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "24,24"]).resolution == 24
+    with pytest.raises(SystemExit):
+        parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "16x24"])
+    assert "expected N or HEIGHT,WIDTH in pixels (e.g. 256 or 384,512), got '16x24'" in capsys.readouterr().err
+
+
+def test_noise_losses_are_the_mean_squared_and_mean_absolute_errors():
+    prediction = torch.tensor([[[[1.0, -2.0], [0.5, 0.0]]], [[[3.0, 3.0], [3.0, 3.0]]]])  # (2, 1, 2, 2)
+    target = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 5.0]]]])
+    # per sample: |errors| (1, 2, 0.5, 0) and (2, 2, 2, 2)
+    assert noise_prediction_loss(prediction, target, "l1").tolist() == [3.5 / 4, 2.0]
+    assert noise_prediction_loss(prediction, target, "l2").tolist() == [5.25 / 4, 4.0]
+    assert noise_prediction_loss(prediction.half(), target.half()).dtype == torch.float32
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        noise_prediction_loss(prediction, target, "huber")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_exponential_lr_schedule_warms_up_then_decays_every_update(processes):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = exponential_lr_schedule(optimizer, warmup_steps=2, gamma=0.5, steps_per_update=processes)
+    rates = []
+    for _update in range(6):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        for _ in range(processes):  # accelerate's prepared scheduler steps once per process
+            schedule.step()
+    assert rates == [0.0, 5e-4, 1e-3, 5e-4, 2.5e-4, 1.25e-4]
+    with pytest.raises(SystemExit, match=r"--lr_exponential_gamma must be in \(0, 1\]"):
+        exponential_lr_schedule(optimizer, warmup_steps=0, gamma=1.5)
 
 
 def test_variational_bound_is_zero_for_the_true_posterior():

@@ -224,6 +224,62 @@ def test_presets_parse_and_build():
     assert 600e6 < counts["sdm_256"] < 700e6 and 600e6 < counts["sdm_512"] < 700e6
 
 
+def attention_levels(model) -> list[int]:
+    """The widths of the blocks that attend, encoder then middle then decoder."""
+    return [block.attention.to_q.in_features for block in model.down_blocks if block.attention is not None] + [
+        block.attention.to_q.in_features for block in (*model.mid_blocks, *model.up_blocks) if block.attention
+    ]
+
+
+def test_the_1024_latent_and_ldm_concat_presets_build():
+    with torch.device("meta"):
+        sdm = SpadeUNetModel.from_config_file(CONFIGS / "sdm_1024_latent.json")
+        ldm = SpadeUNetModel.from_config_file(CONFIGS / "ldm_concat_semantic.json")
+    # SDM on 128 px SD latents: 5 levels (128 ... 8 px), attention at 32, 16, 8 px (widths 512, 768, 1024)
+    assert (sdm.config.in_channels, sdm.conv_out.out_channels, sdm.config.conditioning) == (4, 8, "spade")
+    assert sorted(set(attention_levels(sdm))) == [512, 768, 1024]
+    assert sum(p.numel() for p in sdm.parameters()) == 501_837_576
+    # latent diffusion's semantic-synthesis UNet: widths 128, 512, 1024; it attends in the middle only (16 px)
+    widths = {m.out_channels for m in ldm.down_blocks.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert sorted(widths) == [128, 512, 1024]
+    assert attention_levels(ldm) == [1024] and ldm.mid_blocks[0].attention.heads == 8
+    assert ldm.config.conditioning == "concat" and ldm.conv_in.in_channels == 3 + 3  # as its in_channels: 6
+
+
+def test_memory_estimate_of_the_tiny_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(CONFIGS.parents[1] / "benchmarks"))
+    import estimate_memory
+
+    results = tmp_path / "results.md"
+    common = ["--model_config", str(TINY), "--resolution", "32", "--results", str(results)]
+    numbers = estimate_memory.main([*common, "--batch_size", "2"])
+    parameters = sum(p.numel() for p in SpadeUNetModel.from_config_file(TINY).parameters())
+    assert numbers["parameters"] == parameters == 1_249_603
+    memory = numbers["memory"]
+    assert memory["weights (float32)"] == memory["gradients (float32)"] == memory["EMA weights (float32)"]
+    assert memory["weights (float32)"] == 4 * parameters and memory["AdamW moments (2 x float32)"] == 8 * parameters
+    assert numbers["total"] == 20 * parameters + memory["activations"]
+    assert "| sdm_tiny.json, 32x32 px, batch 2, float32 | parameters | 1,249,603 (1.2 M) |  |" in results.read_text()
+
+    # activations: per sample, so twice the batch saves twice (but a scalar); checkpointing keeps far less
+    doubled = estimate_memory.main([*common, "--batch_size", "4"])
+    assert doubled["memory"]["activations"] == pytest.approx(2 * memory["activations"], rel=1e-6)  # + a scalar
+    assert doubled["flops"] == 2 * numbers["flops"]
+    checkpointed = estimate_memory.main([*common, "--batch_size", "2", "--gradient_checkpointing"])
+    assert checkpointed["memory"]["activations (checkpointed)"] < memory["activations"] / 2
+    # the meta-device trace saves what a real CPU step saves (to 3%: real views may share storages differently)
+    torch.manual_seed(0)
+    real = estimate_memory.trace_training_step(
+        SpadeUNetModel.from_config_file(TINY), 2, 32, 32, mixed_precision=False, device="cpu"
+    )
+    assert real["activations"] == pytest.approx(memory["activations"], rel=0.03)
+    assert "does not exist" in str(
+        pytest.raises(
+            SystemExit, estimate_memory.main, [*common[2:], "--model_config", "nope.json", "--batch_size", "1"]
+        ).value
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline
 
