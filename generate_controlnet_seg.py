@@ -1,13 +1,19 @@
 #!/usr/bin/env python
 r"""Generate images from a folder of segmentation masks with a ControlNet trained by train_controlnet_seg.py.
 
-    python generate_controlnet_seg.py --controlnet outputs/controlnet --masks_dir data/val/masks \
+    python generate_controlnet_seg.py --model outputs/controlnet --masks_dir data/val/masks \
       --save_dir outputs/synth --num_images_per_mask 4
+    python generate_controlnet_seg.py --model outputs/controlnet --mask val/3514.png --prompt "a photo of roads" \
+      --save_dir outputs/one
 
 Every mask of --masks_dir (label PNGs of class ids, or colour PNGs in the palette of the ControlNet's
-class_names.json, black = no data) is coloured by the palette, as in training, and turned into
---num_images_per_mask images by diffusers' StableDiffusionControlNetPipeline over the base model. The
-prompt names the classes present, largest area first (the template of training), unless --prompt is given.
+class_names.json, black = no data), or the one --mask, is coloured by the palette, as in training, and turned
+into --num_images_per_mask images by diffusers' StableDiffusionControlNetPipeline over the base model. The
+prompt names the classes present, largest area first (the template of training), unless --prompt gives one for
+every mask, or --captions one per mask stem (a .jsonl of {"stem": ..., "text": ...} lines, or a .csv with the
+columns stem,text; masks without one get their class prompt). The images keep each mask's aspect ratio, short
+side --resolution N (default: the training resolution), or have exactly the size --resolution HEIGHT,WIDTH (or
+--height/--width).
 
 Writes, under --save_dir (segdiff.generation's layout; --save_dir is itself a *generic* dataset), each mask's
 outputs named by its file stem:
@@ -21,10 +27,11 @@ outputs named by its file stem:
 Image j of a mask is drawn with seed derive_seed(--seed, <mask stem>, j), whatever --batch_size and whatever
 other masks the folder holds: masks added to --masks_dir later never change the earlier masks' images. A
 re-run into the same --save_dir keeps the masks already done and generates only the missing ones; it must use
-the same generation arguments (--controlnet, the base, the prompt options, --scheduler, --num_inference_steps,
---guidance_scale, --controlnet_conditioning_scale, --resolution, --seed, --num_images_per_mask, the palette's
---class_names_json, --ignore_index, --fp16), or it is refused naming the differences. --overwrite
-regenerates everything instead.
+the same generation arguments (--model, the base, the prompt options and --captions, --scheduler, --eta,
+--num_inference_steps, --guidance_scale, --controlnet_conditioning_scale, --resolution, --seed,
+--num_images_per_mask, the palette's --class_names_json, --ignore_index, --fp16), or it is refused naming the
+differences. --overwrite regenerates everything instead. Under `accelerate launch` (or torchrun) each process
+takes every N-th of the missing masks; the images are those of a one-process run.
 """
 
 import argparse
@@ -37,9 +44,18 @@ from segdiff.data import exit_on_bad_input
 from segdiff.generation import (
     SCHEDULERS,
     MaskSampleWriter,
+    add_eta_argument,
+    add_images_per_mask_argument,
+    add_mask_arguments,
+    add_model_argument,
+    add_output_size_arguments,
+    check_generation_args,
     check_save_dir,
-    list_masks,
+    generation_state,
     make_scheduler,
+    mask_groups,
+    masks_of,
+    read_captions,
     read_mask,
     recorded_path,
 )
@@ -59,18 +75,18 @@ from segdiff.training import write_json_atomic
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
+    add_model_argument(
+        parser,
+        "The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA weights are "
+        "used when present).",
         "--controlnet",
-        required=True,
-        help="The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA "
-        "weights are used when present).",
     )
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
         help="The Stable Diffusion base the ControlNet was trained on. Default: the one in its training_config.json.",
     )
-    parser.add_argument("--masks_dir", required=True, help="A folder of masks: label PNGs, or colour PNGs.")
+    add_mask_arguments(parser)
     parser.add_argument(
         "--save_dir",
         required=True,
@@ -83,11 +99,18 @@ def parse_args(argv=None):
         help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
         "generation arguments of an existing --save_dir).",
     )
-    parser.add_argument("--num_images_per_mask", type=int, default=4, help="Images per mask. (default: 4)")
-    parser.add_argument(
+    add_images_per_mask_argument(parser, 4)
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument(
         "--prompt",
         default=None,
         help="One prompt for every mask. Default: built from each mask's classes with the training template.",
+    )
+    prompts.add_argument(
+        "--captions",
+        default=None,
+        help='A prompt per mask: a .jsonl file of {"stem" (or "file_name"): ..., "text" (or "caption"): ...} '
+        "lines, or a .csv with the columns stem,text. Masks without a caption get their class prompt.",
     )
     parser.add_argument(
         "--prompt_template",
@@ -104,6 +127,7 @@ def parse_args(argv=None):
         default=CONTROLNET_SCHEDULER,
         help="Sampler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
     )
+    add_eta_argument(parser)
     parser.add_argument("--num_inference_steps", type=int, default=30, help="(default: 30)")
     parser.add_argument(
         "--guidance_scale",
@@ -114,14 +138,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--controlnet_conditioning_scale", type=float, default=1.0, help="Strength of the mask's control."
     )
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="Short side of the generated images (the mask's aspect ratio is kept, sides rounded to what the "
-        "model takes). Default: the training resolution.",
+    add_output_size_arguments(
+        parser,
+        square="the short side, each mask's aspect ratio kept (sides rounded to what the model takes); default: "
+        "the training resolution",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="Images per pipeline call (several masks' when they fit)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--class_names_json",
@@ -132,8 +156,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
     args = parser.parse_args(argv)
-    if args.num_images_per_mask < 1 or args.batch_size < 1:
-        parser.error("--num_images_per_mask and --batch_size must be at least 1")
+    check_generation_args(parser, args)
     return args
 
 
@@ -142,11 +165,13 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def generation_args(args, base: str, template: str, top_k: int, short_side: int, ignore_index: int) -> dict:
+def generation_args(args, base: str, template: str, top_k: int, size, ignore_index: int) -> dict:
     """The arguments that determine the images, defaults resolved from the training config (not --batch_size or
-    --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match."""
+    --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match.
+    The keys are those of earlier versions (a --save_dir they wrote still resumes); newer options are recorded
+    only when given. ``size``: the short side N, or [height, width]."""
     return {
-        "controlnet": recorded_path(args.controlnet),
+        "controlnet": recorded_path(args.model),
         "pretrained_model_name_or_path": recorded_path(base),
         "num_images_per_mask": args.num_images_per_mask,
         "prompt": args.prompt,
@@ -158,87 +183,115 @@ def generation_args(args, base: str, template: str, top_k: int, short_side: int,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
-        "resolution": short_side,
+        "resolution": size if isinstance(size, int) else list(size),
         "seed": args.seed,
         "class_names_json": recorded_path(args.class_names_json),
         "ignore_index": ignore_index,
         "fp16": args.fp16,
+        **({"eta": args.eta} if args.eta is not None else {}),
+        **({"captions": recorded_path(args.captions)} if args.captions is not None else {}),
     }
 
 
 def main(args):
+    state = generation_state()
     # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
     dtype = torch.float16 if args.fp16 else torch.float32
-    controlnet, run_dir = load_controlnet(args.controlnet, dtype)
+    controlnet, run_dir = load_controlnet(args.model, dtype)
     config, class_names, palette = load_run_files(run_dir, args.class_names_json)
     ignore_index = run_setting(config, "ignore_index", args.ignore_index)
     template = run_setting(config, "prompt_template", args.prompt_template or None)
     top_k = run_setting(config, "prompt_top_k", args.prompt_top_k)
-    # Every mask is read and checked before the models load: a bad file fails in seconds, named.
-    masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
+    # Every mask (and caption) is read and checked before the models load: a bad file fails in seconds, named.
+    masks = masks_of(args, len(class_names), palette, ignore_index)
+    captions = read_captions(args.captions, [mask.stem for mask in masks]) if args.captions else {}
 
     base = recorded_base(config, run_dir, args.pretrained_model_name_or_path, flag="--pretrained_model_name_or_path")
-    short_side = run_setting(config, "resolution", args.resolution or None)
-    recorded = generation_args(args, base, template, top_k, short_side, ignore_index)
+    # N: the short side (aspect ratio kept); (H, W): exactly that size.
+    size = args.resolution or run_setting(config, "resolution")
+    short_side = size if isinstance(size, int) else min(size)
+    recorded = generation_args(args, base, template, top_k, size, ignore_index)
     check_save_dir(args.save_dir, recorded, args.overwrite)  # before the models load: a refusal takes seconds
     pipeline = load_controlnet_pipeline(base, controlnet, dtype, variant=config.get("variant"))
-    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline.to(args.device or state.device)
     # The renderer turns each mask into what the ControlNet sees (control image, prompt), as segdiff.rendering's
     # load_renderer does, with this command line's overrides of the run's settings.
     renderer = ControlNetRenderer(
         pipeline, class_names, palette, ignore_index, short_side, run_dir, prompt_template=template, prompt_top_k=top_k
     )
+    exact_size = None if isinstance(size, int) else size
+    if exact_size and (exact_size[0] % renderer.size_multiple or exact_size[1] % renderer.size_multiple):
+        raise SystemExit(
+            f"--resolution {exact_size[0]},{exact_size[1]}: height and width must be multiples of "
+            f"{renderer.size_multiple} for this base (VAE factor x UNet downsampling)."
+        )
     pipeline.scheduler = make_scheduler(args.scheduler, renderer.scheduler_config)
 
     n = args.num_images_per_mask
-    writer = MaskSampleWriter(args.save_dir, class_names, palette, ignore_index, n, recorded, overwrite=args.overwrite)
-    todo = [mask for mask in masks if not writer.is_done(mask)]
-    if len(todo) < len(masks):
-        print(f"{len(masks) - len(todo)} masks already in {args.save_dir}; generating the {len(todo)} missing ones.")
-    for mask in tqdm(todo, desc="Masks"):
-        condition = renderer.condition(read_mask(mask.path, palette, ignore_index))
-        label = condition.label
-        height, width = label.shape
-        prompt = args.prompt or condition.prompt
-        # CPU generators: the same seed gives the same noise on any device.
-        seeds = mask.seeds(args.seed, n)
-        images = []
-        for start in range(0, n, args.batch_size):
-            chunk = seeds[start : start + args.batch_size]
-            images += pipeline(
-                prompt,
-                condition.control,
+    writer = MaskSampleWriter(
+        args.save_dir, class_names, palette, ignore_index, n, recorded, overwrite=args.overwrite, state=state
+    )
+    todo = writer.todo(masks)  # this process's share
+    with tqdm(total=len(todo) * n, desc="Images", disable=not state.is_local_main_process) as progress:
+        for group in mask_groups(todo, n, args.batch_size):
+            labels = [read_mask(mask.path, palette, ignore_index) for mask in group]
+            conditions = [renderer.condition(label, *(exact_size or ())) for label in labels]
+            prompts = [args.prompt or captions.get(mask.stem) or c.prompt for mask, c in zip(group, conditions)]
+            images = draw(pipeline, args, group, conditions, prompts)
+            for mask, condition, prompt in zip(group, conditions, prompts):
+                classes = [class_names[c] for c in classes_by_area(condition.label, len(class_names), ignore_index)]
+                details = [
+                    {
+                        "prompt": prompt,
+                        "negative_prompt": args.negative_prompt,
+                        "classes": classes,
+                        "seed": seed,
+                        "scheduler": args.scheduler,
+                        **({} if args.eta is None else {"eta": args.eta}),
+                        "num_inference_steps": args.num_inference_steps,
+                        "guidance_scale": args.guidance_scale,
+                        "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
+                    }
+                    for seed in mask.seeds(args.seed, n)
+                ]
+                writer.write(mask, condition.label, images[mask.stem], details)
+                progress.update(n)
+
+    total = writer.finish()
+    if state.is_main_process:
+        run = {"pretrained_model_name_or_path": base, "class_names": class_names, "prompt_template": template}
+        write_json_atomic(Path(args.save_dir) / "generation_config.json", {**vars(args), **run})
+        print(f"Wrote {total} images of {len(masks)} masks to {args.save_dir}")
+
+
+def draw(pipeline, args, group, conditions, prompts) -> dict[str, list]:
+    """The images of a group of masks, by mask stem: masks of one output size share pipeline calls of up to
+    --batch_size images (with guidance, diffusers runs the conditional and unconditional halves as one batch)."""
+    n = args.num_images_per_mask
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, condition in enumerate(conditions):
+        by_size.setdefault(condition.label.shape, []).append(i)
+    images = {mask.stem: [] for mask in group}
+    for (height, width), indices in by_size.items():
+        jobs = [(i, seed) for i in indices for seed in group[i].seeds(args.seed, n)]  # (mask, seed) of each image
+        for start in range(0, len(jobs), args.batch_size):
+            chunk = jobs[start : start + args.batch_size]
+            drawn = pipeline(
+                [prompts[i] for i, _ in chunk],
+                [conditions[i].control for i, _ in chunk],
                 height=height,
                 width=width,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
-                negative_prompt=args.negative_prompt,
-                num_images_per_prompt=len(chunk),
+                negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(chunk),
                 controlnet_conditioning_scale=args.controlnet_conditioning_scale,
-                generator=[torch.Generator().manual_seed(seed) for seed in chunk],
+                eta=args.eta or 0.0,  # diffusers' default; it passes eta to the samplers that take one (DDIM)
+                # CPU generators: the same seed gives the same noise on any device.
+                generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
             ).images
-        classes = [class_names[c] for c in classes_by_area(label, len(class_names), ignore_index)]
-        details = [
-            {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt,
-                "classes": classes,
-                "seed": seed,
-                "scheduler": args.scheduler,
-                "num_inference_steps": args.num_inference_steps,
-                "guidance_scale": args.guidance_scale,
-                "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
-            }
-            for seed in seeds
-        ]
-        writer.write(mask, label, images, details)
-
-    total = writer.finish()
-    write_json_atomic(
-        Path(args.save_dir) / "generation_config.json",
-        {**vars(args), "pretrained_model_name_or_path": base, "class_names": class_names, "prompt_template": template},
-    )
-    print(f"Wrote {total} images of {len(masks)} masks to {args.save_dir}")
+            for (i, _), image in zip(chunk, drawn):
+                images[group[i].stem].append(image)
+    return images
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample paired (image, mask) data from a model trained by train_seg_mask_diffusion.py.
 
-    python generate_joint_image_mask_diffusion.py --checkpoint outputs/joint --save_dir outputs/synth --num_samples 100
+    python generate_joint_image_mask_diffusion.py --model outputs/joint --save_dir outputs/synth --num_samples 100
 
 Writes, under --save_dir:
   images/000000.png ...     generated images
@@ -11,8 +11,9 @@ Writes, under --save_dir:
   metadata.jsonl            one line per sample: files, class, prompt, seed, steps, scheduler, guidance
   class_names.json, grid.png
 
-Sample i is drawn with seed --seed + i, whatever the batch size; a re-run with the same arguments
-keeps the samples already written and generates only the missing ones.
+Sample i is drawn with seed --seed + i, whatever the batch size and the number of processes; a re-run with the
+same arguments keeps the samples already written and generates only the missing ones. Under `accelerate launch`
+(or torchrun) each process takes every N-th of the missing samples, and the main one writes metadata.jsonl.
 """
 
 import argparse
@@ -38,7 +39,21 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
-from segdiff.generation import CORE_SCHEDULERS, make_scheduler, save_png_atomic
+from segdiff.generation import (
+    CORE_SCHEDULERS,
+    add_eta_argument,
+    add_model_argument,
+    add_output_size_arguments,
+    check_generation_args,
+    generation_state,
+    load_records,
+    make_scheduler,
+    process_share,
+    publish_records,
+    save_png_atomic,
+    save_records,
+    with_eta,
+)
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
 from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
@@ -48,11 +63,10 @@ DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDE
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="The output folder of train_seg_mask_diffusion.py, or one of its checkpoint-N/ folders "
-        "(then its EMA weights are used when present).",
+    add_model_argument(
+        parser,
+        "The output folder of train_seg_mask_diffusion.py, or one of its checkpoint-N/ folders (then its EMA "
+        "weights are used when present).",
     )
     parser.add_argument("--save_dir", required=True, help="Where the generated dataset goes.")
     parser.add_argument("--num_samples", type=int, default=100, help="How many (image, mask) pairs.")
@@ -71,6 +85,7 @@ def parse_args(argv=None):
         "to balance rare classes. Default: every class in turn.",
     )
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default="ddim")
+    add_eta_argument(parser)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument(
         "--guidance_scale",
@@ -78,7 +93,7 @@ def parse_args(argv=None):
         default=1.0,
         help="Classifier-free guidance against the empty prompt (> 1 enables; the model needs --prompt_dropout).",
     )
-    parser.add_argument("--image_size", type=int, default=None, help="Output size; default: the training resolution.")
+    add_output_size_arguments(parser, square="N x N images")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -91,7 +106,9 @@ def parse_args(argv=None):
     parser.add_argument("--ignore_index", type=int, default=IGNORE_INDEX)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_generation_args(parser, args)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,7 +125,7 @@ def load_classes(checkpoint: Path, dataset: str | None):
     if dataset is not None:
         return DATASET_CLASSES[dataset]
     raise SystemExit(
-        f"{checkpoint} has no class_names.json, so the class of each id is unknown. Fix: point --checkpoint at "
+        f"{checkpoint} has no class_names.json, so the class of each id is unknown. Fix: point --model at "
         "the output folder of train_seg_mask_diffusion.py, copy its class_names.json next to the model, "
         "or pass --dataset loveda|sidewalk to use that dataset's class list."
     )
@@ -193,13 +210,9 @@ def label_map(mask: np.ndarray, class_id: int, fill_label: str, ignore_index: in
 
 
 def finished_samples(save_dir: Path) -> dict[int, dict]:
-    """Samples of an earlier run whose files are all on disk, by index."""
-    metadata = save_dir / "metadata.jsonl"
-    if not metadata.is_file():
-        return {}
+    """Samples of an earlier run (or of this run's other processes) whose files are all on disk, by index."""
     done = {}
-    for line in metadata.read_text().splitlines():
-        record = json.loads(line)
+    for record in load_records(save_dir):
         if all((save_dir / record[key]).is_file() for key in ("file_name", "mask_file_name", "overlay_file_name")):
             done[record["index"]] = record
     return done
@@ -211,39 +224,45 @@ def finished_samples(save_dir: Path) -> dict[int, dict]:
 
 
 def main(args):
-    checkpoint = Path(args.checkpoint)
+    state = generation_state()
+    checkpoint = Path(args.model)
     if not checkpoint.is_dir():
-        raise SystemExit(f"--checkpoint {checkpoint} does not exist.")
+        raise SystemExit(f"--model {checkpoint} does not exist.")
     class_names, palette = load_classes(checkpoint, args.dataset)
     pipeline = load_pipeline(checkpoint, class_names, args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline.to(device)
+    pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    size = args.image_size or pipeline.default_size
+    # The pipeline's call takes no eta: the DDIM sampler gets it (with_eta).
+    pipeline.scheduler = with_eta(make_scheduler(args.scheduler, pipeline.scheduler.config), args.eta)
+    size = args.resolution or pipeline.default_size
+    height, width = (size, size) if isinstance(size, int) else size
     try:
-        pipeline.check_size(size, size)
+        pipeline.check_size(height, width)
     except ValueError as error:
-        raise SystemExit(f"--image_size {size}: {error}") from None
+        raise SystemExit(f"--resolution {size if isinstance(size, int) else f'{height},{width}'}: {error}") from None
 
     save_dir = Path(args.save_dir)
-    for folder in ("images", "masks", "overlays"):
-        (save_dir / folder).mkdir(parents=True, exist_ok=True)
-    write_class_names(save_dir / "class_names.json", class_names, palette)
+    if state.is_main_process:
+        for folder in ("images", "masks", "overlays"):
+            (save_dir / folder).mkdir(parents=True, exist_ok=True)
+        write_class_names(save_dir / "class_names.json", class_names, palette)
+    state.wait_for_everyone()
 
     classes = plan_classes(args, len(class_names))
     records = finished_samples(save_dir)
     todo = [i for i in range(args.num_samples) if i not in records]
-    if records:
+    if records and state.is_main_process:
         print(f"{len(records)} samples already in {save_dir}; generating the {len(todo)} missing ones.")
+    mine = process_share(todo, state)
 
-    with open(save_dir / "metadata.jsonl", "a") as metadata, tqdm(total=len(todo), desc="Samples") as progress:
-        for start in range(0, len(todo), args.batch_size):
-            indices = todo[start : start + args.batch_size]
+    with tqdm(total=len(mine), desc="Samples", disable=not state.is_local_main_process) as progress:
+        for start in range(0, len(mine), args.batch_size):
+            indices = mine[start : start + args.batch_size]
+            # One call: with guidance, the unconditional and class prompts run as one batched forward per step.
             output = pipeline(
                 [classes[i] for i in indices],
-                height=size,
-                width=size,
+                height=height,
+                width=width,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
                 generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
@@ -256,7 +275,7 @@ def main(args):
                     label_map(mask, class_id, args.fill_label, args.ignore_index), save_dir / "masks" / name, palette
                 )
                 save_png_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
-                records[i] = {
+                record = {
                     "index": i,
                     "file_name": f"images/{name}",
                     "mask_file_name": f"masks/{name}",
@@ -267,22 +286,22 @@ def main(args):
                     "seed": args.seed + i,
                     "num_inference_steps": args.num_inference_steps,
                     "scheduler": args.scheduler,
+                    **({} if args.eta is None else {"eta": args.eta}),
                     "guidance_scale": args.guidance_scale,
                     "mask_fraction": round(float(mask.mean()), 4),
                 }
-                # Appended and flushed per sample: a crash loses at most the batch in flight.
-                metadata.write(json.dumps(records[i]) + "\n")
-                metadata.flush()
+                save_records(save_dir, f"{i:06d}", [record])  # last: the sample counts as done once its files exist
             progress.update(len(indices))
 
-    # Rewrite the metadata in index order, without duplicates from earlier runs.
-    ordered = [records[i] for i in sorted(records)]
-    tmp = save_dir / ".metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in ordered))
-    tmp.replace(save_dir / "metadata.jsonl")
-    write_grid(save_dir, ordered[:16])
-    write_json_atomic(save_dir / "generation_config.json", {**vars(args), "class_names": class_names})
-    print(f"Wrote {len(ordered)} (image, mask) pairs to {save_dir}")
+    # Once every process is done: metadata.jsonl in index order, without duplicates from earlier runs.
+    state.wait_for_everyone()
+    if state.is_main_process:
+        records = finished_samples(save_dir)
+        ordered = [records[i] for i in sorted(records)]
+        publish_records(save_dir, ordered)
+        write_grid(save_dir, ordered[:16])
+        write_json_atomic(save_dir / "generation_config.json", {**vars(args), "class_names": class_names})
+        print(f"Wrote {len(ordered)} (image, mask) pairs to {save_dir}")
 
 
 def write_grid(save_dir: Path, records) -> None:

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Generate images from label maps with a model trained by train_spade_sdm.py.
 
-    python generate_spade_sdm.py --checkpoint outputs/sdm --masks_dir data/val/labels --save_dir outputs/sdm_samples \
-      --num_samples_per_mask 5 --guidance_scale 1.5
+    python generate_spade_sdm.py --model outputs/sdm --masks_dir data/val/labels --save_dir outputs/sdm_samples \
+      --num_images_per_mask 5 --guidance_scale 1.5
 
-Every mask of --masks_dir (label PNGs of class ids, or colour PNGs drawn with the model's palette) gets
---num_samples_per_mask images. Under --save_dir, each mask's outputs named by its file stem:
+Every mask of --masks_dir (label PNGs of class ids, or colour PNGs drawn with the model's palette), or the one
+--mask, gets --num_images_per_mask images, at the training size or --resolution (N, or HEIGHT,WIDTH such as
+384,512; or --height/--width). Under --save_dir, each mask's outputs named by its file stem:
   generated_images/sample_<stem>/generated_00.png ...  the images of each mask
   visualizations/sample_<stem>.png                     colourised mask | its images
   images/<stem>_00.png + masks/<stem>_00.png           flat copies: a *generic* dataset of (image, label map)
@@ -13,38 +14,63 @@ Every mask of --masks_dir (label PNGs of class ids, or colour PNGs drawn with th
   generation_args.json                                 the arguments that determine the images
   class_names.json, grid.png, generation_config.json
 
-Image j of a mask is drawn with seed derive_seed(--seed, <mask stem>, j), whatever --batch_size and whatever
-other masks the folder holds: masks added to --masks_dir later never change the earlier masks' images. A
-re-run into the same --save_dir keeps the masks already written and generates only the missing ones; it must
-use the same generation arguments (--checkpoint, --num_samples_per_mask, --guidance_scale,
---num_inference_steps, --scheduler, --style_images, --style_scale, --seed, --image_size, --fp16), or it is
-refused naming the differences. --overwrite regenerates everything instead.
+Image j of a mask is drawn with seed derive_seed(--seed, <mask stem>, j), whatever --batch_size, the number of
+processes and whatever other masks the folder holds: masks added to --masks_dir later never change the earlier
+masks' images. A re-run into the same --save_dir keeps the masks already written and generates only the missing
+ones; it must use the same generation arguments (--model, --num_images_per_mask, --guidance_scale,
+--num_inference_steps, --scheduler, --eta, --style_images or --style_map, --style_scale, --seed, --resolution,
+--fp16), or it is refused naming the differences. --overwrite regenerates everything instead. Under
+`accelerate launch` (or torchrun) each process takes every N-th of the missing masks.
 
 A model trained with --style_reference also takes --style_images: one reference image for every mask, or a
-folder whose images pair with the masks by file stem; --style_scale strengthens the style (guidance).
+folder whose images pair with the masks by file stem; or --style_map, a JSON file {label stem: reference image}
+(paths relative to the JSON's folder). --style_scale strengthens the style (guidance).
+
+Competition submissions (the landscape task): --submission_dir DIR also writes one image per label, its first,
+as DIR/<label stem>.jpg at the label's own size (resized back from the generation size).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from segdiff.data import IMAGE_EXTENSIONS, DatasetError, exit_on_bad_input, read_image
-from segdiff.generation import CORE_SCHEDULERS, MaskSampleWriter, list_masks, make_scheduler, read_mask, recorded_path
+from segdiff.generation import (
+    CORE_SCHEDULERS,
+    MaskFile,
+    MaskSampleWriter,
+    add_eta_argument,
+    add_images_per_mask_argument,
+    add_mask_arguments,
+    add_model_argument,
+    add_output_size_arguments,
+    check_generation_args,
+    generation_state,
+    make_scheduler,
+    mask_groups,
+    masks_of,
+    read_mask,
+    recorded_path,
+    resize_labels,
+    with_eta,
+)
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
 from segdiff.training import write_json_atomic
+
+DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there).",
+    add_model_argument(
+        parser, "The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there)."
     )
-    parser.add_argument("--masks_dir", required=True, help="Folder of masks: label PNGs, or colour PNGs (palette).")
+    add_mask_arguments(parser)
     parser.add_argument(
         "--save_dir",
         required=True,
@@ -56,7 +82,7 @@ def parse_args(argv=None):
         help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
         "generation arguments of an existing --save_dir).",
     )
-    parser.add_argument("--num_samples_per_mask", type=int, default=5, help="Images per mask. Default: %(default)s")
+    add_images_per_mask_argument(parser, None)
     parser.add_argument(
         "--guidance_scale",
         type=float,
@@ -73,11 +99,19 @@ def parse_args(argv=None):
         "(DPM-Solver++). The deterministic ones need a well-trained model: on the toy benchmark, 50 steps after "
         "a 10-minute CPU training reach mIoU 0.61 (ddim) and 0.50 (dpmsolver) against 1.00 (ddpm).",
     )
-    parser.add_argument(
+    add_eta_argument(parser)
+    style = parser.add_mutually_exclusive_group()
+    style.add_argument(
         "--style_images",
         default=None,
         help="Style references (models trained with --style_reference): one image for every mask, or a folder "
         "of images paired with the masks by file stem. Without it a style model samples with the null style.",
+    )
+    style.add_argument(
+        "--style_map",
+        default=None,
+        help="Style references as a JSON file {label stem: reference image} (paths relative to its folder): each "
+        "mask its own reference, as the landscape competition pairs them.",
     )
     parser.add_argument(
         "--style_scale",
@@ -85,24 +119,33 @@ def parse_args(argv=None):
         default=1.0,
         help="Guidance scale of the style reference; 1 adds no extra guidance. Default: %(default)s",
     )
+    parser.add_argument(
+        "--submission_dir",
+        default=None,
+        help="Also write each mask's first image as <submission_dir>/<mask stem>.jpg at the mask's own size: one "
+        "file per input label, named like it (a competition submission). --num_images_per_mask then defaults to 1.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--batch_size", type=int, default=16, help="Images per forward pass (whole masks: at least one mask's N)."
     )
-    parser.add_argument("--image_size", type=int, default=None, help="Output size; default: the training size.")
+    add_output_size_arguments(parser, square="N x N images")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
     args = parser.parse_args(argv)
-    if args.num_samples_per_mask < 1:
-        parser.error("--num_samples_per_mask must be at least 1")
+    if args.num_images_per_mask is None:
+        args.num_images_per_mask = 1 if args.submission_dir else DEFAULT_IMAGES_PER_MASK
+    check_generation_args(parser, args)
     return args
 
 
-def style_references(style_images: str | None, masks) -> dict[str, Path] | None:
-    """Mask stem -> its reference image: the same file for all masks, or the folder's image of that stem."""
-    if style_images is None:
+def style_references(args, masks: list[MaskFile]) -> dict[str, Path] | None:
+    """Mask stem -> its reference image, from --style_images or --style_map (None without either)."""
+    if args.style_map is not None:
+        return style_map_references(Path(args.style_map), masks)
+    if args.style_images is None:
         return None
-    path = Path(style_images)
+    path = Path(args.style_images)
     if path.is_file():
         return {mask.stem: path for mask in masks}
     if not path.is_dir():
@@ -118,12 +161,39 @@ def style_references(style_images: str | None, masks) -> dict[str, Path] | None:
     return {mask.stem: by_stem[mask.stem] for mask in masks}
 
 
+def style_map_references(path: Path, masks: list[MaskFile]) -> dict[str, Path]:
+    """The --style_map file's reference of every mask; relative paths are read from the file's folder."""
+    if not path.is_file():
+        raise DatasetError(f"--style_map {path} does not exist. Fix: pass a JSON file {{label stem: reference image}}.")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"--style_map {path} is not valid JSON ({error}).") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise DatasetError(f"--style_map {path} must hold one JSON object {{label stem: reference image file}}.")
+    missing = [mask.stem for mask in masks if mask.stem not in mapping]
+    if missing:
+        raise DatasetError(
+            f"--style_map {path} names no reference for {len(missing)} label(s): {', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}. Fix: add an entry for each label stem."
+        )
+    references = {mask.stem: path.parent / mapping[mask.stem] for mask in masks}
+    absent = [f"{stem}: {reference}" for stem, reference in references.items() if not reference.is_file()]
+    if absent:
+        raise DatasetError(
+            f"--style_map {path} names {len(absent)} reference image(s) that do not exist ({'; '.join(absent[:5])}"
+            f"{'; ...' if len(absent) > 5 else ''}). Fix: correct the paths (relative ones start at {path.parent})."
+        )
+    return references
+
+
 def generation_args(args, height: int, width: int) -> dict:
-    """The arguments that determine the images (not --batch_size or --device: the seeds keep the images the
-    same whatever they are); recorded in --save_dir, a re-run must match them."""
+    """The arguments that determine the images (not --batch_size, --device or --submission_dir: the seeds keep the
+    images the same whatever they are); recorded in --save_dir, a re-run must match them. The keys are those of
+    earlier versions (a --save_dir they wrote still resumes); newer options are recorded only when given."""
     return {
-        "checkpoint": recorded_path(args.checkpoint),
-        "num_samples_per_mask": args.num_samples_per_mask,
+        "checkpoint": recorded_path(args.model),
+        "num_samples_per_mask": args.num_images_per_mask,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
         "scheduler": args.scheduler,
@@ -132,55 +202,66 @@ def generation_args(args, height: int, width: int) -> dict:
         "seed": args.seed,
         "image_size": [height, width],
         "fp16": args.fp16,
+        **({"eta": args.eta} if args.eta is not None else {}),
+        **({"style_map": recorded_path(args.style_map)} if args.style_map is not None else {}),
     }
 
 
+def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]) -> None:
+    """<stem>.jpg of each mask: its first image, resized back to the size of the label file."""
+    submission_dir.mkdir(parents=True, exist_ok=True)
+    for mask in masks:
+        with Image.open(mask.path) as label_file:
+            size = label_file.size
+        image = Image.open(save_dir / mask.sample_dir / "generated_00.png").convert("RGB")
+        target = submission_dir / f"{mask.stem}.jpg"
+        tmp = target.with_name(f".{target.name}.tmp")
+        image.resize(size, Image.Resampling.BICUBIC).save(tmp, format="JPEG", quality=95)
+        tmp.replace(target)
+
+
 def main(args):
-    checkpoint = Path(args.checkpoint)
+    state = generation_state()
+    checkpoint = Path(args.model)
     if not checkpoint.is_dir():
-        raise SystemExit(f"--checkpoint {checkpoint} does not exist.")
+        raise SystemExit(f"--model {checkpoint} does not exist.")
     pipeline = load_sdm_pipeline(checkpoint, torch.float16 if args.fp16 else None)  # default: as saved
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline.to(device)
+    pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    height, width = (args.image_size, args.image_size) if args.image_size else pipeline.default_size
+    # The pipeline's call takes no eta: the DDIM sampler gets it (with_eta).
+    pipeline.scheduler = with_eta(make_scheduler(args.scheduler, pipeline.scheduler.config), args.eta)
+    size = args.resolution
+    height, width = pipeline.default_size if size is None else (size, size) if isinstance(size, int) else size
     try:
         pipeline.check_size(height, width)
     except ValueError as error:
-        raise SystemExit(f"--image_size {args.image_size}: {error}") from None
+        raise SystemExit(f"--resolution {size if isinstance(size, int) else f'{height},{width}'}: {error}") from None
 
     class_names = pipeline.class_names
     palette = load_sdm_palette(checkpoint, len(class_names))
     ignore_index = pipeline.config.ignore_index
-    masks = list_masks(args.masks_dir, len(class_names), palette, ignore_index)
-    references = style_references(args.style_images, masks)
+    masks = masks_of(args, len(class_names), palette, ignore_index)
+    references = style_references(args, masks)
     if references is not None and pipeline.unet.style_encoder is None:
+        flag = "--style_map" if args.style_map else "--style_images"
         raise SystemExit(
-            f"--style_images was given, but the model in {checkpoint} has no style encoder. "
-            "Fix: train it with train_spade_sdm.py --style_reference, or drop --style_images."
+            f"{flag} was given, but the model in {checkpoint} has no style encoder. "
+            f"Fix: train it with train_spade_sdm.py --style_reference, or drop {flag}."
         )
-    per_mask = args.num_samples_per_mask
+    per_mask = args.num_images_per_mask
+    recorded = generation_args(args, height, width)
     writer = MaskSampleWriter(
-        args.save_dir,
-        class_names,
-        palette,
-        ignore_index,
-        per_mask,
-        generation_args(args, height, width),
-        overwrite=args.overwrite,
+        args.save_dir, class_names, palette, ignore_index, per_mask, recorded, overwrite=args.overwrite, state=state
     )
-    todo = [mask for mask in masks if not writer.is_done(mask)]
-    if len(todo) < len(masks):
-        print(f"{len(masks) - len(todo)} masks already done in {args.save_dir}; generating the {len(todo)} others.")
+    todo = writer.todo(masks)  # this process's share
 
-    masks_per_batch = max(1, args.batch_size // per_mask)
-    with tqdm(total=len(todo) * per_mask, desc="Images") as progress:
-        for start in range(0, len(todo), masks_per_batch):
-            group = todo[start : start + masks_per_batch]
-            labels = [read_mask(mask.path, palette, ignore_index) for mask in group]
+    with tqdm(total=len(todo) * per_mask, desc="Images", disable=not state.is_local_main_process) as progress:
+        for group in mask_groups(todo, per_mask, args.batch_size):
+            # At the output size, nearest: the map the model sees is the one saved beside its images.
+            labels = [resize_labels(read_mask(mask.path, palette, ignore_index), height, width) for mask in group]
             seeds = [seed for mask in group for seed in mask.seeds(args.seed, per_mask)]
             styles = None if references is None else [read_image(references[mask.stem]) for mask in group]
+            # One call: the group's masks and, with guidance, the null branch in one batched forward per step.
             output = pipeline(
                 labels,
                 num_images_per_mask=per_mask,
@@ -200,6 +281,7 @@ def main(args):
                         "scheduler": args.scheduler,
                         "num_inference_steps": args.num_inference_steps,
                         "guidance_scale": args.guidance_scale,
+                        **({} if args.eta is None else {"eta": args.eta}),
                         **(
                             {}
                             if references is None
@@ -212,8 +294,12 @@ def main(args):
                 progress.update(per_mask)
 
     count = writer.finish()
-    write_json_atomic(Path(args.save_dir) / "generation_config.json", {**vars(args), "class_names": class_names})
-    print(f"Wrote {count} images for {len(masks)} masks to {args.save_dir}")
+    if state.is_main_process:
+        if args.submission_dir:
+            write_submission(Path(args.submission_dir), Path(args.save_dir), masks)
+            print(f"Wrote {len(masks)} submission images to {args.submission_dir}")
+        write_json_atomic(Path(args.save_dir) / "generation_config.json", {**vars(args), "class_names": class_names})
+        print(f"Wrote {count} images for {len(masks)} masks to {args.save_dir}")
 
 
 if __name__ == "__main__":

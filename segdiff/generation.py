@@ -1,7 +1,7 @@
-"""What the mask -> image generators share: samplers, reading a folder of masks, and the output layout.
+"""What the generators share: one command line, samplers, reading masks, the output layout, and multi-process runs.
 
-generate_spade_sdm.py and generate_controlnet_seg.py turn every mask of ``--masks_dir`` into N images and
-write, under ``--save_dir``, everything keyed by the mask's file stem (``<stem>``)::
+generate_spade_sdm.py and generate_controlnet_seg.py turn every mask of ``--masks_dir`` (or the one ``--mask``)
+into N images and write, under ``--save_dir``, everything keyed by the mask's file stem (``<stem>``)::
 
     generated_images/sample_<stem>/generated_00.png ... generated_{N-1}.png   (the N images of that mask)
     visualizations/sample_<stem>.png      colourised mask | its N images
@@ -17,10 +17,23 @@ size and whatever other masks the folder holds. Nothing depends on a mask's posi
 added to --masks_dir later get their own folders and seeds and never move the earlier ones. A re-run with the
 same generation arguments keeps the masks already written (also those no longer in --masks_dir) and generates
 only the missing ones; one with other arguments is refused, unless --overwrite regenerates everything.
+
+Under ``accelerate launch`` or torchrun with N processes, each process takes every N-th of the masks still
+missing (in stem order, `process_share`) and leaves each finished mask's records in ``.records/<stem>.json``;
+the main process merges them into metadata.jsonl once all are done. The seeds make the images those of a
+one-process run (batched convolutions aside, which may differ in the last bit when masks share a batch).
+
+The command-line vocabulary of the generators (the joint one included) is built here once: `add_model_argument`,
+`add_mask_arguments`, `add_images_per_mask_argument`, `add_output_size_arguments`, `add_eta_argument`, checked
+by `check_generation_args`. Old spellings stay accepted as aliases.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -28,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from PIL import Image
 
@@ -41,16 +55,25 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
-from segdiff.training import derive_seed, write_json_atomic, write_jsonl_atomic
+from segdiff.training import derive_seed, launched_on_cpus_only, write_json_atomic, write_jsonl_atomic
 from segdiff.visualize import image_grid
 
 # The arguments of the run that wrote a --save_dir, as far as they determine its images: see check_save_dir.
 ARGS_FILE = "generation_args.json"
+# Each finished mask's (or sample's) metadata, one file each, written last: what the processes of a multi-process
+# run leave for the main process to merge into metadata.jsonl, and what a re-run finds done.
+RECORDS_FOLDER = ".records"
 # Everything a generator writes in --save_dir: what --overwrite removes. Nothing else there is touched.
-OUTPUT_FOLDERS = ("generated_images", "visualizations", "images", "masks")
+OUTPUT_FOLDERS = ("generated_images", "visualizations", "images", "masks", RECORDS_FOLDER)
 OUTPUT_FILES = ("metadata.jsonl", "grid.png", "class_names.json", "generation_config.json", ARGS_FILE)
 
 # Samplers by command-line name. Each inherits the training schedule (betas, prediction type, clipping...).
+SAMPLER_CLASSES = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
 SCHEDULERS = {
     "ddim": DDIMScheduler.from_config,
     "ddpm": DDPMScheduler.from_config,
@@ -78,11 +101,190 @@ def make_scheduler(name: str, config):
     return SCHEDULERS[name](config, **kwargs)
 
 
+def takes_eta(name: str) -> bool:
+    """Whether the sampler ``name`` has DDIM's eta (the share of fresh noise per step): of ours, DDIM only."""
+    return "eta" in inspect.signature(SAMPLER_CLASSES[name].step).parameters
+
+
+def with_eta(scheduler, eta: float | None):
+    """``scheduler`` (a DDIM) stepping with ``eta``, for pipelines whose call takes no eta (segdiff.pipelines'
+    SDM and joint ones): its step gets the value as a default. diffusers' own pipelines take ``eta=`` instead."""
+    if eta is not None:
+        scheduler.step = functools.partial(scheduler.step, eta=eta)
+    return scheduler
+
+
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     """Write to a temporary name, then rename: an interrupted run never leaves a half-written PNG."""
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# One command line for the generators (the README's table lists these flags and their old spellings)
+# ------------------------------------------------------------------------------------------------
+
+
+def add_model_argument(parser: argparse.ArgumentParser, help: str, *old_spellings: str) -> None:
+    """``--model``: the trained output folder (``args.model``); ``--checkpoint`` and ``old_spellings`` still work."""
+    parser.add_argument("--model", "--checkpoint", *old_spellings, dest="model", required=True, help=help)
+
+
+def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--masks_dir DIR`` or ``--mask FILE``: the masks to generate from, a folder of them or a single one."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--masks_dir", default=None, help="A folder of masks: label PNGs, or colour PNGs (palette).")
+    source.add_argument(
+        "--mask",
+        default=None,
+        help="A single mask file instead of --masks_dir: its images are written as for a folder of that one mask.",
+    )
+
+
+def add_images_per_mask_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
+    parser.add_argument(
+        "--num_images_per_mask",
+        "--num_samples_per_mask",
+        type=int,
+        default=default,
+        help=f"Images per mask. (default: {default})" if default else "Images per mask.",
+    )
+
+
+def size_argument(text: str) -> int | tuple[int, int]:
+    """``--resolution`` as typed: ``N``, or ``H,W`` (height first, as everywhere in torch)."""
+    try:
+        sides = [int(part) for part in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give N, or HEIGHT,WIDTH such as 384,512")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def add_output_size_arguments(parser: argparse.ArgumentParser, square: str) -> None:
+    """``--resolution N`` or ``--resolution H,W`` (old spelling ``--image_size``), or ``--height H --width W``.
+    ``square`` says what N means for this generator."""
+    size = parser.add_argument_group("output size (default: the training size)")
+    size.add_argument(
+        "--resolution",
+        "--image_size",
+        type=size_argument,
+        default=None,
+        help=f"N: {square}. HEIGHT,WIDTH (e.g. 384,512): exactly that size; masks are resized, nearest, to it.",
+    )
+    size.add_argument("--height", type=int, default=None, help="Image height; with --width, as --resolution H,W.")
+    size.add_argument("--width", type=int, default=None, help="Image width; with --height.")
+
+
+def add_eta_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM's eta (--scheduler ddim only): the share of fresh noise each step adds, 0 deterministic (DDIM's "
+        "default), 1 as much as DDPM (latent diffusion samples with 1.0). Recorded when given.",
+    )
+
+
+def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The shared flags' cross-checks, as ``parser.error`` (usage) messages. --height/--width become
+    ``args.resolution = (H, W)``, so ``args.resolution`` is None (the training size), N, or (H, W)."""
+    if (args.height is None) != (args.width is None):
+        parser.error("--height and --width go together: give both, or --resolution HEIGHT,WIDTH")
+    if args.height is not None:
+        if args.resolution is not None:
+            parser.error("give the size once: --resolution, or --height and --width")
+        if min(args.height, args.width) < 1:
+            parser.error("--height and --width must be at least 1")
+        args.resolution = (args.height, args.width)
+    for flag in ("num_images_per_mask", "num_samples", "batch_size"):
+        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if getattr(args, "eta", None) is not None:
+        if not takes_eta(args.scheduler):
+            with_eta_names = ", ".join(name for name in SAMPLER_CLASSES if takes_eta(name))
+            parser.error(
+                f"--eta is for samplers with DDIM's eta ({with_eta_names}); --scheduler {args.scheduler} has none. "
+                "Fix: pass --scheduler ddim, or drop --eta."
+            )
+        if not 0 <= args.eta <= 1:
+            parser.error(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+
+
+def mask_groups(masks: list, per_mask: int, batch_size: int) -> list[list]:
+    """Consecutive masks whose images fill one batch of ``batch_size`` (at least one mask a group)."""
+    masks_per_batch = max(1, batch_size // per_mask)
+    return [masks[start : start + masks_per_batch] for start in range(0, len(masks), masks_per_batch)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (accelerate launch, torchrun)
+# ------------------------------------------------------------------------------------------------
+
+
+def generation_state():
+    """The processes of this run: those of ``accelerate launch`` / torchrun (accelerate's PartialState), or for a
+    plain run a `OneProcess`, which leaves accelerate's process-wide state alone (tests run generators in-process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return OneProcess()
+    from accelerate import PartialState
+
+    return PartialState(cpu=launched_on_cpus_only())  # torchrun on CPUs: one gloo group, not n copies
+
+
+@dataclass
+class OneProcess:
+    """A run of one process, as PartialState describes one: what `generation_state` gives for a plain run."""
+
+    process_index: int = 0
+    num_processes: int = 1
+    is_main_process: bool = True
+    is_local_main_process: bool = True
+
+    @property
+    def device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def process_share(items: list, state) -> list:
+    """This process's share of ``items``: every num_processes-th one, from its own index."""
+    return items[state.process_index :: state.num_processes]
+
+
+def save_records(save_dir: Path, name: str, records: list[dict]) -> None:
+    """One finished unit's metadata (a mask's N records, or one sample's), after its files: it counts as done."""
+    folder = Path(save_dir) / RECORDS_FOLDER
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / f"{name}.json", records)
+
+
+def load_records(save_dir: Path) -> list[dict]:
+    """Every record of metadata.jsonl, then those still in RECORDS_FOLDER: a unit found twice counts as the later.
+
+    metadata.jsonl may end in a torn line (written by an earlier version, which appended to it): skipped.
+    """
+    save_dir = Path(save_dir)
+    records = []
+    if (save_dir / "metadata.jsonl").is_file():
+        for line in (save_dir / "metadata.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # that unit is generated again
+    for path in sorted((save_dir / RECORDS_FOLDER).glob("*.json")):
+        records += json.loads(path.read_text())
+    return records
+
+
+def publish_records(save_dir: Path, ordered: list[dict]) -> None:
+    """metadata.jsonl := ``ordered`` (all records, merged), then the per-unit files it now holds go."""
+    write_jsonl_atomic(Path(save_dir) / "metadata.jsonl", ordered)
+    shutil.rmtree(Path(save_dir) / RECORDS_FOLDER, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +378,21 @@ def list_masks(masks_dir: str | Path, num_classes: int, palette, ignore_index: i
             f"{'; ...' if len(clashes) > 5 else ''}. A mask's file stem names its sample folder, its output files "
             "and seeds its images (stems are compared ignoring case). Fix: rename or remove one file of each pair."
         )
+    return checked_masks(paths, f"{masks_dir}", num_classes, palette, ignore_index)
+
+
+def masks_of(args, num_classes: int, palette, ignore_index: int) -> list[MaskFile]:
+    """The masks of ``--masks_dir`` or the single ``--mask`` (add_mask_arguments), checked."""
+    if args.masks_dir is not None:
+        return list_masks(args.masks_dir, num_classes, palette, ignore_index)
+    path = Path(args.mask)
+    if not path.is_file():
+        raise DatasetError(f"--mask {path} does not exist. Fix: pass a label PNG or a colour PNG in the palette.")
+    return checked_masks([path], f"--mask {path}", num_classes, palette, ignore_index)
+
+
+def checked_masks(paths: list[Path], where: str, num_classes: int, palette, ignore_index: int) -> list[MaskFile]:
+    """The masks, each read once to check it decodes and holds only the model's ids; all problems at once."""
     problems = []
     for path in paths:
         try:
@@ -191,8 +408,61 @@ def list_masks(masks_dir: str | Path, num_classes: int, palette, ignore_index: i
                 "trained on this label set."
             )
     if problems:
-        raise DatasetError(f"{len(problems)} bad mask(s) in {masks_dir}:\n  " + "\n  ".join(problems))
+        raise DatasetError(f"{len(problems)} bad mask(s) in {where}:\n  " + "\n  ".join(problems))
     return [MaskFile(path) for path in paths]
+
+
+def read_captions(path: str | Path, stems: list[str]) -> dict[str, str]:
+    """Mask stem -> caption, from a JSON-lines file ({"stem" or "file_name": ..., "text" or "caption": ...} a
+    line) or a CSV with a header (stem or file_name, text or caption). An empty caption counts as none (the mask
+    gets its class prompt, as in training). Every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"--captions {path} does not exist. Fix: pass a .jsonl or .csv file of stem -> text.")
+    rows: list[tuple[int, object]] = []  # (line number, row)
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"--captions {path} line {number} is not JSON ({error}).") from None
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            header = reader.fieldnames or []
+            if not {"stem", "file_name"} & set(header) or not {"text", "caption"} & set(header):
+                raise DatasetError(
+                    f"--captions {path} line 1: the header must name the columns stem (or file_name) and text (or "
+                    f"caption), got {','.join(header) or 'nothing'}."
+                )
+            rows = [(number, row) for number, row in enumerate(reader, start=2)]
+    else:
+        raise DatasetError(f"--captions {path}: expected a .jsonl or .csv file, got {path.suffix or 'no extension'}.")
+    captions, lines = {}, {}
+    known = set(stems)
+    for number, row in rows:
+        where = f"--captions {path} line {number}"
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where} is not an object with a stem and a text.")
+        stem = row.get("stem") or (Path(row["file_name"]).stem if isinstance(row.get("file_name"), str) else None)
+        text = row.get("text", row.get("caption"))
+        if not isinstance(stem, str) or not stem or not (text is None or isinstance(text, str)):
+            raise DatasetError(
+                f'{where} names no mask or has no text: each line needs "stem" (or "file_name") and "text" '
+                f'(or "caption") strings, got {json.dumps(row)[:200]}.'
+            )
+        if stem not in known:
+            raise DatasetError(
+                f"{where}: no mask has the stem {stem!r}. Fix: correct the name, or drop the line (captions pair "
+                "with the masks by file stem)."
+            )
+        if stem in lines:
+            raise DatasetError(f"{where}: a second caption for {stem!r} (the first is on line {lines[stem]}).")
+        lines[stem] = number
+        if text:
+            captions[stem] = text
+    return captions
 
 
 def resize_labels(label: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -281,6 +551,8 @@ class MaskSampleWriter:
 
     ``generation_args`` are the arguments that determine the images (each script's own list): checked against
     an earlier run's (check_save_dir), then recorded in ARGS_FILE before the first image is written.
+    ``state`` (`generation_state`): with several processes, the main one prepares --save_dir and merges the
+    metadata; `todo` gives each process its share of the missing masks.
     """
 
     def __init__(
@@ -292,33 +564,31 @@ class MaskSampleWriter:
         num_per_mask: int,
         generation_args: dict,
         overwrite: bool = False,
+        state=None,
     ):
         self.save_dir = Path(save_dir)
         self.palette = palette
         self.ignore_index = ignore_index
         self.num_per_mask = num_per_mask
-        check_save_dir(self.save_dir, generation_args, overwrite)
-        if overwrite and holds_earlier_output(self.save_dir):
-            clear_outputs(self.save_dir)
-        for folder in OUTPUT_FOLDERS:
-            (self.save_dir / folder).mkdir(parents=True, exist_ok=True)
-        # Before any image: a folder that holds images always says which arguments made them.
-        write_json_atomic(self.save_dir / ARGS_FILE, generation_args)
-        write_class_names(self.save_dir / "class_names.json", class_names, palette)
-        self.metadata_path = self.save_dir / "metadata.jsonl"
+        self.state = state or OneProcess()
+        check_save_dir(self.save_dir, generation_args, overwrite)  # in every process: all stop alike
+        if self.state.is_main_process:
+            if overwrite and holds_earlier_output(self.save_dir):
+                clear_outputs(self.save_dir)
+            for folder in OUTPUT_FOLDERS:
+                (self.save_dir / folder).mkdir(parents=True, exist_ok=True)
+            # Before any image: a folder that holds images always says which arguments made them.
+            write_json_atomic(self.save_dir / ARGS_FILE, generation_args)
+            write_class_names(self.save_dir / "class_names.json", class_names, palette)
+        self.state.wait_for_everyone()
         self.records = self._finished_records()
 
     def _finished_records(self) -> dict[str, list[dict]]:
         """Records of an earlier run, by mask stem, for the masks whose N images are all on disk."""
         by_mask: dict[str, dict[int, dict]] = {}
-        if self.metadata_path.is_file():
-            for line in self.metadata_path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the torn last line of an interrupted run: that mask is generated again
-                # A mask generated again after an interruption has its records twice: the later ones count.
-                by_mask.setdefault(record["mask_stem"], {})[record["image_index"]] = record
+        for record in load_records(self.save_dir):
+            # A mask generated again after an interruption has its records twice: the later ones count.
+            by_mask.setdefault(record["mask_stem"], {})[record["image_index"]] = record
         return {
             stem: [records[j] for j in sorted(records)]
             for stem, records in by_mask.items()
@@ -331,8 +601,16 @@ class MaskSampleWriter:
     def is_done(self, mask: MaskFile) -> bool:
         return mask.stem in self.records
 
+    def todo(self, masks: list[MaskFile]) -> list[MaskFile]:
+        """This process's share of the masks not done yet (all of them in a one-process run)."""
+        missing = [mask for mask in masks if not self.is_done(mask)]
+        if len(missing) < len(masks) and self.state.is_main_process:
+            done = len(masks) - len(missing)
+            print(f"{done} masks already done in {self.save_dir}; generating the {len(missing)} missing ones.")
+        return process_share(missing, self.state)
+
     def write(self, mask: MaskFile, label: np.ndarray, images: list[Image.Image], details: list[dict]) -> None:
-        """Save the N images of one mask, its label map beside each flat copy, its row picture and metadata."""
+        """Save the N images of one mask, its label map beside each flat copy, its row picture and records."""
         sample_dir = self.save_dir / mask.sample_dir
         sample_dir.mkdir(parents=True, exist_ok=True)
         width, height = images[0].size
@@ -359,15 +637,19 @@ class MaskSampleWriter:
         colourised = colorize_label(label, self.palette, self.ignore_index)
         row = image_grid([colourised, *images], cols=len(images) + 1)
         save_png_atomic(row, self.save_dir / "visualizations" / f"{Path(mask.sample_dir).name}.png")
-        # Metadata last, appended and flushed: a mask counts as done only once all of its files exist.
-        with open(self.metadata_path, "a") as metadata:
-            metadata.write("".join(json.dumps(record) + "\n" for record in records))
+        # The records last: a mask counts as done only once all of its files exist.
+        save_records(self.save_dir, mask.stem, records)
         self.records[mask.stem] = records
 
-    def finish(self, grid_rows: int = 8) -> int:
-        """Rewrite metadata.jsonl in (stem, image) order, without an earlier run's leftovers, and draw grid.png."""
+    def finish(self, grid_rows: int = 8) -> int | None:
+        """Once every process is done, the main one writes metadata.jsonl in (stem, image) order, without an
+        earlier run's leftovers, and draws grid.png; it returns the image count (the others None)."""
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            return None
+        self.records = self._finished_records()  # every process's
         ordered = [record for stem in sorted(self.records) for record in self.records[stem]]
-        write_jsonl_atomic(self.metadata_path, ordered)
+        publish_records(self.save_dir, ordered)
         rows = [self.records[stem][0]["sample_dir"] for stem in sorted(self.records)[:grid_rows]]
         if rows:
             pictures = [Image.open(self.save_dir / "visualizations" / f"{Path(row).name}.png") for row in rows]

@@ -1,6 +1,7 @@
 """Checks the generator tests share: the mIoU evaluate.py must report, recomputed without evaluate.py or
 segdiff.metrics, and a spy on the samplers a generator builds and steps with."""
 
+import functools
 import json
 import runpy
 import sys
@@ -58,9 +59,11 @@ def expected_miou(save_dir: Path, joint: bool) -> tuple[float, dict]:
 
 
 def spy_on_samplers(monkeypatch) -> dict:
-    """Record what segdiff.generation.make_scheduler builds (``built``: (name, scheduler) pairs) and how many
-    ``step`` calls each sampler class gets (``steps``), for a generator run in this process."""
-    seen = {"built": [], "steps": Counter()}
+    """Record what segdiff.generation.make_scheduler builds (``built``: (name, scheduler) pairs), how many
+    ``step`` calls each sampler class gets (``steps``) and the ``eta`` of each DDIM step (``eta``; None when not
+    passed), for a generator run in this process. The spied ``step`` keeps its signature: pipelines that look
+    for ``eta`` or ``generator`` there (diffusers' do) still find them."""
+    seen = {"built": [], "steps": Counter(), "eta": []}
     make_scheduler = segdiff.generation.make_scheduler
 
     def recording_make_scheduler(name, config):
@@ -71,8 +74,11 @@ def spy_on_samplers(monkeypatch) -> dict:
     monkeypatch.setattr(segdiff.generation, "make_scheduler", recording_make_scheduler)
     for cls in SAMPLERS.values():
 
+        @functools.wraps(cls.step)
         def step(self, *args, _step=cls.step, **kwargs):
             seen["steps"][type(self).__name__] += 1
+            if isinstance(self, DDIMScheduler):
+                seen["eta"].append(kwargs.get("eta"))
             return _step(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "step", step)

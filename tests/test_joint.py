@@ -391,6 +391,30 @@ def test_generator_samples_with_the_scheduler_it_names(trained, tmp_path, monkey
     assert len(seen["built"]) == 3
 
 
+def test_generator_eta_exact_size_and_guidance_in_one_batched_forward(trained, tmp_path, monkeypatch):
+    seen = spy_on_samplers(monkeypatch)
+    batch_sizes = []
+    forward = UNet2DConditionModel.forward
+
+    def counting_forward(self, sample, *args, **kwargs):
+        batch_sizes.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting_forward)
+    run_generator(
+        monkeypatch, "generate_joint_image_mask_diffusion.py", "--model", trained, "--save_dir", tmp_path / "out",
+        "--num_samples", "2", "--batch_size", "2", "--num_inference_steps", "2", "--scheduler", "ddim",
+        "--eta", "0.5", "--guidance_scale", "2", "--resolution", "16,32",
+    )  # fmt: skip
+    assert seen["eta"] == [0.5, 0.5]  # the pipeline's call takes no eta: its DDIM sampler got it
+    assert batch_sizes == [4, 4]  # 2 steps; 2 samples x (conditional, unconditional)
+    records = [json.loads(line) for line in (tmp_path / "out/metadata.jsonl").read_text().splitlines()]
+    assert [r["eta"] for r in records] == [0.5, 0.5]
+    for record in records:
+        assert Image.open(tmp_path / "out" / record["file_name"]).size == (32, 16)
+        assert read_label_map(tmp_path / "out" / record["mask_file_name"]).shape == (16, 32)
+
+
 def test_generator_class_weights_draw_only_weighted_classes(trained, tmp_path):
     generate(trained, tmp_path / "w", "--num_samples", "6", "--batch_size", "6", "--class_weights", "0,0,1,3")
     records = [json.loads(line) for line in (tmp_path / "w/metadata.jsonl").read_text().splitlines()]
@@ -406,8 +430,8 @@ def test_generator_bad_inputs_give_clear_errors(trained, tmp_path, monkeypatch):
         common = ["--checkpoint", checkpoint, "--save_dir", tmp_path / "x", "--num_inference_steps", "2"]
         return script_error(monkeypatch, "generate_joint_image_mask_diffusion.py", *common, *extra)
 
-    message = error(trained, "--image_size", "30")
-    assert "--image_size 30" in message and "multiples of 4" in message
+    message = error(trained, "--image_size", "30")  # the old spelling of --resolution
+    assert "--resolution 30" in message and "multiples of 4" in message
 
     no_names = tmp_path / "no-names"
     shutil.copytree(trained, no_names, ignore=shutil.ignore_patterns("checkpoint-*", "class_names.json"))

@@ -320,7 +320,7 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     extra = sorted((toy_data / "masks").iterdir())[2]
     shutil.copy(extra, masks_dir / extra.name)
     result = generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--scheduler", "ddpm")
-    assert "2 masks already done" in result.stdout and "generating the 1 others" in result.stdout
+    assert "2 masks already done" in result.stdout and "generating the 1 missing ones" in result.stdout
     assert (save_dir / "images" / f"{stems[0]}_00.png").read_bytes() == before
     assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 9
 
@@ -402,8 +402,8 @@ def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(unknown_colour / "odd.png")
     assert "odd.png has 1 colour(s) that are not in the palette, e.g. (1, 2, 3)" in error(unknown_colour)
     assert "does not exist" in error(tmp_path / "missing")
-    message = error(unknown_ids, "--image_size", "31")
-    assert "--image_size 31" in message and "multiples of 2" in message
+    message = error(unknown_ids, "--image_size", "31")  # the old spelling of --resolution
+    assert "--resolution 31" in message and "multiples of 2" in message
 
 
 def test_trainer_refuses_bad_options(toy_data, tmp_path, capsys):
