@@ -79,10 +79,10 @@ from segdiff.data import (
     IGNORE_INDEX,
     IMAGE_EXTENSIONS,
     DatasetError,
-    _files_by_stem,
     colorize_label,
     default_palette,
     exit_on_bad_input,
+    files_by_stem,
     load_class_names,
     load_segmentation_dataset,
     read_image,
@@ -113,6 +113,7 @@ from segdiff.evaluation import (
     semantic_consistency,
     style_scores,
 )
+from segdiff.files import write_json_atomic, write_text_atomic
 
 ALL_METRICS = ("fid", "kid", "lpips", "miou", "style")
 
@@ -409,10 +410,10 @@ def samples_from_sample_folders(root: Path) -> GeneratedSet:
 
 def samples_from_files(root: Path) -> GeneratedSet:
     images_dir = root / "images" if (root / "images").is_dir() else root
-    masks = _files_by_stem(root / "masks") if (root / "masks").is_dir() else {}
+    masks = files_by_stem(root / "masks") if (root / "masks").is_dir() else {}
     samples = [
         GeneratedSample(image=path, mask=masks.get(path.stem), group=path.stem, source=path.stem)
-        for path in _files_by_stem(images_dir).values()
+        for path in files_by_stem(images_dir).values()
     ]
     return GeneratedSet(root, "generic" if masks else "images", samples)
 
@@ -457,7 +458,7 @@ def read_generated_set(root: Path, masks_dir: Path | None) -> GeneratedSet:
 def replace_masks(generated: GeneratedSet, masks_dir: Path) -> None:
     if not masks_dir.is_dir():
         raise DatasetError(f"--masks_dir {masks_dir} does not exist or is not a folder. Fix: check the path.")
-    masks = _files_by_stem(masks_dir)
+    masks = files_by_stem(masks_dir)
     if generated.layout == "sample-folders":
         # Without metadata, only the order links a sample folder to its mask.
         groups = generated.groups()
@@ -852,21 +853,11 @@ def json_ready(value):
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    # The project's atomic writers (segdiff.training) write JSON only; the report is the one text file.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_results(
     results: dict, results_dir: Path, generated: GeneratedSet, classes: Classes | None, real_files: list[Path], args
 ) -> str:
     """metrics.json, evaluation_report.txt, per_class_iou.png (with miou) and comparison_grid.png; returns the
     report."""
-    # segdiff.training imports accelerate: only once there are results to write, not for --help or a bad input.
-    from segdiff.training import write_json_atomic
-
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results_dir / "metrics.json", results)
     report = report_text(results)

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from segdiff.data import exit_on_bad_input
+from segdiff.files import write_json_atomic
 from segdiff.generation import (
     SCHEDULERS,
     MaskSampleWriter,
@@ -70,7 +71,6 @@ from segdiff.rendering import (
     recorded_base,
     run_setting,
 )
-from segdiff.training import write_json_atomic
 
 
 def parse_args(argv=None):

@@ -39,6 +39,7 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
+from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
     CORE_SCHEDULERS,
     add_eta_argument,
@@ -50,12 +51,10 @@ from segdiff.generation import (
     make_scheduler,
     process_share,
     publish_records,
-    save_png_atomic,
     save_records,
     with_eta,
 )
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
-from segdiff.training import write_json_atomic
 from segdiff.visualize import image_grid, overlay_mask
 
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
@@ -270,11 +269,11 @@ def main(args):
             for i, image, mask, prompt in zip(indices, output.images, output.masks, output.prompts):
                 class_id = classes[i]
                 name = f"{i:06d}.png"
-                save_png_atomic(image, save_dir / "images" / name)
+                save_image_atomic(image, save_dir / "images" / name)
                 save_label_png(
                     label_map(mask, class_id, args.fill_label, args.ignore_index), save_dir / "masks" / name, palette
                 )
-                save_png_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
+                save_image_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
                 record = {
                     "index": i,
                     "file_name": f"images/{name}",

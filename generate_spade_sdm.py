@@ -39,7 +39,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segdiff.data import IMAGE_EXTENSIONS, DatasetError, exit_on_bad_input, read_image
+from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image, resize_labels
+from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
     CORE_SCHEDULERS,
     MaskFile,
@@ -56,11 +57,9 @@ from segdiff.generation import (
     masks_of,
     read_mask,
     recorded_path,
-    resize_labels,
     with_eta,
 )
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
-from segdiff.training import write_json_atomic
 
 DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
 
@@ -150,7 +149,7 @@ def style_references(args, masks: list[MaskFile]) -> dict[str, Path] | None:
         return {mask.stem: path for mask in masks}
     if not path.is_dir():
         raise DatasetError(f"--style_images {path} does not exist. Fix: pass an image file or a folder of images.")
-    by_stem = {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+    by_stem = files_by_stem(path)
     missing = [mask.stem for mask in masks if mask.stem not in by_stem]
     if missing:
         raise DatasetError(
@@ -215,9 +214,7 @@ def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]
             size = label_file.size
         image = Image.open(save_dir / mask.sample_dir / "generated_00.png").convert("RGB")
         target = submission_dir / f"{mask.stem}.jpg"
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.resize(size, Image.Resampling.BICUBIC).save(tmp, format="JPEG", quality=95)
-        tmp.replace(target)
+        save_image_atomic(image.resize(size, Image.Resampling.BICUBIC), target, "JPEG", quality=95)
 
 
 def main(args):

@@ -37,12 +37,13 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from segdiff.data import DatasetError, exit_on_bad_input, save_label_png, write_class_names
-from segdiff.generation import check_save_dir, clear_outputs, recorded_path, resize_labels, save_png_atomic
+from segdiff.data import DatasetError, exit_on_bad_input, resize_labels, save_label_png, write_class_names
+from segdiff.files import save_image_atomic, write_json_atomic, write_jsonl_atomic
+from segdiff.generation import check_save_dir, clear_outputs, recorded_path
 from segdiff.models.layout_unet import class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
-from segdiff.training import launched_on_cpus_only, write_json_atomic, write_jsonl_atomic
+from segdiff.training import launched_on_cpus_only
 
 RECORDS = ".records"  # one finished sample's metadata each, written last: what a re-run finds done
 
@@ -170,7 +171,7 @@ def finished(save_dir: Path, num_samples: int) -> set[int]:
 def write_sample(save_dir: Path, index: int, label: np.ndarray, image, record: dict, palette) -> None:
     """Image, mask, then the record: a sample whose record exists is complete on disk."""
     if image is not None:
-        save_png_atomic(image, save_dir / "images" / f"{stem(index)}.png")
+        save_image_atomic(image, save_dir / "images" / f"{stem(index)}.png")
     save_label_png(label, save_dir / "masks" / f"{stem(index)}.png", palette=palette)
     write_json_atomic(save_dir / RECORDS / f"{stem(index)}.json", record)
 

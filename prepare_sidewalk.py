@@ -65,6 +65,7 @@ from segdiff.data import (
     save_label_png,
     write_class_names,
 )
+from segdiff.files import save_image_atomic, write_json_atomic
 
 logger = logging.getLogger("prepare_sidewalk")
 
@@ -395,11 +396,9 @@ def resize_pair(
 
 
 def save_atomically(image: Image.Image, path: Path, image_format: str = "png") -> None:
-    """Save under a hidden temporary name in the same folder, then rename: never a half-written file."""
+    """Save in ``image_format`` (--image_format's png or jpg) under a temporary name, then rename."""
     pil_format, options = IMAGE_FORMATS[image_format]
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=pil_format, **options)
-    os.replace(tmp, path)
+    save_image_atomic(image, path, pil_format, **options)
 
 
 # Set once per worker process by init_worker (and in this process when --num_workers is 0 or 1).
@@ -466,12 +465,6 @@ def class_frequencies(counts: np.ndarray, class_names: list[str]) -> dict[str, f
     labelled = counts[: len(class_names)]
     total = int(labelled.sum())
     return {name: (int(count) / total if total else 0.0) for name, count in zip(class_names, labelled)}
-
-
-def write_json_atomically(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def check_previous_settings(output_dir: Path, settings: dict) -> None:
@@ -575,7 +568,7 @@ def main(args):
         "val_fraction": args.val_fraction,
         "seed": args.seed,
     }
-    write_json_atomically(output_dir / "dataset_info.json", info)
+    write_json_atomic(output_dir / "dataset_info.json", info)
     logger.info(
         "Done: %d images in %s (%d train, %d val). Train with --dataset sidewalk --data_root %s",
         len(stems),

@@ -59,13 +59,17 @@ from segdiff.data import (
     JointTransform,
     add_dataset_args,
     colorize_label,
+    colour_codes,
+    colours_of_codes,
     dataset_from_args,
     default_palette,
     exit_on_bad_input,
     load_class_names,
     read_image,
+    resize_labels,
 )
-from segdiff.generation import colour_mask_to_labels, read_mask, resize_labels
+from segdiff.files import write_json_atomic
+from segdiff.generation import colour_mask_to_labels, read_mask
 from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt
 from segdiff.visualize import image_grid
 
@@ -416,15 +420,8 @@ def training_source(args):
 OUTSIDE = -1
 
 
-def rgb_to_codes(image: Image.Image) -> np.ndarray:
-    """An RGB picture as one int64 per pixel (r << 16 | g << 8 | b), to travel through the label path."""
-    rgb = np.asarray(image.convert("RGB")).astype(np.int64)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-
-
 def codes_to_rgb(codes: torch.Tensor) -> np.ndarray:
-    codes = codes.clamp(min=0).numpy()  # OUTSIDE -> 0, black
-    return np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
+    return colours_of_codes(codes.clamp(min=0).numpy())  # OUTSIDE -> 0, black
 
 
 class PairTransform:
@@ -454,7 +451,7 @@ class PairTransform:
             pixels, label = self.labels(sample["image"], sample["label"])
             rgb = np.array(colorize_label(label.numpy(), self.palette, self.ignore_index))
         else:
-            pixels, codes = self.colours(sample["image"], rgb_to_codes(sample["conditioning_image"]))
+            pixels, codes = self.colours(sample["image"], colour_codes(sample["conditioning_image"]))
             rgb, label = codes_to_rgb(codes), None
         control = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
         return pixels, control, label
@@ -852,7 +849,7 @@ def main(args):
     if accelerator.is_main_process:
         stats = {**meter.summary(), "text_encoder_calls": prompt_embeddings.encoded}
         logger.info(f"Throughput and memory: {stats}")
-        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
         controlnet = accelerator.unwrap_model(controlnet)
         if args.use_ema:
             ema_models["controlnet_ema"].copy_to(controlnet.parameters())

@@ -51,8 +51,9 @@ from segdiff.data import (
     dataset_from_args,
     exit_on_bad_input,
     read_label_map,
+    resize_labels,
 )
-from segdiff.generation import resize_labels
+from segdiff.files import write_json_atomic
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
 
@@ -451,7 +452,7 @@ def main(args):
             domains=domains,
             unet_config=dict(accelerator.unwrap_model(unet).config),
         )
-        training.write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
+        write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
     training.init_trackers(accelerator, args, "train_layout_diffusion")
 
     meter, progress_bar = training.start_progress(accelerator, args, global_step)
@@ -515,7 +516,7 @@ def main(args):
     if accelerator.is_main_process:
         stats = meter.summary()
         logger.info(f"Throughput and memory: {stats}")
-        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(model.parameters())
         pipeline = LayoutDiffusionPipeline(

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
+from segdiff.files import write_json_atomic
 from segdiff.pipelines.joint import (
     DEFAULT_PROMPT_TEMPLATE,
     JointImageMaskPipeline,
@@ -474,7 +475,7 @@ def main(args):
     if accelerator.is_main_process:
         stats = meter.summary()
         logger.info(f"Throughput and memory: {stats}")
-        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
         unet = accelerator.unwrap_model(unet)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(unet.parameters())

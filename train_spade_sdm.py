@@ -38,6 +38,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from segdiff import training
+from segdiff.controlnet import vae_scale_factor
 from segdiff.data import (
     JointTransform,
     StyleReferenceView,
@@ -46,6 +47,7 @@ from segdiff.data import (
     dataset_from_args,
     exit_on_bad_input,
 )
+from segdiff.files import write_json_atomic
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 
@@ -489,7 +491,7 @@ def main(args):
         vae = load_vae(args.pretrained_model_name_or_path, args)
         vae.requires_grad_(False)
         vae.to(accelerator.device, dtype=weight_dtype)
-        channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+        channels, factor = vae.config.latent_channels, vae_scale_factor(vae.config)
     height, width = training.height_width(args.resolution)
     if height % factor or width % factor:
         raise SystemExit(
@@ -651,7 +653,7 @@ def main(args):
     if accelerator.is_main_process:
         stats = meter.summary()
         logger.info(f"Throughput and memory: {stats}")
-        training.write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
+        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(model.parameters())
         pipeline = SemanticDiffusionPipeline(

@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from segdiff.files import save_image_atomic, write_json_atomic
+
 IGNORE_INDEX = 255
 
 LOVEDA_CLASSES = ["background", "building", "road", "water", "barren", "forest", "agriculture"]
@@ -104,21 +106,41 @@ def colorize_label(label: np.ndarray, palette, ignore_index: int = IGNORE_INDEX)
     return Image.fromarray(rgb)
 
 
-def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:
-    """Write a label map as an 8-bit paletted PNG: pixel values are class ids, the palette is for eyes.
+def colour_codes(rgb) -> np.ndarray:
+    """RGB colours, (..., 3) (an array, or a PIL image), as one int64 code each: ``r << 16 | g << 8 | b``. A colour
+    mask becomes a map of codes that can be looked up in a palette, or resampled like a label map."""
+    if isinstance(rgb, Image.Image):
+        rgb = rgb.convert("RGB")
+    rgb = np.asarray(rgb).astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
-    Written to a temporary name and renamed, so an interrupted write never leaves a broken file.
-    """
+
+def colours_of_codes(codes: np.ndarray) -> np.ndarray:
+    """The inverse of `colour_codes`: (...) codes -> (..., 3) uint8 RGB."""
+    codes = np.asarray(codes).astype(np.int64)
+    return np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
+
+
+def resize_labels(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W) label map read from a file (ids are never blended): the one used by
+    every script and module on label maps as numpy arrays. (Inside the SPADE model, batched tensors on the
+    device are resized by segdiff.models.spade_unet.resize_label_map.)"""
+    if label.shape == (height, width):
+        return label
+    resized = Image.fromarray(label.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(resized).astype(np.int64)
+
+
+def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:
+    """Write a label map as an 8-bit paletted PNG (atomically): pixel values are class ids, the palette is for
+    eyes."""
     label = np.asarray(label)
     if label.min() < 0 or label.max() > 255:
         raise ValueError(f"label ids must be in 0..255 to be stored as a PNG, got {label.min()}..{label.max()}")
     image = Image.fromarray(label.astype(np.uint8))  # mode L
     if palette is not None:
         image.putpalette(_flat_palette(palette))  # turns it into mode P, pixel values unchanged
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    save_image_atomic(image, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,14 +301,11 @@ def _checked_palette(palette, num_classes: int, source: str) -> list[tuple[int, 
 
 
 def write_class_names(path: str | Path, names: list[str], palette=None) -> None:
-    """Write ``{"class_names": [...], "palette": [...]}`` atomically (temporary file, then rename)."""
-    path = Path(path)
+    """Write ``{"class_names": [...], "palette": [...]}`` atomically."""
     content = {"class_names": list(names)}
     if palette is not None:
         content["palette"] = [[int(v) for v in colour] for colour in palette]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, content)
 
 
 def _resolve_classes(layout: str, names, palette, names_source, *, class_names_json, num_classes, data_root):
@@ -369,22 +388,24 @@ class SegmentationDataset(Dataset):
         """File ids -> class ids, with ``ignore_index`` for no-data."""
         return decode_label_ids(raw, self.label_offset, self.ignore_index)
 
-    def out_of_range_ids(self, label: np.ndarray) -> list[int]:
-        """Ids in a decoded label map that are neither a class nor ``ignore_index``."""
-        valid = ((label >= 0) & (label < self.num_classes)) | (label == self.ignore_index)
-        return [] if valid.all() else np.unique(label[~valid]).tolist()
-
     def check_label_ids(self, label: np.ndarray, mask_path: Path) -> None:
-        bad = self.out_of_range_ids(label)
-        if not bad:
-            return
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        shift = f" (class = file id - {self.label_offset})" if self.label_offset else ""
-        raise DatasetError(
-            f"mask {mask_path} holds class ids {shown}{shift}, but there are {self.num_classes} classes "
-            f"(0..{self.num_classes - 1}) and ignore_index is {self.ignore_index}. Fix: pass --num_classes or "
-            "--class_names_json (a class_names.json) listing every class, or --ignore_index if that id marks no-data."
-        )
+        check_label_ids(label, self.num_classes, self.ignore_index, mask_path, self.label_offset)
+
+
+def check_label_ids(label: np.ndarray, num_classes: int, ignore_index: int, mask_path, label_offset: int = 0) -> None:
+    """A DatasetError naming the mask and its stray ids if ``label`` holds ids that are neither a class
+    (0..num_classes-1) nor ``ignore_index``."""
+    valid = ((label >= 0) & (label < num_classes)) | (label == ignore_index)
+    if valid.all():
+        return
+    bad = np.unique(label[~valid]).tolist()
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    shift = f" (class = file id - {label_offset})" if label_offset else ""
+    raise DatasetError(
+        f"mask {mask_path} holds class ids {shown}{shift}, but there are {num_classes} classes "
+        f"(0..{num_classes - 1}) and ignore_index is {ignore_index}. Fix: pass --num_classes or "
+        "--class_names_json (a class_names.json) listing every class, or --ignore_index if that id marks no-data."
+    )
 
 
 def check_same_size(image: Image.Image, label: np.ndarray, image_path: Path, mask_path: Path) -> None:
@@ -426,7 +447,7 @@ def _require_subfolders(root: Path, names: tuple[str, ...], layout: str) -> list
     return found
 
 
-def _files_by_stem(folder: Path) -> dict[str, Path]:
+def files_by_stem(folder: Path) -> dict[str, Path]:
     files = {}
     for path in sorted(folder.iterdir()):
         # Hidden files include the temporaries of interrupted atomic writes.
@@ -451,7 +472,7 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: list[str] | None 
     With a ``problems`` list (``python -m segdiff.data check``), the error is noted there instead and the
     matched pairs are returned, so that the check goes on to read them.
     """
-    images, masks = _files_by_stem(images_dir), _files_by_stem(masks_dir)
+    images, masks = files_by_stem(images_dir), files_by_stem(masks_dir)
     if not images and not masks:
         return []
     lonely_images = sorted(images.keys() - masks.keys())

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from segdiff.data import IGNORE_INDEX, DatasetError, read_image, read_label_map
+from segdiff.data import IGNORE_INDEX, check_label_ids, read_image, read_label_map, resize_labels
 from segdiff.metrics import confusion_matrix, segmentation_summary
 
 
@@ -102,18 +102,12 @@ def load_pairs(
     for index, (image_path, mask_path) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False)):
         image = read_image(image_path).resize((resolution, resolution), Image.BILINEAR)
         label = read_label_map(mask_path)
-        bad = np.unique(label[((label < 0) | (label >= num_classes)) & (label != ignore_index)])
-        if bad.size:
-            raise DatasetError(
-                f"mask {mask_path} holds ids {bad[:10].tolist()}, but there are {num_classes} classes "
-                f"(0..{num_classes - 1}) and ignore_index is {ignore_index}. Fix: pass the right --num_classes / "
-                "--class_names_json, or --ignore_index."
-            )
+        check_label_ids(label, num_classes, ignore_index, mask_path)
         if class_ids is not None:
             label = class_vs_rest_labels(label, class_ids[index], ignore_index)
-        label = Image.fromarray(label.astype(np.int32)).resize((resolution, resolution), Image.NEAREST)
+        label = resize_labels(label, resolution, resolution)
         images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-        labels[index] = torch.from_numpy(np.asarray(label).astype(np.int16))
+        labels[index] = torch.from_numpy(label.astype(np.int16))
     return images, labels
 
 

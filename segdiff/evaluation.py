@@ -25,7 +25,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segdiff.data import IMAGE_EXTENSIONS, DatasetError, _files_by_stem, read_image, read_label_map
+from segdiff.data import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    check_label_ids,
+    files_by_stem,
+    read_image,
+    read_label_map,
+    resize_labels,
+)
 from segdiff.metrics import color_histogram_similarity, confusion_matrix, mean_pairwise_distance, segmentation_summary
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -545,18 +553,9 @@ def semantic_consistency(
         predictions = segmenter([read_image(image) for image, _ in batch])
         for (_, mask), prediction, class_id in zip(batch, predictions, class_ids[start : start + batch_size]):
             target = read_label_map(mask)
-            bad = np.unique(target[((target < 0) | (target >= num_classes)) & (target != ignore_index)])
-            if bad.size:
-                raise DatasetError(
-                    f"mask {mask} holds ids {bad[:10].tolist()}, but there are {num_classes} classes "
-                    f"({classes.source}) and ignore_index is {ignore_index}. Fix: pass the right "
-                    "--class_names_json / --num_classes, or --ignore_index."
-                )
+            check_label_ids(target, num_classes, ignore_index, mask)
             prediction = lookup[prediction]
             if prediction.shape != target.shape:  # an image generated at another size than its mask
-                # Imported here: segdiff.generation brings in diffusers (seconds), needed only for such images.
-                from segdiff.generation import resize_labels
-
                 prediction = resize_labels(prediction, *target.shape)
             if class_id is not None:  # joint layout: the mask only says "this class" vs "the rest"
                 rest = 0 if class_id != 0 else other
@@ -582,7 +581,7 @@ def match_references(reference: Path, samples: list[tuple[Path, str]]) -> list[P
     if not reference.is_dir():
         raise DatasetError(f"--reference_dir {reference} does not exist. Fix: pass an image or a folder of images.")
     folder = reference / "images" if (reference / "images").is_dir() else reference
-    by_stem = _files_by_stem(folder)
+    by_stem = files_by_stem(folder)
     if not by_stem:
         raise DatasetError(f"--reference_dir {reference} holds no images ({' '.join(IMAGE_EXTENSIONS)}).")
     if len(by_stem) == 1:

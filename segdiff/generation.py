@@ -51,11 +51,15 @@ from segdiff.data import (
     _decode_file,
     _label_array,
     colorize_label,
+    colour_codes,
+    colours_of_codes,
     decode_label_ids,
+    resize_labels,
     save_label_png,
     write_class_names,
 )
-from segdiff.training import derive_seed, launched_on_cpus_only, write_json_atomic, write_jsonl_atomic
+from segdiff.files import save_image_atomic, write_bytes_atomic, write_json_atomic, write_jsonl_atomic
+from segdiff.training import derive_seed, launched_on_cpus_only
 from segdiff.visualize import image_grid
 
 # The arguments of the run that wrote a --save_dir, as far as they determine its images: see check_save_dir.
@@ -112,13 +116,6 @@ def with_eta(scheduler, eta: float | None):
     if eta is not None:
         scheduler.step = functools.partial(scheduler.step, eta=eta)
     return scheduler
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write to a temporary name, then rename: an interrupted run never leaves a half-written PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,14 +295,14 @@ def colour_mask_to_labels(rgb: np.ndarray, palette, ignore_index: int, path: Pat
     Any other colour is an error that names the file and the colours: guessing the nearest class would
     silently turn anti-aliased edges or a wrong palette into plausible-looking labels.
     """
-    colours = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    lookup = {int((r << 16) | (g << 8) | b): class_id for class_id, (r, g, b) in enumerate(colours)}
+    codes = colour_codes(rgb)
+    palette_codes = colour_codes(np.asarray(palette, dtype=np.int64).reshape(-1, 3))
+    lookup = {int(code): class_id for class_id, code in enumerate(palette_codes)}
     lookup.setdefault(0, ignore_index)  # black: no data, as the ControlNet trainer draws ignore pixels
     unique, inverse = np.unique(codes, return_inverse=True)
     unknown = [int(code) for code in unique if int(code) not in lookup]
     if unknown:
-        shown = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in unknown[:5])
+        shown = ", ".join(str(tuple(colour.tolist())) for colour in colours_of_codes(unknown[:5]))
         raise DatasetError(
             f"mask {path} has {len(unknown)} colour(s) that are not in the palette, e.g. {shown}. Fix: save the "
             "mask as a label map (class ids), or draw it with exactly the palette of class_names.json (no "
@@ -465,14 +462,6 @@ def read_captions(path: str | Path, stems: list[str]) -> dict[str, str]:
     return captions
 
 
-def resize_labels(label: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a label map (ids are never blended)."""
-    if label.shape == (height, width):
-        return label
-    resized = Image.fromarray(label.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(resized).astype(np.int64)
-
-
 # ------------------------------------------------------------------------------------------------
 # Writing the output layout
 # ------------------------------------------------------------------------------------------------
@@ -618,7 +607,7 @@ class MaskSampleWriter:
         records = []
         for j, (image, detail) in enumerate(zip(images, details)):
             generated = sample_dir / f"generated_{j:02d}.png"
-            save_png_atomic(image, generated)
+            save_image_atomic(image, generated)
             flat_name = f"{mask.stem}_{j:02d}.png"
             link_or_copy(generated, self.save_dir / "images" / flat_name)
             save_label_png(label, self.save_dir / "masks" / flat_name, self.palette)
@@ -636,7 +625,7 @@ class MaskSampleWriter:
             )
         colourised = colorize_label(label, self.palette, self.ignore_index)
         row = image_grid([colourised, *images], cols=len(images) + 1)
-        save_png_atomic(row, self.save_dir / "visualizations" / f"{Path(mask.sample_dir).name}.png")
+        save_image_atomic(row, self.save_dir / "visualizations" / f"{Path(mask.sample_dir).name}.png")
         # The records last: a mask counts as done only once all of its files exist.
         save_records(self.save_dir, mask.stem, records)
         self.records[mask.stem] = records
@@ -653,7 +642,7 @@ class MaskSampleWriter:
         rows = [self.records[stem][0]["sample_dir"] for stem in sorted(self.records)[:grid_rows]]
         if rows:
             pictures = [Image.open(self.save_dir / "visualizations" / f"{Path(row).name}.png") for row in rows]
-            save_png_atomic(image_grid(pictures, cols=1), self.save_dir / "grid.png")
+            save_image_atomic(image_grid(pictures, cols=1), self.save_dir / "grid.png")
         return len(ordered)
 
 
@@ -663,6 +652,4 @@ def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(source.read_bytes())
-        tmp.replace(target)
+        write_bytes_atomic(target, source.read_bytes())

@@ -8,7 +8,7 @@
 ``load_renderer`` reads what kind of model a folder holds (the ``pipeline`` its trainer records in
 training_config.json, else the files present) and returns a `ControlNetRenderer` or an `SDMRenderer`. Both
 take label maps of class ids at any size (resized, nearest, to the output size with
-`segdiff.generation.resize_labels`) and draw image i from its own generator seeded with ``seeds[i]``, so an
+`segdiff.data.resize_labels`) and draw image i from its own generator seeded with ``seeds[i]``, so an
 image does not depend on the batch it is rendered in.
 
 The ControlNet sees each map as in training: coloured in the run's palette with no-data black (the control
@@ -33,8 +33,8 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
 from segdiff.controlnet import conditioning_downsampling, size_multiple, vae_scale_factor
-from segdiff.data import IGNORE_INDEX, DatasetError, colorize_label, default_palette, load_class_names
-from segdiff.generation import SCHEDULERS, make_scheduler, resize_labels
+from segdiff.data import IGNORE_INDEX, DatasetError, colorize_label, default_palette, load_class_names, resize_labels
+from segdiff.generation import SCHEDULERS, make_scheduler
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline
 from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt

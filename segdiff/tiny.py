@@ -38,6 +38,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from segdiff.controlnet import vae_scale_factor
 from segdiff.data import IMAGE_EXTENSIONS, LOVEDA_CLASSES, SIDEWALK_CLASSES
 from segdiff.toy import MAX_TOY_CLASSES, toy_classes
 
@@ -155,11 +156,6 @@ def build_tiny_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
 
 # ---------------------------------------------------------------------------------------------------------
 # Models. Each builder takes its random weights from torch's global RNG; `build_tiny_sd` seeds it.
-
-
-def vae_scale_factor(vae) -> int:
-    """How many pixels one latent pixel covers per side: 2 per down block after the first (8 for SD's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def tiny_vae(sample_size: int = 32, preset: str = "tiny") -> AutoencoderKL:
@@ -427,7 +423,9 @@ def build_tiny_sd(
         text_encoder = tiny_text_encoder(tokenizer, preset)
         vae = tiny_vae(sample_size, preset)
         unet = tiny_unet(
-            sample_size // vae_scale_factor(vae), cross_attention_dim=text_encoder.config.hidden_size, preset=preset
+            sample_size // vae_scale_factor(vae.config),
+            cross_attention_dim=text_encoder.config.hidden_size,
+            preset=preset,
         )
 
         if fit_vae_data is not None:
@@ -455,7 +453,7 @@ def build_tiny_sd(
     staging.rename(output_dir)
 
     summary.update(
-        vae_scale_factor=vae_scale_factor(vae),
+        vae_scale_factor=vae_scale_factor(vae.config),
         latent_size=unet.config.sample_size,
         scaling_factor=vae.config.scaling_factor,
         vocab_size=len(tokenizer),

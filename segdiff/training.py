@@ -38,6 +38,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segdiff.files import write_json_atomic
+
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
@@ -750,34 +752,6 @@ def stop_on_nonfinite_loss(accelerator: Accelerator, loss: torch.Tensor, global_
         + "Lower --learning_rate, use --mixed_precision bf16 or no instead of fp16, check the data, "
         "then restart with --resume_from_checkpoint latest."
     )
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str | Path, payload) -> None:
-    _write_text_atomic(Path(path), json.dumps(_jsonable(payload), indent=2) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, records) -> None:
-    """One JSON object a line (metadata.jsonl), written whole or not at all."""
-    _write_text_atomic(Path(path), "".join(json.dumps(_jsonable(record)) + "\n" for record in records))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary name, then rename: a crash never leaves a half-written file under ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_run_files(

@@ -24,7 +24,7 @@ import generate_controlnet_seg
 import generate_joint_image_mask_diffusion
 import generate_spade_sdm
 from segdiff.controlnet import conditioning_channels_for
-from segdiff.data import DatasetError, read_label_map, save_label_png, write_class_names
+from segdiff.data import DatasetError, read_label_map, resize_labels, save_label_png, write_class_names
 from segdiff.generation import (
     ARGS_FILE,
     RECORDS_FOLDER,
@@ -33,7 +33,6 @@ from segdiff.generation import (
     OneProcess,
     check_save_dir,
     read_captions,
-    resize_labels,
 )
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler

@@ -25,8 +25,7 @@ from PIL import Image
 import generate_controlnet_seg
 import generate_spade_sdm
 from segdiff.controlnet import conditioning_channels_for
-from segdiff.data import colorize_label, read_label_map, write_class_names
-from segdiff.generation import resize_labels
+from segdiff.data import colorize_label, read_label_map, resize_labels, write_class_names
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.prompts import class_prompt

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from segdiff.controlnet import vae_scale_factor
 from segdiff.tiny import (
     SD_SCALING_FACTOR,
     ImageFolderDataset,
@@ -22,7 +23,6 @@ from segdiff.tiny import (
     fit_vae,
     reconstruction_l1,
     tiny_vae,
-    vae_scale_factor,
 )
 from segdiff.toy import make_toy_dataset
 
@@ -139,9 +139,9 @@ def test_same_seed_same_weights(tiny_sd, tmp_path):
 
 
 def test_vae_scale_factor_is_read_from_the_config():
-    assert vae_scale_factor(tiny_vae()) == 2
+    assert vae_scale_factor(tiny_vae().config) == 2
     sd_like = SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512]))
-    assert vae_scale_factor(sd_like) == 8
+    assert vae_scale_factor(sd_like.config) == 8
 
 
 @pytest.fixture(scope="module")
