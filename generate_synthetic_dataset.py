@@ -34,18 +34,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from segdiff.data import DatasetError, exit_on_bad_input, resize_labels, save_label_png, write_class_names
-from segdiff.files import save_image_atomic, write_json_atomic, write_jsonl_atomic
-from segdiff.generation import check_save_dir, clear_outputs, recorded_path
+from segdiff.files import save_image_atomic, write_json_atomic
+from segdiff.generation import (
+    check_save_dir,
+    clear_outputs,
+    generation_state,
+    load_records,
+    process_share,
+    publish_records,
+    recorded_path,
+    save_records,
+)
 from segdiff.models.layout_unet import class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
-from segdiff.training import launched_on_cpus_only
-
-RECORDS = ".records"  # one finished sample's metadata each, written last: what a re-run finds done
 
 
 def parse_args(argv=None):
@@ -164,8 +169,15 @@ def stem(index: int) -> str:
     return f"synthetic_{index:06d}"
 
 
-def finished(save_dir: Path, num_samples: int) -> set[int]:
-    return {i for i in range(num_samples) if (save_dir / RECORDS / f"{stem(i)}.json").is_file()}
+def finished_records(save_dir: Path, num_samples: int) -> dict[int, dict]:
+    """Sample index -> its record, for the samples of this dataset already complete on disk: recorded (in
+    metadata.jsonl, or in the per-sample record a process writes after each sample's files), files present."""
+    return {
+        record["index"]: record
+        for record in load_records(save_dir)
+        if record["index"] < num_samples
+        and all((save_dir / record[key]).is_file() for key in ("file_name", "mask_file_name") if record[key])
+    }
 
 
 def write_sample(save_dir: Path, index: int, label: np.ndarray, image, record: dict, palette) -> None:
@@ -173,12 +185,14 @@ def write_sample(save_dir: Path, index: int, label: np.ndarray, image, record: d
     if image is not None:
         save_image_atomic(image, save_dir / "images" / f"{stem(index)}.png")
     save_label_png(label, save_dir / "masks" / f"{stem(index)}.png", palette=palette)
-    write_json_atomic(save_dir / RECORDS / f"{stem(index)}.json", record)
+    save_records(save_dir, stem(index), [record])
 
 
 def write_metadata_and_report(save_dir: Path, num_samples: int, class_names: list[str]) -> dict:
-    records = [json.loads((save_dir / RECORDS / f"{stem(i)}.json").read_text()) for i in range(num_samples)]
-    write_jsonl_atomic(save_dir / "metadata.jsonl", records)
+    """metadata.jsonl (every sample, in index order) and ratio_report.json, by the main process at the end."""
+    done = finished_records(save_dir, num_samples)
+    records = [done[i] for i in range(num_samples)]
+    publish_records(save_dir, records)
     report = ratio_report(records, class_names)
     write_json_atomic(save_dir / "ratio_report.json", report)
     return report
@@ -190,7 +204,7 @@ def write_metadata_and_report(save_dir: Path, num_samples: int, class_names: lis
 
 
 def main(args):
-    state = PartialState(cpu=launched_on_cpus_only())  # torchrun on CPUs: one gloo group, not n copies
+    state = generation_state()  # accelerate launch / torchrun: every num_processes-th sample is this process's
     device = args.device or state.device
     save_dir, layout_dir = Path(args.save_dir), Path(args.layout_model)
     check_layout_folder(layout_dir)
@@ -236,17 +250,16 @@ def main(args):
         check_save_dir(save_dir, generation_args, args.overwrite)
         if args.overwrite:
             clear_outputs(save_dir)
-            for record in (save_dir / RECORDS).glob("*.json"):
-                record.unlink()
-        for folder in ("masks", RECORDS, *(() if args.layouts_only else ("images",))):
+        for folder in ("masks", *(() if args.layouts_only else ("images",))):
             (save_dir / folder).mkdir(parents=True, exist_ok=True)
         write_json_atomic(save_dir / "generation_args.json", generation_args)
         write_class_names(save_dir / "class_names.json", class_names, palette)
     state.wait_for_everyone()
 
     # This process's share of the samples still missing: every num_processes-th one.
-    done = finished(save_dir, args.num_samples)
-    mine = [i for i in range(args.num_samples) if i not in done and i % state.num_processes == state.process_index]
+    done = finished_records(save_dir, args.num_samples)
+    state.wait_for_everyone()  # every process reads what is done before any writes more: the shares agree
+    mine = process_share([i for i in range(args.num_samples) if i not in done], state)
     if state.is_main_process and done:
         print(f"{len(done)} of {args.num_samples} samples already in {save_dir}")
     batches = [mine[start : start + args.batch_size] for start in range(0, len(mine), args.batch_size)]

@@ -571,6 +571,8 @@ class MaskSampleWriter:
             write_class_names(self.save_dir / "class_names.json", class_names, palette)
         self.state.wait_for_everyone()
         self.records = self._finished_records()
+        # Every process reads what is done before any writes more: the shares of `todo` then agree.
+        self.state.wait_for_everyone()
 
     def _finished_records(self) -> dict[str, list[dict]]:
         """Records of an earlier run, by mask stem, for the masks whose N images are all on disk."""
