@@ -54,6 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # segdiff, for the few helpers used here (the scripts themselves run as subprocesses)
 
+from segdiff.files import write_json_atomic, write_text_atomic  # noqa: E402  (cheap: no torch)
+
 # The reference's targets (001, "Evaluation Metrics"): evaluate.py's metric (its --metrics name, under which
 # metrics.json's "skipped" gives the reason it was not computed), its metrics.json key, name, direction, threshold.
 TARGETS = (
@@ -290,8 +292,6 @@ def run_stage(work_dir: Path, stage: str, start: list[str], command: list[str], 
             "above. Fix its cause and run the same command again: the finished stages are skipped and this one "
             "resumes."
         )
-    from segdiff.training import write_json_atomic  # imports torch: only once a stage has run
-
     (work_dir / "stages").mkdir(exist_ok=True)
     write_json_atomic(work_dir / "stages" / f"{stage}.json", {"command": command})
 
@@ -499,10 +499,8 @@ def write_report(args, split_dir: Path, metrics_path: Path) -> None:
     if report_json.is_file() and report_json.stat().st_mtime_ns >= metrics_path.stat().st_mtime_ns:
         print("[report] done: skipped")
     else:
-        from segdiff.training import write_json_atomic
-
         report = build_report(args, json.loads(metrics_path.read_text()), metrics_path)
-        (split_dir / "report.md").write_text(report_markdown(report))
+        write_text_atomic(split_dir / "report.md", report_markdown(report))
         write_json_atomic(report_json, report)
     print("\n" + (split_dir / "report.md").read_text())
     print(f"Report: {split_dir / 'report.md'} and {report_json}")
