@@ -98,7 +98,9 @@ def parse_args(argv=None):
     render.add_argument("--render_guidance_scale", type=float, default=None, help="Default: the renderer's own.")
     render.add_argument("--render_scheduler", default=None, help="Default: the renderer's own.")
     render.add_argument(
+        "--resolution",
         "--image_size",
+        dest="image_size",
         type=int,
         default=None,
         help="Side of images and masks. Default: the renderer's training "
