@@ -36,7 +36,7 @@ from segdiff.controlnet import conditioning_downsampling, size_multiple, vae_sca
 from segdiff.data import IGNORE_INDEX, DatasetError, colorize_label, default_palette, load_class_names, resize_labels
 from segdiff.generation import SCHEDULERS, make_scheduler
 from segdiff.models.spade_unet import SpadeUNetModel
-from segdiff.pipelines.sdm import SemanticDiffusionPipeline
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_sampler
 from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt
 
 # How each kind samples unless told otherwise; the generator scripts' command-line defaults are these.
@@ -307,6 +307,10 @@ class Renderer:
             )
         return array
 
+    def make_sampler(self, name: str):
+        """The sampler ``name`` on the renderer's training schedule."""
+        return make_scheduler(name, self.scheduler_config)
+
     def render(
         self,
         label_maps: list[np.ndarray],
@@ -339,7 +343,7 @@ class Renderer:
             label = self.check_label(label, i)
             size = (height, width) if height is not None else self.output_size(label)
             labels.append(resize_labels(label, *size))
-        self.pipeline.scheduler = make_scheduler(scheduler, self.scheduler_config)
+        self.pipeline.scheduler = self.make_sampler(scheduler)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
 
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -406,6 +410,9 @@ class SDMRenderer(Renderer):
     kind = "sdm"
     default_scheduler = SDM_SCHEDULER
     default_guidance_scale = SDM_GUIDANCE_SCALE
+
+    def make_sampler(self, name: str):
+        return sdm_sampler(name, self.scheduler_config)  # "dpmsolver": the stochastic DPM-Solver++ (see there)
 
     def output_size(self, label):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.

@@ -17,7 +17,7 @@ the batched forward. With a model that learns its variance (``learn_sigma``), gu
 epsilon half only; the variance half is the conditional one. A ``DDPMScheduler`` with
 ``variance_type="learned_range"`` (or ``"learned"``) receives both halves and samples with the learned variance;
 every other scheduler (DDIM, DPM-Solver, ...) receives the epsilon half only. `sdm_scheduler` gives SDM's
-training schedule, with x0 clipping in pixel space.
+training schedule, with x0 clipping in pixel space; `sdm_sampler` the samplers by name, built from it.
 
 Saved folders load with ``SemanticDiffusionPipeline.from_pretrained(folder)``; ``class_names``, ``ignore_index``
 and ``edge_map`` travel in ``model_index.json``. EMA needs nothing here: the trainer saves the EMA weights as
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -64,6 +64,23 @@ def sdm_scheduler(learn_sigma: bool = False, pixel_space: bool = True) -> DDPMSc
         variance_type="learned_range" if learn_sigma else "fixed_small",
         clip_sample=pixel_space,
     )
+
+
+def sdm_sampler(name: str, config):
+    """The sampler ``name`` ("ddim", "ddpm", "dpmsolver", "unipc") on an SDM model's training schedule ``config``.
+
+    As `segdiff.generation.make_scheduler` (x0 clipping kept in pixel space), except that "dpmsolver" is
+    DPM-Solver++ in its stochastic form (``algorithm_type="sde-dpmsolver++"``, "DPM++ 2M SDE"). The deterministic
+    samplers follow the model's probability-flow ODE, which keeps every error of its noise prediction: the tiny
+    toy model under-predicts the noise by about 1% at high noise levels (predicted epsilon std 0.99), and what it
+    misses stays in the image as noise. More steps do not help (DDIM: mIoU 0.53 at 50 steps, 0.54 at 250), nor do
+    trailing timesteps or an unclipped x0; fresh noise at every step does, as in DDPM. Toy val mIoU after 300
+    training steps (16 masks): DDPM 50 steps 0.999, DPM-Solver++ 20 steps 0.469 deterministic, 0.997 stochastic.
+    """
+    scheduler = make_scheduler(name, config)
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="sde-dpmsolver++")
+    return scheduler
 
 
 @dataclass
@@ -289,9 +306,10 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         ``style_images`` (models trained with ``--style_reference``): one reference image for every map, or one
         per map (see `as_style_images`); ``style_scale``: the style guidance scale (1 = no extra guidance).
         ``scheduler``: the sampler of this call by name ("ddim", "ddpm", "dpmsolver", "unipc"), built from the
-        pipeline's scheduler config (its betas, prediction type, clipping); default: ``self.scheduler``.
+        pipeline's scheduler config (its betas, prediction type, clipping) by `sdm_sampler` ("dpmsolver" is the
+        stochastic DPM-Solver++); default: ``self.scheduler``.
         """
-        sampler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        sampler = self.scheduler if scheduler is None else sdm_sampler(scheduler, self.scheduler.config)
         # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
         maps = as_label_maps(label_maps)
         self.check_label_ids(maps)
