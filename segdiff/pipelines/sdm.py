@@ -38,6 +38,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from segdiff.controlnet import vae_scale_factor
 from segdiff.data import IGNORE_INDEX
 from segdiff.generation import make_scheduler
 from segdiff.models.spade_unet import SpadeUNetModel, resize_label_map, unexpected_label_ids
@@ -188,7 +189,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         """Image pixels per latent pixel and side (1 in pixel space)."""
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config)
 
     @property
     def default_size(self) -> tuple[int, int]:
