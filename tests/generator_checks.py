@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from PIL import Image
 
 import segdiff.generation
+import segdiff.pipelines.sdm
 
 IGNORE = 255
 SAMPLERS = {
@@ -59,7 +60,7 @@ def expected_miou(save_dir: Path, joint: bool) -> tuple[float, dict]:
 
 
 def spy_on_samplers(monkeypatch) -> dict:
-    """Record what segdiff.generation.make_scheduler builds (``built``: (name, scheduler) pairs), how many
+    """Record what segdiff.generation.make_scheduler (segdiff.pipelines.sdm.sdm_sampler for SDM) builds (``built``: (name, scheduler) pairs), how many
     ``step`` calls each sampler class gets (``steps``) and the ``eta`` of each DDIM step (``eta``; None when not
     passed), for a generator run in this process. The spied ``step`` keeps its signature: pipelines that look
     for ``eta`` or ``generator`` there (diffusers' do) still find them."""
@@ -72,6 +73,15 @@ def spy_on_samplers(monkeypatch) -> dict:
         return scheduler
 
     monkeypatch.setattr(segdiff.generation, "make_scheduler", recording_make_scheduler)
+    # The SDM generator builds its samplers with sdm_sampler (its own DPM-Solver++): recorded as what it returns.
+    sdm_sampler = segdiff.pipelines.sdm.sdm_sampler
+
+    def recording_sdm_sampler(name, config):
+        scheduler = sdm_sampler(name, config)
+        seen["built"].append((name, scheduler))
+        return scheduler
+
+    monkeypatch.setattr(segdiff.pipelines.sdm, "sdm_sampler", recording_sdm_sampler)
     for cls in SAMPLERS.values():
 
         @functools.wraps(cls.step)

@@ -356,6 +356,8 @@ def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_pa
         assert built_name == name and type(built) is SAMPLERS[name]
         # the pixel model's clipping, whichever way the sampler applies it
         assert built.config.clip_sample if name != "dpmsolver" else built.config.thresholding
+        if name == "dpmsolver":  # SDM's DPM-Solver++ is the stochastic one (segdiff.pipelines.sdm.sdm_sampler)
+            assert built.config.algorithm_type == "sde-dpmsolver++"
         # 3 steps, all with the named sampler and none with another
         assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
     assert len(seen["built"]) == 3
