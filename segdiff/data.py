@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -121,14 +122,27 @@ def colours_of_codes(codes: np.ndarray) -> np.ndarray:
     return np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1).astype(np.uint8)
 
 
-def resize_labels(label: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W) label map read from a file (ids are never blended): the one used by
-    every script and module on label maps as numpy arrays. (Inside the SPADE model, batched tensors on the
-    device are resized by segdiff.models.spade_unet.resize_label_map.)"""
-    if label.shape == (height, width):
-        return label
-    resized = Image.fromarray(label.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(resized).astype(np.int64)
+# Nearest-neighbour resizing of label maps: no blending of classes. "nearest-exact" samples pixel centres (torch's
+# plain "nearest" shifts the grid by half a pixel when upsampling).
+LABEL_RESIZE_MODE = "nearest-exact"
+
+
+def resize_labels(labels, height: int, width: int):
+    """Nearest-neighbour resize of label maps, (H, W) or (B, H, W), to ``height`` x ``width``: ids are never blended.
+
+    The one label resize of the project: a numpy array comes back as int64 numpy (maps read from files), a tensor
+    as a tensor of its dtype on its device (batches inside the SPADE model and the SDM pipeline). Through float32,
+    exact for every id below 2**24.
+    """
+    if tuple(labels.shape[-2:]) == (height, width):
+        return labels
+    as_numpy = not torch.is_tensor(labels)
+    tensor = torch.from_numpy(np.asarray(labels).astype(np.int64)) if as_numpy else labels
+    batch = tensor[None] if tensor.ndim == 2 else tensor
+    resized = F.interpolate(batch[:, None].float(), size=(height, width), mode=LABEL_RESIZE_MODE)[:, 0]
+    resized = resized.round().to(tensor.dtype)
+    resized = resized[0] if tensor.ndim == 2 else resized
+    return resized.numpy() if as_numpy else resized
 
 
 def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:

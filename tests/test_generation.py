@@ -508,6 +508,15 @@ def test_submission_is_one_jpg_per_label_at_its_size_with_its_own_reference(sdm_
     ]
     assert json.loads((tmp_path / "out" / ARGS_FILE).read_text())["style_map"] == str(style_map.resolve())
 
+    # The landscape task's shape: generated at a rectangle (here 16 x 32, as 384 x 512), submitted at each label's size.
+    argv = ["--model", sdm_style_model, "--masks_dir", labels, "--save_dir", tmp_path / "wide_out", "--style_map",
+            style_map, "--submission_dir", tmp_path / "wide_submission", "--num_inference_steps", "2",
+            "--resolution", "16,32"]  # fmt: skip
+    generate_spade_sdm.main(generate_spade_sdm.parse_args([str(a) for a in argv]))
+    for stem, size in (("wide", (40, 24)), ("square", (32, 32))):
+        assert Image.open(tmp_path / f"wide_out/generated_images/sample_{stem}/generated_00.png").size == (32, 16)
+        assert Image.open(tmp_path / f"wide_submission/{stem}.jpg").size == size
+
 
 def test_submission_errors_name_the_label_the_file_and_the_flag(
     sdm_style_model, sdm_model, toy_data, tmp_path, monkeypatch

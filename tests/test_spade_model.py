@@ -9,11 +9,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
+from segdiff.data import resize_labels
 from segdiff.models.spade_unet import (
     SpadeUNetModel,
     encode_label_map,
     label_boundaries,
-    resize_label_map,
 )
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.tiny import tiny_vae
@@ -84,9 +84,9 @@ def test_encoding_refuses_ids_that_are_not_classes():
 
 def test_resizing_label_maps_keeps_ids():
     labels = random_labels(2, 32, num_classes=200)
-    assert torch.equal(resize_label_map(resize_label_map(labels, (64, 64)), (32, 32)), labels)
-    assert resize_label_map(labels[0], (16, 8)).shape == (16, 8)
-    assert set(resize_label_map(labels, (13, 13)).unique().tolist()) <= set(labels.unique().tolist())
+    assert torch.equal(resize_labels(resize_labels(labels, 64, 64), 32, 32), labels)
+    assert resize_labels(labels[0], 16, 8).shape == (16, 8)
+    assert set(resize_labels(labels, 13, 13).unique().tolist()) <= set(labels.unique().tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------

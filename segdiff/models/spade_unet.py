@@ -60,15 +60,13 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from segdiff.data import IGNORE_INDEX
+from segdiff.data import IGNORE_INDEX, LABEL_RESIZE_MODE, resize_labels
 
 CONDITIONINGS = ("spade", "concat")
 UNKNOWN_CLASS_MODES = ("zeros", "channel")
 
-# Nearest-neighbour resizing for label maps and one-hot maps: no blending of classes. "nearest-exact" samples
-# pixel centres (torch's plain "nearest" shifts the grid by half a pixel when upsampling); for the power-of-two
-# downsampling inside the UNet both pick the same pixels.
-LABEL_RESIZE_MODE = "nearest-exact"
+# One-hot maps inside the UNet are resized with segdiff.data's LABEL_RESIZE_MODE ("nearest-exact"), as label maps
+# are: for its power-of-two downsampling, "nearest" would pick the same pixels.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,17 +141,6 @@ def encode_label_map(
     if edge_map:
         channels.append(label_boundaries(labels)[:, None].float())
     return torch.cat(channels, dim=1)
-
-
-def resize_label_map(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize integer label maps (H, W) or (B, H, W) to ``size`` = (height, width), nearest: ids stay ids."""
-    squeeze = labels.ndim == 2
-    batch = labels[None] if squeeze else labels
-    if tuple(batch.shape[-2:]) != tuple(size):
-        # Through float32: exact for every id below 2**24.
-        batch = F.interpolate(batch[:, None].float(), size=tuple(size), mode=LABEL_RESIZE_MODE)[:, 0]
-        batch = batch.round().to(labels.dtype)
-    return batch[0] if squeeze else batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,7 +524,7 @@ class SpadeUNetModel(ModelMixin, ConfigMixin):
         """
         labels = torch.as_tensor(np.asarray(labels)) if not torch.is_tensor(labels) else labels
         if size is not None:
-            labels = resize_label_map(labels, size)
+            labels = resize_labels(labels, *size)
         encoded = encode_label_map(
             labels,
             self.config.num_classes,

@@ -39,9 +39,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from segdiff.controlnet import vae_scale_factor
-from segdiff.data import IGNORE_INDEX
+from segdiff.data import IGNORE_INDEX, resize_labels
 from segdiff.generation import make_scheduler
-from segdiff.models.spade_unet import SpadeUNetModel, resize_label_map, unexpected_label_ids
+from segdiff.models.spade_unet import SpadeUNetModel, unexpected_label_ids
 
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
@@ -318,7 +318,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         height, width = height or default_height, width or default_width
         self.check_size(height, width)
         sample_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        labels = torch.stack([resize_label_map(m, sample_size) for m in maps])
+        labels = torch.stack([resize_labels(m, *sample_size) for m in maps])
         mask_indices = [i for i in range(len(maps)) for _ in range(num_images_per_mask)]
         segmentation = self.unet.encode_segmentation(labels[mask_indices], ignore_index=self.config.ignore_index)
 
