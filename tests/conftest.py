@@ -60,3 +60,33 @@ def tiny_sd_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-sd"
     build_tiny_sd(folder, sample_size=32, seed=0)
     return folder
+
+
+def write_stand_in_weights(folder: Path):
+    """Offline stand-ins for the weights evaluate.py reads, in ``folder``: ``extractor`` (a TorchScript random-conv
+    feature extractor in place of Inception) and ``alexnet`` (a random torchvision AlexNet's conv layers: all LPIPS
+    uses); ``empty_hub``: a torch hub folder holding neither."""
+    from types import SimpleNamespace
+
+    import torch
+    import torchvision
+
+    class RandomFeatures(torch.nn.Module):
+        """A stand-in for Inception: uint8 images -> 32 features (random conv, pooled)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+            self.pool = torch.nn.AdaptiveAvgPool2d(2)
+
+        def forward(self, images):
+            return self.pool(torch.relu(self.conv(images.float() / 127.5 - 1))).flatten(1)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    extractor = torch.jit.trace(RandomFeatures().eval(), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    torch.jit.save(extractor, folder / "extractor.pt")
+    # Only the convolutional part: all LPIPS uses (the full state dict would be 240 MB).
+    alexnet = torchvision.models.alexnet().state_dict()
+    torch.save({key: value for key, value in alexnet.items() if key.startswith("features.")}, folder / "alexnet.pth")
+    return SimpleNamespace(extractor=folder / "extractor.pt", alexnet=folder / "alexnet.pth", empty_hub=folder / "hub")

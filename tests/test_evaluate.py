@@ -11,12 +11,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPT_ENV
+from conftest import ROOT, SCRIPT_ENV, write_stand_in_weights
 from PIL import Image
 
 import evaluate
@@ -50,30 +49,9 @@ RESULT_FILES = ("metrics.json", "evaluation_report.txt", "per_class_iou.png", "c
 # Inputs: weights, and the layouts each generator writes, built by hand from toy data.
 
 
-class RandomFeatures(torch.nn.Module):
-    """A stand-in for Inception: uint8 images -> 32 features (random conv, pooled)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-        self.pool = torch.nn.AdaptiveAvgPool2d(2)
-
-    def forward(self, images):
-        return self.pool(torch.relu(self.conv(images.float() / 127.5 - 1))).flatten(1)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    import torchvision
-
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    extractor = torch.jit.trace(RandomFeatures().eval(), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    torch.jit.save(extractor, folder / "extractor.pt")
-    # Only the convolutional part: all LPIPS uses (the full state dict would be 240 MB).
-    alexnet = torchvision.models.alexnet().state_dict()
-    torch.save({key: value for key, value in alexnet.items() if key.startswith("features.")}, folder / "alexnet.pth")
-    return SimpleNamespace(extractor=folder / "extractor.pt", alexnet=folder / "alexnet.pth", empty_hub=folder / "hub")
+    return write_stand_in_weights(tmp_path_factory.mktemp("weights"))
 
 
 def make_mask_conditioned_layout(toy, folder, num_masks=4, per_mask=3):

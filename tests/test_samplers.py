@@ -2,22 +2,13 @@
 in pixel space, epsilon alone for a learned-variance model, noise drawn from each image's own generator."""
 
 import numpy as np
-import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-from test_spade_model import make_pipeline, random_labels
+from test_spade_model import _one_thread, make_pipeline, random_labels  # noqa: F401 (_one_thread: autouse)
 
 import segdiff.pipelines.sdm as sdm_module
 from segdiff.generation import make_scheduler
 from segdiff.pipelines.sdm import sdm_sampler, sdm_scheduler
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sdm_sampler_makes_dpmsolver_stochastic_on_the_training_schedule():

@@ -309,15 +309,16 @@ def test_trainer_adds_a_style_encoder_with_init_from(tmp_path, theme_data):
         "--model_config", TINY_CONFIG, "--resolution", "16", "--train_batch_size", "4", "--max_train_steps", "1",
         "--report_to", "none", "--validation_steps", "0",
     )  # fmt: skip
-    styled = tmp_path / "styled"
+    styled = tmp_path / "styled"  # at 16 x 24: the landscape task's rectangle (384 x 512), with a style reference
     run_script(
         "train_spade_sdm.py", "--data_root", theme_data / "train", "--dataset", "generic", "--output_dir", styled,
         "--init_from", base, "--style_reference", "--style_channels", "8", "--style_resolution", "16",
-        "--resolution", "16", "--train_batch_size", "4", "--max_train_steps", "1", "--report_to", "none",
+        "--resolution", "16,24", "--train_batch_size", "4", "--max_train_steps", "1", "--report_to", "none",
         "--validation_steps", "0",
     )  # fmt: skip
     unet = SpadeUNetModel.from_pretrained(styled, subfolder="unet")
     assert unet.config.style_channels == 8 and unet.style_encoder is not None
     config = json.loads((styled / "training_config.json").read_text())
     assert config["style_reference"] and config["unet_config"]["style_channels"] == 8
+    assert config["resolution"] == [16, 24]
     assert config["style_offset_noise"] == 0.1  # the default: the trainer hides the noisy sample's global colour

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import ROOT, SCRIPT_ENV
+from conftest import ROOT, SCRIPT_ENV, write_stand_in_weights
 from PIL import Image
 
 from segdiff.data import SIDEWALK_CLASSES, SIDEWALK_PALETTE
@@ -59,30 +58,9 @@ def sidewalk_copy(tmp_path_factory):
     return hub
 
 
-class RandomFeatures(torch.nn.Module):
-    """A stand-in for Inception: uint8 images -> 32 features (random conv, pooled)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-        self.pool = torch.nn.AdaptiveAvgPool2d(2)
-
-    def forward(self, images):
-        return self.pool(torch.relu(self.conv(images.float() / 127.5 - 1))).flatten(1)
-
-
 @pytest.fixture(scope="module")
 def stand_in_weights(tmp_path_factory):
-    import torchvision
-
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.jit.save(
-        torch.jit.trace(RandomFeatures().eval(), torch.zeros(1, 3, 64, 64, dtype=torch.uint8)), folder / "extractor.pt"
-    )
-    alexnet = torchvision.models.alexnet().state_dict()
-    torch.save({key: value for key, value in alexnet.items() if key.startswith("features.")}, folder / "alexnet.pth")
-    return folder
+    return write_stand_in_weights(tmp_path_factory.mktemp("weights"))
 
 
 def run_driver(*args, torch_home):
@@ -107,8 +85,8 @@ def test_quick_workflow_runs_every_stage_then_skips_them_all(sidewalk_copy, stan
     work = tmp_path / "work"
     command = (
         "--quick", "--work_dir", work, "--data_dir", sidewalk_copy, "--val_fraction", 0.25,
-        "--feature_extractor_torchscript", stand_in_weights / "extractor.pt",
-        "--lpips_weights", stand_in_weights / "alexnet.pth",
+        "--feature_extractor_torchscript", stand_in_weights.extractor,
+        "--lpips_weights", stand_in_weights.alexnet,
     )  # fmt: skip
     first = run_driver(*command, torch_home=tmp_path / "torch")
     assert [stage for stage in STAGES if f"[{stage}] done: skipped" in first] == []
@@ -137,7 +115,7 @@ def test_quick_workflow_runs_every_stage_then_skips_them_all(sidewalk_copy, stan
     assert report["kid"] == {"mean": metrics["kid_mean"], "std": metrics["kid_std"]}
     small_sample, non_standard, palette = report["warnings"]
     assert small_sample.startswith("FID from 4 generated and 2 real images: fewer than 2048")
-    extractor = stand_in_weights / "extractor.pt"
+    extractor = stand_in_weights.extractor
     assert non_standard.startswith(f"FID/KID come from a non-standard feature extractor (TorchScript {extractor} (32")
     assert palette.startswith("mIoU from the palette segmenter")
     markdown = (work / "val" / "report.md").read_text()
