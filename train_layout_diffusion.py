@@ -493,7 +493,7 @@ def main(args):
             for ema in ema_models.values():
                 ema.step(unet.parameters())
             global_step += 1
-            meter.step()
+            meter.step(loss)
             progress_bar.update(1)
             if global_step % args.checkpointing_steps == 0:
                 training.save_checkpoint(accelerator, args, global_step)

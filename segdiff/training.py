@@ -802,12 +802,14 @@ class ThroughputMeter:
         self.samples_per_step = samples_per_step
         self.steps = 0
         self.start = None
+        self.loss_sum = 0.0  # a tensor once timed steps run: summed on the device, read once at the end
 
-    def step(self) -> None:
+    def step(self, loss: torch.Tensor) -> None:
         if self.start is None:
             self.start = time.perf_counter()
         else:
             self.steps += 1
+            self.loss_sum = self.loss_sum + loss.detach().float()
 
     def summary(self) -> dict:
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
@@ -819,6 +821,8 @@ class ThroughputMeter:
             peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {
             "train_samples_per_second": round(self.steps * self.samples_per_step / elapsed, 2) if elapsed else None,
+            # this process's mean loss over the timed steps: benchmarks compare trainers at equal loss with it
+            "mean_loss": round(float(self.loss_sum) / self.steps, 4) if self.steps else None,
             "peak_memory_mb": round(peak_bytes / 2**20, 1),
             "peak_memory_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
         }
