@@ -250,7 +250,7 @@ def build_controlnet(args, unet: UNet2DConditionModel, scale_factor: int) -> Con
 
 
 # ------------------------------------------------------------------------------------------------
-# Data sources: every sample is {"image", "label" | "conditioning_image", "caption"?, "name", "index"}
+# Data sources: every sample is {"image", "label" | "conditioning_image", "caption"?, "name"}
 # ------------------------------------------------------------------------------------------------
 
 
@@ -298,19 +298,6 @@ class ConditionedImages(Dataset):
             "name": name,
             "control_source": control_source,
         }
-
-
-class Indexed(Dataset):
-    """Adds each sample's index to it: the key of its cached latents."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "index": index}
 
 
 def read_metadata_csv(folder, args) -> ConditionedImages:
@@ -409,7 +396,7 @@ def training_source(args):
     if args.max_train_samples is not None and args.max_train_samples < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
         dataset = Subset(dataset, order[: args.max_train_samples].tolist())
-    return Indexed(dataset), class_names, palette, source
+    return dataset, class_names, palette, source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,8 +444,13 @@ class PairTransform:
         return pixels, control, label
 
 
+def control_to_rgb(control: torch.Tensor) -> np.ndarray:
+    """A control image (float 3xHxW in [0, 1], from 8-bit colours) back to its HxWx3 uint8 colours, exactly."""
+    return (control * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def control_to_pil(control: torch.Tensor) -> Image.Image:
-    return Image.fromarray((control * 255).round().byte().permute(1, 2, 0).numpy())
+    return Image.fromarray(control_to_rgb(control))
 
 
 def sample_prompt(sample, label, control, class_names, palette, args, generator) -> str:
@@ -470,28 +462,35 @@ def sample_prompt(sample, label, control, class_names, palette, args, generator)
         return caption
     if class_names is None:
         return ""
-    if label is None:  # an RGB control image: its classes through the palette (unknown colours are an error)
-        rgb = np.asarray(control_to_pil(control))
-        label = colour_mask_to_labels(rgb, palette, args.ignore_index, sample.get("control_source", sample["name"]))
+    if label is None:
+        label = control_labels(control, palette, args, sample)
     return class_prompt(label, class_names, args.prompt_template, args.prompt_top_k, args.ignore_index)
 
 
-def build_training_data(args, dataset, class_names, palette, cache=None):
+def control_labels(control: torch.Tensor, palette, args, sample) -> torch.Tensor:
+    """The label map of an RGB control image, through the palette (unknown colours are an error naming it)."""
+    source = sample.get("control_source", sample["name"])
+    return torch.from_numpy(colour_mask_to_labels(control_to_rgb(control), palette, args.ignore_index, source))
+
+
+def build_training_data(args, dataset, class_names, palette, cached=None):
     """The per-sample processing as a SeededDataset, and its collate function.
 
     Each sample's augmentation, prompt choice and empty-prompt draw come from its own seed (see
     segdiff.training.EpochSeededSampler), so a resumed run sees exactly what an uninterrupted one would.
+    ``cached`` (from `cache_dataset`) replaces the dataset: a cached step reads no file and does no PIL work.
     """
     transform = PairTransform(args, palette, args.ignore_index)
 
     def process(sample, generator):
-        pixels, control, label = transform(sample)
         example = {}
-        if cache is None:
+        if cached is None:
+            pixels, control, label = transform(sample)
             example["pixel_values"] = pixels
-        else:  # the cache holds the centre crop and its mirror: flip the control image alike
+        else:  # the centre crop's latents and its mirror's: flip the control image and label map alike
             flip = args.random_flip and torch.rand(1, generator=generator).item() < 0.5
-            example["latent_mean"], example["latent_std"] = cache[sample["index"]][int(flip)]
+            example["latent_mean"], example["latent_std"] = sample["latents"][int(flip)]
+            control, label = sample["control"].float() / 255.0, sample["label"]
             if flip:
                 control = control.flip(-1)
                 label = label.flip(-1) if label is not None else None
@@ -510,23 +509,33 @@ def build_training_data(args, dataset, class_names, palette, cache=None):
         batch["seed"] = torch.tensor([e["seed"] for e in examples])
         return batch
 
-    return training.SeededDataset(dataset, process), collate
+    return training.SeededDataset(dataset if cached is None else cached, process), collate
 
 
-def encode_dataset(dataset, args, palette, vae, accelerator, weight_dtype) -> dict:
-    """VAE latent distributions of every centre-cropped image and of its mirror, by sample index (see
-    `training.encode_latent_distributions`)."""
+def cache_dataset(dataset, args, class_names, palette, vae, accelerator, weight_dtype) -> list[dict]:
+    """Every sample's centre crop, prepared once for --cache_latents.
+
+    Per sample: the VAE latent distributions of the crop and of its mirror (see
+    `training.encode_latent_distributions`), the control image (8-bit), the label map (read from the control
+    image's colours when it is RGB and the classes are known, so prompts need no colour matching later),
+    and the caption. The transform is deterministic here (centre crop, no flip, no affine), so all of it is
+    what every step would compute.
+    """
     transform = PairTransform(args, palette, args.ignore_index, deterministic=True)
-    indices = []
+    kept = []
 
     def pixels():
         for i in tqdm(range(len(dataset)), desc="Caching latents", disable=not accelerator.is_local_main_process):
             sample = dataset[i]
-            indices.append(sample["index"])
-            yield transform(sample)[0]
+            pixel_values, control, label = transform(sample)
+            if label is None and class_names is not None:
+                label = control_labels(control, palette, args, sample)
+            keys = ("caption", "name", "control_source")
+            kept.append({"control": (control * 255).round().byte(), "label": label, **{k: sample.get(k) for k in keys}})
+            yield pixel_values
 
     latents = training.encode_latent_distributions(pixels(), vae, accelerator, weight_dtype)
-    return dict(zip(indices, latents))
+    return [{**sample, "latents": views} for sample, views in zip(kept, latents)]
 
 
 class PromptEmbeddingCache:
@@ -723,9 +732,11 @@ def main(args):
         )
     training.register_checkpoint_hooks(accelerator, {"controlnet": controlnet}, ema_models)
 
-    cache = encode_dataset(dataset, args, palette, vae, accelerator, weight_dtype) if args.cache_latents else None
+    cached = None
+    if args.cache_latents:
+        cached = cache_dataset(dataset, args, class_names, palette, vae, accelerator, weight_dtype)
     validation = validation_conditions(args, dataset, class_names, palette) if args.validation_steps else []
-    train_dataset, collate = build_training_data(args, dataset, class_names, palette, cache)
+    train_dataset, collate = build_training_data(args, dataset, class_names, palette, cached)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, controlnet.parameters(), accelerator)
     controlnet, optimizer, train_dataloader = accelerator.prepare(controlnet, optimizer, train_dataloader)

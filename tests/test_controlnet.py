@@ -26,7 +26,13 @@ from segdiff.generation import colour_mask_to_labels, make_scheduler
 from segdiff.prompts import class_prompt, classes_by_area
 from segdiff.rendering import RendererError
 from segdiff.training import derive_seed
-from train_controlnet_seg import PromptEmbeddingCache, build_training_data, parse_args, training_source
+from train_controlnet_seg import (
+    PromptEmbeddingCache,
+    build_training_data,
+    cache_dataset,
+    parse_args,
+    training_source,
+)
 
 
 def train_args(tiny_sd_folder, output_dir, *extra):
@@ -324,6 +330,37 @@ def test_dataset_name_reads_save_to_disk_folders_and_reference_csv_folders(
     # The reference project passes its metadata.csv folder as --dataset_name.
     example = processed(parse_args(base + ["--dataset_name", str(metadata_folder)]), [0])[0]
     assert example["prompt"] == "a toy picture 0"
+
+
+@pytest.mark.parametrize("source", ["label maps", "metadata.csv"])
+def test_cached_steps_see_what_uncached_ones_do_and_read_no_file(
+    source, metadata_folder, toy_data, tiny_sd_folder, tmp_path, monkeypatch
+):
+    """--cache_latents keeps each centre crop's control image, label map and caption too: a cached step
+    gives the uncached step's control image and prompt without opening a file or making a PIL image."""
+    from accelerate import Accelerator
+
+    data = toy_args(toy_data) if source == "label maps" else ["--train_data_dir", str(metadata_folder)]
+    common = [str(a) for a in train_args(tiny_sd_folder, tmp_path)[1:]] + [str(a) for a in data]
+    common += ["--class_names_json", str(toy_data / "class_names.json"), "--resolution", "24", "--no_random_flip"]
+    uncached = processed(parse_args(common + ["--center_crop"]))
+
+    args = parse_args(common + ["--cache_latents"])
+    dataset, class_names, palette, _ = training_source(args)
+    vae = AutoencoderKL.from_pretrained(tiny_sd_folder, subfolder="vae")
+    cached = cache_dataset(dataset, args, class_names, palette, vae, Accelerator(cpu=True), torch.float32)
+    train_dataset, _ = build_training_data(args, dataset, class_names, palette, cached)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached step opened a file or made a PIL image")
+
+    monkeypatch.setattr(Image, "open", forbidden)
+    monkeypatch.setattr(Image, "fromarray", forbidden)
+    for i, expected in enumerate(uncached):
+        example = train_dataset[(i, 1000 + i)]  # the same seeds: the same caption and prompt-dropout draws
+        assert "pixel_values" not in example and example["latent_mean"].shape == (4, 12, 12)
+        torch.testing.assert_close(example["conditioning_pixel_values"], expected["conditioning_pixel_values"])
+        assert example["prompt"] == expected["prompt"]
 
 
 def test_metadata_csv_training_with_cached_latents_and_ema(metadata_folder, toy_data, tiny_sd_folder, tmp_path):
