@@ -17,7 +17,6 @@ loss over the timed steps shows both sides optimise the same objective.
 import argparse
 import csv
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import RESULTS, append_results, launch_training  # noqa: E402
+from common import RESULTS, append_results, launch_command, launch_training  # noqa: E402
 
 from segdiff.data import colorize_label, load_segmentation_dataset  # noqa: E402
 from segdiff.prompts import class_prompt  # noqa: E402
@@ -78,13 +77,11 @@ def write_controlnet_rows(data: Path, folder: Path) -> None:
 def reference_run(loop: str, base: Path, data: Path, out: Path, args) -> dict:
     """One run of a reference loop, launched as ours are (common.launch_training's command)."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(os.cpu_count()),
-        str(ROOT / "benchmarks" / "reference_trainers.py"), loop, "--base", str(base), "--data", str(data),
-        "--output_dir", str(out), "--resolution", str(args.resolution),
-        "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.train_steps),
-    ]  # fmt: skip
+    command = launch_command(
+        "benchmarks/reference_trainers.py", loop, "--base", base, "--data", data, "--output_dir", out,
+        "--resolution", args.resolution, "--train_batch_size", args.train_batch_size,
+        "--max_train_steps", args.train_steps,
+    )  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"reference_trainers.py {loop} failed:\n{result.stderr[-4000:]}")

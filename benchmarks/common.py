@@ -21,25 +21,45 @@ def machine() -> str:
     return f"{device}; {platform.processor() or platform.machine()}; torch {torch.__version__}"
 
 
+class TrainingFailed(SystemExit):
+    """A trainer run that exited with an error; its ``code`` is the message, which ends with the trainer's stderr.
+    Uncaught, it stops the benchmark with that message like any SystemExit; a benchmark that records failed rows
+    catches it."""
+
+
+def training_command(script: str, *args) -> list[str]:
+    """The command `launch_training` runs: accelerate launch, one process, every core (or OMP_NUM_THREADS), no
+    checkpoints, no validation, no trackers (so only training is timed)."""
+    # Every core, unless the caller set OMP_NUM_THREADS: the tests run two at a time on two cores, one thread
+    # each, and a trainer with more threads than its share of cores runs many times slower.
+    return launch_command(
+        script, *args, "--checkpointing_steps", 100000, "--validation_steps", 0, "--report_to", "none"
+    )
+
+
+def launch_command(script: str, *args) -> list[str]:
+    """``accelerate launch`` of one process with every core (or OMP_NUM_THREADS), as the benchmarks run scripts."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", threads,
+        str(ROOT / script), *map(str, args),
+    ]  # fmt: skip
+
+
 def launch_training(script: str, *args) -> dict:
     """Run a trainer as a user would (accelerate launch, one process, every core) and return its train_stats.json.
 
     The trainers time themselves from their second optimizer step (see segdiff.training.ThroughputMeter), so
     start-up and the first step's warm-up are not counted; each run is its own process, so the peak memory is
-    that configuration's own.
+    that configuration's own. A trainer's ``--mixed_precision`` overrides the launcher's "no".
     """
     # Every run starts from scratch, even in a reused --work_dir (a trainer would write over an old run's files).
     output_dir = Path(args[list(args).index("--output_dir") + 1])
     shutil.rmtree(output_dir, ignore_errors=True)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(os.cpu_count()),
-        str(ROOT / script), *map(str, args),
-        "--checkpointing_steps", "100000", "--validation_steps", "0", "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(training_command(script, *args), cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{script} failed:\n{result.stderr[-4000:]}")
+        raise TrainingFailed(f"{script} failed:\n{result.stderr[-4000:]}")
     return json.loads((output_dir / "train_stats.json").read_text())
 
 
