@@ -40,7 +40,6 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
@@ -725,11 +724,10 @@ def main(args):
         # The gradient reaches the ControlNet through the frozen UNet, whose activations are the larger share.
         unet.enable_gradient_checkpointing()
 
+    training.use_channels_last(args, controlnet, unet, vae)
     ema_models = {}
     if args.use_ema:
-        ema_models["controlnet_ema"] = EMAModel(
-            controlnet.parameters(), decay=args.ema_decay, model_cls=ControlNetModel, model_config=controlnet.config
-        )
+        ema_models["controlnet_ema"] = training.make_ema(controlnet, args)
     training.register_checkpoint_hooks(accelerator, {"controlnet": controlnet}, ema_models)
 
     cached = None
@@ -756,7 +754,7 @@ def main(args):
             data_source=source,
             vae_scale_factor=scale_factor,
             conditioning_embedding_out_channels=list(
-                accelerator.unwrap_model(controlnet).config.conditioning_embedding_out_channels
+                training.unwrap_model(accelerator, controlnet).config.conditioning_embedding_out_channels
             ),
             control_image="label map in the palette colours of class_names.json; ignore_index and padding black",
         )
@@ -847,7 +845,7 @@ def main(args):
                         text_encoder=text_encoder,
                         tokenizer=tokenizer,
                         unet=unet,
-                        controlnet=accelerator.unwrap_model(controlnet),
+                        controlnet=training.unwrap_model(accelerator, controlnet),
                         scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config),
                     )
                     log_validation(parts, args, accelerator, validation, weight_dtype, global_step)
@@ -861,7 +859,7 @@ def main(args):
         stats = {**meter.summary(), "text_encoder_calls": prompt_embeddings.encoded}
         logger.info(f"Throughput and memory: {stats}")
         write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        controlnet = accelerator.unwrap_model(controlnet)
+        controlnet = training.unwrap_model(accelerator, controlnet)
         if args.use_ema:
             ema_models["controlnet_ema"].copy_to(controlnet.parameters())
         controlnet.save_pretrained(args.output_dir)

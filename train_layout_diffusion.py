@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
@@ -419,11 +418,10 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
+    training.use_channels_last(args, unet)
     ema_models = {}
     if args.use_ema:
-        ema_models["unet_ema"] = EMAModel(
-            unet.parameters(), decay=args.ema_decay, model_cls=LayoutUNetModel, model_config=unet.config
-        )
+        ema_models["unet_ema"] = training.make_ema(unet, args)
     training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
 
     layouts = load_layouts(dataset, args, domains)
@@ -450,7 +448,7 @@ def main(args):
             dataset.palette,
             pipeline="layout_diffusion",
             domains=domains,
-            unet_config=dict(accelerator.unwrap_model(unet).config),
+            unet_config=dict(training.unwrap_model(accelerator, unet).config),
         )
         write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
     training.init_trackers(accelerator, args, "train_layout_diffusion")
@@ -467,7 +465,7 @@ def main(args):
         global_step=global_step,
         max_train_steps=args.max_train_steps,
     )
-    model = accelerator.unwrap_model(unet)
+    model = training.unwrap_model(accelerator, unet)
     for _epoch, batch in batches:
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
@@ -346,11 +345,10 @@ def main(args):
         prompt_template=args.prompt_template,
     )
 
+    training.use_channels_last(args, unet, vae)
     ema_models = {}
     if args.use_ema:
-        ema_models["unet_ema"] = EMAModel(
-            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
-        )
+        ema_models["unet_ema"] = training.make_ema(unet, args)
     training.register_checkpoint_hooks(accelerator, trained_models, ema_models)
 
     train_dataset, collate = build_training_data(args, dataset, accelerator, vae, weight_dtype)
@@ -457,8 +455,8 @@ def main(args):
                     log_validation(
                         {
                             **parts,
-                            "unet": accelerator.unwrap_model(unet),
-                            "text_encoder": accelerator.unwrap_model(text_encoder),
+                            "unet": training.unwrap_model(accelerator, unet),
+                            "text_encoder": training.unwrap_model(accelerator, text_encoder),
                         },
                         args,
                         accelerator,
@@ -476,13 +474,13 @@ def main(args):
         stats = meter.summary()
         logger.info(f"Throughput and memory: {stats}")
         write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        unet = accelerator.unwrap_model(unet)
+        unet = training.unwrap_model(accelerator, unet)
         if args.use_ema:
             ema_models["unet_ema"].copy_to(unet.parameters())
         pipeline = pipeline_over_base(
             base,
             unet,
-            text_encoder=accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None,
+            text_encoder=training.unwrap_model(accelerator, text_encoder) if args.train_text_encoder else None,
             prediction_type=args.prediction_type,
             zero_terminal_snr=args.zero_terminal_snr,
             class_names=dataset.class_names,

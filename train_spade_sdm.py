@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -520,11 +519,10 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
+    training.use_channels_last(args, unet, vae)
     ema_models = {}
     if args.use_ema:
-        ema_models["unet_ema"] = EMAModel(
-            unet.parameters(), decay=args.ema_decay, model_cls=SpadeUNetModel, model_config=unet.config
-        )
+        ema_models["unet_ema"] = training.make_ema(unet, args)
     training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
 
     style_resolution = unet.config.style_resolution if unet.style_encoder is not None else None
@@ -545,7 +543,7 @@ def main(args):
             dataset.class_names,
             dataset.palette,
             pipeline="spade_sdm",
-            unet_config=dict(accelerator.unwrap_model(unet).config),
+            unet_config=dict(training.unwrap_model(accelerator, unet).config),
         )
     training.init_trackers(accelerator, args, "train_spade_sdm")
     validation = validation_examples(args, dataset) if accelerator.is_main_process and args.validation_steps else None
@@ -562,7 +560,7 @@ def main(args):
         global_step=global_step,
         max_train_steps=args.max_train_steps,
     )
-    model = accelerator.unwrap_model(unet)
+    model = training.unwrap_model(accelerator, unet)
     for _epoch, batch in batches:
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
