@@ -39,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
+from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segdiff.files import write_json_atomic
@@ -455,21 +456,21 @@ def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
 def adamw_implementation(device) -> dict:
     """AdamW's keyword for the fastest implementation on ``device``, where the parameters train.
 
-    CUDA: the fused kernel (a few launches for all parameters, where torch's default there, ``foreach``, needs
-    several per step), or ``foreach`` on a torch without it. Elsewhere torch's own default (the per-tensor loop on
-    CPUs). torch's fused AdamW runs on CPUs too, but there it equals the default only up to float rounding, not bit
-    for bit, for a small gain (the tiny SDM at batch 2: the optimizer is 8% of a CPU step, fused 3%): CPU runs keep
-    exactly the results they had.
+    torch's fused kernel where it has one: CUDA, and CPUs from torch 2.4. It updates all parameters in a few
+    passes instead of a loop over tensors: for the medium ControlNet of benchmarks/bench_reference.py (15 M
+    parameters in 340 tensors) a CPU optimizer step takes a fifth of the per-tensor loop's time. Its results
+    equal the per-tensor loop's up to float rounding (tests/test_speed_options.py). ``foreach`` on a CUDA torch
+    without it; elsewhere torch's own default.
     """
-    if torch.device(device).type != "cuda":
-        return {}
-    if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+    kind = torch.device(device).type
+    has_fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if has_fused and (kind == "cuda" or (kind == "cpu" and Version(torch.__version__).release >= (2, 4))):
         return {"fused": True}
-    return {"foreach": True}
+    return {"foreach": True} if kind == "cuda" else {}
 
 
 def make_optimizer(args: argparse.Namespace, parameters, accelerator: Accelerator) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA, see `adamw_implementation`), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
+    """AdamW (fused where torch has it, see `adamw_implementation`), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``."""
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer_class, implementation = torch.optim.AdamW, adamw_implementation(accelerator.device)
