@@ -52,7 +52,6 @@ from segdiff.generation import (
     process_share,
     publish_records,
     save_records,
-    with_eta,
 )
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
 from segdiff.visualize import image_grid, overlay_mask
@@ -231,8 +230,7 @@ def main(args):
     pipeline = load_pipeline(checkpoint, class_names, args)
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
-    # The pipeline's call takes no eta: the DDIM sampler gets it (with_eta).
-    pipeline.scheduler = with_eta(make_scheduler(args.scheduler, pipeline.scheduler.config), args.eta)
+    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     size = args.resolution or pipeline.default_size
     height, width = (size, size) if isinstance(size, int) else size
     try:
@@ -264,6 +262,7 @@ def main(args):
                 width=width,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
+                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other samplers
                 generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
             )
             for i, image, mask, prompt in zip(indices, output.images, output.masks, output.prompts):

@@ -56,7 +56,6 @@ from segdiff.generation import (
     masks_of,
     read_mask,
     recorded_path,
-    with_eta,
 )
 from segdiff.pipelines.sdm import sdm_sampler
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
@@ -225,8 +224,7 @@ def main(args):
     pipeline = load_sdm_pipeline(checkpoint, torch.float16 if args.fp16 else None)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
-    # The pipeline's call takes no eta: the DDIM sampler gets it (with_eta).
-    pipeline.scheduler = with_eta(sdm_sampler(args.scheduler, pipeline.scheduler.config), args.eta)
+    pipeline.scheduler = sdm_sampler(args.scheduler, pipeline.scheduler.config)
     size = args.resolution
     height, width = pipeline.default_size if size is None else (size, size) if isinstance(size, int) else size
     try:
@@ -264,6 +262,7 @@ def main(args):
                 num_images_per_mask=per_mask,
                 guidance_scale=args.guidance_scale,
                 num_inference_steps=args.num_inference_steps,
+                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other samplers
                 generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                 height=height,
                 width=width,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import inspect
 import json
 import os
@@ -110,12 +109,27 @@ def takes_eta(name: str) -> bool:
     return "eta" in inspect.signature(SAMPLER_CLASSES[name].step).parameters
 
 
-def with_eta(scheduler, eta: float | None):
-    """``scheduler`` (a DDIM) stepping with ``eta``, for pipelines whose call takes no eta (segdiff.pipelines'
-    SDM and joint ones): its step gets the value as a default. diffusers' own pipelines take ``eta=`` instead."""
-    if eta is not None:
-        scheduler.step = functools.partial(scheduler.step, eta=eta)
-    return scheduler
+def prepare_extra_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
+    """What ``scheduler.step`` gets besides (model output, timestep, sample), as diffusers' pipelines pass it
+    (StableDiffusionPipeline.prepare_extra_step_kwargs): ``eta`` only if the step takes one (DDIM's), the
+    ``generator`` only if it draws noise with one. For the pipelines of segdiff.pipelines, whose sampler may be
+    the call's own rather than ``self.scheduler``.
+
+    A non-zero ``eta`` for a step that has none is refused (diffusers drops it silently): the caller asked for
+    noise that the sampler would never add.
+    """
+    parameters = inspect.signature(scheduler.step).parameters
+    if eta and "eta" not in parameters:
+        raise ValueError(
+            f"eta={eta} is DDIM's share of fresh noise per step, and {type(scheduler).__name__} has none: "
+            "sample with DDIM (scheduler 'ddim'), or leave eta at 0"
+        )
+    kwargs = {}
+    if "eta" in parameters:
+        kwargs["eta"] = eta
+    if "generator" in parameters:
+        kwargs["generator"] = generator
+    return kwargs
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 segdiff.metrics, and a spy on the samplers a generator builds and steps with."""
 
 import functools
+import inspect
 import json
 import runpy
 import sys
@@ -60,10 +61,11 @@ def expected_miou(save_dir: Path, joint: bool) -> tuple[float, dict]:
 
 
 def spy_on_samplers(monkeypatch) -> dict:
-    """Record what segdiff.generation.make_scheduler (segdiff.pipelines.sdm.sdm_sampler for SDM) builds (``built``: (name, scheduler) pairs), how many
-    ``step`` calls each sampler class gets (``steps``) and the ``eta`` of each DDIM step (``eta``; None when not
-    passed), for a generator run in this process. The spied ``step`` keeps its signature: pipelines that look
-    for ``eta`` or ``generator`` there (diffusers' do) still find them."""
+    """Record what segdiff.generation.make_scheduler (segdiff.pipelines.sdm.sdm_sampler for SDM) builds (``built``:
+    (name, scheduler) pairs), how many ``step`` calls each sampler class gets (``steps``) and the ``eta`` that each
+    DDIM step was called with (``eta``: the argument as passed, by keyword or position; None when not passed, i.e.
+    DDIM's default), for a generator run in this process. The spied ``step`` keeps its signature: the pipelines
+    look for ``eta`` and ``generator`` there (prepare_extra_step_kwargs) and still find them."""
     seen = {"built": [], "steps": Counter(), "eta": []}
     make_scheduler = segdiff.generation.make_scheduler
 
@@ -88,7 +90,8 @@ def spy_on_samplers(monkeypatch) -> dict:
         def step(self, *args, _step=cls.step, **kwargs):
             seen["steps"][type(self).__name__] += 1
             if isinstance(self, DDIMScheduler):
-                seen["eta"].append(kwargs.get("eta"))
+                passed = inspect.signature(_step).bind(self, *args, **kwargs).arguments  # without the defaults
+                seen["eta"].append(passed.get("eta"))
             return _step(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "step", step)

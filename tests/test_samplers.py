@@ -1,13 +1,15 @@
 """The SDM pipeline's samplers by name (`sdm_sampler`): stochastic DPM-Solver++ on the training schedule, x0 clipped
-in pixel space, epsilon alone for a learned-variance model, noise drawn from each image's own generator."""
+in pixel space, epsilon alone for a learned-variance model, noise drawn from each image's own generator; what each
+sampler's step gets (eta, generator: `prepare_extra_step_kwargs`)."""
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from test_spade_model import _one_thread, make_pipeline, random_labels  # noqa: F401 (_one_thread: autouse)
 
 import segdiff.pipelines.sdm as sdm_module
-from segdiff.generation import make_scheduler
+from segdiff.generation import make_scheduler, prepare_extra_step_kwargs
 from segdiff.pipelines.sdm import sdm_sampler, sdm_scheduler
 
 
@@ -76,3 +78,34 @@ def test_dpmsolver_by_name_clips_x0_draws_noise_per_image_and_steps_with_epsilon
     assert not np.allclose(generate(labels, [0, 2])[1], images[1], atol=1e-3)
     pipeline.scheduler = make_scheduler("dpmsolver", pipeline.scheduler.config)
     assert not np.allclose(generate(labels, [0, 1], scheduler=None), images, atol=1e-3)
+
+
+def test_eta_goes_to_the_steps_that_take_one_and_is_refused_by_the_others():
+    # As diffusers' pipelines pass them: eta to DDIM alone, the generator to the steps that draw noise with it
+    config = sdm_scheduler().config
+    generator = torch.Generator()
+    expected = {
+        ("ddim", 0.5): {"eta": 0.5, "generator": generator},
+        ("ddim", 0.0): {"eta": 0.0, "generator": generator},
+        ("ddpm", 0.0): {"generator": generator},
+        ("dpmsolver", 0.0): {"generator": generator},
+        ("unipc", 0.0): {},
+    }
+    for (name, eta), kwargs in expected.items():
+        assert prepare_extra_step_kwargs(make_scheduler(name, config), generator, eta) == kwargs, name
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's .* DPMSolverMultistepScheduler has none"):
+        prepare_extra_step_kwargs(make_scheduler("dpmsolver", config), generator, 0.5)
+
+    # The SDM pipeline's call: eta 0 is the default's deterministic DDIM; eta 1 adds fresh noise at every step
+    pipeline = make_pipeline()  # DDIM
+    labels = random_labels(1, 32)
+
+    def generate(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(labels, generator=generator, num_inference_steps=3, output_type="np", **kwargs).images
+
+    default = generate()
+    np.testing.assert_array_equal(generate(eta=0.0), default)
+    assert not np.allclose(generate(eta=1.0), default, atol=1e-3)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler has none: sample with DDIM"):
+        generate(eta=0.5, scheduler="dpmsolver")

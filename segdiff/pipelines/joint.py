@@ -22,6 +22,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 from segdiff.controlnet import size_multiple, vae_scale_factor
+from segdiff.generation import prepare_extra_step_kwargs
 
 DEFAULT_PROMPT_TEMPLATE = "a remote sensing image and mask of {class_name}"
 
@@ -174,12 +175,15 @@ class JointImageMaskPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        eta: float = 0.0,
     ):
         """Generate ``num_images_per_prompt`` (image, mask) pairs for each class in ``class_ids``.
 
         ``class_ids``: a class id, a class name, or a list of them. ``guidance_scale`` > 1 uses
         classifier-free guidance against the empty prompt (the model must have been trained with
         ``--prompt_dropout`` for it to mean anything). ``output_type``: "pil", "np" or "latent".
+        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to samplers
+        whose step takes one (as diffusers' pipelines do); a non-zero eta for another sampler is an error.
         """
         # 1. What to generate
         ids = [i for i in self.resolve_class_ids(class_ids) for _ in range(num_images_per_prompt)]
@@ -211,7 +215,8 @@ class JointImageMaskPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
 
-        # 4. Denoise image and mask together
+        # 4. Denoise image and mask together; stochastic steps draw their noise from the same generator(s)
+        step_kwargs = prepare_extra_step_kwargs(self.scheduler, generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if do_guidance else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -219,7 +224,7 @@ class JointImageMaskPipeline(DiffusionPipeline):
             if do_guidance:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(prediction, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
 
         # 5. Split: the image latent goes through the VAE, the mask channel is thresholded
         image_latents, mask_latent = latents[:, : self.image_latent_channels], latents[:, self.image_latent_channels :]

@@ -26,7 +26,6 @@ and ``edge_map`` travel in ``model_index.json``. EMA needs nothing here: the tra
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +39,7 @@ from PIL import Image
 
 from segdiff.controlnet import vae_scale_factor
 from segdiff.data import IGNORE_INDEX, resize_labels
-from segdiff.generation import make_scheduler
+from segdiff.generation import make_scheduler, prepare_extra_step_kwargs
 from segdiff.models.spade_unet import SpadeUNetModel, unexpected_label_ids
 
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -295,6 +294,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         style_images=None,
         style_scale: float = 1.0,
         scheduler: str | None = None,
+        eta: float = 0.0,
     ):
         """Generate ``num_images_per_mask`` images for each label map.
 
@@ -309,6 +309,8 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         ``scheduler``: the sampler of this call by name ("ddim", "ddpm", "dpmsolver", "unipc"), built from the
         pipeline's scheduler config (its betas, prediction type, clipping) by `sdm_sampler` ("dpmsolver" is the
         stochastic DPM-Solver++); default: ``self.scheduler``.
+        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to samplers
+        whose step takes one (as diffusers' pipelines do); a non-zero eta for another sampler is an error.
         """
         sampler = self.scheduler if scheduler is None else sdm_sampler(scheduler, self.scheduler.config)
         # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
@@ -349,8 +351,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         # 3. Denoise
         takes_variance = self.scheduler_takes_variance(sampler)
         # Stochastic steps (DDPM, DDIM with eta > 0) draw their noise from the same generator, when they take one.
-        accepts_generator = "generator" in inspect.signature(sampler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator else {}
+        step_kwargs = prepare_extra_step_kwargs(sampler, generator, eta)
         for t in self.progress_bar(sampler.timesteps):
             model_input = torch.cat([samples] * len(branches))
             model_input = sampler.scale_model_input(model_input, t)
