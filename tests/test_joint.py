@@ -406,7 +406,7 @@ def test_generator_eta_exact_size_and_guidance_in_one_batched_forward(trained, t
         "--num_samples", "2", "--batch_size", "2", "--num_inference_steps", "2", "--scheduler", "ddim",
         "--eta", "0.5", "--guidance_scale", "2", "--resolution", "16,32",
     )  # fmt: skip
-    assert seen["eta"] == [0.5, 0.5]  # the pipeline's call takes no eta: its DDIM sampler got it
+    assert seen["eta"] == [0.5, 0.5]  # --eta reached the DDIM steps through the pipeline call
     assert batch_sizes == [4, 4]  # 2 steps; 2 samples x (conditional, unconditional)
     records = [json.loads(line) for line in (tmp_path / "out/metadata.jsonl").read_text().splitlines()]
     assert [r["eta"] for r in records] == [0.5, 0.5]
