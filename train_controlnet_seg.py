@@ -165,7 +165,8 @@ def parse_args(argv=None):
     group.add_argument(
         "--cache_latents",
         action="store_true",
-        help="Encode every training image (and its mirror) with the VAE once and train from the cache. "
+        help="Encode every training image (and its mirror) with the VAE once and train from the cache, which "
+        "also keeps each crop's control image, label map and caption: a cached step reads no file. "
         "Implies center crops; cannot be combined with --random_affine.",
     )
     group.add_argument(

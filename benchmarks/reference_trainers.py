@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from transformers import AutoTokenizer, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from segdiff.controlnet import conditioning_channels_for, vae_scale_factor  # noqa: E402
 
 
 def parse_args():
@@ -229,7 +233,10 @@ def main(args):
     noise_scheduler = DDPMScheduler.from_pretrained(args.base, subfolder="scheduler")
 
     if args.loop == "controlnet":
-        trained = ControlNetModel.from_unet(unet)
+        # The example's ControlNet, its conditioning embedding sized for the base's VAE factor (8 for SD, where this
+        # is diffusers' default; 2 for the tiny test base), as train_controlnet_seg.py sizes it.
+        channels = conditioning_channels_for(vae_scale_factor(vae.config))
+        trained = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
         frozen = (vae, unet, text_encoder)
         dataset = ControlNetRows(args.data, args.resolution, tokenizer)
         compute_loss = controlnet_loss
