@@ -61,15 +61,16 @@ def parse_args():
 # Data, as the examples load it: PIL images through torchvision transforms, captions tokenized per sample.
 
 
-def image_transforms(resolution: int) -> transforms.Compose:
+def resized_and_cropped(resolution: int, interpolation: str, *to_tensor) -> transforms.Compose:
+    """Short side to ``resolution``, centre crop, then ``to_tensor`` (the examples' transforms without flips)."""
+    mode = transforms.InterpolationMode[interpolation]
     return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.CenterCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
+        [transforms.Resize(resolution, interpolation=mode), transforms.CenterCrop(resolution), *to_tensor]
     )
+
+
+def image_transforms(resolution: int) -> transforms.Compose:
+    return resized_and_cropped(resolution, "BILINEAR", transforms.ToTensor(), transforms.Normalize([0.5], [0.5]))
 
 
 def tokenize(tokenizer, caption: str) -> torch.Tensor:
@@ -86,13 +87,7 @@ class ControlNetRows(Dataset):
         with open(self.folder / "metadata.csv", newline="") as file:
             self.rows = list(csv.DictReader(file))
         self.images = image_transforms(resolution)
-        self.conditioning = transforms.Compose(
-            [
-                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-                transforms.CenterCrop(resolution),
-                transforms.ToTensor(),
-            ]
-        )
+        self.conditioning = resized_and_cropped(resolution, "BILINEAR", transforms.ToTensor())
         self.tokenizer = tokenizer
 
     def __len__(self) -> int:
@@ -119,13 +114,7 @@ class JointRows(Dataset):
         if isinstance(self.class_names, dict):
             self.class_names = self.class_names["class_names"]
         self.images = image_transforms(resolution)
-        self.masks = transforms.Compose(
-            [
-                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.NEAREST),
-                transforms.CenterCrop(resolution),
-                transforms.PILToTensor(),
-            ]
-        )
+        self.masks = resized_and_cropped(resolution, "NEAREST", transforms.PILToTensor())
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
 
