@@ -62,6 +62,19 @@ def tiny_sd_folder(tmp_path_factory):
     return folder
 
 
+def weights(folder, subfolder="unet") -> dict:
+    """The tensors of a diffusers model saved in ``folder/subfolder`` (a trained output or a checkpoint)."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / subfolder / "diffusion_pytorch_model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def write_stand_in_weights(folder: Path):
     """Offline stand-ins for the weights evaluate.py reads, in ``folder``: ``extractor`` (a TorchScript random-conv
     feature extractor in place of Inception) and ``alexnet`` (a random torchvision AlexNet's conv layers: all LPIPS

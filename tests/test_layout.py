@@ -6,9 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, script_error
+from conftest import run_script, same_weights, script_error, weights
 from PIL import Image
-from safetensors.torch import load_file
 
 from segdiff.data import read_label_map, save_label_png
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios, labels_to_analog
@@ -25,14 +24,6 @@ def train_args(data_root, output_dir, *extra, dataset="generic"):
         "--model_config", "configs/models/layout_tiny.json", "--resolution", "16", "--train_batch_size", "16",
         "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--report_to", "none", "--validation_steps", "0", *extra,
     ]  # fmt: skip
-
-
-def weights(folder, subfolder="unet"):
-    return load_file(folder / subfolder / "diffusion_pytorch_model.safetensors")
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def seeds(*values):

@@ -7,10 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, script_error
+from conftest import run_script, same_weights, script_error, weights
 from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
 from PIL import Image
-from safetensors.torch import load_file
 
 import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
@@ -34,14 +33,6 @@ def train_args(toy_data, output_dir, *extra):
         "--model_config", "configs/models/sdm_tiny.json", "--resolution", "32", "--train_batch_size", "4",
         "--learning_rate", "1e-3", "--report_to", "none", "--validation_steps", "0", *extra,
     ]  # fmt: skip
-
-
-def weights(folder, subfolder="unet"):
-    return load_file(folder / subfolder / "diffusion_pytorch_model.safetensors")
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script, script_error
+from conftest import run_script, script_error, weights
 from diffusers import ControlNetModel, UNet2DConditionModel
-from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from segdiff import training
@@ -51,10 +50,6 @@ def logged_losses(output_dir) -> list[float]:
     accumulator = EventAccumulator(str(output_dir / "logs" / "train_spade_sdm"))  # the scalars; hparams are below
     accumulator.Reload()
     return [event.value for event in accumulator.Scalars("loss")]
-
-
-def weights(folder, model="unet") -> dict:
-    return load_file(folder / model / "diffusion_pytorch_model.safetensors")
 
 
 def assert_close_weights(actual: dict, expected: dict, *, atol: float):
