@@ -411,24 +411,37 @@ def attention_rows(base, args, machine: Machine, setup: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
+def toy_image_count(args) -> int:
+    """--num_images rounded up to a whole number of batches."""
+    return -(-args.num_images // args.train_batch_size) * args.train_batch_size
+
+
+def toy_data_dir(args) -> Path:
+    """Where the toy dataset of every row lives."""
+    return Path(args.work_dir) / f"toy-{args.resolution}px-{toy_image_count(args)}"
+
+
+def base_dir(args) -> str | Path:
+    """--pretrained_model_name_or_path, or where the base built here lives."""
+    return args.pretrained_model_name_or_path or Path(args.work_dir) / f"base-{args.preset}-{args.resolution}px"
+
+
 def toy_data(args) -> Path:
-    """The toy dataset of every row: a whole number of batches, at --resolution."""
+    """The toy dataset of every row, made on first use."""
     from segdiff.toy import make_toy_dataset
 
-    num_images = -(-args.num_images // args.train_batch_size) * args.train_batch_size
-    data = Path(args.work_dir) / f"toy-{args.resolution}px-{num_images}"
+    data = toy_data_dir(args)
     if not (data / "class_names.json").exists():
-        make_toy_dataset(data, num_images=num_images, size=args.resolution, seed=0)
+        make_toy_dataset(data, num_images=toy_image_count(args), size=args.resolution, seed=0)
     return data
 
 
 def base_model(args) -> str | Path:
-    if args.pretrained_model_name_or_path:
-        return args.pretrained_model_name_or_path
-    from segdiff.tiny import build_tiny_sd
+    """The base of every row, built on first use when none is given."""
+    base = base_dir(args)
+    if not args.pretrained_model_name_or_path and not (base / "model_index.json").exists():
+        from segdiff.tiny import build_tiny_sd
 
-    base = Path(args.work_dir) / f"base-{args.preset}-{args.resolution}px"
-    if not (base / "model_index.json").exists():
         build_tiny_sd(base, sample_size=args.resolution, preset=args.preset, overwrite=True)
     return base
 
@@ -442,10 +455,7 @@ def base_name(args) -> str:
 def dry_run(args, machine: Machine) -> None:
     """Print every row's trainer command as a CUDA machine with bitsandbytes would run it (paths as a real run's),
     and what this machine would do differently."""
-    work = Path(args.work_dir)
-    num_images = -(-args.num_images // args.train_batch_size) * args.train_batch_size
-    data = work / f"toy-{args.resolution}px-{num_images}"
-    base = args.pretrained_model_name_or_path or work / f"base-{args.preset}-{args.resolution}px"
+    work, data, base = Path(args.work_dir), toy_data_dir(args), base_dir(args)
     for trainer in args.trainers:
         for row in [row for row in ROWS if row in args.rows]:
             flags, remark = row_flags(row, trainer, GPU_BOX)
