@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, append_results, launch_training  # noqa: E402
 
 from segdiff.generation import CORE_SCHEDULERS, make_scheduler  # noqa: E402
-from segdiff.metrics import binary_iou  # noqa: E402
+from segdiff.metrics import sample_agreement  # noqa: E402
 from segdiff.pipelines.joint import JointImageMaskPipeline  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import PaletteSegmenter, make_toy_dataset  # noqa: E402
@@ -110,7 +110,8 @@ def demo_model(work: Path) -> tuple[Path, dict]:
 
 def mean_agreements(model: Path, num_samples: int, batch_size: int = 16) -> dict[str, float]:
     """Per entry of QUALITY_SAMPLERS: the mean agreement of the samples the demo's generator draws (class i % 4,
-    seed i, in batches of ``batch_size``), scored as segdiff.metrics.mask_agreement scores its output folder."""
+    seed i, in batches of ``batch_size``), scored as segdiff.metrics.mask_agreement scores its output folder
+    (`sample_agreement`)."""
     pipeline = JointImageMaskPipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
     segmenter = PaletteSegmenter.from_class_names_json(model / "class_names.json")
@@ -125,7 +126,7 @@ def mean_agreements(model: Path, num_samples: int, batch_size: int = 16) -> dict
             generators = [torch.Generator().manual_seed(i) for i in indices]
             output = pipeline([classes[i] for i in indices], num_inference_steps=steps, generator=generators)
             for i, image, mask in zip(indices, output.images, output.masks):
-                ious.append(binary_iou(mask, np.asarray(segmenter(image)) == classes[i]))
+                ious.append(sample_agreement(image, mask, classes[i], segmenter))
         agreements[label] = float(np.mean(ious))
         print(f"{label}: agreement {agreements[label]:.4f}", flush=True)
     return agreements

@@ -70,6 +70,12 @@ def binary_iou(a, b) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+def sample_agreement(image, mask, class_id: int, segmenter) -> float:
+    """One joint sample's agreement: the IoU of its binary ``mask`` and the pixels the segmenter reads as
+    ``class_id`` in its ``image``."""
+    return binary_iou(np.asarray(mask), np.asarray(segmenter(image)) == class_id)
+
+
 def mask_agreement(dataset_dir, segmenter) -> dict:
     """Image/mask agreement of a joint generator's output folder.
 
@@ -88,8 +94,7 @@ def mask_agreement(dataset_dir, segmenter) -> dict:
     for record in records:
         image = Image.open(dataset_dir / record["file_name"]).convert("RGB")
         mask = np.asarray(Image.open(dataset_dir / record["mask_file_name"])) == record["class_id"]
-        read_back = np.asarray(segmenter(image)) == record["class_id"]
-        iou = binary_iou(mask, read_back)
+        iou = sample_agreement(image, mask, record["class_id"], segmenter)
         per_sample.append(iou)
         per_class.setdefault(record["class_name"], []).append(iou)
     return {
