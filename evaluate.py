@@ -76,11 +76,8 @@ from PIL import Image, ImageDraw
 
 from segdiff.data import (
     DATASETS,
-    IGNORE_INDEX,
     IMAGE_EXTENSIONS,
     DatasetError,
-    colorize_label,
-    default_palette,
     exit_on_bad_input,
     files_by_stem,
     load_class_names,
@@ -114,6 +111,7 @@ from segdiff.evaluation import (
     style_scores,
 )
 from segdiff.files import write_json_atomic, write_text_atomic
+from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette
 
 ALL_METRICS = ("fid", "kid", "lpips", "miou", "style")
 

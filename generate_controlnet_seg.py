@@ -43,7 +43,6 @@ from tqdm.auto import tqdm
 from segdiff.data import exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.generation import (
-    SCHEDULERS,
     MaskSampleWriter,
     add_eta_argument,
     add_images_per_mask_argument,
@@ -52,14 +51,13 @@ from segdiff.generation import (
     add_output_size_arguments,
     check_generation_args,
     check_save_dir,
-    generation_state,
-    make_scheduler,
     mask_groups,
     masks_of,
     read_captions,
     read_mask,
     recorded_path,
 )
+from segdiff.processes import generation_state
 from segdiff.prompts import classes_by_area
 from segdiff.rendering import (
     CONTROLNET_GUIDANCE_SCALE,
@@ -71,6 +69,7 @@ from segdiff.rendering import (
     recorded_base,
     run_setting,
 )
+from segdiff.schedulers import SCHEDULERS, make_scheduler
 
 
 def parse_args(argv=None):

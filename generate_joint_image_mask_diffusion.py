@@ -28,32 +28,28 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from segdiff.data import (
+from segdiff.data import load_class_names, save_label_png, write_class_names
+from segdiff.files import save_image_atomic, write_json_atomic
+from segdiff.generation import (
+    add_eta_argument,
+    add_model_argument,
+    add_output_size_arguments,
+    check_generation_args,
+    load_records,
+    publish_records,
+    save_records,
+)
+from segdiff.labels import (
     IGNORE_INDEX,
     LOVEDA_CLASSES,
     LOVEDA_PALETTE,
     SIDEWALK_CLASSES,
     SIDEWALK_PALETTE,
     default_palette,
-    load_class_names,
-    save_label_png,
-    write_class_names,
-)
-from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import (
-    CORE_SCHEDULERS,
-    add_eta_argument,
-    add_model_argument,
-    add_output_size_arguments,
-    check_generation_args,
-    generation_state,
-    load_records,
-    make_scheduler,
-    process_share,
-    publish_records,
-    save_records,
 )
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
+from segdiff.processes import generation_state, process_share
+from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 from segdiff.visualize import image_grid, overlay_mask
 
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}

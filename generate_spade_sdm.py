@@ -39,10 +39,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image, resize_labels
+from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
-    CORE_SCHEDULERS,
     MaskFile,
     MaskSampleWriter,
     add_eta_argument,
@@ -51,14 +50,15 @@ from segdiff.generation import (
     add_model_argument,
     add_output_size_arguments,
     check_generation_args,
-    generation_state,
     mask_groups,
     masks_of,
     read_mask,
     recorded_path,
 )
-from segdiff.pipelines.sdm import sdm_sampler
+from segdiff.labels import resize_labels
+from segdiff.processes import generation_state
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
+from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 
 DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
 
@@ -224,7 +224,7 @@ def main(args):
     pipeline = load_sdm_pipeline(checkpoint, torch.float16 if args.fp16 else None)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = sdm_sampler(args.scheduler, pipeline.scheduler.config)
+    pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config, stochastic=True)
     size = args.resolution
     height, width = pipeline.default_size if size is None else (size, size) if isinstance(size, int) else size
     try:

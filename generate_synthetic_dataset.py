@@ -36,20 +36,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segdiff.data import DatasetError, exit_on_bad_input, resize_labels, save_label_png, write_class_names
+from segdiff.data import DatasetError, exit_on_bad_input, save_label_png, write_class_names
 from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import (
-    check_save_dir,
-    clear_outputs,
-    generation_state,
-    load_records,
-    process_share,
-    publish_records,
-    recorded_path,
-    save_records,
-)
+from segdiff.generation import check_save_dir, clear_outputs, load_records, publish_records, recorded_path, save_records
+from segdiff.labels import resize_labels
 from segdiff.models.layout_unet import class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
+from segdiff.processes import generation_state, process_share
 from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
 
 

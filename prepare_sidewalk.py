@@ -54,18 +54,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segdiff.data import (
-    IGNORE_INDEX,
-    SIDEWALK_CLASSES,
-    SIDEWALK_PALETTE,
-    colorize_label,
-    default_palette,
-    load_class_names,
-    read_label_map,
-    save_label_png,
-    write_class_names,
-)
+from segdiff.data import load_class_names, read_label_map, save_label_png, write_class_names
 from segdiff.files import save_image_atomic, write_json_atomic
+from segdiff.labels import IGNORE_INDEX, SIDEWALK_CLASSES, SIDEWALK_PALETTE, colorize_label, default_palette
 
 logger = logging.getLogger("prepare_sidewalk")
 

@@ -46,30 +46,26 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
-from segdiff.controlnet import (
-    conditioning_channels_for,
-    conditioning_downsampling,
-    size_multiple,
-    vae_scale_factor,
-)
 from segdiff.data import (
     LABEL_OFFSETS,
     DatasetError,
     JointTransform,
     add_dataset_args,
-    colorize_label,
-    colour_codes,
-    colours_of_codes,
     dataset_from_args,
-    default_palette,
     exit_on_bad_input,
     load_class_names,
     read_image,
-    resize_labels,
 )
 from segdiff.files import write_json_atomic
 from segdiff.generation import colour_mask_to_labels, read_mask
-from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt
+from segdiff.geometry import (
+    conditioning_channels_for,
+    conditioning_downsampling,
+    size_multiple,
+    vae_scale_factor,
+)
+from segdiff.labels import colorize_label, colour_codes, colours_of_codes, default_palette, resize_labels
+from segdiff.prompts import DEFAULT_PROMPT_TOP_K, LABEL_MAP_PROMPT_TEMPLATE, label_map_prompt
 from segdiff.visualize import image_grid
 
 logger = training.logger
@@ -144,7 +140,7 @@ def parse_args(argv=None):
     group.add_argument(
         "--prompt_template",
         type=str,
-        default=DEFAULT_PROMPT_TEMPLATE,
+        default=LABEL_MAP_PROMPT_TEMPLATE,
         help="Prompt of a sample without a caption; {classes} becomes the classes present, largest area first, "
         'comma separated. Default: "%(default)s".',
     )
@@ -227,7 +223,7 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# The ControlNet (its conditioning embedding follows the base's VAE: segdiff.controlnet)
+# The ControlNet (its conditioning embedding follows the base's VAE: segdiff.geometry)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -464,7 +460,7 @@ def sample_prompt(sample, label, control, class_names, palette, args, generator)
         return ""
     if label is None:
         label = control_labels(control, palette, args, sample)
-    return class_prompt(label, class_names, args.prompt_template, args.prompt_top_k, args.ignore_index)
+    return label_map_prompt(label, class_names, args.prompt_template, args.prompt_top_k, args.ignore_index)
 
 
 def control_labels(control: torch.Tensor, palette, args, sample) -> torch.Tensor:

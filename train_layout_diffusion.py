@@ -46,13 +46,12 @@ from segdiff.data import (
     DatasetError,
     JointTransform,
     add_dataset_args,
-    colorize_label,
     dataset_from_args,
     exit_on_bad_input,
     read_label_map,
-    resize_labels,
 )
 from segdiff.files import write_json_atomic
+from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
 

@@ -27,13 +27,9 @@ from transformers import AutoTokenizer, CLIPTextModel
 from segdiff import training
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.files import write_json_atomic
-from segdiff.pipelines.joint import (
-    DEFAULT_PROMPT_TEMPLATE,
-    JointImageMaskPipeline,
-    class_prompt,
-    joint_noise_scheduler,
-    pipeline_over_base,
-)
+from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
+from segdiff.prompts import CLASS_PROMPT_TEMPLATE as CLASS_PROMPT_TEMPLATE
+from segdiff.prompts import label_map_prompt as class_prompt
 from segdiff.visualize import overlay_mask
 
 logger = training.logger
@@ -50,7 +46,7 @@ def parse_args(argv=None):
     group.add_argument(
         "--prompt_template",
         type=str,
-        default=DEFAULT_PROMPT_TEMPLATE,
+        default=CLASS_PROMPT_TEMPLATE,
         help='Prompt for the selected class; {class_name} is replaced. Default: "%(default)s".',
     )
     training.add_switch(
@@ -361,7 +357,7 @@ def main(args):
         text_encoder = accelerator.prepare(text_encoder)
     accumulated = [unet, text_encoder] if args.train_text_encoder else [unet]
     # The prompts are one per class plus the empty prompt: tokenized (and, when frozen, encoded) once.
-    prompts = [class_prompt(args.prompt_template, name) for name in dataset.class_names] + [""]
+    prompts = [class_prompt(name, args.prompt_template) for name in dataset.class_names] + [""]
     prompt_embeddings = PromptEmbeddings(
         prompts, JointImageMaskPipeline(**parts), text_encoder, args.train_text_encoder, weight_dtype
     )

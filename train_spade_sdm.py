@@ -37,16 +37,10 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from segdiff import training
-from segdiff.controlnet import vae_scale_factor
-from segdiff.data import (
-    JointTransform,
-    StyleReferenceView,
-    add_dataset_args,
-    colorize_label,
-    dataset_from_args,
-    exit_on_bad_input,
-)
+from segdiff.data import JointTransform, StyleReferenceView, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.files import write_json_atomic
+from segdiff.geometry import vae_scale_factor
+from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 

@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, append_results, launch_training  # noqa: E402
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline  # noqa: E402
 
-from segdiff.data import colorize_label, load_segmentation_dataset  # noqa: E402
-from segdiff.generation import make_scheduler  # noqa: E402
-from segdiff.prompts import class_prompt  # noqa: E402
+from segdiff.data import load_segmentation_dataset  # noqa: E402
+from segdiff.labels import colorize_label  # noqa: E402
+from segdiff.prompts import label_map_prompt  # noqa: E402
+from segdiff.schedulers import make_scheduler  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import make_toy_dataset  # noqa: E402
 
@@ -81,7 +82,7 @@ def generation_rows(preset: str, base: Path, controlnet_dir: Path, data: Path, a
     dataset = load_segmentation_dataset(data, "generic")
     label = dataset[0]["label"]
     control = colorize_label(label, dataset.palette, dataset.ignore_index)
-    prompt = class_prompt(label, dataset.class_names)
+    prompt = label_map_prompt(label, dataset.class_names)
     size = PRESETS[preset]["size"]
     rows = []
     for name in SCHEDULERS:

@@ -368,7 +368,7 @@ def attention_rows(base, args, machine: Machine, setup: str) -> list[dict]:
     """Forward + backward of the base's UNet with each attention processor, in this process."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from segdiff.controlnet import vae_scale_factor
+    from segdiff.geometry import vae_scale_factor
 
     device = torch.device("cuda" if machine.cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # as the bf16 training rows: TF32 is a row of its own

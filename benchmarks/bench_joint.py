@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import RESULTS, append_results, launch_training  # noqa: E402
 
-from segdiff.generation import CORE_SCHEDULERS, make_scheduler  # noqa: E402
 from segdiff.metrics import sample_agreement  # noqa: E402
 from segdiff.pipelines.joint import JointImageMaskPipeline  # noqa: E402
+from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import PaletteSegmenter, make_toy_dataset  # noqa: E402
 

@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import RESULTS, append_results, launch_command, launch_training  # noqa: E402
 
-from segdiff.data import colorize_label, load_segmentation_dataset  # noqa: E402
-from segdiff.prompts import class_prompt  # noqa: E402
+from segdiff.data import load_segmentation_dataset  # noqa: E402
+from segdiff.labels import colorize_label  # noqa: E402
+from segdiff.prompts import label_map_prompt  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import make_toy_dataset  # noqa: E402
 
@@ -66,7 +67,7 @@ def write_controlnet_rows(data: Path, folder: Path) -> None:
     for (image_path, _), sample in zip(dataset.pairs, dataset):
         control = f"conditioning/{sample['name']}.png"
         colorize_label(sample["label"], dataset.palette, dataset.ignore_index).save(folder / control)
-        caption = class_prompt(sample["label"], dataset.class_names, ignore_index=dataset.ignore_index)
+        caption = label_map_prompt(sample["label"], dataset.class_names, ignore_index=dataset.ignore_index)
         rows.append({"image": str(image_path.resolve()), "conditioning_image": control, "text": caption})
     with open(folder / "metadata.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["image", "conditioning_image", "text"])

@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, append_results, launch_training  # noqa: E402
 
 from segdiff.data import load_segmentation_dataset  # noqa: E402
-from segdiff.generation import make_scheduler  # noqa: E402
 from segdiff.metrics import confusion_matrix, iou_per_class  # noqa: E402
-from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_sampler  # noqa: E402
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline  # noqa: E402
+from segdiff.schedulers import make_scheduler  # noqa: E402
 from segdiff.tiny import build_tiny_sd  # noqa: E402
 from segdiff.toy import PaletteSegmenter, make_toy_dataset  # noqa: E402
 
@@ -91,7 +91,7 @@ def generation_rows(variant: str, model: Path, label: np.ndarray, num_images: in
     pipeline.set_progress_bar_config(disable=True)
     rows = []
     for name in SAMPLERS:
-        pipeline.scheduler = sdm_sampler(name, pipeline.scheduler.config)
+        pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, stochastic=True)
         kwargs = dict(num_inference_steps=steps, output_type="np", guidance_scale=1.5)
         pipeline(label, generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
         start = time.perf_counter()
@@ -121,7 +121,7 @@ def palette_mious(model: Path, val: Path) -> dict[str, float]:
         if name == "dpmsolver-ode":
             pipeline.scheduler = make_scheduler("dpmsolver", training_schedule)
         else:
-            pipeline.scheduler = sdm_sampler(name, training_schedule)
+            pipeline.scheduler = make_scheduler(name, training_schedule, stochastic=True)
         images = pipeline(
             labels,
             guidance_scale=1.0,

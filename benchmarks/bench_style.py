@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, append_results, launch_training  # noqa: E402
 
 from segdiff.data import load_segmentation_dataset  # noqa: E402
-from segdiff.generation import make_scheduler  # noqa: E402
 from segdiff.metrics import color_histogram_similarity, confusion_matrix, iou_per_class  # noqa: E402
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline  # noqa: E402
+from segdiff.schedulers import make_scheduler  # noqa: E402
 from segdiff.toy import PaletteSegmenter, make_toy_dataset, theme_palette  # noqa: E402
 
 THEMES = ("plain", "inverted")

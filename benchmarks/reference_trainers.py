@@ -39,7 +39,7 @@ from torchvision import transforms
 from transformers import AutoTokenizer, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segdiff.controlnet import conditioning_channels_for, vae_scale_factor  # noqa: E402
+from segdiff.geometry import conditioning_channels_for, vae_scale_factor  # noqa: E402
 
 
 def parse_args():

@@ -28,7 +28,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from segdiff.data import IGNORE_INDEX, check_label_ids, read_image, read_label_map, resize_labels
+from segdiff.data import check_label_ids, read_image, read_label_map
+from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.metrics import confusion_matrix, segmentation_summary
 
 

@@ -25,15 +25,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segdiff.data import (
-    IMAGE_EXTENSIONS,
-    DatasetError,
-    check_label_ids,
-    files_by_stem,
-    read_image,
-    read_label_map,
-    resize_labels,
-)
+from segdiff.data import IMAGE_EXTENSIONS, DatasetError, check_label_ids, files_by_stem, read_image, read_label_map
+from segdiff.labels import resize_labels
 from segdiff.metrics import color_histogram_similarity, confusion_matrix, mean_pairwise_distance, segmentation_summary
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import os
 import shutil
@@ -40,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from PIL import Image
 
 from segdiff.data import (
@@ -49,16 +46,15 @@ from segdiff.data import (
     DatasetError,
     _decode_file,
     _label_array,
-    colorize_label,
-    colour_codes,
-    colours_of_codes,
     decode_label_ids,
-    resize_labels,
     save_label_png,
     write_class_names,
 )
 from segdiff.files import save_image_atomic, write_bytes_atomic, write_json_atomic, write_jsonl_atomic
-from segdiff.training import derive_seed, launched_on_cpus_only
+from segdiff.labels import colorize_label, colour_codes, colours_of_codes, resize_labels
+from segdiff.processes import OneProcess, process_share
+from segdiff.schedulers import SCHEDULERS, takes_eta
+from segdiff.seeds import derive_seed
 from segdiff.visualize import image_grid
 
 # The arguments of the run that wrote a --save_dir, as far as they determine its images: see check_save_dir.
@@ -69,68 +65,6 @@ RECORDS_FOLDER = ".records"
 # Everything a generator writes in --save_dir: what --overwrite removes. Nothing else there is touched.
 OUTPUT_FOLDERS = ("generated_images", "visualizations", "images", "masks", RECORDS_FOLDER)
 OUTPUT_FILES = ("metadata.jsonl", "grid.png", "class_names.json", "generation_config.json", ARGS_FILE)
-
-# Samplers by command-line name. Each inherits the training schedule (betas, prediction type, clipping...).
-SAMPLER_CLASSES = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
-SCHEDULERS = {
-    "ddim": DDIMScheduler.from_config,
-    "ddpm": DDPMScheduler.from_config,
-    "dpmsolver": lambda config, **kwargs: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++", **kwargs
-    ),
-    "unipc": UniPCMultistepScheduler.from_config,
-}
-# The samplers the joint and SDM generators offer (the --scheduler {ddim,ddpm,dpmsolver} of DESIGN.md), in
-# this order; the ControlNet generator offers all of SCHEDULERS, its default UniPC included.
-CORE_SCHEDULERS = ("ddim", "ddpm", "dpmsolver")
-
-
-def make_scheduler(name: str, config):
-    """The sampler ``name`` (a key of SCHEDULERS) built from a trained pipeline's scheduler config.
-
-    A schedule that clips the predicted x0 to [-1, 1] (pixel-space SDM) keeps doing so in the multistep
-    solvers, which know no ``clip_sample``: their thresholding with ``sample_max_value=1`` is that clipping.
-    Without it they follow an imperfect model's out-of-range x0 guesses (tiny toy SDM after 400 steps,
-    DPM-Solver++ with 50 steps: mIoU 0.22 unclipped, 0.50 clipped; DDPM reaches 1.00 on the same model).
-    """
-    kwargs = {}
-    if name in ("dpmsolver", "unipc") and config.get("clip_sample"):
-        kwargs = {"thresholding": True, "sample_max_value": float(config.get("clip_sample_range", 1.0))}
-    return SCHEDULERS[name](config, **kwargs)
-
-
-def takes_eta(name: str) -> bool:
-    """Whether the sampler ``name`` has DDIM's eta (the share of fresh noise per step): of ours, DDIM only."""
-    return "eta" in inspect.signature(SAMPLER_CLASSES[name].step).parameters
-
-
-def prepare_extra_step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
-    """What ``scheduler.step`` gets besides (model output, timestep, sample), as diffusers' pipelines pass it
-    (StableDiffusionPipeline.prepare_extra_step_kwargs): ``eta`` only if the step takes one (DDIM's), the
-    ``generator`` only if it draws noise with one. For the pipelines of segdiff.pipelines, whose sampler may be
-    the call's own rather than ``self.scheduler``.
-
-    A non-zero ``eta`` for a step that has none is refused (diffusers drops it silently): the caller asked for
-    noise that the sampler would never add.
-    """
-    parameters = inspect.signature(scheduler.step).parameters
-    if eta and "eta" not in parameters:
-        raise ValueError(
-            f"eta={eta} is DDIM's share of fresh noise per step, and {type(scheduler).__name__} has none: "
-            "sample with DDIM (scheduler 'ddim'), or leave eta at 0"
-        )
-    kwargs = {}
-    if "eta" in parameters:
-        kwargs["eta"] = eta
-    if "generator" in parameters:
-        kwargs["generator"] = generator
-    return kwargs
-
 
 # ------------------------------------------------------------------------------------------------
 # One command line for the generators (the README's table lists these flags and their old spellings)
@@ -215,7 +149,7 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
             parser.error(f"--{flag} must be at least 1")
     if getattr(args, "eta", None) is not None:
         if not takes_eta(args.scheduler):
-            with_eta_names = ", ".join(name for name in SAMPLER_CLASSES if takes_eta(name))
+            with_eta_names = ", ".join(name for name in SCHEDULERS if takes_eta(name))
             parser.error(
                 f"--eta is for samplers with DDIM's eta ({with_eta_names}); --scheduler {args.scheduler} has none. "
                 "Fix: pass --scheduler ddim, or drop --eta."
@@ -228,43 +162,6 @@ def mask_groups(masks: list, per_mask: int, batch_size: int) -> list[list]:
     """Consecutive masks whose images fill one batch of ``batch_size`` (at least one mask a group)."""
     masks_per_batch = max(1, batch_size // per_mask)
     return [masks[start : start + masks_per_batch] for start in range(0, len(masks), masks_per_batch)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Several processes (accelerate launch, torchrun)
-# ------------------------------------------------------------------------------------------------
-
-
-def generation_state():
-    """The processes of this run: those of ``accelerate launch`` / torchrun (accelerate's PartialState), or for a
-    plain run a `OneProcess`, which leaves accelerate's process-wide state alone (tests run generators in-process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return OneProcess()
-    from accelerate import PartialState
-
-    return PartialState(cpu=launched_on_cpus_only())  # torchrun on CPUs: one gloo group, not n copies
-
-
-@dataclass
-class OneProcess:
-    """A run of one process, as PartialState describes one: what `generation_state` gives for a plain run."""
-
-    process_index: int = 0
-    num_processes: int = 1
-    is_main_process: bool = True
-    is_local_main_process: bool = True
-
-    @property
-    def device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def process_share(items: list, state) -> list:
-    """This process's share of ``items``: every num_processes-th one, from its own index."""
-    return items[state.process_index :: state.num_processes]
 
 
 def save_records(save_dir: Path, name: str, records: list[dict]) -> None:

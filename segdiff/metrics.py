@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from segdiff.data import IGNORE_INDEX
+from segdiff.labels import IGNORE_INDEX
 
 
 def _as_long_tensor(values) -> torch.Tensor:

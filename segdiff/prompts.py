@@ -1,21 +1,38 @@
-"""The text prompt of a label map: the classes it shows, largest area first ("a photo of building, road, water").
+"""Text prompts, the one home of their wording: a class's prompt (the joint model) and a label map's (ControlNet).
 
-The ControlNet trainer builds the prompt of every uncaptioned sample this way, and everything that renders
-masks with a trained ControlNet (generate_controlnet_seg.py, segdiff.rendering) must build it the same way,
-with the run's ``prompt_template`` and ``prompt_top_k`` (recorded in its training_config.json): a prompt
-worded differently from training's is a condition the model never saw.
+* ``class_prompt("building")`` -> "a remote sensing image and mask of building": what train_seg_mask_diffusion.py
+  conditions the joint model on, one class per sample, with the run's ``prompt_template`` ({class_name}).
+* ``label_map_prompt(label, class_names)`` -> "a photo of building, road, water": the classes a map shows, largest
+  area first. The ControlNet trainer builds the prompt of every uncaptioned sample this way, and everything that
+  renders masks with a trained ControlNet (generate_controlnet_seg.py, segdiff.rendering) must build it the same
+  way, with the run's ``prompt_template`` ({classes}) and ``prompt_top_k`` (recorded in its training_config.json):
+  a prompt worded differently from training's is a condition the model never saw.
+
+Both take what they describe first, then the template. Underscores and dashes in class names read as spaces
+("flat-road" -> "flat road").
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from segdiff.data import IGNORE_INDEX
+from segdiff.labels import IGNORE_INDEX
 
-DEFAULT_PROMPT_TEMPLATE = "a photo of {classes}"
-# Classes named in a prompt: the largest few say most about the scene, and short prompts stay far from CLIP's
-# 77-token limit with long class lists (Sidewalk's 35).
+CLASS_PROMPT_TEMPLATE = "a remote sensing image and mask of {class_name}"
+LABEL_MAP_PROMPT_TEMPLATE = "a photo of {classes}"
+# Classes named in a label map's prompt: the largest few say most about the scene, and short prompts stay far from
+# CLIP's 77-token limit with long class lists (Sidewalk's 35).
 DEFAULT_PROMPT_TOP_K = 3
+
+
+def readable(class_name: str) -> str:
+    """A class name as a prompt says it: "flat-road" and "flat_road" -> "flat road"."""
+    return class_name.replace("_", " ").replace("-", " ")
+
+
+def class_prompt(class_name: str, template: str = CLASS_PROMPT_TEMPLATE) -> str:
+    """The prompt of one class: ``template`` with {class_name} filled in."""
+    return template.format(class_name=readable(class_name))
 
 
 def classes_by_area(label, num_classes: int, ignore_index: int = IGNORE_INDEX) -> list[int]:
@@ -26,20 +43,18 @@ def classes_by_area(label, num_classes: int, ignore_index: int = IGNORE_INDEX) -
     return [int(c) for c in sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c))]
 
 
-def class_prompt(
+def label_map_prompt(
     label,
     class_names,
-    template: str = DEFAULT_PROMPT_TEMPLATE,
+    template: str = LABEL_MAP_PROMPT_TEMPLATE,
     top_k: int = DEFAULT_PROMPT_TOP_K,
     ignore_index: int = IGNORE_INDEX,
 ) -> str:
-    """The prompt of a mask: ``template`` with {classes} = the top_k classes by area ("building, road, water").
+    """The prompt of a label map: ``template`` with {classes} = its top_k classes by area ("building, road, water").
 
-    ``top_k`` 0 names every class present. Underscores and dashes in class names read as spaces
-    ("flat-road" -> "flat road"). A mask with no class at all (only no-data) fills in nothing.
+    ``top_k`` 0 names every class present. A map with no class at all (only no-data) fills in nothing.
     """
     present = classes_by_area(label, len(class_names), ignore_index)
     if top_k:
         present = present[:top_k]
-    names = [class_names[c].replace("_", " ").replace("-", " ") for c in present]
-    return template.format(classes=", ".join(names)).strip()
+    return template.format(classes=", ".join(readable(class_names[c]) for c in present)).strip()

@@ -32,12 +32,13 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from segdiff.controlnet import conditioning_downsampling, size_multiple, vae_scale_factor
-from segdiff.data import IGNORE_INDEX, DatasetError, colorize_label, default_palette, load_class_names, resize_labels
-from segdiff.generation import SCHEDULERS, make_scheduler
+from segdiff.data import DatasetError, load_class_names
+from segdiff.geometry import conditioning_downsampling, size_multiple, vae_scale_factor
+from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel
-from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_sampler
-from segdiff.prompts import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TOP_K, class_prompt
+from segdiff.pipelines.sdm import SemanticDiffusionPipeline
+from segdiff.prompts import DEFAULT_PROMPT_TOP_K, LABEL_MAP_PROMPT_TEMPLATE, label_map_prompt
+from segdiff.schedulers import SCHEDULERS, make_scheduler
 
 # How each kind samples unless told otherwise; the generator scripts' command-line defaults are these.
 CONTROLNET_SCHEDULER = "unipc"
@@ -49,7 +50,7 @@ SDM_GUIDANCE_SCALE = 1.5  # SDM's choice of s
 # folder, or a run from before they were recorded): train_controlnet_seg.py's defaults.
 CONTROLNET_RUN_DEFAULTS = {
     "ignore_index": IGNORE_INDEX,
-    "prompt_template": DEFAULT_PROMPT_TEMPLATE,
+    "prompt_template": LABEL_MAP_PROMPT_TEMPLATE,
     "prompt_top_k": DEFAULT_PROMPT_TOP_K,
     "resolution": 512,
 }
@@ -382,7 +383,7 @@ class ControlNetRenderer(Renderer):
 
     def prompt(self, label) -> str:
         """The class prompt of a map, worded as in training (the run's template and top-k)."""
-        return class_prompt(label, self.class_names, self.prompt_template, self.prompt_top_k, self.ignore_index)
+        return label_map_prompt(label, self.class_names, self.prompt_template, self.prompt_top_k, self.ignore_index)
 
     def condition(self, label, height: int | None = None, width: int | None = None) -> ControlCondition:
         """The map at the output size (default: `output_size`), coloured as in training (no data black), and
@@ -412,7 +413,9 @@ class SDMRenderer(Renderer):
     default_guidance_scale = SDM_GUIDANCE_SCALE
 
     def make_sampler(self, name: str):
-        return sdm_sampler(name, self.scheduler_config)  # "dpmsolver": the stochastic DPM-Solver++ (see there)
+        return make_scheduler(
+            name, self.scheduler_config, stochastic=True
+        )  # "dpmsolver": the stochastic DPM-Solver++ (see there)
 
     def output_size(self, label):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.

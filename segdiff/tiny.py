@@ -38,8 +38,9 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from segdiff.controlnet import vae_scale_factor
-from segdiff.data import IMAGE_EXTENSIONS, LOVEDA_CLASSES, SIDEWALK_CLASSES
+from segdiff.data import IMAGE_EXTENSIONS
+from segdiff.geometry import vae_scale_factor
+from segdiff.labels import LOVEDA_CLASSES, SIDEWALK_CLASSES
 from segdiff.toy import MAX_TOY_CLASSES, toy_classes
 
 # Stable Diffusion's latent scale, measured on its own VAE. Kept for an unfitted VAE (whose latents mean

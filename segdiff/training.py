@@ -21,7 +21,6 @@ repeat lives here once:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import logging
@@ -43,6 +42,8 @@ from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segdiff.files import write_json_atomic
+from segdiff.processes import launched_on_cpus_only
+from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
 
@@ -435,19 +436,6 @@ def use_channels_last(args: argparse.Namespace, *models) -> None:
             model.to(memory_format=torch.channels_last)
 
 
-def launched_on_cpus_only() -> bool:
-    """True for a multi-process launch (torchrun, mpirun) on a machine without GPUs.
-
-    accelerate only sets up its gloo process group on CPUs when told so (``accelerate launch --cpu``);
-    under plain ``torchrun`` it would silently train one independent copy per process.
-    """
-    from accelerate.utils import is_npu_available, is_xpu_available
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    has_device = torch.cuda.is_available() or is_xpu_available() or is_npu_available()
-    return world_size > 1 and not has_device
-
-
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
     """The dtype for frozen models (VAE, text encoder): half precision when training in mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -590,12 +578,6 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_pr
 # --------------------------------------------------------------------------------------------
 # Data: deterministic shuffling and per-sample randomness
 # --------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed that depends only on ``parts``: stable across processes, workers and resumes."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class EpochSeededSampler(Sampler):

@@ -14,11 +14,10 @@ from conftest import ROOT
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from PIL import Image
 
-import segdiff.generation
-import segdiff.pipelines.sdm
+import segdiff.schedulers
 
 IGNORE = 255
-SAMPLERS = {
+SCHEDULER_CLASSES = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
     "dpmsolver": DPMSolverMultistepScheduler,
@@ -60,31 +59,25 @@ def expected_miou(save_dir: Path, joint: bool) -> tuple[float, dict]:
     return float(np.mean(present)), per_class
 
 
-def spy_on_samplers(monkeypatch) -> dict:
-    """Record what segdiff.generation.make_scheduler (segdiff.pipelines.sdm.sdm_sampler for SDM) builds (``built``:
-    (name, scheduler) pairs), how many ``step`` calls each sampler class gets (``steps``) and the ``eta`` that each
-    DDIM step was called with (``eta``: the argument as passed, by keyword or position; None when not passed, i.e.
-    DDIM's default), for a generator run in this process. The spied ``step`` keeps its signature: the pipelines
-    look for ``eta`` and ``generator`` there (prepare_extra_step_kwargs) and still find them."""
+def spy_on_schedulers(monkeypatch) -> dict:
+    """Record what segdiff.schedulers.make_scheduler builds (``built``: (name, scheduler) pairs), how many ``step``
+    calls each scheduler class gets (``steps``) and the ``eta`` that each DDIM step was called with (``eta``: the
+    argument as passed, by keyword or position; None when not passed, i.e. DDIM's default), for a generator run in
+    this process. The spied ``step`` keeps its signature: the pipelines look for ``eta`` and ``generator`` there
+    (prepare_extra_step_kwargs) and still find them."""
     seen = {"built": [], "steps": Counter(), "eta": []}
-    make_scheduler = segdiff.generation.make_scheduler
+    make_scheduler = segdiff.schedulers.make_scheduler
 
-    def recording_make_scheduler(name, config):
-        scheduler = make_scheduler(name, config)
+    def recording_make_scheduler(name, config, **options):
+        scheduler = make_scheduler(name, config, **options)
         seen["built"].append((name, scheduler))
         return scheduler
 
-    monkeypatch.setattr(segdiff.generation, "make_scheduler", recording_make_scheduler)
-    # The SDM generator builds its samplers with sdm_sampler (its own DPM-Solver++): recorded as what it returns.
-    sdm_sampler = segdiff.pipelines.sdm.sdm_sampler
-
-    def recording_sdm_sampler(name, config):
-        scheduler = sdm_sampler(name, config)
-        seen["built"].append((name, scheduler))
-        return scheduler
-
-    monkeypatch.setattr(segdiff.pipelines.sdm, "sdm_sampler", recording_sdm_sampler)
-    for cls in SAMPLERS.values():
+    # Wherever it was imported by name already (the pipelines); the scripts import it when they run.
+    for module in [module for name, module in sys.modules.items() if name.startswith("segdiff")]:
+        if getattr(module, "make_scheduler", None) is make_scheduler:
+            monkeypatch.setattr(module, "make_scheduler", recording_make_scheduler)
+    for cls in SCHEDULER_CLASSES.values():
 
         @functools.wraps(cls.step)
         def step(self, *args, _step=cls.step, **kwargs):

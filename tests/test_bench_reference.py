@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 
 from segdiff.data import load_segmentation_dataset, read_image
 from segdiff.generation import colour_mask_to_labels
-from segdiff.prompts import class_prompt
+from segdiff.prompts import label_map_prompt
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_controlnet_rows_are_the_label_maps_in_palette_colours_with_their_class_
         control = np.asarray(read_image(metadata_rows / row["conditioning_image"]))
         labels = colour_mask_to_labels(control, dataset.palette, dataset.ignore_index, row["conditioning_image"])
         np.testing.assert_array_equal(labels, sample["label"])
-        assert row["text"] == class_prompt(sample["label"], dataset.class_names) != ""
+        assert row["text"] == label_map_prompt(sample["label"], dataset.class_names) != ""
 
 
 @pytest.mark.parametrize("loop", ["controlnet", "joint"])

@@ -15,17 +15,19 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline
-from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
+from generator_checks import SCHEDULER_CLASSES, expected_miou, run_generator, spy_on_schedulers
 from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
-from segdiff.controlnet import conditioning_channels_for, conditioning_downsampling
-from segdiff.data import DatasetError, colorize_label, load_class_names, load_segmentation_dataset, read_label_map
-from segdiff.generation import colour_mask_to_labels, make_scheduler
-from segdiff.prompts import class_prompt, classes_by_area
+from segdiff.data import DatasetError, load_class_names, load_segmentation_dataset, read_label_map
+from segdiff.generation import colour_mask_to_labels
+from segdiff.geometry import conditioning_channels_for, conditioning_downsampling
+from segdiff.labels import colorize_label
+from segdiff.prompts import classes_by_area, label_map_prompt
 from segdiff.rendering import RendererError
-from segdiff.training import derive_seed
+from segdiff.schedulers import make_scheduler
+from segdiff.seeds import derive_seed
 from train_controlnet_seg import (
     PromptEmbeddingCache,
     build_training_data,
@@ -137,7 +139,7 @@ def test_output_loads_in_diffusers_pipeline_on_a_vae_factor_2_base(trained, tiny
     label[8:20, 10:30] = 2
     names, palette = load_class_names(trained[0] / "class_names.json")
     output = pipeline(
-        class_prompt(label, names),
+        label_map_prompt(label, names),
         colorize_label(label, palette),
         height=32,
         width=48,
@@ -161,11 +163,11 @@ def test_class_prompt_names_the_classes_by_area():
     label[8:, :4] = 3  # 8
     label[8:, 4:6] = 1  # 4; the rest (8) stays ignore
     assert classes_by_area(label, 4, 255) == [0, 2, 3, 1]
-    assert class_prompt(label, names, top_k=0) == "a photo of background, tall building, water, flat road"
-    assert class_prompt(label, names, "{classes} from above", top_k=2) == "background, tall building from above"
+    assert label_map_prompt(label, names, top_k=0) == "a photo of background, tall building, water, flat road"
+    assert label_map_prompt(label, names, "{classes} from above", top_k=2) == "background, tall building from above"
     tie = np.array([[3, 3, 1, 1, 255]])
     assert classes_by_area(tie, 4, 255) == [1, 3]  # equal areas: lower id first
-    assert class_prompt(np.full((4, 4), 255), names) == "a photo of"  # only no-data: no classes to name
+    assert label_map_prompt(np.full((4, 4), 255), names) == "a photo of"  # only no-data: no classes to name
 
 
 def test_conditioning_embedding_follows_the_vae_factor():
@@ -242,12 +244,13 @@ def test_label_maps_are_coloured_after_the_shared_geometry(toy_data, tiny_sd_fol
     for example in processed(args):
         assert example["pixel_values"].shape == example["conditioning_pixel_values"].shape == (3, 24, 24)
         labels = assert_aligned(example)
-        assert example["prompt"] == class_prompt(labels, TOY_NAMES, top_k=2)
+        assert example["prompt"] == label_map_prompt(labels, TOY_NAMES, top_k=2)
 
 
 def test_raw_loveda_validation_masks_are_read_as_the_loveda_loader_reads_them(tiny_sd_folder, tmp_path):
     """The README's LoveDA example passes a raw LoveDA mask (0 no-data, classes 1..7) as --validation_image."""
-    from segdiff.data import LOVEDA_PALETTE, save_label_png
+    from segdiff.data import save_label_png
+    from segdiff.labels import LOVEDA_PALETTE
     from train_controlnet_seg import validation_conditions
 
     raw = np.repeat(np.arange(8, dtype=np.uint8), 4)[None].repeat(32, axis=0)  # columns of raw ids 0..7
@@ -301,7 +304,7 @@ def test_metadata_csv_rows_get_the_same_geometry_and_their_captions(
     for i, example in zip(range(6), processed(args)):
         labels = assert_aligned(example)
         # captions where the csv has one; the class prompt of the control image where it is empty
-        assert example["prompt"] == (f"a toy picture {i}" if i % 2 == 0 else class_prompt(labels, TOY_NAMES))
+        assert example["prompt"] == (f"a toy picture {i}" if i % 2 == 0 else label_map_prompt(labels, TOY_NAMES))
 
 
 def test_dataset_name_reads_save_to_disk_folders_and_reference_csv_folders(
@@ -436,7 +439,7 @@ def test_generator_writes_a_generic_dataset(trained, masks_dir, tmp_path):
     # masks in file-name order: colour_train_00002.png, train_00000.png, train_00001.png
     assert [r["mask_source"] for r in records[::2]] == list(labels)
     for record in records:
-        assert record["prompt"] == class_prompt(labels[record["mask_source"]], TOY_NAMES)
+        assert record["prompt"] == label_map_prompt(labels[record["mask_source"]], TOY_NAMES)
     assert records[0]["file_name"] == "images/colour_train_00002_00.png"
 
     dataset = load_segmentation_dataset(save_dir, "generic")
@@ -461,7 +464,7 @@ def test_make_scheduler_keeps_the_bases_schedule(tiny_sd_folder):
     assert base.prediction_type == "epsilon" and not base.clip_sample
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
         sampler = make_scheduler(name, base)
-        assert type(sampler) is SAMPLERS[name], name
+        assert type(sampler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "timestep_spacing", "steps_offset", "beta_schedule", "beta_start", "beta_end"):
             assert sampler.config[key] == base[key], (name, key)
         assert not sampler.config.thresholding  # latents: nothing to clip
@@ -472,7 +475,7 @@ def test_generator_samples_with_the_scheduler_it_names(trained, masks_dir, tmp_p
     one_mask = tmp_path / "one"
     one_mask.mkdir()
     shutil.copy(sorted(masks_dir[0].iterdir())[0], one_mask)
-    seen = spy_on_samplers(monkeypatch)
+    seen = spy_on_schedulers(monkeypatch)
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
         seen["steps"].clear()
         run_generator(
@@ -481,10 +484,10 @@ def test_generator_samples_with_the_scheduler_it_names(trained, masks_dir, tmp_p
             "--scheduler", name,
         )  # fmt: skip
         built_name, built = seen["built"][-1]
-        assert built_name == name and type(built) is SAMPLERS[name]
+        assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
         assert built.config.prediction_type == "epsilon"  # the base's
         # 3 steps, all with the named sampler and none with another
-        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+        assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 4
 
 

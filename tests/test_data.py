@@ -17,17 +17,11 @@ from PIL import Image
 
 from segdiff.data import (
     DATASETS,
-    LOVEDA_CLASSES,
-    LOVEDA_PALETTE,
-    SIDEWALK_CLASSES,
-    SIDEWALK_PALETTE,
     DatasetError,
     JointTransform,
     add_dataset_args,
     check_dataset,
-    colorize_label,
     dataset_from_args,
-    default_palette,
     load_class_names,
     load_segmentation_dataset,
     read_image,
@@ -36,6 +30,14 @@ from segdiff.data import (
     write_class_names,
 )
 from segdiff.data import main as data_main
+from segdiff.labels import (
+    LOVEDA_CLASSES,
+    LOVEDA_PALETTE,
+    SIDEWALK_CLASSES,
+    SIDEWALK_PALETTE,
+    colorize_label,
+    default_palette,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from conftest import ROOT, SCRIPT_ENV, write_stand_in_weights
 from PIL import Image
 
 import evaluate
-from segdiff.data import IGNORE_INDEX, DatasetError, read_image, read_label_map, save_label_png
+from segdiff.data import DatasetError, read_image, read_label_map, save_label_png
 from segdiff.downstream import class_vs_rest_labels, load_pairs
 from segdiff.evaluation import (
     ALEXNET_FILE,
@@ -32,6 +32,7 @@ from segdiff.evaluation import (
     match_references,
     style_similarity,
 )
+from segdiff.labels import IGNORE_INDEX
 from segdiff.metrics import (
     color_histogram_similarity,
     color_histograms,

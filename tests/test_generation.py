@@ -16,28 +16,22 @@ import pytest
 import torch
 from conftest import ROOT, SCRIPT_ENV, script_error
 from diffusers import ControlNetModel, UNet2DConditionModel
-from generator_checks import spy_on_samplers
+from generator_checks import spy_on_schedulers
 from PIL import Image
 
 import evaluate
 import generate_controlnet_seg
 import generate_joint_image_mask_diffusion
 import generate_spade_sdm
-from segdiff.controlnet import conditioning_channels_for
-from segdiff.data import DatasetError, read_label_map, resize_labels, save_label_png, write_class_names
-from segdiff.generation import (
-    ARGS_FILE,
-    RECORDS_FOLDER,
-    MaskFile,
-    MaskSampleWriter,
-    OneProcess,
-    check_save_dir,
-    read_captions,
-)
+from segdiff.data import DatasetError, read_label_map, save_label_png, write_class_names
+from segdiff.generation import ARGS_FILE, RECORDS_FOLDER, MaskFile, MaskSampleWriter, check_save_dir, read_captions
+from segdiff.geometry import conditioning_channels_for
+from segdiff.labels import resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+from segdiff.processes import OneProcess
+from segdiff.seeds import derive_seed
 from segdiff.toy import TOY_CLASSES, TOY_PALETTE
-from segdiff.training import derive_seed
 
 
 def untrained_sdm(folder: Path, **config_overrides) -> Path:
@@ -313,7 +307,7 @@ def test_a_single_mask_at_an_exact_size_is_written_as_a_folder_of_that_mask(gene
 
 def test_eta_reaches_every_ddim_step_and_is_recorded(generator, toy_data, tmp_path, monkeypatch):
     masks_dir = toy_masks(toy_data, tmp_path / "masks", ["m"])
-    seen = spy_on_samplers(monkeypatch)
+    seen = spy_on_schedulers(monkeypatch)
     generator(masks_dir, tmp_path / "eta1", "--scheduler", "ddim", "--eta", "1")
     assert seen["eta"] == [1.0, 1.0]  # both steps of the one batch (2 images of one mask)
     assert json.loads((tmp_path / "eta1" / ARGS_FILE).read_text())["eta"] == 1.0

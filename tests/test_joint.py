@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_script, script_error
 from diffusers import UNet2DConditionModel
-from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
+from generator_checks import SCHEDULER_CLASSES, expected_miou, run_generator, spy_on_schedulers
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -16,8 +16,8 @@ import evaluate
 from generate_joint_image_mask_diffusion import load_pipeline
 from generate_joint_image_mask_diffusion import parse_args as parse_generate_args
 from segdiff.data import load_segmentation_dataset, read_label_map
-from segdiff.generation import make_scheduler
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler
+from segdiff.schedulers import make_scheduler
 from train_seg_mask_diffusion import class_mask_latents, joint_loss, parse_args, pick_class, widen_unet_for_mask
 
 
@@ -365,7 +365,7 @@ def test_make_scheduler_keeps_the_joint_schedule(trained):
     assert training.alphas_cumprod[-1] == 0
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
         sampler = make_scheduler(name, training.config)
-        assert type(sampler) is SAMPLERS[name], name
+        assert type(sampler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "beta_schedule", "beta_end"):
             assert sampler.config[key] == training.config[key], (name, key)
         assert not sampler.config.thresholding  # latents: nothing to clip
@@ -375,7 +375,7 @@ def test_make_scheduler_keeps_the_joint_schedule(trained):
 
 
 def test_generator_samples_with_the_scheduler_it_names(trained, tmp_path, monkeypatch):
-    seen = spy_on_samplers(monkeypatch)
+    seen = spy_on_schedulers(monkeypatch)
     for name in ("ddim", "ddpm", "dpmsolver"):
         seen["steps"].clear()
         run_generator(
@@ -384,15 +384,15 @@ def test_generator_samples_with_the_scheduler_it_names(trained, tmp_path, monkey
             "--scheduler", name,
         )  # fmt: skip
         built_name, built = seen["built"][-1]
-        assert built_name == name and type(built) is SAMPLERS[name]
+        assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
         assert built.config.prediction_type == "v_prediction" and built.config.timestep_spacing == "trailing"
         # one batch of 3 steps, all with the named sampler and none with another
-        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+        assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 3
 
 
 def test_generator_eta_exact_size_and_guidance_in_one_batched_forward(trained, tmp_path, monkeypatch):
-    seen = spy_on_samplers(monkeypatch)
+    seen = spy_on_schedulers(monkeypatch)
     batch_sizes = []
     forward = UNet2DConditionModel.forward
 

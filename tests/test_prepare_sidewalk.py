@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segdiff.data import SIDEWALK_CLASSES, SIDEWALK_PALETTE, load_segmentation_dataset
+from segdiff.data import load_segmentation_dataset
+from segdiff.labels import SIDEWALK_CLASSES, SIDEWALK_PALETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ROWS, HEIGHT, WIDTH, RESOLUTION = 6, 20, 30, 16

@@ -24,14 +24,15 @@ from PIL import Image
 
 import generate_controlnet_seg
 import generate_spade_sdm
-from segdiff.controlnet import conditioning_channels_for
-from segdiff.data import colorize_label, read_label_map, resize_labels, write_class_names
+from segdiff.data import read_label_map, write_class_names
+from segdiff.geometry import conditioning_channels_for
+from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-from segdiff.prompts import class_prompt
+from segdiff.prompts import label_map_prompt
 from segdiff.rendering import ControlNetRenderer, RendererError, SDMRenderer, load_renderer, renderer_kind
+from segdiff.seeds import derive_seed
 from segdiff.toy import TOY_CLASSES, TOY_PALETTE
-from segdiff.training import derive_seed
 
 TEMPLATE = "toy shapes: {classes}"  # not the trainer's default: the renderer must use the run's
 
@@ -166,7 +167,7 @@ def test_controlnet_gets_the_coloured_map_and_its_class_prompt(controlnet_render
     (call,) = calls  # one batch
     prompts, controls = call["args"]
     expected_labels = [resize_labels(small, 32, 32), labels[1]]
-    assert prompts == [class_prompt(label, TOY_CLASSES, TEMPLATE, 2) for label in expected_labels]
+    assert prompts == [label_map_prompt(label, TOY_CLASSES, TEMPLATE, 2) for label in expected_labels]
     assert all(prompt.startswith("toy shapes: ") for prompt in prompts)
     for control, label in zip(controls, expected_labels):
         assert np.array_equal(np.asarray(control), np.asarray(colorize_label(label, TOY_PALETTE, 255)))

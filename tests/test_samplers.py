@@ -9,14 +9,14 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from test_spade_model import _one_thread, make_pipeline, random_labels  # noqa: F401 (_one_thread: autouse)
 
 import segdiff.pipelines.sdm as sdm_module
-from segdiff.generation import make_scheduler, prepare_extra_step_kwargs
-from segdiff.pipelines.sdm import sdm_sampler, sdm_scheduler
+from segdiff.pipelines.sdm import sdm_scheduler
+from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
 
 
 def test_sdm_sampler_makes_dpmsolver_stochastic_on_the_training_schedule():
     for pixel_space in (True, False):
         training = sdm_scheduler(learn_sigma=True, pixel_space=pixel_space)
-        dpm = sdm_sampler("dpmsolver", training.config)
+        dpm = make_scheduler("dpmsolver", training.config, stochastic=True)
         assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.algorithm_type == "sde-dpmsolver++"
         assert torch.equal(dpm.betas, training.betas) and dpm.config.prediction_type == "epsilon"
         # x0 clipped to [-1, 1] (thresholding at 1) in pixel space only; the rest as make_scheduler builds it
@@ -27,7 +27,7 @@ def test_sdm_sampler_makes_dpmsolver_stochastic_on_the_training_schedule():
             k: v for k, v in deterministic.config.items() if k != "algorithm_type"
         }
         # every other sampler is make_scheduler's
-        ddim = sdm_sampler("ddim", training.config)
+        ddim = make_scheduler("ddim", training.config, stochastic=True)
         assert isinstance(ddim, DDIMScheduler) and ddim.config == make_scheduler("ddim", training.config).config
 
 
@@ -57,13 +57,13 @@ def test_dpmsolver_by_name_clips_x0_draws_noise_per_image_and_steps_with_epsilon
     # model's raw x0 lies far outside at the first step), from the 3 epsilon channels of the 6 the model outputs.
     seen = []  # one list of (raw x0, x0 used) per sampler built
 
-    def recording_sampler(name, config):
-        scheduler = sdm_sampler(name, config)
+    def recording_sampler(name, config, **options):
+        scheduler = make_scheduler(name, config, **options)
         assert scheduler.config.algorithm_type == "sde-dpmsolver++"
         seen.append(spy_on_x0(scheduler))
         return scheduler
 
-    monkeypatch.setattr(sdm_module, "sdm_sampler", recording_sampler)
+    monkeypatch.setattr(sdm_module, "make_scheduler", recording_sampler)
     images = generate(labels, [0, 1])
     monkeypatch.undo()
     (steps,) = seen

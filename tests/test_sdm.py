@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, same_weights, script_error, weights
-from generator_checks import SAMPLERS, expected_miou, run_generator, spy_on_samplers
+from generator_checks import SCHEDULER_CLASSES, expected_miou, run_generator, spy_on_schedulers
 from PIL import Image
 
 import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
-from segdiff.generation import make_scheduler
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-from segdiff.training import derive_seed, exponential_lr_schedule, noise_prediction_loss
+from segdiff.schedulers import make_scheduler
+from segdiff.seeds import derive_seed
+from segdiff.training import exponential_lr_schedule, noise_prediction_loss
 from train_spade_sdm import (
     build_training_data,
     discretized_gaussian_log_likelihood,
@@ -321,7 +322,7 @@ def test_make_scheduler_keeps_the_sdm_schedule_and_its_clipping(pixel_space):
     training = sdm_scheduler(learn_sigma=True, pixel_space=pixel_space)
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
         sampler = make_scheduler(name, training.config)
-        assert type(sampler) is SAMPLERS[name], name
+        assert type(sampler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"):
             assert sampler.config[key] == training.config[key], (name, key)
         torch.testing.assert_close(sampler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
@@ -336,7 +337,7 @@ def test_make_scheduler_keeps_the_sdm_schedule_and_its_clipping(pixel_space):
 
 def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_path, monkeypatch):
     masks_dir = write_masks(tmp_path / "masks", toy_data, count=1)
-    seen = spy_on_samplers(monkeypatch)
+    seen = spy_on_schedulers(monkeypatch)
     for name in ("ddim", "ddpm", "dpmsolver"):
         seen["steps"].clear()
         run_generator(
@@ -344,13 +345,13 @@ def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_pa
             tmp_path / name, "--num_samples_per_mask", "1", "--num_inference_steps", "3", "--scheduler", name,
         )  # fmt: skip
         built_name, built = seen["built"][-1]
-        assert built_name == name and type(built) is SAMPLERS[name]
+        assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
         # the pixel model's clipping, whichever way the sampler applies it
         assert built.config.clip_sample if name != "dpmsolver" else built.config.thresholding
         if name == "dpmsolver":  # SDM's DPM-Solver++ is the stochastic one (segdiff.pipelines.sdm.sdm_sampler)
             assert built.config.algorithm_type == "sde-dpmsolver++"
         # 3 steps, all with the named sampler and none with another
-        assert seen["steps"] == {SAMPLERS[name].__name__: 3}, name
+        assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 3
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from segdiff.data import resize_labels
+from segdiff.labels import resize_labels
 from segdiff.models.spade_unet import (
     SpadeUNetModel,
     encode_label_map,

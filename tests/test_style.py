@@ -10,13 +10,8 @@ import torch
 from conftest import ROOT, run_script
 from PIL import Image
 
-from segdiff.data import (
-    LANDSCAPE_CLASSES,
-    DatasetError,
-    StyleReferenceView,
-    load_segmentation_dataset,
-    read_label_map,
-)
+from segdiff.data import DatasetError, StyleReferenceView, load_segmentation_dataset, read_label_map
+from segdiff.labels import LANDSCAPE_CLASSES
 from segdiff.metrics import color_histogram_similarity, confusion_matrix, iou_per_class
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler

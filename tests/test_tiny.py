@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from segdiff.controlnet import vae_scale_factor
+from segdiff.geometry import vae_scale_factor
 from segdiff.tiny import (
     SD_SCALING_FACTOR,
     ImageFolderDataset,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segdiff.data import IGNORE_INDEX
+from segdiff.labels import IGNORE_INDEX
 from segdiff.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from segdiff.toy import TOY_CLASSES, TOY_PALETTE, LongTail, PaletteSegmenter, make_toy_dataset, toy_classes
 

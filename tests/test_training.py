@@ -14,8 +14,9 @@ import torch
 from conftest import ROOT, SCRIPT_ENV, run_script
 from safetensors.torch import load_file
 
+from segdiff.seeds import derive_seed
 from segdiff.toy import make_toy_dataset
-from segdiff.training import EpochSeededSampler, derive_seed, list_checkpoints, min_snr_weights
+from segdiff.training import EpochSeededSampler, list_checkpoints, min_snr_weights
 
 ENV = SCRIPT_ENV
 SDM = ["train_spade_sdm.py", "--model_config", "configs/models/sdm_tiny.json"]

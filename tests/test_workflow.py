@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, SCRIPT_ENV, write_stand_in_weights
 from PIL import Image
 
-from segdiff.data import SIDEWALK_CLASSES, SIDEWALK_PALETTE
+from segdiff.labels import SIDEWALK_CLASSES, SIDEWALK_PALETTE
 
 NUM_ROWS, HEIGHT, WIDTH = 8, 20, 30
 STAGES = ("prepare", "train", "finetune", "generate-val", "evaluate-val", "report")

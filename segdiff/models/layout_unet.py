@@ -72,7 +72,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from torch import nn
 
-from segdiff.data import IGNORE_INDEX
+from segdiff.labels import IGNORE_INDEX
 
 # Ratios in [0, 1] are embedded like timesteps in [0, 1000]: the sinusoids then resolve differences of 0.1 %.
 RATIO_FEATURE_SCALE = 1000.0

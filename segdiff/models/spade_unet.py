@@ -60,7 +60,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from segdiff.data import IGNORE_INDEX, LABEL_RESIZE_MODE, resize_labels
+from segdiff.labels import IGNORE_INDEX, LABEL_RESIZE_MODE, resize_labels
 
 CONDITIONINGS = ("spade", "concat")
 UNKNOWN_CLASS_MODES = ("zeros", "channel")

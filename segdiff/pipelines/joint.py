@@ -21,10 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
-from segdiff.controlnet import size_multiple, vae_scale_factor
-from segdiff.generation import prepare_extra_step_kwargs
-
-DEFAULT_PROMPT_TEMPLATE = "a remote sensing image and mask of {class_name}"
+from segdiff.geometry import size_multiple, vae_scale_factor
+from segdiff.prompts import CLASS_PROMPT_TEMPLATE
+from segdiff.prompts import label_map_prompt as class_prompt
+from segdiff.schedulers import prepare_extra_step_kwargs
 
 
 @dataclass
@@ -79,11 +79,6 @@ def pipeline_over_base(
     )
 
 
-def class_prompt(template: str, class_name: str) -> str:
-    """The prompt of a class; underscores and dashes in names read as spaces ("flat-road" -> "flat road")."""
-    return template.format(class_name=class_name.replace("_", " ").replace("-", " "))
-
-
 class JointImageMaskPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
@@ -95,7 +90,7 @@ class JointImageMaskPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
         class_names: list[str] | None = None,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template: str = CLASS_PROMPT_TEMPLATE,
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
@@ -187,7 +182,7 @@ class JointImageMaskPipeline(DiffusionPipeline):
         """
         # 1. What to generate
         ids = [i for i in self.resolve_class_ids(class_ids) for _ in range(num_images_per_prompt)]
-        prompts = [class_prompt(self.config.prompt_template, self.class_names[i]) for i in ids]
+        prompts = [class_prompt(self.class_names[i], self.config.prompt_template) for i in ids]
         height = height or self.default_size
         width = width or self.default_size
         self.check_size(height, width)

@@ -39,9 +39,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from segdiff.data import IGNORE_INDEX
-from segdiff.generation import make_scheduler
+from segdiff.labels import IGNORE_INDEX
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits
+from segdiff.schedulers import make_scheduler
 
 
 def layout_scheduler() -> DDPMScheduler:

@@ -1,4 +1,8 @@
-"""Shapes of a ControlNet over a Stable Diffusion base, read from the base's configs, never assumed.
+"""Image geometry: the one image-size type, and the shapes a VAE and UNet allow, read from their configs, never assumed.
+
+``ImageSize`` is (height, width), height first as everywhere in torch: what ``--resolution N`` or
+``--resolution HEIGHT,WIDTH`` parses to (`segdiff.arguments.image_size`), what training_config.json records, and what the pipelines
+are called with. A single N is the square N x N.
 
 A ControlNet's conditioning embedding downsamples the control image to the latent grid, so it must
 downsample by exactly the VAE's factor: 8 for Stable Diffusion, 2 for the tiny test base. The trainer sizes
@@ -7,6 +11,32 @@ against the base with the same ones.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ImageSize(NamedTuple):
+    """(height, width) in pixels."""
+
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, value) -> ImageSize:
+        """An ImageSize from what a config records: N (a square), or [height, width]."""
+        if isinstance(value, int):
+            return cls(value, value)
+        height, width = value
+        return cls(int(height), int(width))
+
+    @property
+    def is_square(self) -> bool:
+        return self.height == self.width
+
+    def __str__(self) -> str:
+        """As typed on a command line: N for a square, else HEIGHT,WIDTH."""
+        return str(self.height) if self.is_square else f"{self.height},{self.width}"
+
 
 # Stable Diffusion's ControlNet conditioning embedding: 3 stride-2 convolutions for its VAE's factor of 8.
 SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
