@@ -57,19 +57,17 @@ from segdiff.generation import (
     read_mask,
     recorded_path,
 )
+from segdiff.geometry import ImageSize
 from segdiff.processes import generation_state
 from segdiff.prompts import classes_by_area
 from segdiff.rendering import (
     CONTROLNET_GUIDANCE_SCALE,
     CONTROLNET_SCHEDULER,
-    ControlNetRenderer,
-    load_controlnet,
-    load_controlnet_pipeline,
-    load_run_files,
-    recorded_base,
-    run_setting,
+    ControlNetSettings,
+    load_controlnet_renderer,
 )
-from segdiff.schedulers import SCHEDULERS, make_scheduler
+from segdiff.runs import open_run
+from segdiff.schedulers import SCHEDULERS
 
 
 def parse_args(argv=None):
@@ -78,7 +76,6 @@ def parse_args(argv=None):
         parser,
         "The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA weights are "
         "used when present).",
-        "--controlnet",
     )
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -164,81 +161,94 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def generation_args(args, base: str, template: str, top_k: int, size, ignore_index: int) -> dict:
+def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSize) -> dict:
     """The arguments that determine the images, defaults resolved from the training config (not --batch_size or
-    --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match.
-    The keys are those of earlier versions (a --save_dir they wrote still resumes); newer options are recorded
-    only when given. ``size``: the short side N, or [height, width]."""
+    --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match."""
     return {
-        "controlnet": recorded_path(args.model),
+        "model": recorded_path(args.model),
         "pretrained_model_name_or_path": recorded_path(base),
         "num_images_per_mask": args.num_images_per_mask,
         "prompt": args.prompt,
+        "captions": recorded_path(args.captions),
         # The class prompts' options matter only without --prompt: changing them then is no different run.
-        "prompt_template": None if args.prompt else template,
-        "prompt_top_k": None if args.prompt else top_k,
+        "prompt_template": None if args.prompt else settings.prompt_template,
+        "prompt_top_k": None if args.prompt else settings.prompt_top_k,
         "negative_prompt": args.negative_prompt,
         "scheduler": args.scheduler,
+        "eta": args.eta,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
-        "resolution": size if isinstance(size, int) else list(size),
+        "resolution": size,
         "seed": args.seed,
         "class_names_json": recorded_path(args.class_names_json),
-        "ignore_index": ignore_index,
+        "ignore_index": settings.ignore_index,
         "fp16": args.fp16,
-        **({"eta": args.eta} if args.eta is not None else {}),
-        **({"captions": recorded_path(args.captions)} if args.captions is not None else {}),
     }
 
 
 def main(args):
     state = generation_state()
-    # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
-    dtype = torch.float16 if args.fp16 else torch.float32
-    controlnet, run_dir = load_controlnet(args.model, dtype)
-    config, class_names, palette = load_run_files(run_dir, args.class_names_json)
-    ignore_index = run_setting(config, "ignore_index", args.ignore_index)
-    template = run_setting(config, "prompt_template", args.prompt_template or None)
-    top_k = run_setting(config, "prompt_top_k", args.prompt_top_k)
-    # Every mask (and caption) is read and checked before the models load: a bad file fails in seconds, named.
-    masks = masks_of(args, len(class_names), palette, ignore_index)
-    captions = read_captions(args.captions, [mask.stem for mask in masks]) if args.captions else {}
-
-    base = recorded_base(config, run_dir, args.pretrained_model_name_or_path, flag="--pretrained_model_name_or_path")
-    # N: the short side (aspect ratio kept); (H, W): exactly that size.
-    size = args.resolution or run_setting(config, "resolution")
-    short_side = size if isinstance(size, int) else min(size)
-    recorded = generation_args(args, base, template, top_k, size, ignore_index)
-    check_save_dir(args.save_dir, recorded, args.overwrite)  # before the models load: a refusal takes seconds
-    pipeline = load_controlnet_pipeline(base, controlnet, dtype, variant=config.get("variant"))
-    pipeline.to(args.device or state.device)
-    # The renderer turns each mask into what the ControlNet sees (control image, prompt), as segdiff.rendering's
-    # load_renderer does, with this command line's overrides of the run's settings.
-    renderer = ControlNetRenderer(
-        pipeline, class_names, palette, ignore_index, short_side, run_dir, prompt_template=template, prompt_top_k=top_k
+    run = open_run(args.model)
+    run.require("controlnet_seg")
+    # N (or a square): the short side, each mask's aspect ratio kept; a rectangle: exactly that size.
+    size = args.resolution or ImageSize.of(run.setting("resolution", 512))
+    exact_size = None if size.is_square else size
+    settings = ControlNetSettings.of(
+        run, args.ignore_index, args.prompt_template, args.prompt_top_k, short_side=min(size)
     )
-    exact_size = None if isinstance(size, int) else size
-    if exact_size and (exact_size[0] % renderer.size_multiple or exact_size[1] % renderer.size_multiple):
+    class_names, palette = run.classes(args.class_names_json)
+    # Every mask (and caption), the save_dir and the base's name are checked before a model loads: a bad file or
+    # a refused re-run fails in seconds, named.
+    masks = masks_of(args, len(class_names), palette, settings.ignore_index)
+    captions = read_captions(args.captions, [mask.stem for mask in masks]) if args.captions else {}
+    base = run.base(args.pretrained_model_name_or_path)
+    recorded = generation_args(args, base, settings, size)
+    check_save_dir(args.save_dir, recorded, args.overwrite)
+    renderer = load_controlnet_renderer(
+        run,
+        settings,
+        base=base,
+        class_names_json=args.class_names_json,
+        device=args.device or state.device,
+        # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
+        dtype=torch.float16 if args.fp16 else torch.float32,
+    )
+    if exact_size and (exact_size.height % renderer.size_multiple or exact_size.width % renderer.size_multiple):
         raise SystemExit(
-            f"--resolution {exact_size[0]},{exact_size[1]}: height and width must be multiples of "
-            f"{renderer.size_multiple} for this base (VAE factor x UNet downsampling)."
+            f"--resolution {exact_size}: height and width must be multiples of {renderer.size_multiple} for this "
+            "base (VAE factor x UNet downsampling)."
         )
-    pipeline.scheduler = make_scheduler(args.scheduler, renderer.scheduler_config)
 
     n = args.num_images_per_mask
     writer = MaskSampleWriter(
-        args.save_dir, class_names, palette, ignore_index, n, recorded, overwrite=args.overwrite, state=state
+        args.save_dir, class_names, palette, settings.ignore_index, n, recorded, overwrite=args.overwrite, state=state
     )
     todo = writer.todo(masks)  # this process's share
     with tqdm(total=len(todo) * n, desc="Images", disable=not state.is_local_main_process) as progress:
         for group in mask_groups(todo, n, args.batch_size):
-            labels = [read_mask(mask.path, palette, ignore_index) for mask in group]
-            conditions = [renderer.condition(label, *(exact_size or ())) for label in labels]
+            conditions = [
+                renderer.condition(read_mask(mask.path, palette, settings.ignore_index), *(exact_size or ()))
+                for mask in group
+            ]
             prompts = [args.prompt or captions.get(mask.stem) or c.prompt for mask, c in zip(group, conditions)]
-            images = draw(pipeline, args, group, conditions, prompts)
-            for mask, condition, prompt in zip(group, conditions, prompts):
-                classes = [class_names[c] for c in classes_by_area(condition.label, len(class_names), ignore_index)]
+            # Each mask's n images, with their own seeds; masks of one size share pipeline calls of --batch_size.
+            images = renderer.render(
+                [c.label for c in conditions for _ in range(n)],
+                [seed for mask in group for seed in mask.seeds(args.seed, n)],
+                prompts=[prompt for prompt in prompts for _ in range(n)],
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                scheduler=args.scheduler,
+                batch_size=args.batch_size,
+                negative_prompt=args.negative_prompt,
+                controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+                eta=args.eta or 0.0,  # diffusers passes eta to the schedulers that take one (DDIM)
+            )
+            for i, (mask, condition, prompt) in enumerate(zip(group, conditions, prompts)):
+                classes = [
+                    class_names[c] for c in classes_by_area(condition.label, len(class_names), settings.ignore_index)
+                ]
                 details = [
                     {
                         "prompt": prompt,
@@ -253,44 +263,17 @@ def main(args):
                     }
                     for seed in mask.seeds(args.seed, n)
                 ]
-                writer.write(mask, condition.label, images[mask.stem], details)
+                writer.write(mask, condition.label, images[i * n : (i + 1) * n], details)
                 progress.update(n)
 
     total = writer.finish()
     if state.is_main_process:
-        run = {"pretrained_model_name_or_path": base, "class_names": class_names, "prompt_template": template}
-        write_json_atomic(Path(args.save_dir) / "generation_config.json", {**vars(args), **run})
+        run_files = {"pretrained_model_name_or_path": base, "class_names": class_names}
+        write_json_atomic(
+            Path(args.save_dir) / "generation_config.json",
+            {**vars(args), **run_files, "prompt_template": settings.prompt_template},
+        )
         print(f"Wrote {total} images of {len(masks)} masks to {args.save_dir}")
-
-
-def draw(pipeline, args, group, conditions, prompts) -> dict[str, list]:
-    """The images of a group of masks, by mask stem: masks of one output size share pipeline calls of up to
-    --batch_size images (with guidance, diffusers runs the conditional and unconditional halves as one batch)."""
-    n = args.num_images_per_mask
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, condition in enumerate(conditions):
-        by_size.setdefault(condition.label.shape, []).append(i)
-    images = {mask.stem: [] for mask in group}
-    for (height, width), indices in by_size.items():
-        jobs = [(i, seed) for i in indices for seed in group[i].seeds(args.seed, n)]  # (mask, seed) of each image
-        for start in range(0, len(jobs), args.batch_size):
-            chunk = jobs[start : start + args.batch_size]
-            drawn = pipeline(
-                [prompts[i] for i, _ in chunk],
-                [conditions[i].control for i, _ in chunk],
-                height=height,
-                width=width,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(chunk),
-                controlnet_conditioning_scale=args.controlnet_conditioning_scale,
-                eta=args.eta or 0.0,  # diffusers' default; it passes eta to the samplers that take one (DDIM)
-                # CPU generators: the same seed gives the same noise on any device.
-                generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
-            ).images
-            for (i, _), image in zip(chunk, drawn):
-                images[group[i].stem].append(image)
-    return images
 
 
 if __name__ == "__main__":

@@ -9,15 +9,17 @@ Writes, under --save_dir:
                             --fill_label elsewhere, so --save_dir is itself a *generic* dataset
   overlays/000000.png ...   the image with its mask tinted in the class colour
   metadata.jsonl            one line per sample: files, class, prompt, seed, steps, scheduler, guidance
+  generation_args.json      the arguments that determine the samples (a re-run must match them)
   class_names.json, grid.png
 
 Sample i is drawn with seed --seed + i, whatever the batch size and the number of processes; a re-run with the
-same arguments keeps the samples already written and generates only the missing ones. Under `accelerate launch`
-(or torchrun) each process takes every N-th of the missing samples, and the main one writes metadata.jsonl.
+same arguments (generation_args.json) keeps the samples already written and generates only the missing ones (a
+larger --num_samples adds samples); one with other arguments is refused, unless --overwrite regenerates
+everything. Under `accelerate launch` (or torchrun) each process takes every N-th of the missing samples, and the
+main one writes metadata.jsonl.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,28 +30,29 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from segdiff.data import load_class_names, save_label_png, write_class_names
+from segdiff.data import exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
+    SampleWriter,
     add_eta_argument,
     add_model_argument,
     add_output_size_arguments,
     check_generation_args,
-    load_records,
-    publish_records,
-    save_records,
+    recorded_path,
 )
+from segdiff.geometry import ImageSize
 from segdiff.labels import (
     IGNORE_INDEX,
     LOVEDA_CLASSES,
     LOVEDA_PALETTE,
     SIDEWALK_CLASSES,
     SIDEWALK_PALETTE,
-    default_palette,
 )
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
-from segdiff.processes import generation_state, process_share
+from segdiff.processes import generation_state
+from segdiff.runs import TrainedRun, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
+from segdiff.seeds import cpu_generators
 from segdiff.visualize import image_grid, overlay_mask
 
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
@@ -61,8 +64,20 @@ def parse_args(argv=None):
         parser,
         "The output folder of train_seg_mask_diffusion.py, or one of its checkpoint-N/ folders (then its EMA "
         "weights are used when present).",
+        "--checkpoint",  # the spelling of the reference document's command (SyntheticGen's README), kept working
     )
-    parser.add_argument("--save_dir", required=True, help="Where the generated dataset goes.")
+    parser.add_argument(
+        "--save_dir",
+        required=True,
+        help="Where the generated dataset goes. A re-run into it adds the samples it lacks, with the arguments it was "
+        "made with.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Regenerate every sample into --save_dir, removing its earlier outputs (needed to change the "
+        "generation arguments of an existing --save_dir).",
+    )
     parser.add_argument("--num_samples", type=int, default=100, help="How many (image, mask) pairs.")
     parser.add_argument(
         "--dataset",
@@ -87,7 +102,8 @@ def parse_args(argv=None):
         default=1.0,
         help="Classifier-free guidance against the empty prompt (> 1 enables; the model needs --prompt_dropout).",
     )
-    add_output_size_arguments(parser, square="N x N images")
+    # --image_size: the spelling of the reference document's command, kept working
+    add_output_size_arguments(parser, "N x N images", "--image_size")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -110,67 +126,40 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def load_classes(checkpoint: Path, dataset: str | None):
-    """Class names and palette: the checkpoint's class_names.json, else a dataset's defaults."""
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / "class_names.json").is_file():
-            names, palette = load_class_names(folder / "class_names.json")
-            return names, palette or default_palette(len(names))
-    if dataset is not None:
-        return DATASET_CLASSES[dataset]
-    raise SystemExit(
-        f"{checkpoint} has no class_names.json, so the class of each id is unknown. Fix: point --model at "
-        "the output folder of train_seg_mask_diffusion.py, copy its class_names.json next to the model, "
-        "or pass --dataset loveda|sidewalk to use that dataset's class list."
-    )
+def load_classes(run: TrainedRun, dataset: str | None):
+    """Class names and palette: the run's class_names.json, else a dataset's defaults."""
+    if (run.run_dir / "class_names.json").is_file() or dataset is None:
+        return run.classes()
+    return DATASET_CLASSES[dataset]
 
 
-def load_pipeline(checkpoint: Path, class_names, args) -> JointImageMaskPipeline:
-    """The pipeline of a trained output folder, or of one of its checkpoint-N/ folders."""
-    dtype = torch.float16 if args.fp16 else torch.float32  # default: as saved (float32)
-    if (checkpoint / "model_index.json").is_file():
-        pipeline = JointImageMaskPipeline.from_pretrained(checkpoint, class_names=class_names, torch_dtype=dtype)
-    elif (checkpoint / "unet").is_dir() and (checkpoint.parent / "training_config.json").is_file():
-        pipeline = load_checkpoint_pipeline(checkpoint, class_names).to(dtype=dtype)
-    else:
-        raise SystemExit(
-            f"{checkpoint} is not a trained joint model: expected model_index.json (the training output folder) "
-            "or unet/ inside a checkpoint-N folder of one (next to its training_config.json)."
-        )
-    if pipeline.unet.config.in_channels != pipeline.vae.config.latent_channels + 1:
-        raise SystemExit(
-            f"{checkpoint}: the UNet takes {pipeline.unet.config.in_channels} channels, not the image latent + 1 mask "
-            "channel of a joint model. Was it trained by train_seg_mask_diffusion.py?"
-        )
-    return pipeline
-
-
-def load_checkpoint_pipeline(checkpoint: Path, class_names) -> JointImageMaskPipeline:
-    """checkpoint-N/ of a run, finished or not: its UNet (EMA weights when kept) and, with --train_text_encoder,
-    its text encoder, over the frozen parts and schedule of the base named in the run's training_config.json."""
-    config = json.loads((checkpoint.parent / "training_config.json").read_text())
-    base, revision = config["pretrained_model_name_or_path"], config.get("revision")
-    unet_folder = "unet_ema" if (checkpoint / "unet_ema").is_dir() else "unet"
-    trained_text_encoder = (checkpoint / "text_encoder").is_dir()
+def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImageMaskPipeline:
+    """The pipeline of a trained output folder; for a checkpoint-N/ of a run, finished or not, its UNet (EMA weights
+    when kept) and, with --train_text_encoder, its text encoder, over the frozen parts and schedule of the base
+    named in the run's training_config.json."""
+    run.require("joint_image_mask")
+    if not run.is_checkpoint:
+        return JointImageMaskPipeline.from_pretrained(run.folder, class_names=class_names, torch_dtype=dtype)
+    base = run.base()
+    trained_text_encoder = (run.folder / "text_encoder").is_dir()
     try:
-        return pipeline_over_base(
+        pipeline = pipeline_over_base(
             base,
-            UNet2DConditionModel.from_pretrained(checkpoint, subfolder=unet_folder),
-            text_encoder=CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder")
-            if trained_text_encoder
-            else None,
-            prediction_type=config["prediction_type"],
-            zero_terminal_snr=config["zero_terminal_snr"],
+            run.load_model(UNet2DConditionModel, "unet"),
+            text_encoder=run.load_model(CLIPTextModel, "text_encoder") if trained_text_encoder else None,
+            prediction_type=run.setting("prediction_type"),
+            zero_terminal_snr=run.setting("zero_terminal_snr"),
             class_names=class_names,
-            prompt_template=config["prompt_template"],
-            revision=revision,
-            variant=config.get("variant"),
+            prompt_template=run.setting("prompt_template"),
+            revision=run.setting("revision"),
+            variant=run.setting("variant"),
         )
     except OSError as error:
         raise SystemExit(
-            f"{checkpoint}: cannot load the base model {base!r} that training_config.json names ({error}). "
+            f"{run.folder}: cannot load the base model {base!r} that training_config.json names ({error}). "
             "Fix: make that path (or hub name) reachable from here, or generate from the finished output folder."
         ) from None
+    return pipeline.to(dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,13 +192,28 @@ def label_map(mask: np.ndarray, class_id: int, fill_label: str, ignore_index: in
     return np.where(mask, class_id, fill).astype(np.uint8)
 
 
-def finished_samples(save_dir: Path) -> dict[int, dict]:
-    """Samples of an earlier run (or of this run's other processes) whose files are all on disk, by index."""
-    done = {}
-    for record in load_records(save_dir):
-        if all((save_dir / record[key]).is_file() for key in ("file_name", "mask_file_name", "overlay_file_name")):
-            done[record["index"]] = record
-    return done
+def generation_args(args, size: ImageSize) -> dict:
+    """The arguments that determine the samples (not --num_samples: a larger one adds samples; not --batch_size or
+    --device: the seeds keep the samples the same whatever they are); recorded in --save_dir, a re-run must match."""
+    return {
+        "model": recorded_path(args.model),
+        "dataset": args.dataset,
+        "class_id": args.class_id,
+        "class_weights": args.class_weights,
+        "scheduler": args.scheduler,
+        "eta": args.eta,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": size,
+        "seed": args.seed,
+        "fill_label": args.fill_label,
+        "ignore_index": args.ignore_index,
+        "fp16": args.fp16,
+    }
+
+
+def sample_name(index: int) -> str:
+    return f"{index:06d}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,55 +223,49 @@ def finished_samples(save_dir: Path) -> dict[int, dict]:
 
 def main(args):
     state = generation_state()
-    checkpoint = Path(args.model)
-    if not checkpoint.is_dir():
-        raise SystemExit(f"--model {checkpoint} does not exist.")
-    class_names, palette = load_classes(checkpoint, args.dataset)
-    pipeline = load_pipeline(checkpoint, class_names, args)
+    run = open_run(args.model)
+    class_names, palette = load_classes(run, args.dataset)
+    pipeline = load_pipeline(run, class_names, torch.float16 if args.fp16 else torch.float32)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    size = args.resolution or pipeline.default_size
-    height, width = (size, size) if isinstance(size, int) else size
+    size = args.resolution or ImageSize.of(pipeline.default_size)
     try:
-        pipeline.check_size(height, width)
+        pipeline.check_size(*size)
     except ValueError as error:
-        raise SystemExit(f"--resolution {size if isinstance(size, int) else f'{height},{width}'}: {error}") from None
-
-    save_dir = Path(args.save_dir)
-    if state.is_main_process:
-        for folder in ("images", "masks", "overlays"):
-            (save_dir / folder).mkdir(parents=True, exist_ok=True)
-        write_class_names(save_dir / "class_names.json", class_names, palette)
-    state.wait_for_everyone()
-
+        raise SystemExit(f"--resolution {size}: {error}") from None
     classes = plan_classes(args, len(class_names))
-    records = finished_samples(save_dir)
-    todo = [i for i in range(args.num_samples) if i not in records]
-    if records and state.is_main_process:
-        print(f"{len(records)} samples already in {save_dir}; generating the {len(todo)} missing ones.")
-    mine = process_share(todo, state)
 
+    writer = SampleWriter(
+        args.save_dir,
+        class_names,
+        palette,
+        generation_args(args, size),
+        folders=("images", "masks", "overlays"),
+        unit_of=lambda record: sample_name(record["index"]),
+        overwrite=args.overwrite,
+        state=state,
+    )
+    save_dir = writer.save_dir
+    mine = writer.todo(list(range(args.num_samples)), name=sample_name)  # this process's share of the missing ones
     with tqdm(total=len(mine), desc="Samples", disable=not state.is_local_main_process) as progress:
         for start in range(0, len(mine), args.batch_size):
             indices = mine[start : start + args.batch_size]
             # One call: with guidance, the unconditional and class prompts run as one batched forward per step.
             output = pipeline(
                 [classes[i] for i in indices],
-                height=height,
-                width=width,
+                height=size.height,
+                width=size.width,
                 num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale,
-                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other samplers
-                generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
+                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other schedulers
+                generator=cpu_generators(args.seed + i for i in indices),
             )
             for i, image, mask, prompt in zip(indices, output.images, output.masks, output.prompts):
-                class_id = classes[i]
-                name = f"{i:06d}.png"
+                class_id, name = classes[i], f"{sample_name(i)}.png"
                 save_image_atomic(image, save_dir / "images" / name)
-                save_label_png(
-                    label_map(mask, class_id, args.fill_label, args.ignore_index), save_dir / "masks" / name, palette
-                )
+                label = label_map(mask, class_id, args.fill_label, args.ignore_index)
+                save_label_png(label, save_dir / "masks" / name, palette)
                 save_image_atomic(overlay_mask(image, mask, palette[class_id]), save_dir / "overlays" / name)
                 record = {
                     "index": i,
@@ -284,15 +282,13 @@ def main(args):
                     "guidance_scale": args.guidance_scale,
                     "mask_fraction": round(float(mask.mean()), 4),
                 }
-                save_records(save_dir, f"{i:06d}", [record])  # last: the sample counts as done once its files exist
+                writer.save(sample_name(i), [record])  # last: the sample counts as done once its files exist
             progress.update(len(indices))
 
     # Once every process is done: metadata.jsonl in index order, without duplicates from earlier runs.
-    state.wait_for_everyone()
+    done = sorted(int(name) for name in writer.records)
+    ordered = writer.finish([sample_name(i) for i in done])
     if state.is_main_process:
-        records = finished_samples(save_dir)
-        ordered = [records[i] for i in sorted(records)]
-        publish_records(save_dir, ordered)
         write_grid(save_dir, ordered[:16])
         write_json_atomic(save_dir / "generation_config.json", {**vars(args), "class_names": class_names})
         print(f"Wrote {len(ordered)} (image, mask) pairs to {save_dir}")
@@ -309,6 +305,7 @@ def write_grid(save_dir: Path, records) -> None:
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        with exit_on_bad_input():  # bad folders or run files: the message names the file and the fix
+            main(parse_args())
     except ValueError as error:  # the pipeline's own checks (class ids, sizes)
         sys.exit(f"error: {error}")

@@ -55,9 +55,11 @@ from segdiff.generation import (
     read_mask,
     recorded_path,
 )
+from segdiff.geometry import ImageSize
 from segdiff.labels import resize_labels
 from segdiff.processes import generation_state
-from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_palette, load_sdm_pipeline
+from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_palette
+from segdiff.runs import open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 
 DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
@@ -185,23 +187,22 @@ def style_map_references(path: Path, masks: list[MaskFile]) -> dict[str, Path]:
     return references
 
 
-def generation_args(args, height: int, width: int) -> dict:
+def generation_args(args, size: ImageSize) -> dict:
     """The arguments that determine the images (not --batch_size, --device or --submission_dir: the seeds keep the
-    images the same whatever they are); recorded in --save_dir, a re-run must match them. The keys are those of
-    earlier versions (a --save_dir they wrote still resumes); newer options are recorded only when given."""
+    images the same whatever they are); recorded in --save_dir, a re-run must match them."""
     return {
-        "checkpoint": recorded_path(args.model),
-        "num_samples_per_mask": args.num_images_per_mask,
+        "model": recorded_path(args.model),
+        "num_images_per_mask": args.num_images_per_mask,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
         "scheduler": args.scheduler,
+        "eta": args.eta,
         "style_images": recorded_path(args.style_images),
+        "style_map": recorded_path(args.style_map),
         "style_scale": args.style_scale,
         "seed": args.seed,
-        "image_size": [height, width],
+        "resolution": size,
         "fp16": args.fp16,
-        **({"eta": args.eta} if args.eta is not None else {}),
-        **({"style_map": recorded_path(args.style_map)} if args.style_map is not None else {}),
     }
 
 
@@ -218,33 +219,31 @@ def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]
 
 def main(args):
     state = generation_state()
-    checkpoint = Path(args.model)
-    if not checkpoint.is_dir():
-        raise SystemExit(f"--model {checkpoint} does not exist.")
-    pipeline = load_sdm_pipeline(checkpoint, torch.float16 if args.fp16 else None)  # default: as saved
+    run = open_run(args.model)
+    pipeline = load_sdm_pipeline(run, torch.float16 if args.fp16 else None)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config, stochastic=True)
-    size = args.resolution
-    height, width = pipeline.default_size if size is None else (size, size) if isinstance(size, int) else size
+    size = args.resolution or ImageSize(*pipeline.default_size)
+    height, width = size
     try:
         pipeline.check_size(height, width)
     except ValueError as error:
-        raise SystemExit(f"--resolution {size if isinstance(size, int) else f'{height},{width}'}: {error}") from None
+        raise SystemExit(f"--resolution {size}: {error}") from None
 
     class_names = pipeline.class_names
-    palette = load_sdm_palette(checkpoint, len(class_names))
+    palette = sdm_palette(run, len(class_names))
     ignore_index = pipeline.config.ignore_index
     masks = masks_of(args, len(class_names), palette, ignore_index)
     references = style_references(args, masks)
     if references is not None and pipeline.unet.style_encoder is None:
         flag = "--style_map" if args.style_map else "--style_images"
         raise SystemExit(
-            f"{flag} was given, but the model in {checkpoint} has no style encoder. "
+            f"{flag} was given, but the model in {args.model} has no style encoder. "
             f"Fix: train it with train_spade_sdm.py --style_reference, or drop {flag}."
         )
     per_mask = args.num_images_per_mask
-    recorded = generation_args(args, height, width)
+    recorded = generation_args(args, size)
     writer = MaskSampleWriter(
         args.save_dir, class_names, palette, ignore_index, per_mask, recorded, overwrite=args.overwrite, state=state
     )

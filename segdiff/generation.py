@@ -25,7 +25,8 @@ one-process run (batched convolutions aside, which may differ in the last bit wh
 
 The command-line vocabulary of the generators (the joint one included) is built here once: `add_model_argument`,
 `add_mask_arguments`, `add_images_per_mask_argument`, `add_output_size_arguments`, `add_eta_argument`, checked
-by `check_generation_args`. Old spellings stay accepted as aliases.
+by `check_generation_args`. No other spellings, except those a reference document's command prints (the joint
+generator's `--checkpoint` and `--image_size`, declared there).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segdiff.arguments import image_size
 from segdiff.data import (
     IMAGE_EXTENSIONS,
     DatasetError,
@@ -51,6 +53,7 @@ from segdiff.data import (
     write_class_names,
 )
 from segdiff.files import save_image_atomic, write_bytes_atomic, write_json_atomic, write_jsonl_atomic
+from segdiff.geometry import ImageSize
 from segdiff.labels import colorize_label, colour_codes, colours_of_codes, resize_labels
 from segdiff.processes import OneProcess, process_share
 from segdiff.schedulers import SCHEDULERS, takes_eta
@@ -63,17 +66,25 @@ ARGS_FILE = "generation_args.json"
 # run leave for the main process to merge into metadata.jsonl, and what a re-run finds done.
 RECORDS_FOLDER = ".records"
 # Everything a generator writes in --save_dir: what --overwrite removes. Nothing else there is touched.
-OUTPUT_FOLDERS = ("generated_images", "visualizations", "images", "masks", RECORDS_FOLDER)
-OUTPUT_FILES = ("metadata.jsonl", "grid.png", "class_names.json", "generation_config.json", ARGS_FILE)
+OUTPUT_FOLDERS = ("generated_images", "visualizations", "images", "masks", "overlays", RECORDS_FOLDER)
+OUTPUT_FILES = (
+    "metadata.jsonl",
+    "grid.png",
+    "class_names.json",
+    "generation_config.json",
+    "ratio_report.json",
+    ARGS_FILE,
+)
 
 # ------------------------------------------------------------------------------------------------
 # One command line for the generators (the README's table lists these flags and their old spellings)
 # ------------------------------------------------------------------------------------------------
 
 
-def add_model_argument(parser: argparse.ArgumentParser, help: str, *old_spellings: str) -> None:
-    """``--model``: the trained output folder (``args.model``); ``--checkpoint`` and ``old_spellings`` still work."""
-    parser.add_argument("--model", "--checkpoint", *old_spellings, dest="model", required=True, help=help)
+def add_model_argument(parser: argparse.ArgumentParser, help: str, *reference_spellings: str) -> None:
+    """``--model``: the trained output folder or a checkpoint-N/ in it (``args.model``). ``reference_spellings``:
+    other names a reference document's command uses for it (the joint generator's ``--checkpoint``)."""
+    parser.add_argument("--model", *reference_spellings, dest="model", required=True, help=help)
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,32 +101,21 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 def add_images_per_mask_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
     parser.add_argument(
         "--num_images_per_mask",
-        "--num_samples_per_mask",
         type=int,
         default=default,
         help=f"Images per mask. (default: {default})" if default else "Images per mask.",
     )
 
 
-def size_argument(text: str) -> int | tuple[int, int]:
-    """``--resolution`` as typed: ``N``, or ``H,W`` (height first, as everywhere in torch)."""
-    try:
-        sides = [int(part) for part in text.split(",")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give N, or HEIGHT,WIDTH such as 384,512")
-    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
-
-
-def add_output_size_arguments(parser: argparse.ArgumentParser, square: str) -> None:
-    """``--resolution N`` or ``--resolution H,W`` (old spelling ``--image_size``), or ``--height H --width W``.
-    ``square`` says what N means for this generator."""
+def add_output_size_arguments(parser: argparse.ArgumentParser, square: str, *reference_spellings: str) -> None:
+    """``--resolution N`` or ``--resolution H,W`` (an ImageSize), or ``--height H --width W``. ``square`` says what
+    N means for this generator; ``reference_spellings``: other names a reference document's command uses."""
     size = parser.add_argument_group("output size (default: the training size)")
     size.add_argument(
         "--resolution",
-        "--image_size",
-        type=size_argument,
+        *reference_spellings,
+        dest="resolution",
+        type=image_size,
         default=None,
         help=f"N: {square}. HEIGHT,WIDTH (e.g. 384,512): exactly that size; masks are resized, nearest, to it.",
     )
@@ -135,7 +135,7 @@ def add_eta_argument(parser: argparse.ArgumentParser) -> None:
 
 def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The shared flags' cross-checks, as ``parser.error`` (usage) messages. --height/--width become
-    ``args.resolution = (H, W)``, so ``args.resolution`` is None (the training size), N, or (H, W)."""
+    ``args.resolution``, so ``args.resolution`` is None (the training size) or an ImageSize."""
     if (args.height is None) != (args.width is None):
         parser.error("--height and --width go together: give both, or --resolution HEIGHT,WIDTH")
     if args.height is not None:
@@ -143,7 +143,7 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
             parser.error("give the size once: --resolution, or --height and --width")
         if min(args.height, args.width) < 1:
             parser.error("--height and --width must be at least 1")
-        args.resolution = (args.height, args.width)
+        args.resolution = ImageSize(args.height, args.width)
     for flag in ("num_images_per_mask", "num_samples", "batch_size"):
         if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
             parser.error(f"--{flag} must be at least 1")
@@ -172,18 +172,11 @@ def save_records(save_dir: Path, name: str, records: list[dict]) -> None:
 
 
 def load_records(save_dir: Path) -> list[dict]:
-    """Every record of metadata.jsonl, then those still in RECORDS_FOLDER: a unit found twice counts as the later.
-
-    metadata.jsonl may end in a torn line (written by an earlier version, which appended to it): skipped.
-    """
+    """Every record of metadata.jsonl, then those still in RECORDS_FOLDER: a unit found twice counts as the later."""
     save_dir = Path(save_dir)
     records = []
     if (save_dir / "metadata.jsonl").is_file():
-        for line in (save_dir / "metadata.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # that unit is generated again
+        records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
     for path in sorted((save_dir / RECORDS_FOLDER).glob("*.json")):
         records += json.loads(path.read_text())
     return records
@@ -387,12 +380,11 @@ def recorded_path(name: str | Path | None) -> str | None:
 
 
 def holds_earlier_output(save_dir: Path) -> bool:
-    generated = save_dir / "generated_images"
-    return (
-        (save_dir / ARGS_FILE).is_file()
-        or (save_dir / "metadata.jsonl").is_file()
-        or (generated.is_dir() and any(generated.iterdir()))
-    )
+    """Whether --save_dir holds samples of an earlier run: its metadata, or any file in the output folders. A
+    generation_args.json alone (a run stopped before its first sample) is no output: it does not bind a re-run."""
+    if (save_dir / "metadata.jsonl").is_file():
+        return True
+    return any(folder.is_dir() and any(folder.iterdir()) for folder in (save_dir / name for name in OUTPUT_FOLDERS))
 
 
 def check_save_dir(save_dir: str | Path, generation_args: dict, overwrite: bool = False) -> None:
@@ -410,9 +402,8 @@ def check_save_dir(save_dir: str | Path, generation_args: dict, overwrite: bool 
     args_file = save_dir / ARGS_FILE
     if not args_file.is_file():
         raise DatasetError(
-            f"--save_dir {save_dir} holds generated images but no {ARGS_FILE}: an earlier version of the generator "
-            f"(which numbered masks by their position in the folder) or another tool wrote them, with arguments "
-            f"unknown. {fix}"
+            f"--save_dir {save_dir} holds generated files but no {ARGS_FILE}: another tool wrote them, with "
+            f"arguments unknown. {fix}"
         )
     try:
         recorded = json.loads(args_file.read_text())
@@ -446,13 +437,15 @@ def clear_outputs(save_dir: Path) -> None:
         (save_dir / name).unlink(missing_ok=True)
 
 
-class MaskSampleWriter:
-    """Writes the layout of the module docstring, one mask at a time, and knows what an earlier run finished.
+class SampleWriter:
+    """The one resumable output folder of the generators: a run writes *units* (a mask's N images, or one sample),
+    each unit's files first and its records last, so a unit counts as done only once all of its files exist.
 
-    ``generation_args`` are the arguments that determine the images (each script's own list): checked against
-    an earlier run's (check_save_dir), then recorded in ARGS_FILE before the first image is written.
-    ``state`` (`generation_state`): with several processes, the main one prepares --save_dir and merges the
-    metadata; `todo` gives each process its share of the missing masks.
+    ``generation_args`` are the arguments that determine the samples (each script's own list): checked against an
+    earlier run's (`check_save_dir`), then recorded in ARGS_FILE, with the classes, before the first sample.
+    ``state`` (`segdiff.processes.generation_state`): with several processes, the main one prepares --save_dir and
+    merges the records; `todo` gives each process its share of the missing units. ``unit_of`` names a record's
+    unit; a unit is done when its records are saved and every file they name (``*file_name`` keys) exists.
     """
 
     def __init__(
@@ -460,24 +453,24 @@ class MaskSampleWriter:
         save_dir: str | Path,
         class_names,
         palette,
-        ignore_index: int,
-        num_per_mask: int,
         generation_args: dict,
+        *,
+        folders: tuple[str, ...],
+        unit_of,
         overwrite: bool = False,
         state=None,
     ):
         self.save_dir = Path(save_dir)
         self.palette = palette
-        self.ignore_index = ignore_index
-        self.num_per_mask = num_per_mask
+        self.unit_of = unit_of
         self.state = state or OneProcess()
         check_save_dir(self.save_dir, generation_args, overwrite)  # in every process: all stop alike
         if self.state.is_main_process:
             if overwrite and holds_earlier_output(self.save_dir):
                 clear_outputs(self.save_dir)
-            for folder in OUTPUT_FOLDERS:
+            for folder in folders:
                 (self.save_dir / folder).mkdir(parents=True, exist_ok=True)
-            # Before any image: a folder that holds images always says which arguments made them.
+            # Before any sample: a folder that holds samples always says which arguments made them.
             write_json_atomic(self.save_dir / ARGS_FILE, generation_args)
             write_class_names(self.save_dir / "class_names.json", class_names, palette)
         self.state.wait_for_everyone()
@@ -485,31 +478,87 @@ class MaskSampleWriter:
         # Every process reads what is done before any writes more: the shares of `todo` then agree.
         self.state.wait_for_everyone()
 
+    def is_complete(self, records: list[dict]) -> bool:
+        """Whether a unit's files are all on disk (subclasses add their own conditions)."""
+        return all(
+            (self.save_dir / value).is_file()
+            for record in records
+            for key, value in record.items()
+            if key.endswith("file_name") and value is not None
+        )
+
     def _finished_records(self) -> dict[str, list[dict]]:
-        """Records of an earlier run, by mask stem, for the masks whose N images are all on disk."""
-        by_mask: dict[str, dict[int, dict]] = {}
+        """Records of an earlier run (or of this run's other processes), by unit, for the complete units."""
+        by_unit: dict[str, list[dict]] = {}
         for record in load_records(self.save_dir):
-            # A mask generated again after an interruption has its records twice: the later ones count.
-            by_mask.setdefault(record["mask_stem"], {})[record["image_index"]] = record
+            by_unit.setdefault(self.unit_of(record), []).append(record)
+        # A unit written again after an interruption has its records twice: its later save counts.
         return {
-            stem: [records[j] for j in sorted(records)]
-            for stem, records in by_mask.items()
-            if sorted(records) == list(range(self.num_per_mask))
-            and all(
-                (self.save_dir / r[key]).is_file() for r in records.values() for key in ("file_name", "mask_file_name")
-            )
+            unit: self.latest(records) for unit, records in by_unit.items() if self.is_complete(self.latest(records))
         }
 
-    def is_done(self, mask: MaskFile) -> bool:
-        return mask.stem in self.records
+    def latest(self, records: list[dict]) -> list[dict]:
+        return records
+
+    def is_done(self, unit: str) -> bool:
+        return unit in self.records
+
+    def todo(self, units: list, name=str) -> list:
+        """This process's share of ``units`` not done yet (all of them in a one-process run); ``name(unit)`` is the
+        unit's name."""
+        missing = [unit for unit in units if not self.is_done(name(unit))]
+        if len(missing) < len(units) and self.state.is_main_process:
+            print(
+                f"{len(units) - len(missing)} of {len(units)} already done in {self.save_dir}; generating the "
+                f"{len(missing)} missing ones."
+            )
+        return process_share(missing, self.state)
+
+    def save(self, unit: str, records: list[dict]) -> None:
+        """A unit's records, once its files are written: it counts as done from now on."""
+        save_records(self.save_dir, unit, records)
+        self.records[unit] = records
+
+    def finish(self, units: list[str] | None = None) -> list[dict] | None:
+        """Once every process is done, the main one writes metadata.jsonl: the records of ``units`` in that order
+        (default: every done unit, by name), without an earlier run's leftovers. Returns them (the others None)."""
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            return None
+        self.records = self._finished_records()  # every process's
+        ordered = [record for unit in (units or sorted(self.records)) for record in self.records[unit]]
+        publish_records(self.save_dir, ordered)
+        return ordered
+
+
+class MaskSampleWriter(SampleWriter):
+    """Writes the layout of the module docstring, one mask (its N images) a unit."""
+
+    def __init__(self, save_dir, class_names, palette, ignore_index: int, num_per_mask: int, generation_args: dict,
+                 overwrite: bool = False, state=None):  # fmt: skip
+        self.ignore_index = ignore_index
+        self.num_per_mask = num_per_mask
+        super().__init__(
+            save_dir,
+            class_names,
+            palette,
+            generation_args,
+            folders=("generated_images", "visualizations", "images", "masks", RECORDS_FOLDER),
+            unit_of=lambda record: record["mask_stem"],
+            overwrite=overwrite,
+            state=state,
+        )
+
+    def latest(self, records: list[dict]) -> list[dict]:
+        by_image = {record["image_index"]: record for record in records}  # the later record of an image counts
+        return [by_image[j] for j in sorted(by_image)]
+
+    def is_complete(self, records: list[dict]) -> bool:
+        indices = [record["image_index"] for record in records]
+        return indices == list(range(self.num_per_mask)) and super().is_complete(records)
 
     def todo(self, masks: list[MaskFile]) -> list[MaskFile]:
-        """This process's share of the masks not done yet (all of them in a one-process run)."""
-        missing = [mask for mask in masks if not self.is_done(mask)]
-        if len(missing) < len(masks) and self.state.is_main_process:
-            done = len(masks) - len(missing)
-            print(f"{done} masks already done in {self.save_dir}; generating the {len(missing)} missing ones.")
-        return process_share(missing, self.state)
+        return super().todo(masks, name=lambda mask: mask.stem)
 
     def write(self, mask: MaskFile, label: np.ndarray, images: list[Image.Image], details: list[dict]) -> None:
         """Save the N images of one mask, its label map beside each flat copy, its row picture and records."""
@@ -539,19 +588,14 @@ class MaskSampleWriter:
         colourised = colorize_label(label, self.palette, self.ignore_index)
         row = image_grid([colourised, *images], cols=len(images) + 1)
         save_image_atomic(row, self.save_dir / "visualizations" / f"{Path(mask.sample_dir).name}.png")
-        # The records last: a mask counts as done only once all of its files exist.
-        save_records(self.save_dir, mask.stem, records)
-        self.records[mask.stem] = records
+        self.save(mask.stem, records)  # last: the mask counts as done once all of its files exist
 
     def finish(self, grid_rows: int = 8) -> int | None:
-        """Once every process is done, the main one writes metadata.jsonl in (stem, image) order, without an
-        earlier run's leftovers, and draws grid.png; it returns the image count (the others None)."""
-        self.state.wait_for_everyone()
-        if not self.state.is_main_process:
+        """metadata.jsonl in (stem, image) order, and grid.png: the first ``grid_rows`` visualizations stacked;
+        returns the image count (None in the other processes)."""
+        ordered = super().finish()
+        if ordered is None:
             return None
-        self.records = self._finished_records()  # every process's
-        ordered = [record for stem in sorted(self.records) for record in self.records[stem]]
-        publish_records(self.save_dir, ordered)
         rows = [self.records[stem][0]["sample_dir"] for stem in sorted(self.records)[:grid_rows]]
         if rows:
             pictures = [Image.open(self.save_dir / "visualizations" / f"{Path(row).name}.png") for row in rows]

@@ -1,0 +1,157 @@
+"""Opening a trained folder: the one way every generator, ``--renderer``, ``--layout_model`` and ``--init_from`` read one.
+
+A trainer's ``--output_dir`` holds the finished model (the EMA weights when it kept them) with its run files,
+``training_config.json`` (every argument, the base model, the ``pipeline`` kind) and ``class_names.json`` (classes
+and palette). Each ``checkpoint-N/`` inside it holds the models as they were at step N: ``<model>/`` and, with
+``--use_ema``, ``<model>_ema/``. `open_run` takes either folder and answers, in one place:
+
+* what kind of model it holds (`TrainedRun.kind`: the ``pipeline`` its trainer recorded),
+* the weights to sample with (`TrainedRun.load_model`: a checkpoint's EMA weights when kept, else its raw ones),
+* the run's settings, classes and palette, and the base model its training used (`TrainedRun.base`).
+
+    run = open_run("outputs/sdm/checkpoint-500")
+    unet = run.load_model(SpadeUNetModel, "unet")          # checkpoint-500/unet_ema, else checkpoint-500/unet
+    class_names, palette = run.classes()                    # outputs/sdm/class_names.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segdiff.data import DatasetError, load_class_names
+from segdiff.labels import default_palette
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+# The ``pipeline`` each trainer records in training_config.json, and what a folder of it is called in messages.
+KINDS = {
+    "joint_image_mask": "train_seg_mask_diffusion.py",
+    "controlnet_seg": "train_controlnet_seg.py",
+    "spade_sdm": "train_spade_sdm.py",
+    "layout_diffusion": "train_layout_diffusion.py",
+}
+
+# The diffusers class a folder of each kind saves (model_index.json's, or a bare model's config.json).
+KIND_OF_CLASS = {
+    "JointImageMaskPipeline": "joint_image_mask",
+    "ControlNetModel": "controlnet_seg",
+    "SemanticDiffusionPipeline": "spade_sdm",
+    "LayoutDiffusionPipeline": "layout_diffusion",
+}
+
+
+class RunError(DatasetError):
+    """A folder that is not the trained model asked for. The message names the folder, the flag and the fix.
+
+    A DatasetError, so the scripts' `segdiff.data.exit_on_bad_input` turns it into a one-line error."""
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run file; a clear error for a broken one."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunError(f"{path} is not valid JSON ({error}). Fix: restore it from the training output.") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path} holds no JSON object. Fix: restore it from the training output.")
+    return data
+
+
+@dataclass
+class TrainedRun:
+    """A training output folder, or one of its checkpoint-N/ folders (``checkpoint``), and its run files."""
+
+    folder: Path  # as given: the output folder or a checkpoint-N/ in it
+    run_dir: Path  # the output folder: where training_config.json and class_names.json are
+    is_checkpoint: bool
+    config: dict = field(default_factory=dict)  # training_config.json; {} for a folder without one
+    flag: str = "--model"  # how the user passed it, for messages
+
+    @property
+    def kind(self) -> str | None:
+        """The ``pipeline`` the trainer recorded (a key of KINDS); for a folder without training_config.json (one
+        assembled by hand, or downloaded), the kind its diffusers class names say; else None."""
+        if "pipeline" in self.config:
+            return self.config["pipeline"]
+        for file_name in ("model_index.json", "config.json"):
+            path = self.run_dir / file_name
+            class_name = read_json(path).get("_class_name") if path.is_file() else None
+            if class_name in KIND_OF_CLASS:
+                return KIND_OF_CLASS[class_name]
+        return None
+
+    def require(self, *kinds: str) -> None:
+        """Refuse a folder of another kind, naming the trainers whose output is expected."""
+        if self.kind in kinds:
+            return
+        expected = " or ".join(KINDS[kind] for kind in kinds)
+        found = f"a {self.kind!r} model" if self.kind else "no training_config.json naming its kind"
+        raise RunError(
+            f"{self.flag} {self.folder} holds {found}. Fix: pass the output folder of {expected}, or one of its "
+            "checkpoint-N folders."
+        )
+
+    def weights(self, name: str, *, at_root: bool = False) -> tuple[Path, str | None]:
+        """(folder, subfolder) of model ``name``'s weights: in a checkpoint ``<name>_ema/`` when kept, else ``<name>/``;
+        in the output folder ``<name>/``, or the folder itself when the model is saved there (``at_root``:
+        a ControlNet)."""
+        if self.is_checkpoint:
+            for subfolder in (f"{name}_ema", name):
+                if (self.folder / subfolder / "config.json").is_file():
+                    return self.folder, subfolder
+            raise RunError(
+                f"{self.flag} {self.folder} holds no {name}/ model. Fix: pass a complete checkpoint-N folder, or "
+                "the output folder of the run."
+            )
+        if at_root:
+            return self.folder, None
+        if not (self.folder / name / "config.json").is_file():
+            raise RunError(f"{self.flag} {self.folder} holds no {name}/ model. Fix: pass the output folder of the run.")
+        return self.folder, name
+
+    def load_model(self, model_class, name: str, *, at_root: bool = False, **kwargs):
+        """Model ``name`` (see `weights`), by ``model_class.from_pretrained``."""
+        folder, subfolder = self.weights(name, at_root=at_root)
+        return model_class.from_pretrained(folder, subfolder=subfolder, **kwargs)
+
+    def classes(self, class_names_json: str | Path | None = None) -> tuple[list[str], list[tuple[int, int, int]]]:
+        """Class names and palette: ``class_names_json`` when given, else the run's class_names.json (the default
+        palette for a file without one)."""
+        path = Path(class_names_json) if class_names_json else self.run_dir / "class_names.json"
+        if not path.is_file():
+            raise RunError(
+                f"{self.flag} {self.folder}: no {path.name} in {self.run_dir}, so the class of each id is unknown. "
+                "Fix: copy the run's class_names.json next to the model, or pass --class_names_json."
+            )
+        names, palette = load_class_names(path)
+        return names, palette or default_palette(len(names))
+
+    def setting(self, key: str, default=None):
+        """A recorded training argument (training_config.json), else ``default``."""
+        return self.config.get(key, default)
+
+    def base(self, override: str | None = None, flag: str = "--pretrained_model_name_or_path") -> str:
+        """The Stable Diffusion base the run trained on: ``override`` when given, else the one training_config.json
+        names."""
+        base = override or self.config.get("pretrained_model_name_or_path")
+        if base is None:
+            raise RunError(
+                f"{self.flag} {self.folder}: no training_config.json in {self.run_dir} names the base model it was "
+                f"trained on. Fix: pass {flag} (a Stable Diffusion folder or hub id)."
+            )
+        return str(base)
+
+
+def open_run(folder: str | Path, flag: str = "--model") -> TrainedRun:
+    """The trained folder ``folder`` (an output folder or a checkpoint-N/ in one) with its run files read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"{flag} {folder} does not exist. Fix: pass a training output folder or a checkpoint-N in one.")
+    is_checkpoint = CHECKPOINT_NAME.fullmatch(folder.name) is not None
+    run_dir = folder.parent if is_checkpoint else folder
+    config_file = run_dir / "training_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    return TrainedRun(folder, run_dir, is_checkpoint, config, flag)
