@@ -71,7 +71,10 @@ from segdiff.schedulers import SCHEDULERS
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: a retired or mistyped flag must not silently set a longer one (--controlnet -> --controlnet_conditioning_scale).
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     add_model_argument(
         parser,
         "The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA weights are "

@@ -66,7 +66,10 @@ DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: a retired or mistyped flag must not silently set a longer one (--controlnet -> --controlnet_conditioning_scale).
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     add_model_argument(
         parser, "The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there)."
     )

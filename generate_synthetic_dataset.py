@@ -30,25 +30,34 @@ process takes every num_processes-th sample; the outputs equal a one-process run
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segdiff.data import DatasetError, exit_on_bad_input, save_label_png, write_class_names
+from segdiff.arguments import add_switch, image_size
+from segdiff.data import DatasetError, exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import check_save_dir, clear_outputs, load_records, publish_records, recorded_path, save_records
+from segdiff.generation import SampleWriter, recorded_path
+from segdiff.geometry import ImageSize
 from segdiff.labels import resize_labels
-from segdiff.models.layout_unet import class_ratios
+from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
-from segdiff.processes import generation_state, process_share
+from segdiff.processes import generation_state
+from segdiff.runs import TrainedRun, open_run
+from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
+from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout_model", required=True, help="A train_layout_diffusion.py output folder.")
+    # No abbreviations: a retired or mistyped flag must not silently set a longer one (--controlnet -> --controlnet_conditioning_scale).
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument(
+        "--layout_model", required=True, help="A train_layout_diffusion.py output folder, or a checkpoint-N/ in one."
+    )
     parser.add_argument("--num_samples", type=int, required=True, help="Samples in the dataset.")
     parser.add_argument("--save_dir", required=True, help="Where the dataset goes.")
     parser.add_argument("--seed", type=int, default=0, help="Sample i uses seed SEED + i. (default: %(default)s)")
@@ -65,15 +74,15 @@ def parse_args(argv=None):
         "the request: without --match_ratios a requested class is then drawn more surely, and larger than asked). "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--match_ratios",
-        action=argparse.BooleanOptionalAction,
+    add_switch(
+        parser,
+        "match_ratios",
         default=True,
         help="Steer every layout sampling step to the requested shares exactly (LayoutDiffusionPipeline's "
-        "match_ratios); --no-match_ratios samples the model's own following of the request. (default: %(default)s)",
+        "match_ratios; on by default); --no_match_ratios samples the model's own following of the request.",
     )
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Layout sampling steps.")
-    parser.add_argument("--scheduler", choices=["ddim", "ddpm", "dpmsolver"], default=None, help="Layout sampler.")
+    parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default=None, help="Layout scheduler.")
     parser.add_argument("--domain", default=None, help="Domain of every layout (e.g. Urban or Rural for LoveDA).")
 
     render = parser.add_argument_group("rendering")
@@ -89,15 +98,15 @@ def parse_args(argv=None):
     )
     render.add_argument("--render_steps", type=int, default=30, help="Rendering steps. (default: %(default)s)")
     render.add_argument("--render_guidance_scale", type=float, default=None, help="Default: the renderer's own.")
-    render.add_argument("--render_scheduler", default=None, help="Default: the renderer's own.")
+    render.add_argument(
+        "--render_scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the renderer's own."
+    )
     render.add_argument(
         "--resolution",
-        "--image_size",
-        dest="image_size",
-        type=int,
+        type=image_size,
         default=None,
-        help="Side of images and masks. Default: the renderer's training "
-        "resolution (--layouts_only: the layout model's); layouts are upsampled nearest.",
+        help="Size of images and masks, N or HEIGHT,WIDTH. Default: the renderer's training resolution "
+        "(--layouts_only: the layout model's); layouts are resized, nearest.",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="Samples per forward pass.")
     parser.add_argument("--overwrite", action="store_true", help="Regenerate everything in --save_dir.")
@@ -113,19 +122,8 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def check_layout_folder(folder: Path) -> None:
-    index = folder / "model_index.json"
-    kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if kind != LayoutDiffusionPipeline.__name__:
-        found = f"a {kind} folder" if kind else "no model_index.json"
-        raise DatasetError(
-            f"--layout_model {folder} is not a layout model folder ({found}). Fix: pass the output folder of "
-            "train_layout_diffusion.py."
-        )
-
-
-def load_prior(layout_model: Path) -> dict:
-    path = layout_model / "class_prior.json"
+def load_prior(run: TrainedRun) -> dict:
+    path = run.run_dir / "class_prior.json"
     if not path.is_file():
         raise DatasetError(
             f"--balance needs {path}, the class frequencies of the layout model's training data, which "
@@ -164,33 +162,12 @@ def stem(index: int) -> str:
     return f"synthetic_{index:06d}"
 
 
-def finished_records(save_dir: Path, num_samples: int) -> dict[int, dict]:
-    """Sample index -> its record, for the samples of this dataset already complete on disk: recorded (in
-    metadata.jsonl, or in the per-sample record a process writes after each sample's files), files present."""
-    return {
-        record["index"]: record
-        for record in load_records(save_dir)
-        if record["index"] < num_samples
-        and all((save_dir / record[key]).is_file() for key in ("file_name", "mask_file_name") if record[key])
-    }
-
-
-def write_sample(save_dir: Path, index: int, label: np.ndarray, image, record: dict, palette) -> None:
+def write_sample(writer: SampleWriter, index: int, label: np.ndarray, image, record: dict) -> None:
     """Image, mask, then the record: a sample whose record exists is complete on disk."""
     if image is not None:
-        save_image_atomic(image, save_dir / "images" / f"{stem(index)}.png")
-    save_label_png(label, save_dir / "masks" / f"{stem(index)}.png", palette=palette)
-    save_records(save_dir, stem(index), [record])
-
-
-def write_metadata_and_report(save_dir: Path, num_samples: int, class_names: list[str]) -> dict:
-    """metadata.jsonl (every sample, in index order) and ratio_report.json, by the main process at the end."""
-    done = finished_records(save_dir, num_samples)
-    records = [done[i] for i in range(num_samples)]
-    publish_records(save_dir, records)
-    report = ratio_report(records, class_names)
-    write_json_atomic(save_dir / "ratio_report.json", report)
-    return report
+        save_image_atomic(image, writer.save_dir / "images" / f"{stem(index)}.png")
+    save_label_png(label, writer.save_dir / "masks" / f"{stem(index)}.png", palette=writer.palette)
+    writer.save(stem(index), [record])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,12 +178,12 @@ def write_metadata_and_report(save_dir: Path, num_samples: int, class_names: lis
 def main(args):
     state = generation_state()  # accelerate launch / torchrun: every num_processes-th sample is this process's
     device = args.device or state.device
-    save_dir, layout_dir = Path(args.save_dir), Path(args.layout_model)
-    check_layout_folder(layout_dir)
-    pipeline = LayoutDiffusionPipeline.from_pretrained(layout_dir).to(device)
+    layout_run = open_run(args.layout_model, flag="--layout_model")
+    layout_run.require("layout_diffusion")
+    pipeline = layout_run.load_pipeline(LayoutDiffusionPipeline, LayoutUNetModel).to(device)
     pipeline.set_progress_bar_config(disable=True)
     class_names, num_classes = list(pipeline.class_names), len(pipeline.class_names)
-    prior = load_prior(layout_dir) if args.balance else None
+    prior = load_prior(layout_run) if args.balance else None
     all_requests = requests(args, class_names, prior)
     domain = domain_index(pipeline, args.domain)
 
@@ -220,11 +197,11 @@ def main(args):
                 f"--renderer {args.renderer} was trained on classes {renderer.class_names}, the layout model on "
                 f"{class_names}. Fix: use a renderer and a layout model of the same dataset."
             )
-    palette = renderer.palette if renderer else json.loads((layout_dir / "class_names.json").read_text())["palette"]
-    size = args.image_size or (renderer.resolution if renderer else pipeline.unet.config.sample_size)
+    palette = renderer.palette if renderer else layout_run.classes()[1]
+    size = args.resolution or ImageSize.of(renderer.resolution if renderer else pipeline.unet.config.sample_size)
 
     generation_args = {
-        "layout_model": recorded_path(layout_dir),
+        "layout_model": recorded_path(args.layout_model),
         "renderer": recorded_path(args.renderer),
         "pretrained_model_name_or_path": recorded_path(args.pretrained_model_name_or_path),
         "layouts_only": args.layouts_only,
@@ -239,42 +216,35 @@ def main(args):
         "render_steps": args.render_steps,
         "render_guidance_scale": args.render_guidance_scale,
         "render_scheduler": args.render_scheduler,
-        "image_size": size,
+        "resolution": size,
     }
-    if state.is_main_process:
-        check_save_dir(save_dir, generation_args, args.overwrite)
-        if args.overwrite:
-            clear_outputs(save_dir)
-        for folder in ("masks", *(() if args.layouts_only else ("images",))):
-            (save_dir / folder).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(save_dir / "generation_args.json", generation_args)
-        write_class_names(save_dir / "class_names.json", class_names, palette)
-    state.wait_for_everyone()
-
-    # This process's share of the samples still missing: every num_processes-th one.
-    done = finished_records(save_dir, args.num_samples)
-    state.wait_for_everyone()  # every process reads what is done before any writes more: the shares agree
-    mine = process_share([i for i in range(args.num_samples) if i not in done], state)
-    if state.is_main_process and done:
-        print(f"{len(done)} of {args.num_samples} samples already in {save_dir}")
+    writer = SampleWriter(
+        args.save_dir,
+        class_names,
+        palette,
+        generation_args,
+        folders=("masks",) if args.layouts_only else ("masks", "images"),
+        unit_of=lambda record: stem(record["index"]),
+        overwrite=args.overwrite,
+        state=state,
+    )
+    mine = writer.todo(list(range(args.num_samples)), name=stem)  # this process's share of the missing samples
     batches = [mine[start : start + args.batch_size] for start in range(0, len(mine), args.batch_size)]
     for batch in tqdm(batches, desc="Samples", disable=not state.is_local_main_process):
-        ratios = torch.zeros(len(batch), num_classes)
-        known = torch.zeros(len(batch), num_classes, dtype=torch.bool)
-        for row, index in enumerate(batch):
-            for class_id, share in all_requests[index].items():
-                ratios[row, class_id], known[row, class_id] = share, True
+        rows = [
+            pipeline.request(all_requests[index]) for index in batch
+        ]  # the parsed requests, as the model takes them
         layouts = pipeline(
-            ratios,
-            known,
+            torch.stack([ratios for ratios, _ in rows]),
+            torch.stack([known for _, known in rows]),
             domain=None if domain is None else [domain] * len(batch),
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.num_inference_steps,
-            generator=[torch.Generator().manual_seed(args.seed + i) for i in batch],
+            generator=cpu_generators(args.seed + i for i in batch),
             scheduler=args.scheduler,
             match_ratios=args.match_ratios,
         ).label_maps
-        labels = [resize_labels(layout, size, size) for layout in layouts]
+        labels = [resize_labels(layout, *size) for layout in layouts]
         images = [None] * len(batch)
         if renderer is not None:
             images = renderer.render(
@@ -283,8 +253,8 @@ def main(args):
                 num_inference_steps=args.render_steps,
                 guidance_scale=args.render_guidance_scale,
                 scheduler=args.render_scheduler,
-                height=size,
-                width=size,
+                height=size.height,
+                width=size.width,
             )
         for index, label, image in zip(batch, labels, images):
             achieved = class_ratios(torch.from_numpy(label)[None], num_classes, pipeline.ignore_index)[0]
@@ -298,13 +268,14 @@ def main(args):
                 "domain": args.domain,
                 "renderer": None if renderer is None else renderer.kind,
             }
-            write_sample(save_dir, index, label, image, record, palette)
+            write_sample(writer, index, label, image, record)
 
-    state.wait_for_everyone()
+    records = writer.finish([stem(i) for i in range(args.num_samples)])  # metadata.jsonl, in index order
     if state.is_main_process:
-        report = write_metadata_and_report(save_dir, args.num_samples, class_names)
+        report = ratio_report(records, class_names)
+        write_json_atomic(writer.save_dir / "ratio_report.json", report)
         mae = "no class requested" if report["mae"] is None else f"MAE {report['mae']:.4f}"
-        print(f"Wrote {args.num_samples} samples to {save_dir}; requested vs achieved ratios: {mae}")
+        print(f"Wrote {args.num_samples} samples to {writer.save_dir}; requested vs achieved ratios: {mae}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segdiff import training
+from segdiff.arguments import add_switch
 from segdiff.data import (
     LOVEDA_SCENES,
     DatasetError,
@@ -83,7 +84,7 @@ def parse_args(argv=None):
         "of the source pixels it covers; no-data only where it is the majority) or nearest (one source pixel). "
         "Default: %(default)s",
     )
-    training.add_switch(
+    add_switch(
         group,
         "vertical_flip",
         default=None,

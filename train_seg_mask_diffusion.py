@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
+from segdiff.arguments import add_switch
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
@@ -48,7 +49,7 @@ def parse_args(argv=None):
         default=CLASS_PROMPT_TEMPLATE,
         help='Prompt for the selected class; {class_name} is replaced. Default: "%(default)s".',
     )
-    training.add_switch(
+    add_switch(
         group,
         "sample_present_class",
         default=True,
@@ -71,7 +72,7 @@ def parse_args(argv=None):
         help="What the UNet predicts. v_prediction (default) is needed with --zero_terminal_snr; pass the base's own "
         "(epsilon for SD 1.x) with --no_zero_terminal_snr to keep its parametrisation.",
     )
-    training.add_switch(
+    add_switch(
         group,
         "zero_terminal_snr",
         default=True,

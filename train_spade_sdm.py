@@ -37,12 +37,14 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from segdiff import training
+from segdiff.arguments import add_switch
 from segdiff.data import JointTransform, StyleReferenceView, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.geometry import vae_scale_factor
 from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+from segdiff.runs import open_run
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
@@ -93,7 +95,7 @@ def parse_args(argv=None):
         help="Start from a trained model: an output folder of this script, or one of its checkpoint-N folders "
         "(its EMA weights when present). The SDM fine-tune for guidance: --drop_rate 0.2 --learning_rate 2e-5.",
     )
-    training.add_switch(
+    add_switch(
         group,
         "edge_map",
         default=None,
@@ -107,7 +109,7 @@ def parse_args(argv=None):
         help="How ignore_index pixels are encoded: zeros (no class: every one-hot channel 0, the model fills them "
         "freely) or channel (one more channel marks them). Default: the --model_config's (zeros).",
     )
-    training.add_switch(
+    add_switch(
         group,
         "learn_sigma",
         default=None,
@@ -254,14 +256,9 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int | list[in
             **overrides,
         )
 
-    folder = Path(args.init_from)
-    subfolder = next((name for name in ("unet_ema", "unet") if (folder / name / "config.json").is_file()), None)
-    if subfolder is None:
-        raise SystemExit(
-            f"--init_from {folder}: no unet/ (or unet_ema/) model there. Fix: pass the output folder of "
-            "train_spade_sdm.py or one of its checkpoint-N folders."
-        )
-    unet = SpadeUNetModel.from_pretrained(folder, subfolder=subfolder)
+    run = open_run(args.init_from, flag="--init_from")
+    run.require("spade_sdm")
+    unet = run.load_model(SpadeUNetModel, "unet")  # a checkpoint's EMA weights when kept
     config = unet.config
     conflicts = [
         f"{name}={value} (the model has {config[name]})" for name, value in overrides.items() if config[name] != value
@@ -271,8 +268,8 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int | list[in
     if config.in_channels != channels:
         conflicts.append(f"--space {args.space} with {channels} channels (the model takes {config.in_channels})")
     if conflicts:
-        raise SystemExit(f"--init_from {folder} does not match this run: {'; '.join(conflicts)}.")
-    logger.info(f"Initialised from {folder / subfolder}")
+        raise SystemExit(f"--init_from {run.folder} does not match this run: {'; '.join(conflicts)}.")
+    logger.info(f"Initialised from {args.init_from}")
     if args.style_reference and unet.style_encoder is None:
         unet = with_style_encoder(unet, **style)
         logger.info("Added a style encoder to it (its output starts at zero: the model's predictions are unchanged)")
@@ -297,7 +294,7 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     The pipeline saves this scheduler's config, and the generator builds every sampler from it.
     """
     scheduler = sdm_scheduler(learn_sigma=learn_sigma, pixel_space=pixel_space)
-    trained_with = init_from_schedule(Path(args.init_from)) if args.init_from else {}
+    trained_with = init_from_schedule(args.init_from) if args.init_from else {}
     betas = {}
     for name in ("beta_schedule", "beta_start", "beta_end"):
         value = getattr(args, name)
@@ -311,15 +308,14 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, **betas)
 
 
-def init_from_schedule(folder: Path) -> dict:
-    """The betas the --init_from model was trained with: its pipeline's scheduler config (for a checkpoint-N
-    folder, the run's above it); empty when there is none (a run still in training has no pipeline yet)."""
-    for candidate in (folder, folder.parent):
-        path = candidate / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            config = json.loads(path.read_text())
-            return {name: config[name] for name in ("beta_schedule", "beta_start", "beta_end") if name in config}
-    return {}
+def init_from_schedule(init_from: str) -> dict:
+    """The betas the --init_from model was trained with: its run's pipeline's scheduler config; empty when there is
+    none (a run still in training has no pipeline yet)."""
+    path = open_run(init_from, flag="--init_from").run_dir / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    return {name: config[name] for name in ("beta_schedule", "beta_start", "beta_end") if name in config}
 
 
 # ------------------------------------------------------------------------------------------------

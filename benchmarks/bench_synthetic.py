@@ -89,7 +89,7 @@ def ratio_rows(layout: Path, work: Path, seconds: dict, num_layouts: int) -> lis
         "rare, out of range": f"{RARE}:0.1",
     }
     rows = []
-    for matching in ("--match_ratios", "--no-match_ratios"):
+    for matching in ("--match_ratios", "--no_match_ratios"):
         for name, ratios in requests.items():
             out = work / f"layouts-{name.replace(' ', '-').replace(',', '')}{matching.replace('_ratios', '')}"
             seconds[f"layouts ({name}, {matching})"] = run(

@@ -20,3 +20,9 @@ def image_size(text: str) -> ImageSize:
     if len(sides) not in (1, 2) or min(sides, default=0) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give N, or HEIGHT,WIDTH such as 384,512")
     return ImageSize.of(sides[0] if len(sides) == 1 else sides)
+
+
+def add_switch(group, name: str, *, default: bool, help: str) -> None:
+    """``--name`` / ``--no_name`` (underscores, as every other flag here; argparse's own gives ``--no-name``)."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")

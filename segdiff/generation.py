@@ -151,7 +151,7 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
         if not takes_eta(args.scheduler):
             with_eta_names = ", ".join(name for name in SCHEDULERS if takes_eta(name))
             parser.error(
-                f"--eta is for samplers with DDIM's eta ({with_eta_names}); --scheduler {args.scheduler} has none. "
+                f"--eta is for schedulers with DDIM's eta ({with_eta_names}); --scheduler {args.scheduler} has none. "
                 "Fix: pass --scheduler ddim, or drop --eta."
             )
         if not 0 <= args.eta <= 1:

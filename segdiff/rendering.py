@@ -89,18 +89,7 @@ def output_size(height: int, width: int, short_side: int, multiple: int) -> Imag
 def load_sdm_pipeline(run: TrainedRun, dtype: torch.dtype | None = None) -> SemanticDiffusionPipeline:
     """The pipeline of a trained SDM output folder; for a checkpoint-N/, its (EMA) UNet in the run's pipeline."""
     run.require("spade_sdm")
-    if not (run.run_dir / "model_index.json").is_file():
-        raise RunError(
-            f"{run.flag} {run.folder}: {run.run_dir} holds no finished pipeline (model_index.json) yet. Fix: let "
-            "the run finish, or pass a finished output folder of train_spade_sdm.py."
-        )
-    components = {"unet": run.load_model(SpadeUNetModel, "unet", **_dtype_kwargs(dtype))} if run.is_checkpoint else {}
-    return SemanticDiffusionPipeline.from_pretrained(run.run_dir, **components, **_dtype_kwargs(dtype))
-
-
-# ------------------------------------------------------------------------------------------------
-# Renderers
-# ------------------------------------------------------------------------------------------------
+    return run.load_pipeline(SemanticDiffusionPipeline, SpadeUNetModel, **_dtype_kwargs(dtype))
 
 
 @dataclass

@@ -117,6 +117,17 @@ class TrainedRun:
         folder, subfolder = self.weights(name, at_root=at_root)
         return model_class.from_pretrained(folder, subfolder=subfolder, **kwargs)
 
+    def load_pipeline(self, pipeline_class, unet_class, **kwargs):
+        """The run's saved pipeline (model_index.json); for a checkpoint-N/, with that checkpoint's UNet (its EMA
+        weights when kept) in place of the final one."""
+        if not (self.run_dir / "model_index.json").is_file():
+            raise RunError(
+                f"{self.flag} {self.folder}: {self.run_dir} holds no finished pipeline (model_index.json) yet. Fix: "
+                "let the run finish, or pass a finished output folder."
+            )
+        components = {"unet": self.load_model(unet_class, "unet", **kwargs)} if self.is_checkpoint else {}
+        return pipeline_class.from_pretrained(self.run_dir, **components, **kwargs)
+
     def classes(self, class_names_json: str | Path | None = None) -> tuple[list[str], list[tuple[int, int, int]]]:
         """Class names and palette: ``class_names_json`` when given, else the run's class_names.json (the default
         palette for a file without one)."""

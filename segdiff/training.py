@@ -257,12 +257,6 @@ def height_width(resolution: int | tuple[int, int] | list[int]) -> tuple[int, in
     return int(height), int(width)
 
 
-def add_switch(group, name: str, *, default: bool, help: str) -> None:
-    """``--name`` / ``--no_name`` (underscores, as every other flag here; argparse's own gives ``--no-name``)."""
-    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
-    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")
-
-
 def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str | None:
     """The repository id --push_to_hub uploads to, created (or found) before training, so that a missing network
     or a bad token fails now and not after hours of training; None without --push_to_hub or off the main process."""

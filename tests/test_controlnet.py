@@ -25,7 +25,6 @@ from segdiff.generation import colour_mask_to_labels
 from segdiff.geometry import conditioning_channels_for, conditioning_downsampling
 from segdiff.labels import colorize_label
 from segdiff.prompts import classes_by_area, label_map_prompt
-from segdiff.rendering import RendererError
 from segdiff.schedulers import make_scheduler
 from segdiff.seeds import derive_seed
 from train_controlnet_seg import (
@@ -400,7 +399,7 @@ def test_metadata_csv_training_with_cached_latents_and_ema(metadata_folder, toy_
 
 def generate(controlnet, masks_dir, save_dir, *extra, check=True):
     return run_script(
-        "generate_controlnet_seg.py", "--controlnet", controlnet, "--masks_dir", masks_dir, "--save_dir", save_dir,
+        "generate_controlnet_seg.py", "--model", controlnet, "--masks_dir", masks_dir, "--save_dir", save_dir,
         "--num_inference_steps", "2", *extra, check=check,
     )  # fmt: skip
 
@@ -479,7 +478,7 @@ def test_generator_samples_with_the_scheduler_it_names(trained, masks_dir, tmp_p
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
         seen["steps"].clear()
         run_generator(
-            monkeypatch, "generate_controlnet_seg.py", "--controlnet", trained[0], "--masks_dir", one_mask,
+            monkeypatch, "generate_controlnet_seg.py", "--model", trained[0], "--masks_dir", one_mask,
             "--save_dir", tmp_path / name, "--num_images_per_mask", "1", "--num_inference_steps", "3",
             "--scheduler", name,
         )  # fmt: skip
@@ -499,7 +498,7 @@ def test_generator_names_a_mask_with_unknown_colours(trained, masks_dir, tmp_pat
     bad[:, 16:] = (12, 34, 56)  # in no palette
     Image.fromarray(bad).save(folder / "bad_colours.png")
     # The script's own __main__, in this process (its imports are already loaded): it exits with the message.
-    argv = ["generate_controlnet_seg.py", "--controlnet", str(trained[0]), "--masks_dir", str(folder)]
+    argv = ["generate_controlnet_seg.py", "--model", str(trained[0]), "--masks_dir", str(folder)]
     monkeypatch.setattr(sys, "argv", argv + ["--save_dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(ROOT / "generate_controlnet_seg.py"), run_name="__main__")
@@ -509,20 +508,24 @@ def test_generator_names_a_mask_with_unknown_colours(trained, masks_dir, tmp_pat
     assert not (tmp_path / "x" / "metadata.jsonl").exists()
 
 
-def test_generator_takes_checkpoints_and_names_missing_folders(trained, tmp_path):
-    from generate_controlnet_seg import parse_args as generator_args
-    from segdiff.rendering import load_controlnet, load_run_files
+def test_the_run_loader_opens_checkpoints_and_names_missing_folders(trained, tmp_path):
+    from diffusers import ControlNetModel
 
-    controlnet, run_dir = load_controlnet(trained[0] / "checkpoint-6")  # its controlnet/, the run's files
-    assert run_dir == trained[0] and conditioning_downsampling(controlnet) == 2
+    from segdiff.runs import RunError, open_run
 
-    with pytest.raises(RendererError, match="does not exist"):
-        load_controlnet(tmp_path / "nowhere")
-    with pytest.raises(RendererError, match="holds no ControlNet"):
-        load_controlnet(tmp_path)
-    args = generator_args(["--controlnet", str(tmp_path), "--masks_dir", str(tmp_path), "--save_dir", str(tmp_path)])
-    with pytest.raises(RendererError, match="has no class_names.json"):
-        load_run_files(tmp_path, args.class_names_json)
+    run = open_run(trained[0] / "checkpoint-6")  # its controlnet/, the run's files
+    assert run.run_dir == trained[0] and run.is_checkpoint and run.kind == "controlnet_seg"
+    assert run.weights("controlnet") == (trained[0] / "checkpoint-6", "controlnet")  # trained without EMA
+    controlnet = run.load_model(ControlNetModel, "controlnet", at_root=True)
+    assert conditioning_downsampling(controlnet) == 2
+    assert run.classes()[0] == TOY_NAMES and run.base() == str(run.config["pretrained_model_name_or_path"])
+
+    with pytest.raises(RunError, match="--model .*nowhere does not exist"):
+        open_run(tmp_path / "nowhere")
+    with pytest.raises(RunError, match="holds no training_config.json naming its kind.*train_controlnet_seg.py"):
+        open_run(tmp_path).require("controlnet_seg")
+    with pytest.raises(RunError, match="no class_names.json .* Fix: copy the run's class_names.json"):
+        open_run(tmp_path).classes()
 
 
 def test_metadata_csv_with_missing_files_is_refused_before_training(tmp_path, tiny_sd_folder):

@@ -69,8 +69,8 @@ def controlnet_model(tiny_sd_folder, tmp_path_factory):
 
 # name: (module, model fixture, model flag, images-per-mask flag). Two images a mask, 2 steps, one mask a batch.
 GENERATORS = {
-    "sdm": (generate_spade_sdm, "sdm_model", "--checkpoint", "--num_samples_per_mask"),
-    "controlnet": (generate_controlnet_seg, "controlnet_model", "--controlnet", "--num_images_per_mask"),
+    "sdm": (generate_spade_sdm, "sdm_model", "--model", "--num_images_per_mask"),
+    "controlnet": (generate_controlnet_seg, "controlnet_model", "--model", "--num_images_per_mask"),
 }
 
 
@@ -197,22 +197,29 @@ def test_masks_sharing_a_stem_are_refused_naming_both(generator, toy_data, tmp_p
 
 
 def test_a_save_dir_without_recorded_arguments_is_refused(tmp_path):
-    recorded = {"checkpoint": "/models/a", "num_inference_steps": 2, "image_size": (32, 32)}
+    recorded = {"model": "/models/a", "num_inference_steps": 2, "resolution": (32, 32)}
     check_save_dir(tmp_path / "new", recorded)  # nothing there yet
 
-    old = tmp_path / "old"  # an earlier version's output: images, but no record of their arguments
-    (old / "generated_images/sample_000001").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=f"holds generated images but no {ARGS_FILE}.*--overwrite"):
-        check_save_dir(old, recorded)
-    check_save_dir(old, recorded, overwrite=True)
+    other = tmp_path / "other"  # another tool's output: images, but no record of their arguments
+    (other / "images").mkdir(parents=True)
+    (other / "images" / "a.png").write_bytes(b"png")
+    with pytest.raises(DatasetError, match=f"holds generated files but no {ARGS_FILE}.*--overwrite"):
+        check_save_dir(other, recorded)
+    check_save_dir(other, recorded, overwrite=True)
+
+    stopped = tmp_path / "stopped"  # a run that recorded its arguments and stopped before its first sample
+    (stopped / "images").mkdir(parents=True)
+    (stopped / ARGS_FILE).write_text(json.dumps({**recorded, "num_inference_steps": 0}))
+    check_save_dir(stopped, recorded)  # no sample behind the record: it binds nothing
 
     same = tmp_path / "same"
     same.mkdir()
     (same / ARGS_FILE).write_text(json.dumps(recorded))
+    (same / "metadata.jsonl").write_text("")
     check_save_dir(same, recorded)  # tuples are read back as lists: still the same arguments
     with pytest.raises(DatasetError) as refused:
-        check_save_dir(same, {**recorded, "image_size": [64, 64], "scheduler": "ddim"})
-    assert "--image_size: [32, 32] there, [64, 64] now; --scheduler: (not recorded) there, " in str(refused.value)
+        check_save_dir(same, {**recorded, "resolution": [64, 64], "scheduler": "ddim"})
+    assert "--resolution: [32, 32] there, [64, 64] now; --scheduler: (not recorded) there, " in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,23 +235,27 @@ def usage_error(module, argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_the_generators_share_one_vocabulary_and_keep_the_old_spellings(capsys):
+def test_the_generators_share_one_vocabulary(capsys):
     mask_conditioned = ["--masks_dir", "m", "--save_dir", "out"]
-    cases = [  # module, the old spellings of --model, the arguments it needs besides
-        (generate_spade_sdm, ["--checkpoint"], mask_conditioned),
-        (generate_controlnet_seg, ["--checkpoint", "--controlnet"], mask_conditioned),
-        (generate_joint_image_mask_diffusion, ["--checkpoint"], ["--save_dir", "out"]),
+    cases = [  # module, the spellings of the reference documents' commands, the arguments it needs besides
+        (generate_spade_sdm, [], mask_conditioned),
+        (generate_controlnet_seg, [], mask_conditioned),
+        (generate_joint_image_mask_diffusion, ["--checkpoint", "--image_size"], ["--save_dir", "out"]),
     ]
-    for module, old_model_flags, needed in cases:
-        for flag in ["--model", *old_model_flags]:
-            assert module.parse_args([flag, "run", *needed]).model == "run", (module.__name__, flag)
+    for module, reference_spellings, needed in cases:
         sizes = {
             (): None,
-            ("--resolution", "48"): 48,
-            ("--image_size", "48"): 48,
+            ("--resolution", "48"): (48, 48),
             ("--resolution", "16,32"): (16, 32),
             ("--height", "16", "--width", "32"): (16, 32),
         }
+        if reference_spellings:  # the joint generator runs the command of the reference document 000 as printed
+            assert module.parse_args(["--checkpoint", "run", *needed]).model == "run"
+            sizes["--image_size", "48"] = (48, 48)
+        for retired in {"--checkpoint", "--controlnet", "--image_size", "--num_samples_per_mask"} - {
+            *reference_spellings
+        }:
+            assert "unrecognized arguments" in usage_error(module, ["--model", "m", *needed, retired, "1"], capsys)
         for argv, size in sizes.items():
             assert module.parse_args(["--model", "m", *needed, *argv]).resolution == size, (module.__name__, argv)
         ddim = module.parse_args(["--model", "m", *needed, "--scheduler", "ddim", "--eta", "1"])
@@ -253,7 +264,7 @@ def test_the_generators_share_one_vocabulary_and_keep_the_old_spellings(capsys):
             ("--height", "16"): "--height and --width go together",
             ("--resolution", "16", "--height", "16", "--width", "8"): "give the size once",
             ("--resolution", "16,a"): "'16,a' is not a size: give N, or HEIGHT,WIDTH",
-            ("--scheduler", "dpmsolver", "--eta", "1"): "--eta is for samplers with DDIM's eta (ddim); --scheduler "
+            ("--scheduler", "dpmsolver", "--eta", "1"): "--eta is for schedulers with DDIM's eta (ddim); --scheduler "
             "dpmsolver has none. Fix: pass --scheduler ddim",
             ("--scheduler", "ddim", "--eta", "2"): "--eta must be in [0, 1]",
         }
@@ -262,7 +273,7 @@ def test_the_generators_share_one_vocabulary_and_keep_the_old_spellings(capsys):
 
     for module in (generate_spade_sdm, generate_controlnet_seg):
         assert (
-            module.parse_args(["--model", "m", *mask_conditioned, "--num_samples_per_mask", "3"]).num_images_per_mask
+            module.parse_args(["--model", "m", *mask_conditioned, "--num_images_per_mask", "3"]).num_images_per_mask
             == 3
         )
         assert module.parse_args(["--model", "m", "--mask", "a.png", "--save_dir", "o"]).mask == "a.png"
@@ -297,7 +308,7 @@ def test_a_single_mask_at_an_exact_size_is_written_as_a_folder_of_that_mask(gene
         assert Image.open(one / f"images/m_{j:02d}.png").size == (32, 16)
         np.testing.assert_array_equal(read_label_map(one / f"masks/m_{j:02d}.png"), expected_label)
     recorded = json.loads((one / ARGS_FILE).read_text())
-    assert recorded["image_size" if generator.name == "sdm" else "resolution"] == [16, 32]
+    assert recorded["resolution"] == [16, 32]
 
     # the same size as --height/--width, from a folder holding that one mask: the very same files
     generator(masks_dir, tmp_path / "folder", "--height", "16", "--width", "32")
@@ -316,7 +327,7 @@ def test_eta_reaches_every_ddim_step_and_is_recorded(generator, toy_data, tmp_pa
     seen["eta"].clear()
     generator(masks_dir, tmp_path / "eta0", "--scheduler", "ddim")
     assert seen["eta"] == [0.0, 0.0]  # DDIM's default, passed explicitly (as diffusers' pipelines do)
-    assert "eta" not in json.loads((tmp_path / "eta0" / ARGS_FILE).read_text())  # the keys of earlier versions
+    assert json.loads((tmp_path / "eta0" / ARGS_FILE).read_text())["eta"] is None  # not given: DDIM's default
     # the fresh noise changed the image (2 steps: only a little, the last step's noise level being tiny)
     assert (tmp_path / "eta1/images/m_00.png").read_bytes() != (tmp_path / "eta0/images/m_00.png").read_bytes()
 
@@ -454,7 +465,7 @@ def test_two_processes_write_what_one_process_writes_and_resume(sdm_model, toy_d
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # one main process (two would each have generated everything and said so)
-    assert result.stdout.count("1 masks already done") == 1 and result.stdout.count("Wrote 3 images") == 1
+    assert result.stdout.count("1 of 3 already done") == 1 and result.stdout.count("Wrote 3 images") == 1
     assert files_of(tmp_path / "two") == files_of(tmp_path / "one")  # every PNG, metadata.jsonl, the arguments
 
 

@@ -346,7 +346,7 @@ def test_generator_writes_a_generic_dataset(trained, tmp_path):
     # a re-run keeps what is there and only adds the missing samples
     before = (save_dir / "images/000002.png").read_bytes()
     result = generate(trained, save_dir, "--num_samples", "6", "--batch_size", "2", "--scheduler", "dpmsolver")
-    assert "5 samples already in" in result.stdout and "generating the 1 missing" in result.stdout
+    assert "5 of 6 already done" in result.stdout and "generating the 1 missing" in result.stdout
     assert (save_dir / "images/000002.png").read_bytes() == before
     assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 6
 

@@ -30,7 +30,8 @@ from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.prompts import label_map_prompt
-from segdiff.rendering import ControlNetRenderer, RendererError, SDMRenderer, load_renderer, renderer_kind
+from segdiff.rendering import ControlNetRenderer, SDMRenderer, load_renderer
+from segdiff.runs import RunError, open_run
 from segdiff.seeds import derive_seed
 from segdiff.toy import TOY_CLASSES, TOY_PALETTE
 
@@ -113,30 +114,30 @@ def pixels(image: Image.Image) -> np.ndarray:
 # Which kind a folder holds
 
 
-def test_kinds_are_read_from_the_run_record_or_the_files(controlnet_folder, sdm_folder, tmp_path):
-    assert renderer_kind(controlnet_folder) == "controlnet"
-    assert renderer_kind(controlnet_folder / "checkpoint-3") == "controlnet"  # the run's record, one level up
-    assert renderer_kind(sdm_folder) == "sdm"
-    assert renderer_kind(sdm_folder / "checkpoint-2") == "sdm"
-    # Without training_config.json (a hand-assembled folder): the files tell.
-    for folder, kind in ((controlnet_folder, "controlnet"), (sdm_folder, "sdm")):
+def test_kinds_are_read_from_the_run_record_or_the_class_names(controlnet_folder, sdm_folder, tmp_path):
+    assert open_run(controlnet_folder).kind == "controlnet_seg"
+    assert open_run(controlnet_folder / "checkpoint-3").kind == "controlnet_seg"  # the run's record, one level up
+    assert open_run(sdm_folder).kind == "spade_sdm"
+    assert open_run(sdm_folder / "checkpoint-2").kind == "spade_sdm"
+    # Without training_config.json (assembled by hand, or downloaded): the diffusers class it saves tells.
+    for folder, kind in ((controlnet_folder, "controlnet_seg"), (sdm_folder, "spade_sdm")):
         bare = tmp_path / f"bare-{kind}"
         shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("checkpoint-*", "training_config.json"))
-        assert renderer_kind(bare) == kind
+        assert open_run(bare).kind == kind
 
 
 def test_other_folders_are_refused_naming_the_folder_and_what_was_expected(tmp_path):
-    expected = "expected the output folder of train_controlnet_seg.py or train_spade_sdm.py"
-    with pytest.raises(RendererError, match=f"{tmp_path / 'nowhere'} does not exist: {expected}"):
+    expected = "Fix: pass the output folder of train_controlnet_seg.py or train_spade_sdm.py"
+    with pytest.raises(RunError, match=f"--renderer {tmp_path / 'nowhere'} does not exist"):
         load_renderer(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RendererError, match=f"{empty} holds no model that renders label maps: {expected}"):
+    with pytest.raises(RunError, match=f"{empty} holds no training_config.json naming its kind. {expected}"):
         load_renderer(empty)
     joint = tmp_path / "joint"
     joint.mkdir()
     (joint / "training_config.json").write_text(json.dumps({"pipeline": "joint_image_mask"}))
-    with pytest.raises(RendererError, match=f"{joint} holds a 'joint_image_mask' model .* {expected}"):
+    with pytest.raises(RunError, match=f"{joint} holds a 'joint_image_mask' model. {expected}"):
         load_renderer(joint)
 
 
@@ -207,7 +208,7 @@ def test_controlnet_renderer_draws_what_the_generator_draws(controlnet_renderer,
     masks_dir.mkdir()
     source = sorted((toy_data / "masks").iterdir())[0]
     shutil.copy(source, masks_dir / "m.png")
-    args = ["--controlnet", controlnet_folder, "--masks_dir", masks_dir, "--save_dir", tmp_path / "out",
+    args = ["--model", controlnet_folder, "--masks_dir", masks_dir, "--save_dir", tmp_path / "out",
             "--num_images_per_mask", "1", "--num_inference_steps", "2", "--seed", "3"]  # fmt: skip
     generate_controlnet_seg.main(generate_controlnet_seg.parse_args([str(a) for a in args]))
     record = json.loads((tmp_path / "out" / "metadata.jsonl").read_text().splitlines()[0])
@@ -238,7 +239,7 @@ def test_a_controlnet_made_for_another_base_is_refused(controlnet_folder, tiny_s
     ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(8)).save_pretrained(
         folder
     )
-    with pytest.raises(RendererError, match="downsamples control images by 8 but the VAE of .* by 2"):
+    with pytest.raises(RunError, match="downsamples control images by 8 but the VAE of .* by 2"):
         load_renderer(folder)
 
 
@@ -252,7 +253,7 @@ def test_sdm_renderer_reads_the_model(sdm_renderer, sdm_folder):
     assert (sdm_renderer.ignore_index, sdm_renderer.resolution) == (255, 32)
     assert load_renderer(sdm_folder / "checkpoint-2").kind == "sdm"
     assert sdm_renderer.prompt(np.zeros((4, 4), dtype=np.int64)) is None  # an SDM has no text prompt
-    with pytest.raises(RendererError, match="has no separate base"):
+    with pytest.raises(RunError, match="has no separate base"):
         load_renderer(sdm_folder, base="some/base")
 
 
@@ -288,8 +289,8 @@ def test_sdm_images_depend_on_their_seed_only_and_match_the_generator(sdm_render
     masks_dir.mkdir()
     source = sorted((toy_data / "masks").iterdir())[0]
     shutil.copy(source, masks_dir / "m.png")
-    args = ["--checkpoint", sdm_folder, "--masks_dir", masks_dir, "--save_dir", tmp_path / "out",
-            "--num_samples_per_mask", "1", "--num_inference_steps", "3", "--seed", "4"]  # fmt: skip
+    args = ["--model", sdm_folder, "--masks_dir", masks_dir, "--save_dir", tmp_path / "out",
+            "--num_images_per_mask", "1", "--num_inference_steps", "3", "--seed", "4"]  # fmt: skip
     generate_spade_sdm.main(generate_spade_sdm.parse_args([str(a) for a in args]))
     rendered = sdm_renderer.render([read_label_map(source)], [derive_seed(4, "m", 0)], num_inference_steps=3)[0]
     assert np.array_equal(pixels(rendered), pixels(Image.open(tmp_path / "out" / "images" / "m_00.png")))

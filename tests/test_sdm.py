@@ -268,7 +268,7 @@ def write_masks(folder, toy_data, count=2):
 
 def generate(trained, masks_dir, save_dir, *extra, check=True):
     return run_script(
-        "generate_spade_sdm.py", "--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir", save_dir,
+        "generate_spade_sdm.py", "--model", trained, "--masks_dir", masks_dir, "--save_dir", save_dir,
         "--num_inference_steps", "2", *extra, check=check,
     )  # fmt: skip
 
@@ -276,7 +276,7 @@ def generate(trained, masks_dir, save_dir, *extra, check=True):
 def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data, tmp_path):
     masks_dir = write_masks(tmp_path / "masks", toy_data)
     save_dir = tmp_path / "out"
-    generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--batch_size", "4", "--scheduler", "ddpm")
+    generate(trained, masks_dir, save_dir, "--num_images_per_mask", "3", "--batch_size", "4", "--scheduler", "ddpm")
     stems = sorted(p.stem for p in masks_dir.iterdir())
     for stem in stems:
         for j in range(3):
@@ -311,8 +311,8 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     before = (save_dir / "images" / f"{stems[0]}_00.png").read_bytes()
     extra = sorted((toy_data / "masks").iterdir())[2]
     shutil.copy(extra, masks_dir / extra.name)
-    result = generate(trained, masks_dir, save_dir, "--num_samples_per_mask", "3", "--scheduler", "ddpm")
-    assert "2 masks already done" in result.stdout and "generating the 1 missing ones" in result.stdout
+    result = generate(trained, masks_dir, save_dir, "--num_images_per_mask", "3", "--scheduler", "ddpm")
+    assert "2 of 3 already done" in result.stdout and "generating the 1 missing ones" in result.stdout
     assert (save_dir / "images" / f"{stems[0]}_00.png").read_bytes() == before
     assert len((save_dir / "metadata.jsonl").read_text().splitlines()) == 9
 
@@ -341,8 +341,8 @@ def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_pa
     for name in ("ddim", "ddpm", "dpmsolver"):
         seen["steps"].clear()
         run_generator(
-            monkeypatch, "generate_spade_sdm.py", "--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir",
-            tmp_path / name, "--num_samples_per_mask", "1", "--num_inference_steps", "3", "--scheduler", name,
+            monkeypatch, "generate_spade_sdm.py", "--model", trained, "--masks_dir", masks_dir, "--save_dir",
+            tmp_path / name, "--num_images_per_mask", "1", "--num_inference_steps", "3", "--scheduler", name,
         )  # fmt: skip
         built_name, built = seen["built"][-1]
         assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
@@ -357,8 +357,8 @@ def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_pa
 
 def test_generator_images_do_not_depend_on_batch_size(trained, toy_data, tmp_path):
     masks_dir = write_masks(tmp_path / "masks", toy_data)
-    generate(trained, masks_dir, tmp_path / "a", "--num_samples_per_mask", "2", "--batch_size", "1")
-    generate(trained, masks_dir, tmp_path / "b", "--num_samples_per_mask", "2", "--batch_size", "4")
+    generate(trained, masks_dir, tmp_path / "a", "--num_images_per_mask", "2", "--batch_size", "1")
+    generate(trained, masks_dir, tmp_path / "b", "--num_images_per_mask", "2", "--batch_size", "4")
     for path in (tmp_path / "a" / "images").iterdir():
         a = np.asarray(Image.open(path), dtype=int)
         b = np.asarray(Image.open(tmp_path / "b" / "images" / path.name), dtype=int)
@@ -373,7 +373,7 @@ def test_generator_reads_colour_masks_and_checkpoint_folders(trained, toy_data, 
     masks_dir = tmp_path / "colour"
     masks_dir.mkdir()
     Image.fromarray(colours).save(masks_dir / "drawn.png")
-    generate(trained / "checkpoint-2", masks_dir, tmp_path / "out", "--num_samples_per_mask", "1")
+    generate(trained / "checkpoint-2", masks_dir, tmp_path / "out", "--num_images_per_mask", "1")
     np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/drawn_00.png"), label)
 
 
@@ -388,7 +388,7 @@ def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr
 
     def error(masks_dir, *extra):  # the same script, in this process
-        common = ["--checkpoint", trained, "--masks_dir", masks_dir, "--save_dir", tmp_path / "x"]
+        common = ["--model", trained, "--masks_dir", masks_dir, "--save_dir", tmp_path / "x"]
         return script_error(monkeypatch, "generate_spade_sdm.py", *common, "--num_inference_steps", "2", *extra)
 
     unknown_colour = tmp_path / "colour"
@@ -396,7 +396,7 @@ def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(unknown_colour / "odd.png")
     assert "odd.png has 1 colour(s) that are not in the palette, e.g. (1, 2, 3)" in error(unknown_colour)
     assert "does not exist" in error(tmp_path / "missing")
-    message = error(unknown_ids, "--image_size", "31")  # the old spelling of --resolution
+    message = error(unknown_ids, "--resolution", "31")
     assert "--resolution 31" in message and "multiples of 2" in message
 
 

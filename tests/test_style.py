@@ -240,8 +240,8 @@ def style_model(theme_data, tmp_path_factory):
 
 def generate(model, masks_dir, save_dir, *extra, check=True):
     return run_script(
-        "generate_spade_sdm.py", "--checkpoint", model, "--masks_dir", masks_dir, "--save_dir", save_dir,
-        "--num_samples_per_mask", "2", "--num_inference_steps", "20", "--guidance_scale", "1", *extra, check=check,
+        "generate_spade_sdm.py", "--model", model, "--masks_dir", masks_dir, "--save_dir", save_dir,
+        "--num_images_per_mask", "2", "--num_inference_steps", "20", "--guidance_scale", "1", *extra, check=check,
     )  # fmt: skip
 
 

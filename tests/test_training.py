@@ -242,7 +242,7 @@ def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates(toy_ro
         "--variant", "fp16", *trainer_args(toy_root, controlnet, "--max_train_steps", "1"),
     )  # fmt: skip
     run_script(
-        "generate_controlnet_seg.py", "--controlnet", controlnet, "--masks_dir", toy_root / "masks",
+        "generate_controlnet_seg.py", "--model", controlnet, "--masks_dir", toy_root / "masks",
         "--save_dir", tmp_path / "rendered", "--num_images_per_mask", "1", "--num_inference_steps", "2",
     )  # fmt: skip
     assert len(list((tmp_path / "rendered" / "images").iterdir())) == 6
