@@ -1,7 +1,22 @@
-"""Shared plumbing for the segmentation-mask-conditioned diffusion scripts.
+"""Shared plumbing for the segmentation-mask-conditioned diffusion scripts, one module per job.
 
-The top-level scripts (``train_*.py``, ``generate_*.py``, ``evaluate.py``) read like diffusers
-examples; what they all need lives here once: dataset layouts and joint transforms (``data``),
-the procedural toy dataset (``toy``), the offline tiny Stable Diffusion folder (``tiny``) and the
-accelerate training plumbing (``training``).
+The top-level scripts (``train_*.py``, ``generate_*.py``, ``evaluate.py``, ``prepare_sidewalk.py``, ``demo.py``)
+read like diffusers examples; what they share lives here once. Layers point down (scripts -> training, generation,
+evaluation -> runs, rendering, data -> pipelines -> models -> leaves):
+
+* ``training``: accelerate plumbing of every trainer (arguments, seeded sampling, checkpoints, resume, EMA, run files)
+* ``generation``: the generators' command line, mask reading, the one resumable output writer
+* ``evaluation``, ``metrics``, ``downstream``: scoring generated data
+* ``runs``: the one way to open a trained folder or one of its checkpoint-N/ folders
+* ``rendering``: label maps -> images with a trained ControlNet or SDM
+* ``data``: dataset layouts, class-name files, label PNG I/O, joint transforms, the dataset check
+* ``synthetic``: class-ratio requests and their report
+* ``processes``: the processes of a run and each one's share
+* ``arguments``: command-line argument types
+* ``files``: atomic writes
+* ``toy``, ``tiny``: the offline toy dataset and tiny base models
+* ``visualize``: overlays and grids
+* ``pipelines``, ``models``: the DiffusionPipeline and ModelMixin classes
+* leaves, which import nothing of segdiff but each other: ``schedulers``, ``seeds``, ``labels``, ``geometry``,
+  ``prompts``
 """
