@@ -124,7 +124,7 @@ def parse_args(argv=None):
         "--scheduler",
         choices=sorted(SCHEDULERS),
         default=CONTROLNET_SCHEDULER,
-        help="Sampler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
+        help="Scheduler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
     )
     add_eta_argument(parser)
     parser.add_argument("--num_inference_steps", type=int, default=30, help="(default: 30)")

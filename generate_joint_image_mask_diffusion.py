@@ -131,8 +131,14 @@ def parse_args(argv=None):
 
 def load_classes(run: TrainedRun, dataset: str | None):
     """Class names and palette: the run's class_names.json, else a dataset's defaults."""
-    if (run.run_dir / "class_names.json").is_file() or dataset is None:
+    if (run.run_dir / "class_names.json").is_file():
         return run.classes()
+    if dataset is None:
+        raise SystemExit(
+            f"{run.folder} has no class_names.json, so the class of each id is unknown. Fix: point --model at the "
+            "output folder of train_seg_mask_diffusion.py, copy its class_names.json next to the model, or pass "
+            "--dataset loveda|sidewalk to use that dataset's class list."
+        )
     return DATASET_CLASSES[dataset]
 
 

@@ -98,7 +98,7 @@ def parse_args(argv=None):
         "--scheduler",
         choices=CORE_SCHEDULERS,
         default=SDM_SCHEDULER,
-        help="Sampler: ddpm (default; SDM's own, and the learned variance of learn_sigma models), dpmsolver "
+        help="Scheduler: ddpm (default; SDM's own, and the learned variance of learn_sigma models), dpmsolver "
         "(stochastic DPM-Solver++: as good as ddpm at 50 steps with 20-25 on the toy benchmark, mIoU 0.996 vs "
         "0.998), ddim (deterministic: it keeps the noise an imperfect model misses; toy mIoU 0.49 at 50 steps).",
     )
@@ -264,7 +264,7 @@ def main(args):
                 num_images_per_mask=per_mask,
                 guidance_scale=args.guidance_scale,
                 num_inference_steps=args.num_inference_steps,
-                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other samplers
+                eta=args.eta or 0.0,  # DDIM's; check_generation_args refused it for the other schedulers
                 generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                 height=height,
                 width=width,

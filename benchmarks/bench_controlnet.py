@@ -35,7 +35,7 @@ from segdiff.toy import make_toy_dataset  # noqa: E402
 # Image size and batch per preset: the tiny base is the demo's (VAE factor 2), medium has SD 1.x's topology
 # (VAE factor 8, so the ControlNet gets SD's own conditioning embedding).
 PRESETS = {"tiny": {"size": 32, "batch": 32}, "medium": {"size": 128, "batch": 8}}
-# The generator's samplers: UniPC (its default), DPM-Solver++ and DDIM.
+# The generator's schedulers: UniPC (its default), DPM-Solver++ and DDIM.
 SCHEDULERS = ("unipc", "dpmsolver", "ddim")
 GUIDANCE_SCALE = 7.5  # the generator's default: every step runs the UNet and ControlNet on a doubled batch
 

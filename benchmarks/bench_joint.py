@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory of the joint image + mask pipeline, or (--quality) its samplers' agreement; prints a table and
+"""Speed and memory of the joint image + mask pipeline, or (--quality) its schedulers' agreement; prints a table and
 appends it to RESULTS.md.
 
     python benchmarks/bench_joint.py               # tiny and medium SD-shaped bases
@@ -42,7 +42,7 @@ from segdiff.toy import PaletteSegmenter, make_toy_dataset  # noqa: E402
 
 # Image size and batch per preset: the tiny base is the demo's, medium has SD 1.x's topology (VAE factor 8).
 PRESETS = {"tiny": {"size": 32, "batch": 32}, "medium": {"size": 128, "batch": 8}}
-# (label, sampler name, steps) of the quality row: the demo's DDIM 50, DPM-Solver++ 20, and DDPM 50 for reference.
+# (label, scheduler name, steps) of the quality row: the demo's DDIM 50, DPM-Solver++ 20, and DDPM 50 for reference.
 QUALITY_SAMPLERS = (("ddim 50", "ddim", 50), ("dpmsolver 20", "dpmsolver", 20), ("ddpm 50", "ddpm", 50))
 
 
@@ -55,9 +55,9 @@ def parse_args():
     parser.add_argument(
         "--quality",
         action="store_true",
-        help="Instead of the speed rows: the demo's model (python demo.py) and its agreement per sampler.",
+        help="Instead of the speed rows: the demo's model (python demo.py) and its agreement per scheduler.",
     )
-    parser.add_argument("--quality_samples", type=int, default=64, help="Samples per sampler (the demo's 64).")
+    parser.add_argument("--quality_samples", type=int, default=64, help="Samples per scheduler (the demo's 64).")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--work_dir", default=None, help="Keep the data and models here (default: a temp dir).")
     return parser.parse_args()

@@ -7,11 +7,11 @@
 
 Speed rows: train_spade_sdm.py launched as a user would (samples/s and peak memory from its train_stats.json,
 timed from the second step) for pixel/SPADE, pixel/concat and latent/SPADE with the tiny config, and
-SemanticDiffusionPipeline seconds per image for each sampler. Quality rows: each of those three trained for
+SemanticDiffusionPipeline seconds per image for each scheduler. Quality rows: each of those three trained for
 --quality_steps at batch 32 on 512 toy images, then one image per held-out toy mask (each of QUALITY_SAMPLERS) read
 back by the exact palette segmenter: mIoU against the input masks (the issue's bars: >= 0.9 in pixel space within
-10 CPU-minutes of training; DPM-Solver++ at 20-25 steps within 0.02 of DDPM at 50). The samplers are those of
-`sdm_sampler`, plus the deterministic DPM-Solver++ that "dpmsolver" was before (`make_scheduler`), for comparison.
+10 CPU-minutes of training; DPM-Solver++ at 20-25 steps within 0.02 of DDPM at 50). The schedulers are those of
+`make_scheduler(..., stochastic=True)`, plus the deterministic DPM-Solver++ that "dpmsolver" was before (`make_scheduler`), for comparison.
 """
 
 import argparse
@@ -42,7 +42,7 @@ VARIANTS = {
     "latent, spade": ["--space", "latent", "--conditioning", "spade"],
 }
 SAMPLERS = ("ddim", "ddpm", "dpmsolver")
-# (label, sampler name, steps) of the quality rows; "ODE" is the deterministic DPM-Solver++ of make_scheduler.
+# (label, scheduler name, steps) of the quality rows; "ODE" is the deterministic DPM-Solver++ of make_scheduler.
 QUALITY_SAMPLERS = (
     ("ddpm 50", "ddpm", 50),
     ("ddim 50", "ddim", 50),
@@ -67,7 +67,7 @@ def parse_args():
     parser.add_argument(
         "--keep_trained",
         action="store_true",
-        help="Reuse a quality model already trained in --work_dir for the same --quality_steps (to try samplers "
+        help="Reuse a quality model already trained in --work_dir for the same --quality_steps (to try schedulers "
         "without retraining); the row then gives no training time.",
     )
     parser.add_argument("--num_images", type=int, default=8, help="Images per generation row (after warm-up).")

@@ -209,7 +209,7 @@ def parse_args(argv=None):
     sample.add_argument("--num_inference_steps", type=int, default=None, help=default("num_inference_steps"))
     sample.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance. Default: 1.5")
     sample.add_argument(
-        "--scheduler", choices=("ddpm", "ddim", "dpmsolver"), default="ddpm", help="Sampler. Default: ddpm"
+        "--scheduler", choices=("ddpm", "ddim", "dpmsolver"), default="ddpm", help="Scheduler. Default: ddpm"
     )
 
     evaluation = parser.add_argument_group("evaluate (see python evaluate.py --help)")

@@ -1,4 +1,4 @@
-"""What the generators share: one command line, samplers, reading masks, the output layout, and multi-process runs.
+"""What the generators share: one command line, schedulers, reading masks, the output layout, and multi-process runs.
 
 generate_spade_sdm.py and generate_controlnet_seg.py turn every mask of ``--masks_dir`` (or the one ``--mask``)
 into N images and write, under ``--save_dir``, everything keyed by the mask's file stem (``<stem>``)::
@@ -8,7 +8,7 @@ into N images and write, under ``--save_dir``, everything keyed by the mask's fi
     images/<stem>_00.png ...              flat copy of every image (a hard link where the disk allows) ...
     masks/<stem>_00.png ...               ... with the label map it came from (label PNG, palette attached),
                                           so --save_dir is itself a *generic* dataset
-    metadata.jsonl                        one line per image, in (stem, image) order: files, mask, seed, sampler...
+    metadata.jsonl                        one line per image, in (stem, image) order: files, mask, seed, scheduler...
     generation_args.json                  the arguments that determine the images (checked by a re-run)
     class_names.json, grid.png            the classes; the first visualizations (in stem order) stacked
 
@@ -171,15 +171,19 @@ def save_records(save_dir: Path, name: str, records: list[dict]) -> None:
     write_json_atomic(folder / f"{name}.json", records)
 
 
-def load_records(save_dir: Path) -> list[dict]:
-    """Every record of metadata.jsonl, then those still in RECORDS_FOLDER: a unit found twice counts as the later."""
+def records_by_unit(save_dir: Path, unit_of) -> dict[str, list[dict]]:
+    """The records of metadata.jsonl by unit (``unit_of(record)``), each replaced whole by the unit's later save in
+    RECORDS_FOLDER (a unit generated again after an interruption)."""
     save_dir = Path(save_dir)
-    records = []
+    by_unit: dict[str, list[dict]] = {}
     if (save_dir / "metadata.jsonl").is_file():
-        records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
+        for line in (save_dir / "metadata.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            by_unit.setdefault(unit_of(record), []).append(record)
     for path in sorted((save_dir / RECORDS_FOLDER).glob("*.json")):
-        records += json.loads(path.read_text())
-    return records
+        records = json.loads(path.read_text())
+        by_unit[unit_of(records[0])] = records
+    return by_unit
 
 
 def publish_records(save_dir: Path, ordered: list[dict]) -> None:
@@ -391,7 +395,7 @@ def check_save_dir(save_dir: str | Path, generation_args: dict, overwrite: bool 
     """Refuse to add images to an earlier run's --save_dir unless ``generation_args`` are the ones it recorded.
 
     A --save_dir is one experiment: a re-run only fills in the masks it lacks. Images drawn with another model,
-    sampler, step count, guidance... added to it would make its metrics describe no single setting, and nothing
+    scheduler, step count, guidance... added to it would make its metrics describe no single setting, and nothing
     in it would say which image came from which. ``overwrite`` (--overwrite) allows anything: the writer then
     removes the old outputs first. The generators call this before loading their models too, to fail in seconds.
     """
@@ -489,16 +493,8 @@ class SampleWriter:
 
     def _finished_records(self) -> dict[str, list[dict]]:
         """Records of an earlier run (or of this run's other processes), by unit, for the complete units."""
-        by_unit: dict[str, list[dict]] = {}
-        for record in load_records(self.save_dir):
-            by_unit.setdefault(self.unit_of(record), []).append(record)
-        # A unit written again after an interruption has its records twice: its later save counts.
-        return {
-            unit: self.latest(records) for unit, records in by_unit.items() if self.is_complete(self.latest(records))
-        }
-
-    def latest(self, records: list[dict]) -> list[dict]:
-        return records
+        by_unit = records_by_unit(self.save_dir, self.unit_of)
+        return {unit: records for unit, records in by_unit.items() if self.is_complete(records)}
 
     def is_done(self, unit: str) -> bool:
         return unit in self.records
@@ -548,10 +544,6 @@ class MaskSampleWriter(SampleWriter):
             overwrite=overwrite,
             state=state,
         )
-
-    def latest(self, records: list[dict]) -> list[dict]:
-        by_image = {record["image_index"]: record for record in records}  # the later record of an image counts
-        return [by_image[j] for j in sorted(by_image)]
 
     def is_complete(self, records: list[dict]) -> bool:
         indices = [record["image_index"] for record in records]

@@ -39,7 +39,7 @@ from segdiff.seeds import cpu_generators
 # How each kind samples unless told otherwise; the generator scripts' command-line defaults are these.
 CONTROLNET_SCHEDULER = "unipc"
 CONTROLNET_GUIDANCE_SCALE = 7.5
-SDM_SCHEDULER = "ddpm"  # SDM's own sampler, and the only one that uses a learned variance
+SDM_SCHEDULER = "ddpm"  # SDM's own scheduler, and the only one that uses a learned variance
 SDM_GUIDANCE_SCALE = 1.5  # SDM's choice of s
 
 

@@ -1,5 +1,5 @@
 """Checks the generator tests share: the mIoU evaluate.py must report, recomputed without evaluate.py or
-segdiff.metrics, and a spy on the samplers a generator builds and steps with."""
+segdiff.metrics, and a spy on the schedulers a generator builds and steps with."""
 
 import functools
 import inspect

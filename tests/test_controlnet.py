@@ -462,11 +462,11 @@ def test_make_scheduler_keeps_the_bases_schedule(tiny_sd_folder):
     base = DDPMScheduler.from_pretrained(tiny_sd_folder, subfolder="scheduler").config  # SD's: epsilon, leading
     assert base.prediction_type == "epsilon" and not base.clip_sample
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
-        sampler = make_scheduler(name, base)
-        assert type(sampler) is SCHEDULER_CLASSES[name], name
+        scheduler = make_scheduler(name, base)
+        assert type(scheduler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "timestep_spacing", "steps_offset", "beta_schedule", "beta_start", "beta_end"):
-            assert sampler.config[key] == base[key], (name, key)
-        assert not sampler.config.thresholding  # latents: nothing to clip
+            assert scheduler.config[key] == base[key], (name, key)
+        assert not scheduler.config.thresholding  # latents: nothing to clip
     assert make_scheduler("dpmsolver", base).config.algorithm_type == "dpmsolver++"
 
 
@@ -485,7 +485,7 @@ def test_generator_samples_with_the_scheduler_it_names(trained, masks_dir, tmp_p
         built_name, built = seen["built"][-1]
         assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
         assert built.config.prediction_type == "epsilon"  # the base's
-        # 3 steps, all with the named sampler and none with another
+        # 3 steps, all with the named scheduler and none with another
         assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 4
 

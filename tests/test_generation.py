@@ -126,7 +126,7 @@ def test_an_added_mask_that_sorts_first_gets_its_own_outputs_and_moves_none(gene
     # a: the label map of b under a new stem, which sorts before the others
     shutil.copy(masks_dir / "b.png", masks_dir / "a.png")
     generator(masks_dir, save_dir)
-    assert "2 masks already" in capsys.readouterr().out
+    assert "2 of 3 already done" in capsys.readouterr().out
     for stem in ("b", "d"):
         assert outputs_of(save_dir, stem) == first[stem]  # same bytes, never rewritten
     assert sorted(p.name for p in (save_dir / "generated_images").iterdir()) == ["sample_a", "sample_b", "sample_d"]

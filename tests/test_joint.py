@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import evaluate
 from generate_joint_image_mask_diffusion import load_pipeline
-from generate_joint_image_mask_diffusion import parse_args as parse_generate_args
 from segdiff.data import load_segmentation_dataset, read_label_map
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler
+from segdiff.runs import open_run
 from segdiff.schedulers import make_scheduler
 from train_seg_mask_diffusion import class_mask_latents, joint_loss, parse_args, pick_class, widen_unet_for_mask
 
@@ -364,13 +364,13 @@ def test_make_scheduler_keeps_the_joint_schedule(trained):
     training = JointImageMaskPipeline.from_pretrained(trained).scheduler  # v, zero terminal SNR, trailing
     assert training.alphas_cumprod[-1] == 0
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
-        sampler = make_scheduler(name, training.config)
-        assert type(sampler) is SCHEDULER_CLASSES[name], name
+        scheduler = make_scheduler(name, training.config)
+        assert type(scheduler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing", "beta_schedule", "beta_end"):
-            assert sampler.config[key] == training.config[key], (name, key)
-        assert not sampler.config.thresholding  # latents: nothing to clip
+            assert scheduler.config[key] == training.config[key], (name, key)
+        assert not scheduler.config.thresholding  # latents: nothing to clip
         # the same noise levels (the multistep solvers nudge the zero-SNR end off 0 to keep log-SNR finite)
-        torch.testing.assert_close(sampler.alphas_cumprod[:-1], training.alphas_cumprod[:-1], rtol=0, atol=0)
+        torch.testing.assert_close(scheduler.alphas_cumprod[:-1], training.alphas_cumprod[:-1], rtol=0, atol=0)
     assert make_scheduler("dpmsolver", training.config).config.algorithm_type == "dpmsolver++"
 
 
@@ -386,7 +386,7 @@ def test_generator_samples_with_the_scheduler_it_names(trained, tmp_path, monkey
         built_name, built = seen["built"][-1]
         assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
         assert built.config.prediction_type == "v_prediction" and built.config.timestep_spacing == "trailing"
-        # one batch of 3 steps, all with the named sampler and none with another
+        # one batch of 3 steps, all with the named scheduler and none with another
         assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 3
 
@@ -466,9 +466,8 @@ def test_checkpoint_of_an_unfinished_run_loads_its_own_unet_ema_and_text_encoder
     shutil.copytree(trained / "checkpoint-2", unfinished / "checkpoint-2")
     for name in ("training_config.json", "class_names.json"):
         shutil.copy(trained / name, unfinished / name)
-    args = parse_generate_args(["--checkpoint", str(unfinished / "checkpoint-2"), "--save_dir", str(tmp_path / "x")])
-
-    pipeline = load_pipeline(unfinished / "checkpoint-2", ["background", "square", "disk", "triangle"], args)
+    run = open_run(unfinished / "checkpoint-2")
+    pipeline = load_pipeline(run, ["background", "square", "disk", "triangle"], torch.float32)
 
     checkpoint = unfinished / "checkpoint-2"
     for model, file in (

@@ -1,7 +1,7 @@
 """segdiff.rendering: label maps -> images with a trained ControlNet or SDM folder, as the generators draw them.
 
 The models are untrained tiny ones (random weights from a fixed seed) in the folders the trainers write: what is
-checked is which kind a folder is, what each model is given (control image, prompt, label map, size, sampler,
+checked is which kind a folder is, what each model is given (control image, prompt, label map, size, scheduler,
 guidance) and which seed draws which image, not what the images show.
 """
 
@@ -270,7 +270,7 @@ def test_sdm_gets_the_resized_maps_with_its_defaults(sdm_renderer, toy_data, mon
     # the SDM generator's defaults: DDPM, guidance 1.5; one generator per image
     assert call["scheduler_type"] is DDPMScheduler and call["guidance_scale"] == 1.5
     assert call["num_images_per_mask"] == 1 and [g.initial_seed() for g in call["generator"]] == [5, 6]
-    # the caller's sampler and guidance instead, built from the model's own schedule (its x0 clipping kept)
+    # the caller's scheduler and guidance instead, built from the model's own schedule (its x0 clipping kept)
     sdm_renderer.render([small], [5], num_inference_steps=2, scheduler="ddim", guidance_scale=1.0)
     assert calls[-1]["scheduler_type"] is DDIMScheduler and calls[-1]["guidance_scale"] == 1.0
     assert sdm_renderer.pipeline.scheduler.config.clip_sample

@@ -107,13 +107,13 @@ def test_latent_space_with_concat_conditioning(toy_data, tiny_sd_folder, tmp_pat
                     "--beta_start", "0.0015", "--beta_end", "0.0205"),
     )  # fmt: skip
     pipeline = SemanticDiffusionPipeline.from_pretrained(output_dir)
-    # The saved schedule is LDM's: betas linear in sqrt(beta), and every sampler the generator builds keeps it.
+    # The saved schedule is LDM's: betas linear in sqrt(beta), and every scheduler the generator builds keeps it.
     saved = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
     assert (saved["beta_schedule"], saved["beta_start"], saved["beta_end"]) == ("scaled_linear", 0.0015, 0.0205)
     ldm_alphas_cumprod = torch.cumprod(1 - torch.linspace(0.0015**0.5, 0.0205**0.5, 1000) ** 2, dim=0)
     for name in ("ddpm", "ddim"):
-        sampler = make_scheduler(name, pipeline.scheduler.config)
-        torch.testing.assert_close(sampler.alphas_cumprod, ldm_alphas_cumprod, rtol=0, atol=1e-6)
+        scheduler = make_scheduler(name, pipeline.scheduler.config)
+        torch.testing.assert_close(scheduler.alphas_cumprod, ldm_alphas_cumprod, rtol=0, atol=1e-6)
     # A fine-tune from it keeps that schedule unless told otherwise; an explicit flag wins.
     fine_tune = [str(a) for a in train_args(toy_data, "unused", "--init_from", output_dir)[1:]]
     inherited = noise_schedule(parse_args(fine_tune), learn_sigma=False, pixel_space=False).config
@@ -321,16 +321,16 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
 def test_make_scheduler_keeps_the_sdm_schedule_and_its_clipping(pixel_space):
     training = sdm_scheduler(learn_sigma=True, pixel_space=pixel_space)
     for name in ("ddim", "ddpm", "dpmsolver", "unipc"):
-        sampler = make_scheduler(name, training.config)
-        assert type(sampler) is SCHEDULER_CLASSES[name], name
+        scheduler = make_scheduler(name, training.config)
+        assert type(scheduler) is SCHEDULER_CLASSES[name], name
         for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"):
-            assert sampler.config[key] == training.config[key], (name, key)
-        torch.testing.assert_close(sampler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
+            assert scheduler.config[key] == training.config[key], (name, key)
+        torch.testing.assert_close(scheduler.alphas_cumprod, training.alphas_cumprod, rtol=0, atol=0)
         if name in ("ddim", "ddpm"):  # they clip x0 themselves
-            assert sampler.config.clip_sample == pixel_space and not sampler.config.thresholding
+            assert scheduler.config.clip_sample == pixel_space and not scheduler.config.thresholding
         else:  # the multistep solvers clip through thresholding at the clip range, only in pixel space
-            assert sampler.config.thresholding == pixel_space
-            assert not pixel_space or sampler.config.sample_max_value == training.config.clip_sample_range == 1.0
+            assert scheduler.config.thresholding == pixel_space
+            assert not pixel_space or scheduler.config.sample_max_value == training.config.clip_sample_range == 1.0
     assert make_scheduler("ddpm", training.config).config.variance_type == "learned_range"
     assert make_scheduler("dpmsolver", training.config).config.algorithm_type == "dpmsolver++"
 
@@ -346,11 +346,11 @@ def test_generator_samples_with_the_scheduler_it_names(trained, toy_data, tmp_pa
         )  # fmt: skip
         built_name, built = seen["built"][-1]
         assert built_name == name and type(built) is SCHEDULER_CLASSES[name]
-        # the pixel model's clipping, whichever way the sampler applies it
+        # the pixel model's clipping, whichever way the scheduler applies it
         assert built.config.clip_sample if name != "dpmsolver" else built.config.thresholding
         if name == "dpmsolver":  # SDM's DPM-Solver++ is the stochastic one (segdiff.pipelines.sdm.sdm_sampler)
             assert built.config.algorithm_type == "sde-dpmsolver++"
-        # 3 steps, all with the named sampler and none with another
+        # 3 steps, all with the named scheduler and none with another
         assert seen["steps"] == {SCHEDULER_CLASSES[name].__name__: 3}, name
     assert len(seen["built"]) == 3
 

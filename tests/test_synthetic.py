@@ -173,14 +173,14 @@ def test_two_processes_write_what_one_writes_and_a_rerun_adds_only_what_is_missi
     for folder in ("images", "masks"):
         (one / folder / "synthetic_000003.png").unlink()
     result = generate(models, one, *args)
-    assert "4 of 5 samples already" in result.stdout
+    assert "4 of 5 already done" in result.stdout
     assert files(one) == files(two)
     after = {path: path.stat().st_mtime_ns for path in (one / "images").iterdir()}
     assert [p.name for p in after if after[p] != before.get(p)] == ["synthetic_000003.png"]
 
     # Growing the dataset keeps what is there: sample 5 is added, the metadata lists all six in order.
     args = ("--renderer", models / "sdm", "--balance", "--num_samples", "6")
-    assert "5 of 6 samples already" in generate(models, one, *args).stdout
+    assert "5 of 6 already done" in generate(models, one, *args).stdout
     assert [
         json_of_line["index"] for json_of_line in map(json.loads, (one / "metadata.jsonl").read_text().splitlines())
     ] == list(range(6))
@@ -201,7 +201,7 @@ def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch):
     assert "disk:0.8 + square:0.3 = 1.1" in refusal("--ratios", "disk:0.8,square:0.3")
     assert "--num_inference_steps: 2 there, 5 now" in refusal("--num_inference_steps", "5")
     assert "trained without domains" in refusal("--domain", "Urban", "--num_inference_steps", "2")
-    assert "not a layout model folder" in script_error(
+    assert "holds a 'spade_sdm' model. Fix: pass the output folder of train_layout_diffusion.py" in script_error(
         monkeypatch, "generate_synthetic_dataset.py", "--layout_model", models / "sdm", "--save_dir", tmp_path / "x",
         "--num_samples", "1", "--layouts_only",
     )  # fmt: skip

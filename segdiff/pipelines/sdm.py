@@ -17,7 +17,8 @@ the batched forward. With a model that learns its variance (``learn_sigma``), gu
 epsilon half only; the variance half is the conditional one. A ``DDPMScheduler`` with
 ``variance_type="learned_range"`` (or ``"learned"``) receives both halves and samples with the learned variance;
 every other scheduler (DDIM, DPM-Solver, ...) receives the epsilon half only. `sdm_scheduler` gives SDM's
-training schedule, with x0 clipping in pixel space; `sdm_sampler` the samplers by name, built from it.
+training schedule, with x0 clipping in pixel space; `segdiff.schedulers.make_scheduler(..., stochastic=True)`
+the schedulers by name, built from it.
 
 Saved folders load with ``SemanticDiffusionPipeline.from_pretrained(folder)``; ``class_names``, ``ignore_index``
 and ``edge_map`` travel in ``model_index.json``. EMA needs nothing here: the trainer saves the EMA weights as
@@ -49,10 +50,10 @@ def sdm_scheduler(learn_sigma: bool = False, pixel_space: bool = True) -> DDPMSc
     """SDM's (guided-diffusion's) noise schedule: 1000 linear betas from 1e-4 to 0.02, epsilon prediction.
 
     ``clip_sample`` is on in pixel space: guided-diffusion samples with ``clip_denoised=True``, keeping the
-    predicted x0 in [-1, 1]. Without it, deterministic samplers (DDIM) follow an imperfect model's wild x0
+    predicted x0 in [-1, 1]. Without it, deterministic schedulers (DDIM) follow an imperfect model's wild x0
     guesses at high noise and end far outside the image range (measured on the tiny toy model after 200 steps:
     samples of std 2.5 against 0.34 for real images). Latents have no such range: no clipping there.
-    ``variance_type`` is "learned_range" for a model that learns sigma, else "fixed_small". Other samplers
+    ``variance_type`` is "learned_range" for a model that learns sigma, else "fixed_small". Other schedulers
     inherit all of it: ``DDIMScheduler.from_config(sdm_scheduler(...).config)``.
     """
     return DDPMScheduler(
@@ -289,13 +290,13 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         ``output_type``: "pil", "np" (N, H, W, C in [0, 1]), "pt" (N, C, H, W in [0, 1]) or "latent".
         ``style_images`` (models trained with ``--style_reference``): one reference image for every map, or one
         per map (see `as_style_images`); ``style_scale``: the style guidance scale (1 = no extra guidance).
-        ``scheduler``: the sampler of this call by name ("ddim", "ddpm", "dpmsolver", "unipc"), built from the
-        pipeline's scheduler config (its betas, prediction type, clipping) by `sdm_sampler` ("dpmsolver" is the
-        stochastic DPM-Solver++); default: ``self.scheduler``.
-        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to samplers
-        whose step takes one (as diffusers' pipelines do); a non-zero eta for another sampler is an error.
+        ``scheduler``: the scheduler of this call by name ("ddim", "ddpm", "dpmsolver", "unipc"), built from the
+        pipeline's scheduler config (its betas, prediction type, clipping) by ``make_scheduler(..., stochastic=True)``
+        ("dpmsolver" is the stochastic DPM-Solver++); default: ``self.scheduler``.
+        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to schedulers
+        whose step takes one (as diffusers' pipelines do); a non-zero eta for another scheduler is an error.
         """
-        sampler = (
+        noise_scheduler = (
             self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config, stochastic=True)
         )
         # 1. Label maps: check ids, resize to the sample size, encode; repeat per image
@@ -330,22 +331,22 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != len(mask_indices):
             raise ValueError(f"got {len(generator)} generators for {len(mask_indices)} images: pass one per image")
         samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-        sampler.set_timesteps(num_inference_steps, device=device)
-        samples = samples.to(device=device, dtype=self.unet.dtype) * sampler.init_noise_sigma
+        noise_scheduler.set_timesteps(num_inference_steps, device=device)
+        samples = samples.to(device=device, dtype=self.unet.dtype) * noise_scheduler.init_noise_sigma
 
         # 3. Denoise
-        takes_variance = self.scheduler_takes_variance(sampler)
+        takes_variance = self.scheduler_takes_variance(noise_scheduler)
         # Stochastic steps (DDPM, DDIM with eta > 0) draw their noise from the same generator, when they take one.
-        step_kwargs = prepare_extra_step_kwargs(sampler, generator, eta)
-        for t in self.progress_bar(sampler.timesteps):
+        step_kwargs = prepare_extra_step_kwargs(scheduler, generator, eta)
+        for t in self.progress_bar(noise_scheduler.timesteps):
             model_input = torch.cat([samples] * len(branches))
-            model_input = sampler.scale_model_input(model_input, t)
+            model_input = noise_scheduler.scale_model_input(model_input, t)
             output = self.unet(model_input, t, segmentation, style=style).sample
             prediction, variance = self.split_prediction(output[: len(samples)])  # the variance is the full one's
             predictions = dict(zip(branches, output.chunk(len(branches))))
             prediction = self.guide(predictions, prediction, guidance_scale, style_scale)
             model_output = torch.cat([prediction, variance], dim=1) if takes_variance else prediction
-            samples = sampler.step(model_output, t, samples, **step_kwargs).prev_sample
+            samples = noise_scheduler.step(model_output, t, samples, **step_kwargs).prev_sample
 
         # 4. Decode
         if output_type == "latent":

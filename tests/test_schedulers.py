@@ -1,6 +1,6 @@
-"""The SDM pipeline's samplers by name (`sdm_sampler`): stochastic DPM-Solver++ on the training schedule, x0 clipped
+"""The SDM pipeline's schedulers by name (`make_scheduler(..., stochastic=True)`): stochastic DPM-Solver++ on the training schedule, x0 clipped
 in pixel space, epsilon alone for a learned-variance model, noise drawn from each image's own generator; what each
-sampler's step gets (eta, generator: `prepare_extra_step_kwargs`)."""
+scheduler's step gets (eta, generator: `prepare_extra_step_kwargs`)."""
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ def test_sdm_sampler_makes_dpmsolver_stochastic_on_the_training_schedule():
         assert {k: v for k, v in dpm.config.items() if k != "algorithm_type"} == {
             k: v for k, v in deterministic.config.items() if k != "algorithm_type"
         }
-        # every other sampler is make_scheduler's
+        # every other scheduler is make_scheduler's
         ddim = make_scheduler("ddim", training.config, stochastic=True)
         assert isinstance(ddim, DDIMScheduler) and ddim.config == make_scheduler("ddim", training.config).config
 
@@ -53,9 +53,9 @@ def test_dpmsolver_by_name_clips_x0_draws_noise_per_image_and_steps_with_epsilon
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         return pipeline(maps, generator=generators, num_inference_steps=3, scheduler=scheduler, output_type="np").images
 
-    # The sampler that scheduler="dpmsolver" builds: x0 of each step is the raw one clipped to [-1, 1] (the random
+    # The scheduler that scheduler="dpmsolver" builds: x0 of each step is the raw one clipped to [-1, 1] (the random
     # model's raw x0 lies far outside at the first step), from the 3 epsilon channels of the 6 the model outputs.
-    seen = []  # one list of (raw x0, x0 used) per sampler built
+    seen = []  # one list of (raw x0, x0 used) per scheduler built
 
     def recording_sampler(name, config, **options):
         scheduler = make_scheduler(name, config, **options)
