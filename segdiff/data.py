@@ -141,13 +141,18 @@ def _label_array(img: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(img).astype(np.int64)
 
 
-def _read_json(path: Path, what: str = "JSON file"):
+def read_json(path: Path, what: str = "JSON file", fix: str = "Fix: correct or rewrite it.", *, an_object=False):
+    """The JSON in ``path``; every failure (missing, unreadable, broken; not an object with ``an_object``) is a
+    DatasetError that names the file, what it is and the fix."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError as err:
         raise DatasetError(f"{what} {path} does not exist. Fix: check the path.") from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"cannot parse {what} {path} ({err}). Fix: correct or rewrite it.") from err
+        raise DatasetError(f"cannot parse {what} {path} ({err}). {fix}") from err
+    if an_object and not isinstance(data, dict):
+        raise DatasetError(f"{what} {path} holds no JSON object. {fix}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def load_class_names(path: str | Path) -> tuple[list[str], list[tuple[int, int, 
     (palette optional), or an ``id2label`` file ``{"0": "background", "1": "building", ...}``.
     """
     path = Path(path)
-    data = _read_json(path, "class names file")
+    data = read_json(path, "class names file")
     palette = None
     if isinstance(data, dict) and "class_names" in data:
         names, palette = data["class_names"], data.get("palette")
@@ -499,9 +504,8 @@ def _sidewalk_layout(root: Path, split: str, problems=None):
     pairs = _pair_by_stem(images_dir, labels_dir, problems)
     _require_pairs(pairs, images_dir, labels_dir)
     info_file = root / "dataset_info.json"
-    info = _read_json(info_file, "sidewalk dataset info") if info_file.is_file() else {}
-    if not isinstance(info, dict):
-        raise DatasetError(f"{info_file} must hold a JSON object. Fix: re-run prepare_sidewalk.py.")
+    fix = "Fix: re-run prepare_sidewalk.py."
+    info = read_json(info_file, "sidewalk dataset info", fix, an_object=True) if info_file.is_file() else {}
     names = _checked_names(info["class_names"], str(info_file)) if "class_names" in info else SIDEWALK_CLASSES
     palette = _checked_palette(info["palette"], len(names), str(info_file)) if "palette" in info else SIDEWALK_PALETTE
     source = info_file if "class_names" in info else "the sidewalk class list"

@@ -49,6 +49,7 @@ from segdiff.data import (
     _decode_file,
     _label_array,
     decode_label_ids,
+    read_json,
     save_label_png,
     write_class_names,
 )
@@ -409,12 +410,7 @@ def check_save_dir(save_dir: str | Path, generation_args: dict, overwrite: bool 
             f"--save_dir {save_dir} holds generated files but no {ARGS_FILE}: another tool wrote them, with "
             f"arguments unknown. {fix}"
         )
-    try:
-        recorded = json.loads(args_file.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{args_file} is not valid JSON ({error}). {fix}") from None
-    if not isinstance(recorded, dict):
-        raise DatasetError(f"{args_file} holds no JSON object of arguments. {fix}")
+    recorded = read_json(args_file, "the record of arguments", fix, an_object=True)
     current = json.loads(json.dumps(generation_args))  # as it would be read back: tuples become lists
     keys = [*current, *(key for key in recorded if key not in current)]
     missing = object()

@@ -16,12 +16,11 @@ and palette). Each ``checkpoint-N/`` inside it holds the models as they were at 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segdiff.data import DatasetError, load_class_names
+from segdiff.data import DatasetError, load_class_names, read_json
 from segdiff.labels import default_palette
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
@@ -49,15 +48,8 @@ class RunError(DatasetError):
     A DatasetError, so the scripts' `segdiff.data.exit_on_bad_input` turns it into a one-line error."""
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a run file; a clear error for a broken one."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise RunError(f"{path} is not valid JSON ({error}). Fix: restore it from the training output.") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path} holds no JSON object. Fix: restore it from the training output.")
-    return data
+def read_run_file(path: Path) -> dict:
+    return read_json(path, "run file", "Fix: restore it from the training output.", an_object=True)
 
 
 @dataclass
@@ -78,7 +70,7 @@ class TrainedRun:
             return self.config["pipeline"]
         for file_name in ("model_index.json", "config.json"):
             path = self.run_dir / file_name
-            class_name = read_json(path).get("_class_name") if path.is_file() else None
+            class_name = read_run_file(path).get("_class_name") if path.is_file() else None
             if class_name in KIND_OF_CLASS:
                 return KIND_OF_CLASS[class_name]
         return None
@@ -164,5 +156,5 @@ def open_run(folder: str | Path, flag: str = "--model") -> TrainedRun:
     is_checkpoint = CHECKPOINT_NAME.fullmatch(folder.name) is not None
     run_dir = folder.parent if is_checkpoint else folder
     config_file = run_dir / "training_config.json"
-    config = read_json(config_file) if config_file.is_file() else {}
+    config = read_run_file(config_file) if config_file.is_file() else {}
     return TrainedRun(folder, run_dir, is_checkpoint, config, flag)

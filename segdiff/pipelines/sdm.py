@@ -337,7 +337,7 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         # 3. Denoise
         takes_variance = self.scheduler_takes_variance(noise_scheduler)
         # Stochastic steps (DDPM, DDIM with eta > 0) draw their noise from the same generator, when they take one.
-        step_kwargs = prepare_extra_step_kwargs(scheduler, generator, eta)
+        step_kwargs = prepare_extra_step_kwargs(noise_scheduler, generator, eta)
         for t in self.progress_bar(noise_scheduler.timesteps):
             model_input = torch.cat([samples] * len(branches))
             model_input = noise_scheduler.scale_model_input(model_input, t)
