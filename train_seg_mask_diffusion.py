@@ -28,8 +28,7 @@ from segdiff import training
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
-from segdiff.prompts import CLASS_PROMPT_TEMPLATE as CLASS_PROMPT_TEMPLATE
-from segdiff.prompts import label_map_prompt as class_prompt
+from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.visualize import overlay_mask
 
 logger = training.logger
