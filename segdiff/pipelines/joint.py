@@ -22,8 +22,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 from segdiff.geometry import size_multiple, vae_scale_factor
-from segdiff.prompts import CLASS_PROMPT_TEMPLATE
-from segdiff.prompts import label_map_prompt as class_prompt
+from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.schedulers import prepare_extra_step_kwargs
 
 
