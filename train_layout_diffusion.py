@@ -437,6 +437,15 @@ def main(args):
     for ema in ema_models.values():
         ema.to(accelerator.device)
 
+    def layout_pipeline(model) -> LayoutDiffusionPipeline:
+        return LayoutDiffusionPipeline(
+            unet=model,
+            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            class_names=dataset.class_names,
+            domains=domains,
+            ignore_index=ignore_index,
+        )
+
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     prior = class_prior(layouts, args, dataset.class_names, ignore_index, domains)
     if accelerator.is_main_process:
@@ -452,32 +461,18 @@ def main(args):
         write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
     training.init_trackers(accelerator, args, "train_layout_diffusion")
 
-    meter, progress_bar = training.start_progress(accelerator, args, global_step)
-    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
-    batches = training.training_batches(
-        train_dataloader,
-        sampler,
-        accelerator,
-        first_epoch=first_epoch,
-        num_epochs=args.num_train_epochs,
-        skip_batches=skip_batches,
-        global_step=global_step,
-        max_train_steps=args.max_train_steps,
-    )
+    loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
     model = training.unwrap_model(accelerator, unet)
-    for _epoch, batch in batches:
+    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
             labels = batch["label"]
             clean = labels_to_analog(labels, num_classes, ignore_index)
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator, device=clean.device
-            )
+            noise, timesteps = training.draw_noise(noise_scheduler, clean, generator)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
             logits = unet(noisy, timesteps, batch["ratios"], batch["known"], batch["domain"]).sample
             loss = masked_cross_entropy(logits, labels, ignore_index)
-            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+            loop.check_loss(loss)
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -486,47 +481,12 @@ def main(args):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-        if accelerator.sync_gradients:
-            for ema in ema_models.values():
-                ema.step(unet.parameters())
-            global_step += 1
-            meter.step(loss)
-            progress_bar.update(1)
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, args, global_step)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-                with training.ema_weights(ema_models.get("unet_ema"), model):
-                    pipeline = LayoutDiffusionPipeline(
-                        unet=model,
-                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-                        class_names=dataset.class_names,
-                        domains=domains,
-                        ignore_index=ignore_index,
-                    )
-                    log_validation(pipeline, args, accelerator, dataset, prior, global_step)
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        if loop.end_of_batch(loss, {"loss": loss.item()}):
+            with loop.ema_weights():
+                log_validation(layout_pipeline(model), args, accelerator, dataset, prior, loop.global_step)
 
-    # Save the pipeline (EMA weights when kept), sampling with DDIM by default.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stats = meter.summary()
-        logger.info(f"Throughput and memory: {stats}")
-        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        if args.use_ema:
-            ema_models["unet_ema"].copy_to(model.parameters())
-        pipeline = LayoutDiffusionPipeline(
-            unet=model,
-            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-            class_names=dataset.class_names,
-            domains=domains,
-            ignore_index=ignore_index,
-        )
-        pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
-        training.upload_to_hub(args, hub_repo)
-    accelerator.end_training()
+    # The pipeline samples with DDIM by default.
+    loop.finish(lambda model: layout_pipeline(model).save_pretrained(args.output_dir))
 
 
 if __name__ == "__main__":
