@@ -60,7 +60,6 @@ from segdiff.generation import colour_mask_to_labels, read_mask
 from segdiff.geometry import (
     conditioning_channels_for,
     conditioning_downsampling,
-    size_multiple,
     vae_scale_factor,
 )
 from segdiff.labels import colorize_label, colour_codes, colours_of_codes, default_palette, resize_labels
@@ -581,17 +580,17 @@ class PromptEmbeddingCache:
 
 def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Image.Image, str]]:
     """(control image, prompt) pairs: --validation_image/--validation_prompt, or the first training masks."""
-    size = args.resolution
+    height, width = args.resolution
     controls, labels = [], []
     if args.validation_image:
         for path in args.validation_image:
             if palette is not None:  # label PNGs (as the training layout stores them: raw LoveDA ids) or colours
                 offset = LABEL_OFFSETS.get(args.dataset, 0) if args.data_root else 0
-                label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), size, size)
+                label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), height, width)
                 controls.append(colorize_label(label, palette, args.ignore_index))
                 labels.append(label)
             else:
-                controls.append(read_image(path).resize((size, size), Image.Resampling.NEAREST))
+                controls.append(read_image(path).resize((width, height), Image.Resampling.NEAREST))
                 labels.append(None)
         captions = [None] * len(controls)
     else:
@@ -686,12 +685,7 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=args.revision)
     scale_factor = vae_scale_factor(vae.config)
-    multiple = size_multiple(vae.config, unet.config)
-    if args.resolution % multiple:
-        raise SystemExit(
-            f"--resolution {args.resolution} must be a multiple of {multiple} for this base (VAE factor "
-            f"{scale_factor} x UNet downsampling {multiple // scale_factor})."
-        )
+    training.check_latent_resolution(args.resolution, vae.config, unet.config)
     controlnet = build_controlnet(args, unet, scale_factor)
     logger.info(
         f"ControlNet conditioning embedding {controlnet.config.conditioning_embedding_out_channels}: downsamples "

@@ -51,6 +51,7 @@ from segdiff.data import (
     read_label_map,
 )
 from segdiff.files import write_json_atomic
+from segdiff.geometry import ImageSize
 from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
@@ -203,7 +204,7 @@ def downsample_label(label: np.ndarray, size: tuple[int, int], method: str, igno
 class LayoutMaps(Dataset):
     """The dataset's label maps at --resolution (cover size), with each map's domain id; images are never read."""
 
-    def __init__(self, dataset, resolution: int, method: str, domains: list[str]):
+    def __init__(self, dataset, resolution: ImageSize, method: str, domains: list[str]):
         self.dataset, self.method, self.domains = dataset, method, domains
         # Only for its cover_size: the size with the map's aspect ratio whose short side is --resolution, the same
         # size images are brought to before cropping (the crops themselves are taken per sample, in training).
@@ -233,9 +234,12 @@ def load_layouts(dataset, args, domains: list[str]) -> list[dict]:
     return [item for item in tqdm(loader, desc="Reading label maps", unit="map")]
 
 
-def center_crop(layout: torch.Tensor, resolution: int) -> torch.Tensor:
-    top, left = (layout.shape[0] - resolution) // 2, (layout.shape[1] - resolution) // 2
-    return layout[top : top + resolution, left : left + resolution]
+def crop(layout: torch.Tensor, size: ImageSize, top: int, left: int) -> torch.Tensor:
+    return layout[top : top + size.height, left : left + size.width]
+
+
+def center_crop(layout: torch.Tensor, size: ImageSize) -> torch.Tensor:
+    return crop(layout, size, (layout.shape[0] - size.height) // 2, (layout.shape[1] - size.width) // 2)
 
 
 class TrainingLayouts(Dataset):
@@ -254,14 +258,14 @@ class TrainingLayouts(Dataset):
     def process(self, item: dict, generator: torch.Generator) -> dict:
         """Every random draw comes from the sample's own generator, always in the same order (exact resume)."""
         args, layout = self.args, item["layout"].long()
-        resolution = args.resolution
+        size = args.resolution
         draws = torch.rand(4, generator=generator)  # crop offsets, horizontal and vertical flips
         if args.center_crop:
-            layout = center_crop(layout, resolution)
+            layout = center_crop(layout, size)
         else:
-            top = int(draws[0] * (layout.shape[0] - resolution + 1))
-            left = int(draws[1] * (layout.shape[1] - resolution + 1))
-            layout = layout[top : top + resolution, left : left + resolution]
+            top = int(draws[0] * (layout.shape[0] - size.height + 1))
+            left = int(draws[1] * (layout.shape[1] - size.width + 1))
+            layout = crop(layout, size, top, left)
         if args.random_flip and draws[2] < 0.5:
             layout = layout.flip(-1)
         if args.random_flip and args.vertical_flip and draws[3] < 0.5:
@@ -310,7 +314,7 @@ def share_statistics(counts: np.ndarray) -> dict:
 
 
 def class_prior(layouts: list[dict], args, class_names: list[str], ignore_index: int, domains: list[str]) -> dict:
-    """class_prior.json: class frequencies of the training maps at --resolution (the centre square of each),
+    """class_prior.json: class frequencies of the training maps at --resolution (the centre crop of each),
     over labelled pixels only; per domain too when the model has domains."""
     num_classes = len(class_names)
     counts = np.zeros((len(layouts), num_classes), dtype=np.int64)
@@ -347,15 +351,14 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
     pipeline.set_progress_bar_config(disable=True)
     requests = validation_requests(prior)
     count, num_classes = args.num_validation_images, dataset.num_classes
-    ratios, known = torch.zeros(len(requests) * count, num_classes), torch.zeros(len(requests) * count, num_classes)
-    for row, (_, request) in enumerate(requests):
-        for class_id, share in request.items():
-            ratios[row * count : (row + 1) * count, class_id] = share
-            known[row * count : (row + 1) * count, class_id] = 1
+    # Each request's (ratios, known) row, repeated for its --num_validation_images samples.
+    rows = [pipeline.request(shares) for _, shares in requests]
+    ratios = torch.stack([ratios for ratios, _ in rows]).repeat_interleave(count, 0)
+    known = torch.stack([known for _, known in rows]).repeat_interleave(count, 0)
     generators = [torch.Generator().manual_seed(args.seed + i % count) for i in range(len(ratios))]
     layouts = pipeline(
         ratios,
-        known.bool(),
+        known,
         guidance_scale=args.validation_guidance_scale,
         num_inference_steps=25,
         generator=generators,
@@ -366,7 +369,7 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
         shares = ", ".join(f"{dataset.class_names[c]} {got[c]:.2f}" for c in request) or "see the grid"
         logger.info(f"Validation {title}: mean achieved share {shares}")
     # Layouts are small: enlarged (nearest) so one pixel stays one flat block, with a white frame between tiles.
-    scale = max(1, 128 // args.resolution)
+    scale = max(1, 128 // max(args.resolution))
     tiles = []
     for layout in layouts:
         tile = colorize_label(layout, dataset.palette, dataset.ignore_index)
@@ -386,9 +389,9 @@ def build_model(args, num_classes: int, num_domains: int) -> LayoutUNetModel:
     if not Path(args.model_config).is_file():
         raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
     model = LayoutUNetModel.from_config_file(
-        args.model_config, num_classes=num_classes, sample_size=args.resolution, num_domains=num_domains
+        args.model_config, num_classes=num_classes, sample_size=args.resolution.config_value(), num_domains=num_domains
     )
-    if args.resolution % model.size_multiple:
+    if args.resolution.height % model.size_multiple or args.resolution.width % model.size_multiple:
         raise SystemExit(
             f"--resolution {args.resolution} cannot be halved evenly by the {len(model.config.block_out_channels)} "
             f"levels of --model_config {args.model_config}: use a multiple of {model.size_multiple}."

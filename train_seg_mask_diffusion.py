@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
+from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.visualize import overlay_mask
@@ -39,7 +40,6 @@ def parse_args(argv=None):
     training.add_training_args(parser, default_resolution=512)
     add_dataset_args(parser, default_dataset="loveda")
     group = parser.add_argument_group("joint image + mask")
-    group.add_argument("--image_size", type=int, dest="resolution", help="Alias of --resolution.")
     group.add_argument(
         "--prompt_template",
         type=str,
@@ -286,7 +286,11 @@ def log_validation(pipeline_parts, args, accelerator, dataset, global_step):
     class_ids = [i % dataset.num_classes for i in range(args.num_validation_images)]
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     output = pipeline(
-        class_ids, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution
+        class_ids,
+        num_inference_steps=20,
+        generator=generator,
+        height=args.resolution.height,
+        width=args.resolution.width,
     )
     tiles = []
     for image, mask, class_id in zip(output.images, output.masks, output.class_ids):
@@ -318,6 +322,9 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = joint_noise_scheduler(base, args.prediction_type, args.zero_terminal_snr, args.revision)
     unet = widen_unet_for_mask(unet)
+    training.check_latent_resolution(args.resolution, vae.config, unet.config)
+    # The saved pipeline's default size is the training size.
+    unet.register_to_config(sample_size=(args.resolution // vae_scale_factor(vae.config)).config_value())
     vae.requires_grad_(False)
     text_encoder.requires_grad_(args.train_text_encoder)
     vae.to(accelerator.device, dtype=weight_dtype)

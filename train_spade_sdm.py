@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    training.add_training_args(parser, default_resolution=256, rectangular=True)
+    training.add_training_args(parser, default_resolution=256)
     add_dataset_args(parser, default_dataset="sidewalk")
     group = parser.add_argument_group("semantic diffusion model")
     group.add_argument(
@@ -445,7 +445,7 @@ def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
     real_images, labels = examples
     # A style model gets each mask's own real image as its reference.
     references = [(pixels + 1) / 2 for pixels in real_images] if pipeline.unet.style_encoder is not None else None
-    height, width = training.height_width(args.resolution)
+    height, width = args.resolution
     output = pipeline(
         labels,
         style_images=references,
@@ -484,16 +484,14 @@ def main(args):
         vae.requires_grad_(False)
         vae.to(accelerator.device, dtype=weight_dtype)
         channels, factor = vae.config.latent_channels, vae_scale_factor(vae.config)
-    height, width = training.height_width(args.resolution)
+    height, width = args.resolution
     if height % factor or width % factor:
         raise SystemExit(
             f"--resolution {height}x{width} is not a multiple of the VAE's downsampling ({factor}) on both sides."
         )
 
-    # A square keeps the int sample_size of the shipped configs; a rectangle is saved as [height, width], the
-    # pipeline's default output size.
-    sample_size = height // factor if height == width else [height // factor, width // factor]
-    unet = build_unet(args, dataset.num_classes, channels, sample_size)
+    # The pipeline's default output size.
+    unet = build_unet(args, dataset.num_classes, channels, (args.resolution // factor).config_value())
     levels = 2 ** (len(unet.config.channel_mult) - 1)
     if (height // factor) % levels or (width // factor) % levels:
         raise SystemExit(

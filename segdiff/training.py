@@ -41,7 +41,9 @@ from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
 from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segdiff.arguments import image_size
 from segdiff.files import write_json_atomic
+from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
 from segdiff.seeds import derive_seed
 
@@ -55,13 +57,8 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 # --------------------------------------------------------------------------------------------
 
 
-def add_training_args(
-    parser: argparse.ArgumentParser, *, default_resolution: int = 512, rectangular: bool = False
-) -> None:
-    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py.
-
-    ``rectangular``: the trainer also takes ``--resolution HEIGHT,WIDTH`` (see `parse_resolution`).
-    """
+def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: int = 512) -> None:
+    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py."""
     group = parser.add_argument_group("training")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -79,11 +76,12 @@ def add_training_args(
         default=0,
         help="Seeds model init, shuffling, augmentation and noise. Resumed runs reproduce uninterrupted ones.",
     )
-    resolution_help = "Training images are resized (short side) and cropped to this square size."
-    if rectangular:
-        resolution_help += " HEIGHT,WIDTH (e.g. 384,512) trains on that rectangle: resized to cover it, then cropped."
     group.add_argument(
-        "--resolution", type=parse_resolution if rectangular else int, default=default_resolution, help=resolution_help
+        "--resolution",
+        type=image_size,
+        default=ImageSize.of(default_resolution),
+        help="Training size: N (a square) or HEIGHT,WIDTH (e.g. 384,512). Images are resized to cover it, then "
+        "cropped to it. (default: %(default)s)",
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop to --resolution.")
     group.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="Disable horizontal flips.")
@@ -236,25 +234,14 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_resolution(text: str) -> int | tuple[int, int]:
-    """``--resolution`` of the trainers that take rectangles: ``N`` (a square, an int as before) or ``HEIGHT,WIDTH``."""
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes, default=0) <= 0:
-        raise argparse.ArgumentTypeError(f"expected N or HEIGHT,WIDTH in pixels (e.g. 256 or 384,512), got {text!r}")
-    if len(sizes) == 1 or sizes[0] == sizes[1]:
-        return sizes[0]
-    return sizes[0], sizes[1]
-
-
-def height_width(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """(height, width) of a ``--resolution``: a square's side, or a (height, width) pair."""
-    if isinstance(resolution, int):
-        return resolution, resolution
-    height, width = resolution
-    return int(height), int(width)
+def check_latent_resolution(resolution: ImageSize, vae_config, unet_config) -> None:
+    """Stop unless ``--resolution`` lands on whole latent cells that the base's UNet can halve at every level."""
+    multiple, scale = size_multiple(vae_config, unet_config), vae_scale_factor(vae_config)
+    if resolution.height % multiple or resolution.width % multiple:
+        raise SystemExit(
+            f"--resolution {resolution}: height and width must be multiples of {multiple} for this base (VAE factor "
+            f"{scale} x UNet downsampling {multiple // scale})."
+        )
 
 
 def add_switch(group, name: str, *, default: bool, help: str) -> None:
