@@ -74,7 +74,7 @@ def main(args):
         "-m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "
         f"--num_cpu_threads_per_process {threads} "
         f"train_seg_mask_diffusion.py --pretrained_model_name_or_path {q['base']} --data_root {q['data']}/train "
-        f"--dataset generic --output_dir {q['model']} --image_size 32 --train_batch_size 32 "
+        f"--dataset generic --output_dir {q['model']} --resolution 32 --train_batch_size 32 "
         f"--max_train_steps {args.train_steps} --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 100 "
         "--cache_latents --train_text_encoder --use_ema --ema_decay 0.999 "
         f"--checkpointing_steps 500 --checkpoints_total_limit 1 --validation_steps {args.train_steps}",

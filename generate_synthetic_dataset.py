@@ -198,7 +198,8 @@ def main(args):
                 f"{class_names}. Fix: use a renderer and a layout model of the same dataset."
             )
     palette = renderer.palette if renderer else layout_run.classes()[1]
-    size = args.resolution or ImageSize.of(renderer.resolution if renderer else pipeline.unet.config.sample_size)
+    # Default: square at the renderer's training resolution (its short side), or the layout model's training size.
+    size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else ImageSize(*pipeline.default_size))
 
     generation_args = {
         "layout_model": recorded_path(args.layout_model),

@@ -56,12 +56,10 @@ from segdiff.data import (
     load_class_names,
     read_image,
 )
-from segdiff.files import write_json_atomic
 from segdiff.generation import colour_mask_to_labels, read_mask
 from segdiff.geometry import (
     conditioning_channels_for,
     conditioning_downsampling,
-    size_multiple,
     vae_scale_factor,
 )
 from segdiff.labels import colorize_label, colour_codes, colours_of_codes, default_palette, resize_labels
@@ -582,17 +580,17 @@ class PromptEmbeddingCache:
 
 def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Image.Image, str]]:
     """(control image, prompt) pairs: --validation_image/--validation_prompt, or the first training masks."""
-    size = args.resolution
+    height, width = args.resolution
     controls, labels = [], []
     if args.validation_image:
         for path in args.validation_image:
             if palette is not None:  # label PNGs (as the training layout stores them: raw LoveDA ids) or colours
                 offset = LABEL_OFFSETS.get(args.dataset, 0) if args.data_root else 0
-                label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), size, size)
+                label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), height, width)
                 controls.append(colorize_label(label, palette, args.ignore_index))
                 labels.append(label)
             else:
-                controls.append(read_image(path).resize((size, size), Image.Resampling.NEAREST))
+                controls.append(read_image(path).resize((width, height), Image.Resampling.NEAREST))
                 labels.append(None)
         captions = [None] * len(controls)
     else:
@@ -687,12 +685,7 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=args.revision)
     scale_factor = vae_scale_factor(vae.config)
-    multiple = size_multiple(vae.config, unet.config)
-    if args.resolution % multiple:
-        raise SystemExit(
-            f"--resolution {args.resolution} must be a multiple of {multiple} for this base (VAE factor "
-            f"{scale_factor} x UNet downsampling {multiple // scale_factor})."
-        )
+    training.check_latent_resolution(args.resolution, vae.config, unet.config)
     controlnet = build_controlnet(args, unet, scale_factor)
     logger.info(
         f"ControlNet conditioning embedding {controlnet.config.conditioning_embedding_out_channels}: downsamples "
@@ -757,49 +750,19 @@ def main(args):
         )
     training.init_trackers(accelerator, args, "train_controlnet_seg")
 
-    meter, progress_bar = training.start_progress(accelerator, args, global_step)
-    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
-    batches = training.training_batches(
-        train_dataloader,
-        sampler,
-        accelerator,
-        first_epoch=first_epoch,
-        num_epochs=args.num_train_epochs,
-        skip_batches=skip_batches,
-        global_step=global_step,
-        max_train_steps=args.max_train_steps,
-    )
-    scaling_factor = vae.config.scaling_factor
-    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
-    for _epoch, batch in batches:
-        if meter.start is None:
+    loop = training.TrainingLoop(accelerator, args, controlnet, ema_models, lr_scheduler, hub_repo, global_step)
+    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
+        if loop.meter.start is None:
             logger.info(f"Prompts of the first batch: {batch['prompt'][:4]}")
         with accelerator.accumulate(controlnet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
 
-            # Clean latents: from the cache, or encoded now by the frozen VAE.
-            if "latent_mean" in batch:
-                mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
-                latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
-            else:
-                pixels = batch["pixel_values"].to(weight_dtype)
-                latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
-            latents = (latents - shift_factor) * scaling_factor
-
-            # Forward diffusion, and the target of the base's prediction type.
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (latents.shape[0],),
-                generator=generator,
-                device=latents.device,
-            )
+            # Clean latents (from the cache, or encoded now by the frozen VAE), forward diffusion, and the target of
+            # the base's prediction type.
+            latents = training.image_latents(batch, vae, generator, weight_dtype)
+            noise, timesteps = training.draw_noise(noise_scheduler, latents, generator)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+            target = training.prediction_target(noise_scheduler, latents, noise, timesteps)
 
             text = prompt_embeddings(batch["prompt"])
             down_residuals, mid_residual = controlnet(
@@ -818,7 +781,7 @@ def main(args):
                 mid_block_additional_residual=mid_residual.to(weight_dtype),
             ).sample
             loss = F.mse_loss(prediction.float(), target.float())
-            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+            loop.check_loss(loss)
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -827,42 +790,22 @@ def main(args):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-        if accelerator.sync_gradients:
-            for ema in ema_models.values():
-                ema.step(controlnet.parameters())
-            global_step += 1
-            meter.step(loss)
-            progress_bar.update(1)
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, args, global_step)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-                with training.ema_weights(ema_models.get("controlnet_ema"), controlnet):
-                    parts = dict(
-                        vae=vae,
-                        text_encoder=text_encoder,
-                        tokenizer=tokenizer,
-                        unet=unet,
-                        controlnet=training.unwrap_model(accelerator, controlnet),
-                        scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config),
-                    )
-                    log_validation(parts, args, accelerator, validation, weight_dtype, global_step)
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        if loop.end_of_batch(loss, {"loss": loss.item()}):
+            with loop.ema_weights():
+                parts = dict(
+                    vae=vae,
+                    text_encoder=text_encoder,
+                    tokenizer=tokenizer,
+                    unet=unet,
+                    controlnet=training.unwrap_model(accelerator, controlnet),
+                    scheduler=UniPCMultistepScheduler.from_config(noise_scheduler.config),
+                )
+                log_validation(parts, args, accelerator, validation, weight_dtype, loop.global_step)
 
-    # Save the ControlNet (EMA weights when kept) at the top of output_dir, next to its run files.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stats = {**meter.summary(), "text_encoder_calls": prompt_embeddings.encoded}
-        logger.info(f"Throughput and memory: {stats}")
-        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        controlnet = training.unwrap_model(accelerator, controlnet)
-        if args.use_ema:
-            ema_models["controlnet_ema"].copy_to(controlnet.parameters())
-        controlnet.save_pretrained(args.output_dir)
-        logger.info(f"Saved the ControlNet to {args.output_dir}")
-        training.upload_to_hub(args, hub_repo)
-    accelerator.end_training()
+    # The ControlNet at the top of output_dir, next to its run files.
+    loop.finish(
+        lambda controlnet: controlnet.save_pretrained(args.output_dir), text_encoder_calls=prompt_embeddings.encoded
+    )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from segdiff.data import (
     read_label_map,
 )
 from segdiff.files import write_json_atomic
+from segdiff.geometry import ImageSize
 from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
@@ -204,7 +205,7 @@ def downsample_label(label: np.ndarray, size: tuple[int, int], method: str, igno
 class LayoutMaps(Dataset):
     """The dataset's label maps at --resolution (cover size), with each map's domain id; images are never read."""
 
-    def __init__(self, dataset, resolution: int, method: str, domains: list[str]):
+    def __init__(self, dataset, resolution: ImageSize, method: str, domains: list[str]):
         self.dataset, self.method, self.domains = dataset, method, domains
         # Only for its cover_size: the size with the map's aspect ratio whose short side is --resolution, the same
         # size images are brought to before cropping (the crops themselves are taken per sample, in training).
@@ -234,9 +235,12 @@ def load_layouts(dataset, args, domains: list[str]) -> list[dict]:
     return [item for item in tqdm(loader, desc="Reading label maps", unit="map")]
 
 
-def center_crop(layout: torch.Tensor, resolution: int) -> torch.Tensor:
-    top, left = (layout.shape[0] - resolution) // 2, (layout.shape[1] - resolution) // 2
-    return layout[top : top + resolution, left : left + resolution]
+def crop(layout: torch.Tensor, size: ImageSize, top: int, left: int) -> torch.Tensor:
+    return layout[top : top + size.height, left : left + size.width]
+
+
+def center_crop(layout: torch.Tensor, size: ImageSize) -> torch.Tensor:
+    return crop(layout, size, (layout.shape[0] - size.height) // 2, (layout.shape[1] - size.width) // 2)
 
 
 class TrainingLayouts(Dataset):
@@ -255,14 +259,14 @@ class TrainingLayouts(Dataset):
     def process(self, item: dict, generator: torch.Generator) -> dict:
         """Every random draw comes from the sample's own generator, always in the same order (exact resume)."""
         args, layout = self.args, item["layout"].long()
-        resolution = args.resolution
+        size = args.resolution
         draws = torch.rand(4, generator=generator)  # crop offsets, horizontal and vertical flips
         if args.center_crop:
-            layout = center_crop(layout, resolution)
+            layout = center_crop(layout, size)
         else:
-            top = int(draws[0] * (layout.shape[0] - resolution + 1))
-            left = int(draws[1] * (layout.shape[1] - resolution + 1))
-            layout = layout[top : top + resolution, left : left + resolution]
+            top = int(draws[0] * (layout.shape[0] - size.height + 1))
+            left = int(draws[1] * (layout.shape[1] - size.width + 1))
+            layout = crop(layout, size, top, left)
         if args.random_flip and draws[2] < 0.5:
             layout = layout.flip(-1)
         if args.random_flip and args.vertical_flip and draws[3] < 0.5:
@@ -311,7 +315,7 @@ def share_statistics(counts: np.ndarray) -> dict:
 
 
 def class_prior(layouts: list[dict], args, class_names: list[str], ignore_index: int, domains: list[str]) -> dict:
-    """class_prior.json: class frequencies of the training maps at --resolution (the centre square of each),
+    """class_prior.json: class frequencies of the training maps at --resolution (the centre crop of each),
     over labelled pixels only; per domain too when the model has domains."""
     num_classes = len(class_names)
     counts = np.zeros((len(layouts), num_classes), dtype=np.int64)
@@ -348,15 +352,14 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
     pipeline.set_progress_bar_config(disable=True)
     requests = validation_requests(prior)
     count, num_classes = args.num_validation_images, dataset.num_classes
-    ratios, known = torch.zeros(len(requests) * count, num_classes), torch.zeros(len(requests) * count, num_classes)
-    for row, (_, request) in enumerate(requests):
-        for class_id, share in request.items():
-            ratios[row * count : (row + 1) * count, class_id] = share
-            known[row * count : (row + 1) * count, class_id] = 1
+    # Each request's (ratios, known) row, repeated for its --num_validation_images samples.
+    rows = [pipeline.request(shares) for _, shares in requests]
+    ratios = torch.stack([ratios for ratios, _ in rows]).repeat_interleave(count, 0)
+    known = torch.stack([known for _, known in rows]).repeat_interleave(count, 0)
     generators = [torch.Generator().manual_seed(args.seed + i % count) for i in range(len(ratios))]
     layouts = pipeline(
         ratios,
-        known.bool(),
+        known,
         guidance_scale=args.validation_guidance_scale,
         num_inference_steps=25,
         generator=generators,
@@ -367,7 +370,7 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
         shares = ", ".join(f"{dataset.class_names[c]} {got[c]:.2f}" for c in request) or "see the grid"
         logger.info(f"Validation {title}: mean achieved share {shares}")
     # Layouts are small: enlarged (nearest) so one pixel stays one flat block, with a white frame between tiles.
-    scale = max(1, 128 // args.resolution)
+    scale = max(1, 128 // max(args.resolution))
     tiles = []
     for layout in layouts:
         tile = colorize_label(layout, dataset.palette, dataset.ignore_index)
@@ -387,9 +390,9 @@ def build_model(args, num_classes: int, num_domains: int) -> LayoutUNetModel:
     if not Path(args.model_config).is_file():
         raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
     model = LayoutUNetModel.from_config_file(
-        args.model_config, num_classes=num_classes, sample_size=args.resolution, num_domains=num_domains
+        args.model_config, num_classes=num_classes, sample_size=args.resolution.config_value(), num_domains=num_domains
     )
-    if args.resolution % model.size_multiple:
+    if args.resolution.height % model.size_multiple or args.resolution.width % model.size_multiple:
         raise SystemExit(
             f"--resolution {args.resolution} cannot be halved evenly by the {len(model.config.block_out_channels)} "
             f"levels of --model_config {args.model_config}: use a multiple of {model.size_multiple}."
@@ -438,6 +441,15 @@ def main(args):
     for ema in ema_models.values():
         ema.to(accelerator.device)
 
+    def layout_pipeline(model) -> LayoutDiffusionPipeline:
+        return LayoutDiffusionPipeline(
+            unet=model,
+            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            class_names=dataset.class_names,
+            domains=domains,
+            ignore_index=ignore_index,
+        )
+
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     prior = class_prior(layouts, args, dataset.class_names, ignore_index, domains)
     if accelerator.is_main_process:
@@ -453,32 +465,18 @@ def main(args):
         write_json_atomic(Path(args.output_dir) / "class_prior.json", prior)
     training.init_trackers(accelerator, args, "train_layout_diffusion")
 
-    meter, progress_bar = training.start_progress(accelerator, args, global_step)
-    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
-    batches = training.training_batches(
-        train_dataloader,
-        sampler,
-        accelerator,
-        first_epoch=first_epoch,
-        num_epochs=args.num_train_epochs,
-        skip_batches=skip_batches,
-        global_step=global_step,
-        max_train_steps=args.max_train_steps,
-    )
+    loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
     model = training.unwrap_model(accelerator, unet)
-    for _epoch, batch in batches:
+    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
             labels = batch["label"]
             clean = labels_to_analog(labels, num_classes, ignore_index)
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator, device=clean.device
-            )
+            noise, timesteps = training.draw_noise(noise_scheduler, clean, generator)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
             logits = unet(noisy, timesteps, batch["ratios"], batch["known"], batch["domain"]).sample
             loss = masked_cross_entropy(logits, labels, ignore_index)
-            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+            loop.check_loss(loss)
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -487,47 +485,12 @@ def main(args):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-        if accelerator.sync_gradients:
-            for ema in ema_models.values():
-                ema.step(unet.parameters())
-            global_step += 1
-            meter.step(loss)
-            progress_bar.update(1)
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, args, global_step)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-                with training.ema_weights(ema_models.get("unet_ema"), model):
-                    pipeline = LayoutDiffusionPipeline(
-                        unet=model,
-                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-                        class_names=dataset.class_names,
-                        domains=domains,
-                        ignore_index=ignore_index,
-                    )
-                    log_validation(pipeline, args, accelerator, dataset, prior, global_step)
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        if loop.end_of_batch(loss, {"loss": loss.item()}):
+            with loop.ema_weights():
+                log_validation(layout_pipeline(model), args, accelerator, dataset, prior, loop.global_step)
 
-    # Save the pipeline (EMA weights when kept), sampling with DDIM by default.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stats = meter.summary()
-        logger.info(f"Throughput and memory: {stats}")
-        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        if args.use_ema:
-            ema_models["unet_ema"].copy_to(model.parameters())
-        pipeline = LayoutDiffusionPipeline(
-            unet=model,
-            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-            class_names=dataset.class_names,
-            domains=domains,
-            ignore_index=ignore_index,
-        )
-        pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
-        training.upload_to_hub(args, hub_repo)
-    accelerator.end_training()
+    # The pipeline samples with DDIM by default.
+    loop.finish(lambda model: layout_pipeline(model).save_pretrained(args.output_dir))
 
 
 if __name__ == "__main__":

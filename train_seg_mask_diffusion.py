@@ -15,7 +15,6 @@ class_names.json and training_config.json beside it for generate_joint_image_mas
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from segdiff import training
 from segdiff.arguments import add_switch
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
-from segdiff.files import write_json_atomic
+from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.visualize import overlay_mask
@@ -42,7 +41,6 @@ def parse_args(argv=None):
     training.add_training_args(parser, default_resolution=512)
     add_dataset_args(parser, default_dataset="loveda")
     group = parser.add_argument_group("joint image + mask")
-    group.add_argument("--image_size", type=int, dest="resolution", help="Alias of --resolution.")
     group.add_argument(
         "--prompt_template",
         type=str,
@@ -289,7 +287,11 @@ def log_validation(pipeline_parts, args, accelerator, dataset, global_step):
     class_ids = [i % dataset.num_classes for i in range(args.num_validation_images)]
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     output = pipeline(
-        class_ids, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution
+        class_ids,
+        num_inference_steps=20,
+        generator=generator,
+        height=args.resolution.height,
+        width=args.resolution.width,
     )
     tiles = []
     for image, mask, class_id in zip(output.images, output.masks, output.class_ids):
@@ -321,6 +323,9 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = joint_noise_scheduler(base, args.prediction_type, args.zero_terminal_snr, args.revision)
     unet = widen_unet_for_mask(unet)
+    training.check_latent_resolution(args.resolution, vae.config, unet.config)
+    # The saved pipeline's default size is the training size.
+    unet.register_to_config(sample_size=(args.resolution // vae_scale_factor(vae.config)).config_value())
     vae.requires_grad_(False)
     text_encoder.requires_grad_(args.train_text_encoder)
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -373,52 +378,22 @@ def main(args):
         )
     training.init_trackers(accelerator, args, "train_seg_mask_diffusion")
 
-    meter, progress_bar = training.start_progress(accelerator, args, global_step)
-    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
-    batches = training.training_batches(
-        train_dataloader,
-        sampler,
-        accelerator,
-        first_epoch=first_epoch,
-        num_epochs=args.num_train_epochs,
-        skip_batches=skip_batches,
-        global_step=global_step,
-        max_train_steps=args.max_train_steps,
-    )
-    scaling_factor = vae.config.scaling_factor
-    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
-    for _epoch, batch in batches:
+    loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
+    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
         with accelerator.accumulate(*accumulated):
             generator = training.batch_generator(batch["seed"], accelerator.device)
 
             # Clean joint latents: the image latent and the class mask channel.
-            if "latent_mean" in batch:
-                mean = batch["latent_mean"].float()
-                std = batch["latent_std"].float()
-                latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
-            else:
-                pixels = batch["pixel_values"].to(weight_dtype)
-                latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
-            latents = (latents - shift_factor) * scaling_factor
+            latents = training.image_latents(batch, vae, generator, weight_dtype)
             mask, mask_weight = class_mask_latents(
                 batch["label"], batch["class_id"], latents.shape[-2:], dataset.ignore_index
             )
             clean = torch.cat([latents, mask], dim=1)
 
             # Forward diffusion, and the target of --prediction_type.
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (clean.shape[0],),
-                generator=generator,
-                device=clean.device,
-            )
+            noise, timesteps = training.draw_noise(noise_scheduler, clean, generator)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(clean, noise, timesteps)
-            else:
-                target = noise
+            target = training.prediction_target(noise_scheduler, clean, noise, timesteps)
 
             prompt_index = torch.where(batch["drop_prompt"], prompt_embeddings.empty_prompt, batch["class_id"])
             prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeddings(prompt_index)).sample
@@ -429,7 +404,7 @@ def main(args):
             loss, image_loss, mask_loss = joint_loss(
                 prediction, target, mask_weight, args.mask_loss_weight, snr_weights
             )
-            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+            loop.check_loss(loss)
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -438,41 +413,15 @@ def main(args):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-        if accelerator.sync_gradients:
-            for ema in ema_models.values():
-                ema.step(unet.parameters())
-            global_step += 1
-            meter.step(loss)
-            progress_bar.update(1)
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, args, global_step)
-            if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-                with training.ema_weights(ema_models.get("unet_ema"), unet):
-                    log_validation(
-                        {
-                            **parts,
-                            "unet": training.unwrap_model(accelerator, unet),
-                            "text_encoder": training.unwrap_model(accelerator, text_encoder),
-                        },
-                        args,
-                        accelerator,
-                        dataset,
-                        global_step,
-                    )
         logs = {"loss": loss.item(), "image_loss": image_loss.item(), "mask_loss": mask_loss.item()}
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        if loop.end_of_batch(loss, logs):
+            with loop.ema_weights():
+                trained = {"unet": unet, "text_encoder": text_encoder}
+                trained = {name: training.unwrap_model(accelerator, model) for name, model in trained.items()}
+                log_validation({**parts, **trained}, args, accelerator, dataset, loop.global_step)
 
-    # Save the pipeline (EMA weights when kept), with the frozen parts reloaded in full precision.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stats = meter.summary()
-        logger.info(f"Throughput and memory: {stats}")
-        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        unet = training.unwrap_model(accelerator, unet)
-        if args.use_ema:
-            ema_models["unet_ema"].copy_to(unet.parameters())
+    def save(unet):
+        """The pipeline, with the frozen parts reloaded in full precision."""
         pipeline = pipeline_over_base(
             base,
             unet,
@@ -485,9 +434,8 @@ def main(args):
             variant=args.variant,
         )
         pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
-        training.upload_to_hub(args, hub_repo)
-    accelerator.end_training()
+
+    loop.finish(save)
 
 
 if __name__ == "__main__":

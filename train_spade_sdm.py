@@ -39,7 +39,6 @@ from PIL import Image
 from segdiff import training
 from segdiff.arguments import add_switch
 from segdiff.data import JointTransform, StyleReferenceView, add_dataset_args, dataset_from_args, exit_on_bad_input
-from segdiff.files import write_json_atomic
 from segdiff.geometry import vae_scale_factor
 from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
@@ -56,7 +55,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    training.add_training_args(parser, default_resolution=256, rectangular=True)
+    training.add_training_args(parser, default_resolution=256)
     add_dataset_args(parser, default_dataset="sidewalk")
     group = parser.add_argument_group("semantic diffusion model")
     group.add_argument(
@@ -442,7 +441,7 @@ def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
     real_images, labels = examples
     # A style model gets each mask's own real image as its reference.
     references = [(pixels + 1) / 2 for pixels in real_images] if pipeline.unet.style_encoder is not None else None
-    height, width = training.height_width(args.resolution)
+    height, width = args.resolution
     output = pipeline(
         labels,
         style_images=references,
@@ -481,16 +480,14 @@ def main(args):
         vae.requires_grad_(False)
         vae.to(accelerator.device, dtype=weight_dtype)
         channels, factor = vae.config.latent_channels, vae_scale_factor(vae.config)
-    height, width = training.height_width(args.resolution)
+    height, width = args.resolution
     if height % factor or width % factor:
         raise SystemExit(
             f"--resolution {height}x{width} is not a multiple of the VAE's downsampling ({factor}) on both sides."
         )
 
-    # A square keeps the int sample_size of the shipped configs; a rectangle is saved as [height, width], the
-    # pipeline's default output size.
-    sample_size = height // factor if height == width else [height // factor, width // factor]
-    unet = build_unet(args, dataset.num_classes, channels, sample_size)
+    # The pipeline's default output size.
+    unet = build_unet(args, dataset.num_classes, channels, (args.resolution // factor).config_value())
     levels = 2 ** (len(unet.config.channel_mult) - 1)
     if (height // factor) % levels or (width // factor) % levels:
         raise SystemExit(
@@ -538,20 +535,9 @@ def main(args):
     training.init_trackers(accelerator, args, "train_spade_sdm")
     validation = validation_examples(args, dataset) if accelerator.is_main_process and args.validation_steps else None
 
-    meter, progress_bar = training.start_progress(accelerator, args, global_step)
-    # Stops exactly at --max_train_steps, also when resumed from the last step's checkpoint.
-    batches = training.training_batches(
-        train_dataloader,
-        sampler,
-        accelerator,
-        first_epoch=first_epoch,
-        num_epochs=args.num_train_epochs,
-        skip_batches=skip_batches,
-        global_step=global_step,
-        max_train_steps=args.max_train_steps,
-    )
+    loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
     model = training.unwrap_model(accelerator, unet)
-    for _epoch, batch in batches:
+    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
 
@@ -559,10 +545,7 @@ def main(args):
             if vae is None:
                 clean = batch["pixel_values"]
             else:
-                with torch.no_grad():
-                    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator=generator)
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                clean = ((latents.float() - shift) * vae.config.scaling_factor).float()
+                clean = training.image_latents(batch, vae, generator, weight_dtype)
 
             # The label map at the sample's size; dropped samples get the null map (all zeros).
             segmentation = model.encode_segmentation(
@@ -570,14 +553,7 @@ def main(args):
             )
             segmentation = segmentation * (~batch["drop_label"]).to(segmentation.dtype).view(-1, 1, 1, 1)
 
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (clean.shape[0],),
-                generator=generator,
-                device=clean.device,
-            )
+            noise, timesteps = training.draw_noise(noise_scheduler, clean, generator)
             if model.style_encoder is not None and args.style_offset_noise:
                 # Offset noise (drawn after the timesteps, which stay those of a run without it): a constant per
                 # sample and channel. Otherwise the global colour of a noisy sample still shows through at high
@@ -600,7 +576,7 @@ def main(args):
                     noise_scheduler, clean, noisy, timesteps, predicted_noise, variance_values, vae is None
                 )
             loss = loss.mean()
-            training.stop_on_nonfinite_loss(accelerator, loss, global_step, args.output_dir)
+            loop.check_loss(loss)
 
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -609,41 +585,21 @@ def main(args):
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
 
-        if accelerator.sync_gradients:
-            for ema in ema_models.values():
-                ema.step(unet.parameters())
-            global_step += 1
-            meter.step(loss)
-            progress_bar.update(1)
-            if global_step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, args, global_step)
-            if validation is not None and global_step % args.validation_steps == 0:
-                with training.ema_weights(ema_models.get("unet_ema"), model):
-                    pipeline = SemanticDiffusionPipeline(
-                        unet=model,
-                        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-                        vae=vae,
-                        class_names=dataset.class_names,
-                        ignore_index=dataset.ignore_index,
-                    )
-                    log_validation(pipeline, args, accelerator, dataset, validation, global_step)
         # the noise term under its own name ("mse" for l2, as before; "l1"), apart from the learned-variance term
-        logs = {
-            "loss": loss.item(),
-            "mse" if args.loss_type == "l2" else "l1": noise_loss.mean().item(),
-            "lr": lr_scheduler.get_last_lr()[0],
-        }
-        progress_bar.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
+        logs = {"loss": loss.item(), "mse" if args.loss_type == "l2" else "l1": noise_loss.mean().item()}
+        if loop.end_of_batch(loss, logs):
+            with loop.ema_weights():
+                pipeline = SemanticDiffusionPipeline(
+                    unet=model,
+                    scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+                    vae=vae,
+                    class_names=dataset.class_names,
+                    ignore_index=dataset.ignore_index,
+                )
+                log_validation(pipeline, args, accelerator, dataset, validation, loop.global_step)
 
-    # Save the pipeline (EMA weights when kept), the VAE reloaded in full precision.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stats = meter.summary()
-        logger.info(f"Throughput and memory: {stats}")
-        write_json_atomic(Path(args.output_dir) / "train_stats.json", stats)
-        if args.use_ema:
-            ema_models["unet_ema"].copy_to(model.parameters())
+    def save(model):
+        """The pipeline, the VAE reloaded in full precision."""
         pipeline = SemanticDiffusionPipeline(
             unet=model,
             scheduler=noise_scheduler,
@@ -652,9 +608,8 @@ def main(args):
             ignore_index=dataset.ignore_index,
         )
         pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
-        training.upload_to_hub(args, hub_repo)
-    accelerator.end_training()
+
+    loop.finish(save)
 
 
 if __name__ == "__main__":

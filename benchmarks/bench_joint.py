@@ -68,7 +68,7 @@ def train_row(preset: str, base: Path, data: Path, out: Path, cache: bool, steps
     stats = launch_training(
         "train_seg_mask_diffusion.py",
         "--pretrained_model_name_or_path", base, "--data_root", data, "--dataset", "generic", "--output_dir", out,
-        "--image_size", config["size"], "--train_batch_size", config["batch"], "--max_train_steps", steps,
+        "--resolution", config["size"], "--train_batch_size", config["batch"], "--max_train_steps", steps,
         "--center_crop", *(["--cache_latents"] if cache else []),
     )  # fmt: skip
     return {

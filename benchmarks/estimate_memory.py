@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import RESULTS, append_results  # noqa: E402
 
+from segdiff.arguments import image_size  # noqa: E402
 from segdiff.models.spade_unet import SpadeUNetModel  # noqa: E402
-from segdiff.training import height_width, parse_resolution  # noqa: E402
 
 GIB = 2**30
 A100_PEAK_TFLOPS = {"bf16": 312.0, "no": 156.0}  # dense tensor-core peaks: bf16, and TF32 for float32 training
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", required=True, help="A SpadeUNetModel JSON, e.g. configs/models/sdm_256.json")
     parser.add_argument(
-        "--resolution", type=parse_resolution, required=True, help="Training image size: N or HEIGHT,WIDTH (pixels)."
+        "--resolution", type=image_size, required=True, help="Training image size: N or HEIGHT,WIDTH (pixels)."
     )
     parser.add_argument("--batch_size", type=int, required=True, help="Training batch per GPU.")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no", help="Default: %(default)s")
@@ -259,7 +259,7 @@ def trace_vae_encoder(batch: int, height: int, width: int, weight_bytes: int) ->
 
 def estimate(args) -> tuple[list[dict], dict]:
     """The table rows and the numbers behind them."""
-    height, width = height_width(args.resolution)
+    height, width = args.resolution
     factor = SD_VAE_FACTOR if args.space == "latent" else 1
     if height % factor or width % factor:
         raise SystemExit(f"--resolution {height}x{width}: --space latent needs multiples of {factor}.")

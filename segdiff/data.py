@@ -443,7 +443,7 @@ LOVEDA_SPLITS = {"train": "Train", "val": "Val"}
 LOVEDA_SCENES = ("Urban", "Rural")
 
 
-def _find_loveda_split_folder(root: Path, split_name: str) -> Path:
+def _loveda_folder_of_split(root: Path, split_name: str) -> Path:
     """The folder holding Urban/ and Rural/ for a split, whichever nesting this copy of LoveDA has."""
 
     def has_scenes(folder):
@@ -457,7 +457,7 @@ def _find_loveda_split_folder(root: Path, split_name: str) -> Path:
         if root.name.lower() in ("train", "val", "test") and root.name.lower() != split_name.lower():
             raise DatasetError(
                 f"--data_root {root} is the LoveDA {root.name} split, but the {split_name} split was asked for. "
-                "Fix: point --data_root at the LoveDA root (holding Train/ and Val/), or change --loveda_split."
+                "Fix: point --data_root at the LoveDA root (holding Train/ and Val/), or change --split."
             )
         return root
     raise DatasetError(
@@ -469,9 +469,9 @@ def _find_loveda_split_folder(root: Path, split_name: str) -> Path:
 
 def _loveda_layout(root: Path, split: str, scenes, problems=None):
     if split.lower() not in LOVEDA_SPLITS:
-        raise DatasetError(f"LoveDA has no labelled split {split!r}. Fix: use --loveda_split train or val.")
+        raise DatasetError(f"LoveDA has no labelled split {split!r}. Fix: use --split train or val.")
     split_name = LOVEDA_SPLITS[split.lower()]
-    split_folder = _find_loveda_split_folder(root, split_name)
+    split_folder = _loveda_folder_of_split(root, split_name)
     pairs, missing = [], []
     for scene in scenes:
         scene_folder = _child(split_folder, scene)
@@ -494,7 +494,7 @@ def _loveda_layout(root: Path, split: str, scenes, problems=None):
     if not pairs:
         raise DatasetError(
             f"the LoveDA {split_name} split at {split_folder} is empty: its images_png/ folders hold no images. "
-            "Fix: finish extracting the archive there, or choose another --loveda_split."
+            "Fix: finish extracting the archive there, or choose another --split."
         )
     return pairs, split_name.lower(), LOVEDA_CLASSES, LOVEDA_PALETTE, "the LoveDA class list"
 
@@ -516,7 +516,7 @@ def _sidewalk_layout(root: Path, split: str, problems=None):
             raise DatasetError(
                 f"{info_file} {'defines no splits' if info else 'is missing'}, so there is no {split!r} split "
                 "(every pair is 'train'). "
-                'Fix: use --loveda_split train, or add "splits": {"train": [stems], "val": [stems]} to it '
+                'Fix: use --split train, or add "splits": {"train": [stems], "val": [stems]} to it '
                 "(prepare_sidewalk.py --val_fraction writes them)."
             )
         return pairs, split, names, palette, source
@@ -809,7 +809,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
         help="Label id meaning no-data: excluded from losses and metrics, never a class. (default: %(default)s)",
     )
     group.add_argument(
-        "--loveda_split",
+        "--split",
         type=str,
         default="train",
         help=(
@@ -829,13 +829,12 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
     return parser
 
 
-def dataset_from_args(args: argparse.Namespace, split: str | None = None, problems=None) -> SegmentationDataset:
-    """The dataset the options of ``add_dataset_args`` describe; ``split`` overrides ``--loveda_split``;
-    ``problems`` as in `load_segmentation_dataset`."""
+def dataset_from_args(args: argparse.Namespace, problems=None) -> SegmentationDataset:
+    """The dataset the options of ``add_dataset_args`` describe; ``problems`` as in `load_segmentation_dataset`."""
     return load_segmentation_dataset(
         args.data_root,
         args.dataset,
-        split=split or getattr(args, "loveda_split", "train"),
+        split=getattr(args, "split", "train"),
         loveda_scenes=getattr(args, "loveda_scenes", LOVEDA_SCENES),
         class_names_json=getattr(args, "class_names_json", None),
         num_classes=getattr(args, "num_classes", None),
@@ -873,12 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Read every image/mask pair, print a summary and every problem found; exit 1 if any.",
     )
     add_dataset_args(check)
-    check.add_argument("--split", type=str, default=None, help="Same as --loveda_split.")
     args = parser.parse_args(argv)
 
     layout_problems = []  # unpaired files: noted, and the check goes on to read the pairs that were found
     try:
-        dataset = dataset_from_args(args, split=args.split, problems=layout_problems)
+        dataset = dataset_from_args(args, problems=layout_problems)
     except DatasetError as err:
         for problem in layout_problems:
             print(f"error: {problem}", file=sys.stderr)

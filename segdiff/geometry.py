@@ -33,6 +33,15 @@ class ImageSize(NamedTuple):
     def is_square(self) -> bool:
         return self.height == self.width
 
+    def __floordiv__(self, factor: int) -> ImageSize:
+        """The size ``factor`` times smaller on both sides: an image size's latent or sample size."""
+        return ImageSize(self.height // factor, self.width // factor)
+
+    def config_value(self) -> int | list[int]:
+        """As a model config records a size (`of` reads it back): N for a square, as the shipped configs have it,
+        else [height, width] (diffusers' UNets take either as ``sample_size``)."""
+        return self.height if self.is_square else [self.height, self.width]
+
     def __str__(self) -> str:
         """As typed on a command line: N for a square, else HEIGHT,WIDTH."""
         return str(self.height) if self.is_square else f"{self.height},{self.width}"

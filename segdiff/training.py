@@ -41,7 +41,9 @@ from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
 from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segdiff.arguments import image_size
 from segdiff.files import write_json_atomic
+from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
 from segdiff.seeds import derive_seed
 
@@ -55,13 +57,8 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 # --------------------------------------------------------------------------------------------
 
 
-def add_training_args(
-    parser: argparse.ArgumentParser, *, default_resolution: int = 512, rectangular: bool = False
-) -> None:
-    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py.
-
-    ``rectangular``: the trainer also takes ``--resolution HEIGHT,WIDTH`` (see `parse_resolution`).
-    """
+def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: int = 512) -> None:
+    """The arguments every trainer shares, named as in diffusers' examples/controlnet/train_controlnet.py."""
     group = parser.add_argument_group("training")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -79,11 +76,12 @@ def add_training_args(
         default=0,
         help="Seeds model init, shuffling, augmentation and noise. Resumed runs reproduce uninterrupted ones.",
     )
-    resolution_help = "Training images are resized (short side) and cropped to this square size."
-    if rectangular:
-        resolution_help += " HEIGHT,WIDTH (e.g. 384,512) trains on that rectangle: resized to cover it, then cropped."
     group.add_argument(
-        "--resolution", type=parse_resolution if rectangular else int, default=default_resolution, help=resolution_help
+        "--resolution",
+        type=image_size,
+        default=ImageSize.of(default_resolution),
+        help="Training size: N (a square) or HEIGHT,WIDTH (e.g. 384,512). Images are resized to cover it, then "
+        "cropped to it. (default: %(default)s)",
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop to --resolution.")
     group.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="Disable horizontal flips.")
@@ -236,25 +234,14 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_resolution(text: str) -> int | tuple[int, int]:
-    """``--resolution`` of the trainers that take rectangles: ``N`` (a square, an int as before) or ``HEIGHT,WIDTH``."""
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes, default=0) <= 0:
-        raise argparse.ArgumentTypeError(f"expected N or HEIGHT,WIDTH in pixels (e.g. 256 or 384,512), got {text!r}")
-    if len(sizes) == 1 or sizes[0] == sizes[1]:
-        return sizes[0]
-    return sizes[0], sizes[1]
-
-
-def height_width(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """(height, width) of a ``--resolution``: a square's side, or a (height, width) pair."""
-    if isinstance(resolution, int):
-        return resolution, resolution
-    height, width = resolution
-    return int(height), int(width)
+def check_latent_resolution(resolution: ImageSize, vae_config, unet_config) -> None:
+    """Stop unless ``--resolution`` lands on whole latent cells that the base's UNet can halve at every level."""
+    multiple, scale = size_multiple(vae_config, unet_config), vae_scale_factor(vae_config)
+    if resolution.height % multiple or resolution.width % multiple:
+        raise SystemExit(
+            f"--resolution {resolution}: height and width must be multiples of {multiple} for this base (VAE factor "
+            f"{scale} x UNet downsampling {multiple // scale})."
+        )
 
 
 def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str | None:
@@ -719,6 +706,39 @@ def training_batches(
                     return
 
 
+def image_latents(batch: dict, vae, generator: torch.Generator, weight_dtype) -> torch.Tensor:
+    """The clean latents of a batch, scaled as the UNet sees them: drawn from its cached latent distributions
+    (``--cache_latents``: ``latent_mean``/``latent_std``) or encoded now by the frozen VAE, with the batch's
+    generator either way, so a cached run draws what an encoding one would."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+    else:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(weight_dtype)
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator).float()
+    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift_factor) * vae.config.scaling_factor
+
+
+def draw_noise(noise_scheduler, clean: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward diffusion's draws for a batch of clean samples: Gaussian noise of their shape, then one
+    training timestep per sample (in this order, from the batch's generator)."""
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator, device=clean.device
+    )
+    return noise, timesteps
+
+
+def prediction_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the model learns to predict under the noise scheduler's ``prediction_type``: the noise (epsilon), or
+    the velocity ``v = alpha_t * noise - sigma_t * clean`` (v_prediction)."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    return noise
+
+
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
     """Per-sample loss weights of Min-SNR weighting (Hang et al. 2023): ``min(SNR, gamma) / SNR`` on an
     epsilon target; a v target already carries a factor ``SNR + 1``, so there it is ``min(SNR, gamma) / (SNR + 1)``.
@@ -910,20 +930,109 @@ def write_run_files(
         write_json_atomic(output_dir / "class_names.json", {"class_names": list(class_names), "palette": palette})
 
 
-def start_progress(accelerator: Accelerator, args: argparse.Namespace, global_step: int):
-    """Log the run's size and return its `ThroughputMeter` and step progress bar (starting at ``global_step``)."""
-    from tqdm.auto import tqdm
+class TrainingLoop:
+    """Everything a training step does after the trainer's own forward pass, loss and optimizer step, in one place.
 
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, "
-        f"batch {total_batch_size} (per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
-    )
-    meter = ThroughputMeter(accelerator, total_batch_size)
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    return meter, progress_bar
+    A trainer reads (diffusers-style, its forward pass and loss in between)::
+
+        loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
+        for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
+            with accelerator.accumulate(unet):
+                loss = ...
+                loop.check_loss(loss)
+                accelerator.backward(loss) ... optimizer.step() ...
+            if loop.end_of_batch(loss, logs={"loss": loss.item()}):
+                log_validation(...)
+        loop.finish(save)
+
+    The guarantees the README promises live here: the stop exactly at ``--max_train_steps`` (`training_batches`),
+    the stop before the update on a non-finite loss (`stop_on_nonfinite_loss`), and atomic checkpoints every
+    ``--checkpointing_steps`` (`save_checkpoint`) from which ``--resume_from_checkpoint`` continues exactly.
+    """
+
+    def __init__(self, accelerator: Accelerator, args, model, ema_models: dict, lr_scheduler, hub_repo, global_step):
+        """``model``: the prepared trained model the EMA follows; ``global_step``: where `resume_from_checkpoint`
+        left off; ``hub_repo``: from `create_hub_repo`, called before the models load so a bad token fails early."""
+        self.accelerator, self.args, self.model = accelerator, args, model
+        self.ema_models, self.lr_scheduler, self.hub_repo = ema_models, lr_scheduler, hub_repo
+        self.global_step = global_step
+        total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(
+            f"***** Training: {args.max_train_steps} steps, {args.num_train_epochs} epochs, batch {total_batch_size} "
+            f"(per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
+        )
+        self.meter = ThroughputMeter(accelerator, total_batch_size)
+        from tqdm.auto import tqdm
+
+        self.progress_bar = tqdm(
+            range(args.max_train_steps),
+            initial=global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+
+    def batches(self, dataloader: DataLoader, sampler: EpochSeededSampler, first_epoch: int, skip_batches: int):
+        """The training batches from where the run (re)starts; none past ``--max_train_steps``."""
+        for _epoch, batch in training_batches(
+            dataloader,
+            sampler,
+            self.accelerator,
+            first_epoch=first_epoch,
+            num_epochs=self.args.num_train_epochs,
+            skip_batches=skip_batches,
+            global_step=self.global_step,
+            max_train_steps=self.args.max_train_steps,
+        ):
+            yield batch
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Stop every process before the update when the loss is not finite (see `stop_on_nonfinite_loss`)."""
+        stop_on_nonfinite_loss(self.accelerator, loss, self.global_step, self.args.output_dir)
+
+    def end_of_batch(self, loss: torch.Tensor, logs: dict) -> bool:
+        """After each batch: on an optimizer step, the EMA update, the step count, the throughput meter and the
+        checkpoint; then the logs (with the learning rate). True when validation is due, on the main process."""
+        accelerator, args = self.accelerator, self.args
+        validate = False
+        if accelerator.sync_gradients:
+            for ema in self.ema_models.values():
+                ema.step(self.model.parameters())
+            self.global_step += 1
+            self.meter.step(loss)
+            self.progress_bar.update(1)
+            if self.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, self.global_step)
+            validate = (
+                accelerator.is_main_process
+                and bool(args.validation_steps)
+                and self.global_step % args.validation_steps == 0
+            )
+        logs = {**logs, "lr": self.lr_scheduler.get_last_lr()[0]}
+        self.progress_bar.set_postfix(**logs)
+        accelerator.log(logs, step=self.global_step)
+        return validate
+
+    def ema_weights(self):
+        """The EMA weights in the trained model for the duration (validation); a no-op without EMA."""
+        return ema_weights(next(iter(self.ema_models.values()), None), unwrap_model(self.accelerator, self.model))
+
+    def finish(self, save, **stats) -> None:
+        """The end of training: ``train_stats.json`` (throughput and memory, plus ``stats``), the EMA weights into
+        the trained model, ``save(model)`` (the trainer writes its pipeline or model), the upload for
+        ``--push_to_hub``; all on the main process, after every process is done."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            stats = {**self.meter.summary(), **stats}
+            logger.info(f"Throughput and memory: {stats}")
+            write_json_atomic(Path(self.args.output_dir) / "train_stats.json", stats)
+            model = unwrap_model(accelerator, self.model)
+            for ema in self.ema_models.values():
+                ema.copy_to(model.parameters())
+            save(model)
+            logger.info(f"Saved the trained model to {self.args.output_dir}")
+            upload_to_hub(self.args, self.hub_repo)
+        accelerator.end_training()
 
 
 class ThroughputMeter:

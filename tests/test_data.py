@@ -274,7 +274,7 @@ def test_loveda_with_only_one_scene_on_disk_uses_it(tmp_path):
         load_segmentation_dataset(tmp_path, "loveda", loveda_scenes=["Urban"])
 
 
-def test_loveda_split_folder_of_the_other_split_is_refused(tmp_path):
+def test_loveda_folder_of_the_other_split_is_refused(tmp_path):
     make_loveda(tmp_path, split="Train")
     with pytest.raises(DatasetError, match=r"is the LoveDA Train split, but the Val split was asked for"):
         load_segmentation_dataset(tmp_path / "Train", "loveda", split="val")
@@ -628,12 +628,13 @@ def test_dataset_args_reach_the_loader(tmp_path):
     assert "images_png/" in help_text and "dataset_info.json" in help_text
     assert all(layout in help_text for layout in DATASETS)
 
-    args = parser.parse_args(["--data_root", str(tmp_path), "--loveda_split", "val", "--loveda_scenes", "Urban"])
+    args = parser.parse_args(["--data_root", str(tmp_path), "--split", "val", "--loveda_scenes", "Urban"])
     assert args.dataset == "loveda" and args.ignore_index == 255
     dataset = dataset_from_args(args)
     assert dataset.split == "val" and len(dataset) == 2
+    args.split = "train"
     with pytest.raises(DatasetError, match="found no LoveDA Train split"):
-        dataset_from_args(args, split="train")
+        dataset_from_args(args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from train_seg_mask_diffusion import class_mask_latents, joint_loss, parse_args,
 def train_args(toy_data, tiny_sd_folder, output_dir, *extra):
     return [
         "train_seg_mask_diffusion.py", "--pretrained_model_name_or_path", tiny_sd_folder,
-        "--data_root", toy_data, "--dataset", "generic", "--output_dir", output_dir, "--image_size", "32",
+        "--data_root", toy_data, "--dataset", "generic", "--output_dir", output_dir, "--resolution", "32",
         "--train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none", "--validation_steps", "0",
         *extra,
     ]  # fmt: skip
@@ -60,7 +60,7 @@ def test_training_writes_the_pipeline_folder(trained):
         "triangle",
     ]
     config = json.loads((trained / "training_config.json").read_text())
-    assert config["max_train_steps"] == 4 and config["resolution"] == 32
+    assert config["max_train_steps"] == 4 and config["resolution"] == [32, 32]
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # the default tracker: tensorboard event files under output_dir/logs, with the loss and the validation grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -88,7 +88,7 @@ def test_class_prior_matches_a_direct_count_of_the_training_maps(trained, toy_da
     present = counts > 0
     prior = json.loads((trained / "class_prior.json").read_text())
     assert prior["class_names"] == CLASS_NAMES and prior["num_maps"] == len(counts) == 24
-    assert prior["domains"] == [] and prior["resolution"] == 16
+    assert prior["domains"] == [] and prior["resolution"] == [16, 16]
     np.testing.assert_allclose(prior["pixel_share"], counts.sum(0) / counts.sum(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(prior["image_share"], present.mean(0), rtol=0, atol=1e-12)
     expected = [shares[present[:, c], c].mean() if present[:, c].any() else 0.0 for c in range(4)]

@@ -203,10 +203,11 @@ def test_rectangular_resolution_gives_height_by_width_pairs(toy_data, capsys):
     train_dataset, collate = build_training_data(args, dataset)
     batch = collate([train_dataset[(0, 1)], train_dataset[(5, 2)]])
     assert batch["pixel_values"].shape == (2, 3, 16, 24) and batch["label"].shape == (2, 16, 24)
-    assert parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "24,24"]).resolution == 24
+    square = parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "24,24"])
+    assert square.resolution == (24, 24)
     with pytest.raises(SystemExit):
         parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--resolution", "16x24"])
-    assert "expected N or HEIGHT,WIDTH in pixels (e.g. 256 or 384,512), got '16x24'" in capsys.readouterr().err
+    assert "'16x24' is not a size: give N, or HEIGHT,WIDTH such as 384,512" in capsys.readouterr().err
 
 
 def test_noise_losses_are_the_mean_squared_and_mean_absolute_errors():
