@@ -46,7 +46,7 @@ def test_controlnet_trainer_trains_and_generates_at_a_rectangle(toy_data, tiny_s
     (masks_dir / mask.name).write_bytes(mask.read_bytes())
     save_dir = tmp_path / "generated"
     run_script(
-        "generate_controlnet_seg.py", "--controlnet", output_dir, "--masks_dir", masks_dir, "--save_dir", save_dir,
+        "generate_controlnet_seg.py", "--model", output_dir, "--masks_dir", masks_dir, "--save_dir", save_dir,
         "--num_images_per_mask", "1", "--num_inference_steps", "2",
     )  # fmt: skip
     (image,) = save_dir.glob("images/*.png")
