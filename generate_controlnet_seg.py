@@ -49,6 +49,7 @@ from segdiff.generation import (
     add_mask_arguments,
     add_model_argument,
     add_output_size_arguments,
+    add_save_dir_arguments,
     check_generation_args,
     check_save_dir,
     mask_groups,
@@ -80,24 +81,13 @@ def parse_args(argv=None):
         "The output folder of train_controlnet_seg.py (or one of its checkpoint-N/ folders, whose EMA weights are "
         "used when present).",
     )
+    add_save_dir_arguments(parser, "masks")
     parser.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
         help="The Stable Diffusion base the ControlNet was trained on. Default: the one in its training_config.json.",
     )
     add_mask_arguments(parser)
-    parser.add_argument(
-        "--save_dir",
-        required=True,
-        help="Where the generated dataset goes. A re-run into it adds the masks it lacks, with the arguments it "
-        "was made with.",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
-        "generation arguments of an existing --save_dir).",
-    )
     add_images_per_mask_argument(parser, 4)
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument(

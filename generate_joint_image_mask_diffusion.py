@@ -37,6 +37,7 @@ from segdiff.generation import (
     add_eta_argument,
     add_model_argument,
     add_output_size_arguments,
+    add_save_dir_arguments,
     check_generation_args,
     recorded_path,
 )
@@ -69,18 +70,7 @@ def parse_args(argv=None):
         "weights are used when present).",
         "--checkpoint",  # the spelling of the reference document's command (SyntheticGen's README), kept working
     )
-    parser.add_argument(
-        "--save_dir",
-        required=True,
-        help="Where the generated dataset goes. A re-run into it adds the samples it lacks, with the arguments it was "
-        "made with.",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Regenerate every sample into --save_dir, removing its earlier outputs (needed to change the "
-        "generation arguments of an existing --save_dir).",
-    )
+    add_save_dir_arguments(parser, "samples")
     parser.add_argument("--num_samples", type=int, default=100, help="How many (image, mask) pairs.")
     parser.add_argument(
         "--dataset",

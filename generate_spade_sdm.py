@@ -49,6 +49,7 @@ from segdiff.generation import (
     add_mask_arguments,
     add_model_argument,
     add_output_size_arguments,
+    add_save_dir_arguments,
     check_generation_args,
     mask_groups,
     masks_of,
@@ -73,18 +74,8 @@ def parse_args(argv=None):
     add_model_argument(
         parser, "The output folder of train_spade_sdm.py, or one of its checkpoint-N/ folders (EMA weights when there)."
     )
+    add_save_dir_arguments(parser, "masks")
     add_mask_arguments(parser)
-    parser.add_argument(
-        "--save_dir",
-        required=True,
-        help="Where the images go. A re-run into it adds the masks it lacks, with the arguments it was made with.",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Regenerate every mask into --save_dir, removing its earlier outputs (needed to change the "
-        "generation arguments of an existing --save_dir).",
-    )
     add_images_per_mask_argument(parser, None)
     parser.add_argument(
         "--guidance_scale",

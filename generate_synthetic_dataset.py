@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from segdiff.arguments import add_switch, image_size
 from segdiff.data import DatasetError, exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import SampleWriter, recorded_path
+from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_path
 from segdiff.geometry import ImageSize
 from segdiff.labels import resize_labels
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
@@ -59,7 +59,7 @@ def parse_args(argv=None):
         "--layout_model", required=True, help="A train_layout_diffusion.py output folder, or a checkpoint-N/ in one."
     )
     parser.add_argument("--num_samples", type=int, required=True, help="Samples in the dataset.")
-    parser.add_argument("--save_dir", required=True, help="Where the dataset goes.")
+    add_save_dir_arguments(parser, "samples")
     parser.add_argument("--seed", type=int, default=0, help="Sample i uses seed SEED + i. (default: %(default)s)")
     request = parser.add_mutually_exclusive_group()
     request.add_argument("--ratios", default=None, help='Shares of named classes, e.g. "water:0.4,road:0.1".')
@@ -109,7 +109,6 @@ def parse_args(argv=None):
         "(--layouts_only: the layout model's); layouts are resized, nearest.",
     )
     parser.add_argument("--batch_size", type=int, default=8, help="Samples per forward pass.")
-    parser.add_argument("--overwrite", action="store_true", help="Regenerate everything in --save_dir.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:

@@ -645,8 +645,7 @@ def log_validation(parts, args, accelerator, conditions, weight_dtype, global_st
         tiles += [control, *images]
         logger.info(f"Validation prompt: {prompt!r}")
     grid = image_grid(tiles, cols=1 + args.num_validation_images)
-    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
-    logger.info(f"Validation grid: {path}")
+    training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -377,8 +377,8 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
         tile = tile.resize((layout.shape[1] * scale, layout.shape[0] * scale), Image.Resampling.NEAREST)
         tiles.append(ImageOps.expand(tile, border=2, fill=(255, 255, 255)))
     grid = make_image_grid(tiles, rows=len(requests), cols=count)
-    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
-    logger.info(f"Validation grid (rows: {', '.join(title for title, _ in requests)}): {path}")
+    rows = f"rows: {', '.join(title for title, _ in requests)}"
+    training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir, rows)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -297,8 +297,7 @@ def log_validation(pipeline_parts, args, accelerator, dataset, global_step):
     for image, mask, class_id in zip(output.images, output.masks, output.class_ids):
         tiles += [image, overlay_mask(image, mask, dataset.palette[class_id])]
     grid = make_image_grid(tiles, rows=len(class_ids), cols=2)
-    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
-    logger.info(f"Validation grid: {path}")
+    training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------

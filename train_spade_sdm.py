@@ -456,8 +456,7 @@ def log_validation(pipeline, args, accelerator, dataset, examples, global_step):
         real = Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
         tiles += [colorize_label(label.numpy(), dataset.palette, dataset.ignore_index), real, generated]
     grid = make_image_grid(tiles, rows=len(labels), cols=3)
-    path = training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
-    logger.info(f"Validation grid: {path}")
+    training.log_validation_images(accelerator, grid, global_step, "validation", args.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,13 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import RESULTS, append_results, launch_training  # noqa: E402
+from common import RESULTS, append_results, launch_training, toy_data_and_base  # noqa: E402
 
 from segdiff.metrics import sample_agreement  # noqa: E402
 from segdiff.pipelines.joint import JointImageMaskPipeline  # noqa: E402
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler  # noqa: E402
-from segdiff.tiny import build_tiny_sd  # noqa: E402
-from segdiff.toy import PaletteSegmenter, make_toy_dataset  # noqa: E402
+from segdiff.toy import PaletteSegmenter  # noqa: E402
 
 # Image size and batch per preset: the tiny base is the demo's, medium has SD 1.x's topology (VAE factor 8).
 PRESETS = {"tiny": {"size": 32, "batch": 32}, "medium": {"size": 128, "batch": 8}}
@@ -155,13 +154,7 @@ def main(args):
         return
     rows = []
     for preset in args.presets:
-        size = PRESETS[preset]["size"]
-        data = work / f"toy-{size}"
-        if not (data / "class_names.json").exists():
-            make_toy_dataset(data, num_images=128, size=size, seed=0)
-        base = work / f"base-{preset}"
-        if not (base / "model_index.json").exists():
-            build_tiny_sd(base, sample_size=size, preset=preset)
+        data, base = toy_data_and_base(work, preset, PRESETS[preset]["size"])
         for cache in (False, True):
             out = work / f"train-{preset}-{'cache' if cache else 'nocache'}"
             rows.append(train_row(preset, base, data, out, cache, args.train_steps))

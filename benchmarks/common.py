@@ -81,3 +81,17 @@ def append_results(script: str, rows: list[dict], results: str | Path = RESULTS,
     with open(results, "a") as file:
         file.write(text)
     return text
+
+
+def toy_data_and_base(work: Path, preset: str, size: int) -> tuple[Path, Path]:
+    """The benchmarks' inputs under ``work``, built once and reused: 128 toy images at ``size`` and a tiny base of
+    ``preset`` (random weights: speed does not depend on them)."""
+    from segdiff.tiny import build_tiny_sd
+    from segdiff.toy import make_toy_dataset
+
+    data, base = work / f"toy-{size}", work / f"base-{preset}"
+    if not (data / "class_names.json").exists():
+        make_toy_dataset(data, num_images=128, size=size, seed=0)
+    if not (base / "model_index.json").exists():
+        build_tiny_sd(base, sample_size=size, preset=preset)
+    return data, base

@@ -88,6 +88,22 @@ def add_model_argument(parser: argparse.ArgumentParser, help: str, *reference_sp
     parser.add_argument("--model", *reference_spellings, dest="model", required=True, help=help)
 
 
+def add_save_dir_arguments(parser: argparse.ArgumentParser, units: str) -> None:
+    """``--save_dir`` (resumable: a re-run adds the ``units`` it lacks) and ``--overwrite``."""
+    parser.add_argument(
+        "--save_dir",
+        required=True,
+        help=f"Where the generated dataset goes. A re-run into it adds the {units} it lacks, with the arguments it "
+        "was made with (generation_args.json).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"Regenerate every {units[:-1]} into --save_dir, removing its earlier outputs (needed to change the "
+        "generation arguments of an existing --save_dir).",
+    )
+
+
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
     """``--masks_dir DIR`` or ``--mask FILE``: the masks to generate from, a folder of them or a single one."""
     source = parser.add_mutually_exclusive_group(required=True)

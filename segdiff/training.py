@@ -40,6 +40,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
 from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from segdiff.arguments import image_size
 from segdiff.files import write_json_atomic
@@ -962,8 +963,6 @@ class TrainingLoop:
             f"(per device {args.train_batch_size}, accumulation {args.gradient_accumulation_steps})"
         )
         self.meter = ThroughputMeter(accelerator, total_batch_size)
-        from tqdm.auto import tqdm
-
         self.progress_bar = tqdm(
             range(args.max_train_steps),
             initial=global_step,
@@ -1086,8 +1085,11 @@ def ema_weights(ema, model):
         ema.restore(model.parameters())
 
 
-def log_validation_images(accelerator: Accelerator, grid, global_step: int, tag: str, output_dir) -> Path:
-    """Save a validation grid as PNG under output_dir/validation/ and send it to the trackers."""
+def log_validation_images(
+    accelerator: Accelerator, grid, global_step: int, tag: str, output_dir, what: str = ""
+) -> Path:
+    """Save a validation grid as PNG under output_dir/validation/, send it to the trackers and log where it is
+    (``what``: what its rows show)."""
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{tag}-step{global_step:06d}.png"
@@ -1099,4 +1101,5 @@ def log_validation_images(accelerator: Accelerator, grid, global_step: int, tag:
             import wandb
 
             tracker.log({tag: wandb.Image(grid)}, step=global_step)
+    logger.info(f"Validation grid{what and f' ({what})'}: {path}")
     return path
