@@ -228,7 +228,7 @@ def main(args):
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    size = args.resolution or ImageSize.of(pipeline.default_size)
+    size = args.resolution or pipeline.default_size
     try:
         pipeline.check_size(*size)
     except ValueError as error:

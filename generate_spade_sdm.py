@@ -218,7 +218,7 @@ def main(args):
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config, stochastic=True)
-    size = args.resolution or ImageSize(*pipeline.default_size)
+    size = args.resolution or pipeline.default_size
     height, width = size
     try:
         pipeline.check_size(height, width)

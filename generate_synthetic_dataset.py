@@ -198,7 +198,7 @@ def main(args):
             )
     palette = renderer.palette if renderer else layout_run.classes()[1]
     # Default: square at the renderer's training resolution (its short side), or the layout model's training size.
-    size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else ImageSize(*pipeline.default_size))
+    size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else pipeline.default_size)
 
     generation_args = {
         "layout_model": recorded_path(args.layout_model),
@@ -231,12 +231,8 @@ def main(args):
     mine = writer.todo(list(range(args.num_samples)), name=stem)  # this process's share of the missing samples
     batches = [mine[start : start + args.batch_size] for start in range(0, len(mine), args.batch_size)]
     for batch in tqdm(batches, desc="Samples", disable=not state.is_local_main_process):
-        rows = [
-            pipeline.request(all_requests[index]) for index in batch
-        ]  # the parsed requests, as the model takes them
         layouts = pipeline(
-            torch.stack([ratios for ratios, _ in rows]),
-            torch.stack([known for _, known in rows]),
+            *pipeline.requests([all_requests[index] for index in batch]),  # (ratios, known), as the model takes them
             domain=None if domain is None else [domain] * len(batch),
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.num_inference_steps,

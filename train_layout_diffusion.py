@@ -353,9 +353,7 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
     requests = validation_requests(prior)
     count, num_classes = args.num_validation_images, dataset.num_classes
     # Each request's (ratios, known) row, repeated for its --num_validation_images samples.
-    rows = [pipeline.request(shares) for _, shares in requests]
-    ratios = torch.stack([ratios for ratios, _ in rows]).repeat_interleave(count, 0)
-    known = torch.stack([known for _, known in rows]).repeat_interleave(count, 0)
+    ratios, known = (rows.repeat_interleave(count, 0) for rows in pipeline.requests([s for _, s in requests]))
     generators = [torch.Generator().manual_seed(args.seed + i % count) for i in range(len(ratios))]
     layouts = pipeline(
         ratios,

@@ -33,6 +33,10 @@ class ImageSize(NamedTuple):
     def is_square(self) -> bool:
         return self.height == self.width
 
+    def __mul__(self, factor: int) -> ImageSize:
+        """The size ``factor`` times larger on both sides: a latent size's image size (not tuple repetition)."""
+        return ImageSize(self.height * factor, self.width * factor)
+
     def __floordiv__(self, factor: int) -> ImageSize:
         """The size ``factor`` times smaller on both sides: an image size's latent or sample size."""
         return ImageSize(self.height // factor, self.width // factor)

@@ -269,7 +269,7 @@ class SDMRenderer(Renderer):
 
     def output_size(self, label):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.
-        return ImageSize(*self.pipeline.default_size)
+        return self.pipeline.default_size
 
     def _draw(self, labels, prompts, generators, num_inference_steps, guidance_scale, options):
         height, width = labels[0].shape

@@ -120,7 +120,7 @@ def test_ratio_conditioning_moves_the_layout_the_right_way(pipeline, toy_data):
     shares = {}
     for guidance_scale in (1.0, 2.0):
         for share in (0.05, 0.6):
-            ratios, known = pipeline.request({"square": share})
+            ratios, known = pipeline.requests([{"square": share}])
             out = pipeline(
                 ratios.expand(count, -1),
                 known.expand(count, -1),
@@ -208,7 +208,7 @@ def test_guidance_runs_one_batched_forward_per_step(pipeline, monkeypatch):
         return forward(self, sample, *args, **kwargs)
 
     monkeypatch.setattr(LayoutUNetModel, "forward", counting_forward)
-    ratios, known = pipeline.request({"disk": 0.2})
+    ratios, known = pipeline.requests([{"disk": 0.2}])
     pipeline(ratios.expand(3, -1), known.expand(3, -1), guidance_scale=3.0, num_inference_steps=4)
     assert calls == [6] * 4
     calls.clear()
@@ -217,13 +217,13 @@ def test_guidance_runs_one_batched_forward_per_step(pipeline, monkeypatch):
 
 
 def test_model_and_pipeline_round_trip(pipeline, tmp_path):
-    ratios, known = pipeline.request({"triangle": 0.1, "background": 0.7})
+    ratios, known = pipeline.requests([{"triangle": 0.1, "background": 0.7}])
     kwargs = dict(num_inference_steps=5, guidance_scale=2.0, height=32, width=16)
-    first = pipeline(ratios[None], known[None], generator=seeds(3), **kwargs).label_maps
+    first = pipeline(ratios, known, generator=seeds(3), **kwargs).label_maps
     assert first.shape == (1, 32, 16)
     pipeline.save_pretrained(tmp_path / "copy")
     again = LayoutDiffusionPipeline.from_pretrained(tmp_path / "copy")
-    np.testing.assert_array_equal(again(ratios[None], known[None], generator=seeds(3), **kwargs).label_maps, first)
+    np.testing.assert_array_equal(again(ratios, known, generator=seeds(3), **kwargs).label_maps, first)
 
     # The model alone, with a domain embedding: the same logits after save_pretrained/from_pretrained.
     model = LayoutUNetModel.from_config_file("configs/models/layout_tiny.json", num_classes=3, num_domains=2).eval()
@@ -253,7 +253,7 @@ def test_pipeline_refuses_bad_requests(pipeline):
     with pytest.raises(ValueError, match="multiples of 2"):
         pipeline(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool), height=15)
     with pytest.raises(ValueError, match="unknown class 'road'"):
-        pipeline.request({"road": 0.2})
+        pipeline.requests([{"road": 0.2}])
 
 
 def test_trainer_refuses_bad_options(toy_data, tmp_path, monkeypatch):

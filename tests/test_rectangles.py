@@ -64,6 +64,6 @@ def test_layout_trainer_trains_and_samples_at_a_rectangle(toy_data, tmp_path):
     assert trained_at_the_rectangle(output_dir)
     pipeline = LayoutDiffusionPipeline.from_pretrained(output_dir)
     assert pipeline.default_size == (HEIGHT, WIDTH)
-    ratios, known = pipeline.request({1: 0.5})
-    layouts = pipeline(ratios[None], known[None], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    ratios, known = pipeline.requests([{1: 0.5}])
+    layouts = pipeline(ratios, known, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert layouts.label_maps.shape == (1, HEIGHT, WIDTH)

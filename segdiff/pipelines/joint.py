@@ -134,10 +134,9 @@ class JointImageMaskPipeline(DiffusionPipeline):
             )
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def default_size(self) -> ImageSize:
         """(height, width) of the images the model was trained on."""
-        latent = ImageSize.of(self.unet.config.sample_size)
-        return latent.height * self.vae_scale_factor, latent.width * self.vae_scale_factor
+        return ImageSize.of(self.unet.config.sample_size) * self.vae_scale_factor
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids, padded to the tokenizer's full length as the text encoder was trained."""

@@ -1,8 +1,8 @@
 """LayoutDiffusionPipeline: whole multi-class label maps with requested class ratios, from a LayoutUNetModel.
 
     pipe = LayoutDiffusionPipeline.from_pretrained(folder)        # a train_layout_diffusion.py output folder
-    ratios, known = pipe.request({"building": 0.4})              # or build the (B, C) tensors yourself
-    out = pipe(ratios[None], known[None], guidance_scale=2.0, generator=[torch.Generator().manual_seed(0)])
+    ratios, known = pipe.requests([{"building": 0.4}])           # or build the (B, C) tensors yourself
+    out = pipe(ratios, known, guidance_scale=2.0, generator=[torch.Generator().manual_seed(0)])
     out.label_maps                                               # (B, H, W) int64 class ids 0..C-1
 
 A request names the share of the labelled pixels some classes should have (``known`` True) and leaves the rest
@@ -143,16 +143,19 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
     def ignore_index(self) -> int:
         return int(self.config.ignore_index)
 
-    def request(self, shares: Mapping[str | int, float]) -> tuple[torch.Tensor, torch.BoolTensor]:
-        """``{"building": 0.4}`` (names or class ids) -> ``(ratios (C,), known (C,))``, one row of a call's inputs."""
-        num_classes = self.unet.config.num_classes
-        ratios, known = torch.zeros(num_classes), torch.zeros(num_classes, dtype=torch.bool)
-        names = self.class_names
-        for key, share in shares.items():
-            class_id = names.index(key) if key in names else key
-            if not isinstance(class_id, int) or not 0 <= class_id < num_classes:
-                raise ValueError(f"unknown class {key!r}: the classes are {', '.join(names)}")
-            ratios[class_id], known[class_id] = float(share), True
+    def requests(self, requests: list[Mapping[str | int, float]]) -> tuple[torch.Tensor, torch.BoolTensor]:
+        """The call's inputs for a list of requests: ``[{"building": 0.4}, {}]`` (class names or ids -> share of the
+        labelled pixels; ``{}`` asks for nothing) -> ``(ratios (B, C), known (B, C))``. The one conversion of a
+        request: generate_synthetic_dataset.py and the layout trainer's validation both go through it."""
+        num_classes, names = self.unet.config.num_classes, self.class_names
+        ratios = torch.zeros(len(requests), num_classes)
+        known = torch.zeros(len(requests), num_classes, dtype=torch.bool)
+        for row, shares in enumerate(requests):
+            for key, share in shares.items():
+                class_id = names.index(key) if key in names else key
+                if not isinstance(class_id, int) or not 0 <= class_id < num_classes:
+                    raise ValueError(f"unknown class {key!r}: the classes are {', '.join(names)}")
+                ratios[row, class_id], known[row, class_id] = float(share), True
         return ratios, known
 
     # ------------------------------------------------------------------------------------------------
@@ -200,9 +203,9 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         return torch.tensor(ids, dtype=torch.long)
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def default_size(self) -> ImageSize:
         """(height, width) of the layouts the model was trained on."""
-        return tuple(ImageSize.of(self.unet.config.sample_size))
+        return ImageSize.of(self.unet.config.sample_size)
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.unet.size_multiple

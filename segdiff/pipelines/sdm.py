@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from segdiff.geometry import vae_scale_factor
+from segdiff.geometry import ImageSize, vae_scale_factor
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel, unexpected_label_ids
 from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
@@ -175,11 +175,9 @@ class SemanticDiffusionPipeline(DiffusionPipeline):
         return vae_scale_factor(self.vae.config)
 
     @property
-    def default_size(self) -> tuple[int, int]:
+    def default_size(self) -> ImageSize:
         """(height, width) of the images the model was trained on."""
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else size
-        return height * self.vae_scale_factor, width * self.vae_scale_factor
+        return ImageSize.of(self.unet.config.sample_size) * self.vae_scale_factor
 
     def check_label_ids(self, maps: list[torch.Tensor]) -> None:
         """A clear error for ids the model has no channel for (anything but its classes and ignore_index)."""
