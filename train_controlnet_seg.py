@@ -41,7 +41,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -53,6 +53,7 @@ from segdiff.data import (
     add_dataset_args,
     dataset_from_args,
     exit_on_bad_input,
+    limit_train_samples,
     load_class_names,
     read_image,
 )
@@ -129,9 +130,6 @@ def parse_args(argv=None):
         default="text",
         help="Column of the captions (a string or a list of strings, one picked at random). Optional: without "
         "it, prompts are built from the classes (needs --class_names_json).",
-    )
-    group.add_argument(
-        "--max_train_samples", type=int, default=None, help="Train on a random subset of this many samples."
     )
 
     group = parser.add_argument_group("prompts")
@@ -252,11 +250,13 @@ class ConditionedImages(Dataset):
     """(image, RGB conditioning image, caption) rows: a metadata.csv or a Hugging Face dataset.
 
     ``rows`` is a sequence of dicts (a list, or a ``datasets.Dataset``); images are PIL images or paths
-    relative to ``root``.
+    relative to ``root``. ``names``: each row's name, its image file's stem, or its row number when the image is
+    stored in the dataset itself.
     """
 
-    def __init__(self, rows, image_column, conditioning_column, caption_column, root=None, source=""):
+    def __init__(self, rows, names, image_column, conditioning_column, caption_column, root=None, source=""):
         self.rows = rows
+        self.names = names
         self.image_column = image_column
         self.conditioning_column = conditioning_column
         self.caption_column = caption_column
@@ -265,6 +265,16 @@ class ConditionedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def sample_names(self) -> list[str]:
+        return list(self.names)
+
+    def select(self, indices: list[int]) -> "ConditionedImages":
+        """The rows at ``indices``, keeping their names (a stored image's name stays its original row number)."""
+        rows = [self.rows[index] for index in indices] if isinstance(self.rows, list) else self.rows.select(indices)
+        names = [self.names[index] for index in indices]
+        columns = (self.image_column, self.conditioning_column, self.caption_column)
+        return ConditionedImages(rows, names, *columns, root=self.root, source=self.source)
 
     def _image(self, value):
         if isinstance(value, Image.Image):
@@ -280,8 +290,7 @@ class ConditionedImages(Dataset):
         conditioning = self._image(row[self.conditioning_column])
         if conditioning.size != image.size:  # as diffusers' example, which resizes both to the resolution
             conditioning = conditioning.resize(image.size, Image.Resampling.NEAREST)
-        value, control_value = row[self.image_column], row[self.conditioning_column]
-        name = Path(value).stem if isinstance(value, str) else f"{index:06d}"
+        control_value = row[self.conditioning_column]
         # What an error about this control image names: its file, or its row.
         control_source = control_value if isinstance(control_value, str) else f"{self.source} row {index}"
         caption = row.get(self.caption_column) if self.caption_column else None
@@ -289,7 +298,7 @@ class ConditionedImages(Dataset):
             "image": image,
             "conditioning_image": conditioning,
             "caption": caption,
-            "name": name,
+            "name": self.names[index],
             "control_source": control_source,
         }
 
@@ -327,8 +336,15 @@ def read_metadata_csv(folder, args) -> ConditionedImages:
             f"{', ...' if len(absent) > 5 else ''}). Fix: paths are relative to {path.parent} (or absolute)."
         )
     caption_column = args.caption_column if args.caption_column in columns else None
+    names = [Path(row[args.image_column]).stem for row in rows]
     return ConditionedImages(
-        rows, args.image_column, args.conditioning_image_column, caption_column, root=path.parent, source=str(path)
+        rows,
+        names,
+        args.image_column,
+        args.conditioning_image_column,
+        caption_column,
+        root=path.parent,
+        source=str(path),
     )
 
 
@@ -362,7 +378,12 @@ def load_hf_dataset(args) -> ConditionedImages:
             "Fix: pass --image_column / --conditioning_image_column."
         )
     caption_column = args.caption_column if args.caption_column in columns else None
-    return ConditionedImages(loaded, args.image_column, args.conditioning_image_column, caption_column, source=name)
+    if isinstance(loaded.features[args.image_column], datasets.Image):  # images stored in the dataset: row numbers
+        names = [f"{index:06d}" for index in range(len(loaded))]
+    else:  # file paths (read without decoding an image)
+        names = [Path(value).stem for value in loaded[args.image_column]]
+    columns = (args.image_column, args.conditioning_image_column, caption_column)
+    return ConditionedImages(loaded, names, *columns, source=name)
 
 
 def training_source(args):
@@ -387,10 +408,7 @@ def training_source(args):
                 "no prompt to train with. Fix: pass --caption_column, or --class_names_json to build prompts "
                 "from the classes in each control image."
             )
-    if args.max_train_samples is not None and args.max_train_samples < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-        dataset = Subset(dataset, order[: args.max_train_samples].tolist())
-    return dataset, class_names, palette, source
+    return limit_train_samples(dataset, args.max_train_samples), class_names, palette, source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -739,6 +757,7 @@ def main(args):
             args,
             class_names,
             palette,
+            train_samples=dataset.sample_names(),
             pipeline="controlnet_seg",
             data_source=source,
             vae_scale_factor=scale_factor,

@@ -49,6 +49,7 @@ from segdiff.data import (
     add_dataset_args,
     dataset_from_args,
     exit_on_bad_input,
+    limit_train_samples,
     read_label_map,
 )
 from segdiff.files import write_json_atomic
@@ -408,7 +409,7 @@ def main(args):
     check_domain_flag(args)
     accelerator = training.make_accelerator(args)
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
-    dataset = dataset_from_args(args)
+    dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
     domains = list(LOVEDA_SCENES) if args.condition_on_domain else []
     logger.info(f"{len(dataset)} training maps, {num_classes} classes: {dataset.class_names}; domains: {domains}")
@@ -456,6 +457,7 @@ def main(args):
             args,
             dataset.class_names,
             dataset.palette,
+            train_samples=dataset.sample_names(),
             pipeline="layout_diffusion",
             domains=domains,
             unet_config=dict(training.unwrap_model(accelerator, unet).config),

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
 from segdiff.arguments import add_switch
-from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input
+from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input, limit_train_samples
 from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
@@ -309,7 +309,7 @@ def main(args):
     accelerator = training.make_accelerator(args)
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
-    dataset = dataset_from_args(args)
+    dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.
@@ -373,7 +373,12 @@ def main(args):
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     if accelerator.is_main_process:
         training.write_run_files(
-            args.output_dir, args, dataset.class_names, dataset.palette, pipeline="joint_image_mask"
+            args.output_dir,
+            args,
+            dataset.class_names,
+            dataset.palette,
+            train_samples=dataset.sample_names(),
+            pipeline="joint_image_mask",
         )
     training.init_trackers(accelerator, args, "train_seg_mask_diffusion")
 

@@ -38,7 +38,14 @@ from PIL import Image
 
 from segdiff import training
 from segdiff.arguments import add_switch
-from segdiff.data import JointTransform, StyleReferenceView, add_dataset_args, dataset_from_args, exit_on_bad_input
+from segdiff.data import (
+    JointTransform,
+    StyleReferenceView,
+    add_dataset_args,
+    dataset_from_args,
+    exit_on_bad_input,
+    limit_train_samples,
+)
 from segdiff.geometry import vae_scale_factor
 from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
@@ -468,7 +475,7 @@ def main(args):
     accelerator = training.make_accelerator(args)
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
-    dataset = dataset_from_args(args)
+    dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # The space: pixels, or the latents of the base's frozen VAE.
@@ -528,6 +535,7 @@ def main(args):
             args,
             dataset.class_names,
             dataset.palette,
+            train_samples=dataset.sample_names(),
             pipeline="spade_sdm",
             unet_config=dict(training.unwrap_model(accelerator, unet).config),
         )

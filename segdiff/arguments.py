@@ -22,6 +22,14 @@ def image_size(text: str) -> ImageSize:
     return ImageSize.of(sides[0] if len(sides) == 1 else sides)
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1: a zero batch size, step count or sample count is a mistake, not a request."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_switch(group, name: str, *, default: bool, help: str) -> None:
     """``--name`` / ``--no_name`` (underscores, as every other flag here; argparse's own gives ``--no-name``)."""
     group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)

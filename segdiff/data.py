@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from segdiff.labels import (
     default_palette,
     flat_palette,
 )
+from segdiff.seeds import derive_seed
 
 
 def save_label_png(label: np.ndarray, path: str | Path, palette=None) -> None:
@@ -296,12 +297,50 @@ class SegmentationDataset(Dataset):
         self.check_label_ids(label, mask_path)
         return {"image": image, "label": label, "name": image_path.stem}
 
+    def sample_names(self) -> list[str]:
+        """Every pair's name, its image's file stem (the ``name`` of its item)."""
+        return [image_path.stem for image_path, _ in self.pairs]
+
+    def select(self, indices: list[int]) -> SegmentationDataset:
+        """The same dataset holding only the pairs at ``indices``."""
+        return replace(self, pairs=[self.pairs[index] for index in indices])
+
     def decode_label(self, raw: np.ndarray) -> np.ndarray:
         """File ids -> class ids, with ``ignore_index`` for no-data."""
         return decode_label_ids(raw, self.label_offset, self.ignore_index)
 
     def check_label_ids(self, label: np.ndarray, mask_path: Path) -> None:
         check_label_ids(label, self.num_classes, self.ignore_index, mask_path, self.label_offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which pairs a run trains on: --max_train_samples
+# ---------------------------------------------------------------------------------------------
+
+
+def train_sample_order(names: list[str]) -> list[int]:
+    """Every pair's index, in the order --max_train_samples takes them: by a hash of the pair's name.
+
+    The order depends on the names alone, not on --seed, the script or the order the files are listed in: given
+    the same data and N, the layout model, the renderer and evaluate.py's segmenters all train on the same N pairs,
+    and a smaller N keeps a subset of a larger N's pairs.
+    """
+    return sorted(range(len(names)), key=lambda index: (derive_seed("max_train_samples", names[index]), index))
+
+
+def choose_train_samples(names: list[str], max_train_samples: int | None) -> list[int]:
+    """The indices, in dataset order, of the pairs to train on: all, or the first N of `train_sample_order`."""
+    if max_train_samples is None:
+        return list(range(len(names)))
+    if max_train_samples < 1:
+        raise DatasetError(f"--max_train_samples must be at least 1, got {max_train_samples}.")
+    return sorted(train_sample_order(names)[:max_train_samples])
+
+
+def limit_train_samples(dataset, max_train_samples: int | None):
+    """``dataset`` cut to the pairs `choose_train_samples` keeps; it has ``sample_names()`` and ``select()``."""
+    indices = choose_train_samples(dataset.sample_names(), max_train_samples)
+    return dataset if len(indices) == len(dataset) else dataset.select(indices)
 
 
 def check_label_ids(label: np.ndarray, num_classes: int, ignore_index: int, mask_path, label_offset: int = 0) -> None:

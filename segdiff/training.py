@@ -42,7 +42,7 @@ from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from segdiff.arguments import image_size
+from segdiff.arguments import image_size, positive_int
 from segdiff.files import write_json_atomic
 from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
@@ -98,6 +98,14 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         type=int,
         default=None,
         help="Total optimizer steps. If given, overrides --num_train_epochs; training stops exactly here.",
+    )
+    group.add_argument(
+        "--max_train_samples",
+        type=positive_int,
+        default=None,
+        help="Train on N of the pairs only, chosen by a hash of their names, not by --seed: every trainer and "
+        "evaluate.py --downstream given the same data and N take the same pairs, and a smaller N keeps a subset "
+        "of a larger N's. training_config.json lists them (train_samples). Default: all.",
     )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument(
@@ -911,15 +919,23 @@ def stop_on_nonfinite_loss(accelerator: Accelerator, loss: torch.Tensor, global_
 
 
 def write_run_files(
-    output_dir: str | Path, args: argparse.Namespace, class_names: list[str] | None, palette, **extra
+    output_dir: str | Path,
+    args: argparse.Namespace,
+    class_names: list[str] | None,
+    palette,
+    *,
+    train_samples: list[str],
+    **extra,
 ) -> None:
-    """``training_config.json`` (every argument but the secrets, plus what generation needs) and, when the classes
-    are known, ``class_names.json``."""
+    """``training_config.json`` (every argument but the secrets, the names of the pairs trained on, plus what
+    generation needs) and, when the classes are known, ``class_names.json``."""
     import diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(args)
+    # Which real pairs the model saw: what evaluate.py --downstream must give its segmenters for a fair comparison.
+    config["train_samples"] = list(train_samples)
     config.update(extra)
     config.update(
         class_names=None if class_names is None else list(class_names), diffusers_version=diffusers.__version__

@@ -9,6 +9,7 @@ import json
 import runpy
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
-from segdiff.data import DatasetError, load_class_names, load_segmentation_dataset, read_label_map
+from segdiff.data import (
+    DatasetError,
+    choose_train_samples,
+    load_class_names,
+    load_segmentation_dataset,
+    read_label_map,
+)
 from segdiff.generation import colour_mask_to_labels
 from segdiff.geometry import conditioning_channels_for, conditioning_downsampling
 from segdiff.labels import colorize_label
@@ -306,6 +313,19 @@ def test_metadata_csv_rows_get_the_same_geometry_and_their_captions(
         assert example["prompt"] == (f"a toy picture {i}" if i % 2 == 0 else label_map_prompt(labels, TOY_NAMES))
 
 
+def test_max_train_samples_keeps_the_metadata_csv_rows_a_label_map_trainer_keeps(
+    metadata_folder, toy_data, tiny_sd_folder, tmp_path
+):
+    """A metadata.csv row is named by its image's stem, as the pair of the same image in a --data_root dataset."""
+    base = [str(a) for a in train_args(tiny_sd_folder, tmp_path)[1:]] + ["--max_train_samples", "3"]
+    class_names = ["--class_names_json", str(toy_data / "class_names.json")]
+    from_csv, *_ = training_source(parse_args(base + ["--train_data_dir", str(metadata_folder), *class_names]))
+    stems = [path.stem for path in sorted((toy_data / "images").iterdir())[:8]]  # the csv's 8 rows
+    assert from_csv.sample_names() == [stems[index] for index in choose_train_samples(stems, 3)]
+    assert [from_csv[index]["name"] for index in range(3)] == from_csv.sample_names()
+    assert [Path(from_csv[index]["control_source"]).stem for index in range(3)] == from_csv.sample_names()
+
+
 def test_dataset_name_reads_save_to_disk_folders_and_reference_csv_folders(
     metadata_folder, toy_data, tiny_sd_folder, tmp_path
 ):
@@ -328,6 +348,13 @@ def test_dataset_name_reads_save_to_disk_folders_and_reference_csv_folders(
     for example in examples:
         assert_aligned(example)
     assert {example["prompt"] for example in examples} <= {"a toy", "a toy scene"}
+    # Rows whose images are stored in the dataset are named by their row number, also in a --max_train_samples cut.
+    limited, *_ = training_source(
+        parse_args(base + ["--dataset_name", str(tmp_path / "hf"), "--max_train_samples", "2"])
+    )
+    row_names = [f"{index:06d}" for index in range(4)]
+    assert limited.sample_names() == [row_names[index] for index in choose_train_samples(row_names, 2)]
+    assert [limited[index]["name"] for index in range(2)] == limited.sample_names()
 
     # The reference project passes its metadata.csv folder as --dataset_name.
     example = processed(parse_args(base + ["--dataset_name", str(metadata_folder)]), [0])[0]

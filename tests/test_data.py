@@ -21,7 +21,9 @@ from segdiff.data import (
     JointTransform,
     add_dataset_args,
     check_dataset,
+    choose_train_samples,
     dataset_from_args,
+    limit_train_samples,
     load_class_names,
     load_segmentation_dataset,
     read_image,
@@ -38,6 +40,7 @@ from segdiff.labels import (
     colorize_label,
     default_palette,
 )
+from segdiff.seeds import derive_seed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -635,6 +638,41 @@ def test_dataset_args_reach_the_loader(tmp_path):
     args.split = "train"
     with pytest.raises(DatasetError, match="found no LoveDA Train split"):
         dataset_from_args(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# --max_train_samples: which pairs a run trains on
+# ---------------------------------------------------------------------------------------------
+
+
+def test_max_train_samples_keeps_the_pairs_whose_name_hashes_come_first_whatever_the_listing():
+    names = [f"tile_{index:03d}" for index in range(50)]
+    by_hash = sorted(names, key=lambda name: derive_seed("max_train_samples", name))
+    five = choose_train_samples(names, 5)
+    assert [names[index] for index in five] == sorted(by_hash[:5])  # in dataset order
+    listed_backwards = names[::-1]
+    assert sorted(listed_backwards[index] for index in choose_train_samples(listed_backwards, 5)) == sorted(by_hash[:5])
+    assert set(five) < set(choose_train_samples(names, 20))  # a smaller N: a subset of a larger N's pairs
+    assert choose_train_samples(names, 50) == choose_train_samples(names, 1000) == list(range(50))  # N >= all: all
+    assert choose_train_samples(names, None) == list(range(50))
+    for refused in (0, -3):
+        with pytest.raises(DatasetError, match="--max_train_samples must be at least 1"):
+            choose_train_samples(names, refused)
+
+
+def test_limit_train_samples_cuts_a_dataset_to_the_chosen_pairs(tmp_path):
+    make_generic(tmp_path, stems=("a", "b", "c", "d", "e", "f"))
+    dataset = load_segmentation_dataset(tmp_path, "generic", num_classes=4)
+    limited = limit_train_samples(dataset, 4)
+    chosen = choose_train_samples(dataset.sample_names(), 4)
+    assert limited.pairs == [dataset.pairs[index] for index in chosen]
+    assert limited.sample_names() == [dataset[index]["name"] for index in chosen]
+    assert (limited.class_names, limited.palette, limited.layout) == (
+        dataset.class_names,
+        dataset.palette,
+        dataset.layout,
+    )
+    assert limit_train_samples(dataset, 6) is dataset and limit_train_samples(dataset, None) is dataset
 
 
 # ---------------------------------------------------------------------------------------------
