@@ -50,11 +50,18 @@ refused. A custom feature extractor is explicit: --feature_extractor_torchscript
 also weights_only=True), else that file from the hub cache. Without them the script stops at once and says which
 file to download and where to put it.
 
---downstream trains a small UNet twice with the same seed, steps and settings, on the real training split
-only and on it plus the generated (image, mask) pairs, and scores both on the real validation split (--real_dir's
-val/ split, --real_val_dir, or a held-out --downstream_val_fraction): both mIoUs and the gain. The joint
-generator's masks are class-vs-rest (its class, and "the rest", written as class 0 or ignore, where any other
-class may be): for training, their rest pixels become --ignore_index, so they teach only their own class.
+--downstream asks whether the generated pairs are worth more than what a practitioner tries first. A segmenter
+(--downstream_model: a small UNet, or a SegFormer) is trained on four arms with the same steps, batch size and
+seeds (--downstream_seeds): real only; real + oversampling (repeat-factor sampling as in LVIS, adding as many
+extra copies of real pairs as there are generated pairs); real + synthetic; real + synthetic + oversampling. Each
+is scored on the real validation split (--real_dir's val/ split, --real_val_dir, or a held-out
+--downstream_val_fraction): per arm the mean and spread over seeds of mIoU and per-class IoU, the change of every
+class from real only, synthetic - oversampling per seed (and in how many seeds it is positive), the classes the
+synthetic data makes worse, and the render fidelity per class (the real-only segmenter reading the generated
+images against their own masks). --max_train_samples N trains on the N real pairs a trainer given the same data
+and N trained on. The joint generator's masks are class-vs-rest (its class, and "the rest", written as class 0 or
+ignore, where any other class may be): for training, their rest pixels become --ignore_index, so they teach only
+their own class.
 
 Writes to --results_dir, by default a folder next to the generated one, GENERATED_DIR_evaluation (e.g.
 outputs/sdm_samples -> outputs/sdm_samples_evaluation), so the inputs are left as they were: metrics.json,
@@ -67,24 +74,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from segdiff.arguments import positive_int
 from segdiff.data import (
     DATASETS,
     IMAGE_EXTENSIONS,
     DatasetError,
+    SegmentationDataset,
     exit_on_bad_input,
     files_by_stem,
+    limit_train_samples,
     load_class_names,
     load_segmentation_dataset,
     read_image,
     read_label_map,
+    train_sample_order,
 )
+from segdiff.downstream import MODELS, WORSE_THRESHOLD, run_downstream
 from segdiff.evaluation import (
     ALEXNET_FILE,
     ALEXNET_URL,
@@ -114,14 +125,6 @@ from segdiff.files import write_json_atomic, write_text_atomic
 from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette
 
 ALL_METRICS = ("fid", "kid", "lpips", "miou", "style")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (a zero batch size or step count is a mistake, not a request)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -256,16 +259,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     metrics.add_argument("--histogram_bins", type=positive_int, default=64, help="Style histogram bins per channel.")
 
-    downstream = parser.add_argument_group("downstream: train a small segmenter on real vs real + generated")
+    downstream = parser.add_argument_group("downstream: is the generated data worth more than oversampling?")
     downstream.add_argument(
         "--downstream",
         action="store_true",
-        help="Train a small UNet on the real training split only, and on it plus the generated (image, mask) "
-        "pairs, with the same seed, steps and settings; report both mIoUs on the real validation split and "
-        "the gain.",
+        help="Train a segmenter on each arm (real only; real + oversampling; real + synthetic; real + synthetic + "
+        "oversampling) with the same steps, batch size and seeds; report each arm's mIoU and per-class IoU on the "
+        "real validation split, the changes, and the render fidelity per class.",
     )
     downstream.add_argument(
         "--downstream_steps", type=positive_int, default=300, help="Training steps of each run. (default: %(default)s)"
+    )
+    downstream.add_argument(
+        "--downstream_seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="Train every arm once per seed (initial weights, batches, the oversampling's rounding); the report "
+        "gives the mean and spread over seeds. (default: %(default)s)",
+    )
+    downstream.add_argument(
+        "--downstream_model",
+        choices=MODELS,
+        default="unet",
+        help="The segmenter: a small UNet, or a SegFormer (transformers; random init unless "
+        "--downstream_pretrained). (default: %(default)s)",
+    )
+    downstream.add_argument(
+        "--downstream_pretrained",
+        default=None,
+        help="A local SegFormer folder (save_pretrained) to start --downstream_model segformer from; its head is "
+        "replaced by one for our classes.",
     )
     downstream.add_argument(
         "--downstream_resolution",
@@ -275,11 +299,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         "side of the first real training image, at most 128 (32 for the toy data).",
     )
     downstream.add_argument(
-        "--downstream_real_limit",
+        "--max_train_samples",
         type=positive_int,
         default=None,
-        help="Train on only this many (seeded, random) real training pairs, in both runs: synthetic data "
-        "matters most when real data is scarce.",
+        help="Train every arm on N real training pairs: the N every trainer given the same data and "
+        "--max_train_samples trains on (chosen by a hash of their names), so the segmenters see the real pairs the "
+        "generators saw. metrics.json lists them (downstream.train_samples). Default: all.",
+    )
+    downstream.add_argument(
+        "--downstream_oversampling_threshold",
+        type=float,
+        default=None,
+        help="The threshold t of repeat-factor sampling, r(c) = max(1, sqrt(t / f(c))). Either way the oversampled "
+        "arms add as many extra copies as there are synthetic pairs. Default: the t at which the repeat factors "
+        "add exactly that many.",
+    )
+    downstream.add_argument(
+        "--downstream_worse_threshold",
+        type=float,
+        default=WORSE_THRESHOLD,
+        help="A class the synthetic data makes worse: its IoU with synthetic data is below its IoU with "
+        "oversampling by more than this, on average over seeds. (default: %(default)s)",
     )
     downstream.add_argument("--downstream_batch_size", type=positive_int, default=16)
     downstream.add_argument("--downstream_learning_rate", type=float, default=1e-3)
@@ -287,7 +327,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--downstream_val_fraction",
         type=float,
         default=0.2,
-        help="Share of the real set held out for validation when there is no val split. (default: %(default)s)",
+        help="Share of the real set held out for validation when there is no val split: the last pairs in the "
+        "order --max_train_samples takes them in, so no trainer's first N (N up to the rest) is among them. "
+        "(default: %(default)s)",
     )
 
     output = parser.add_argument_group("output")
@@ -301,9 +343,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     output.add_argument("--grid_samples", type=positive_int, default=4, help="Generated samples per row of the grid.")
     output.add_argument("--batch_size", type=positive_int, default=32, help="Images per batch for the networks.")
     output.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    output.add_argument(
-        "--seed", type=int, default=0, help="Seeds the downstream runs (KID's subsets: --kid_seed). (default: 0)"
-    )
     return parser.parse_args(argv)
 
 
@@ -615,12 +654,13 @@ def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def downstream_splits(args, classes: Classes) -> tuple[list, list]:
-    """(train pairs, val pairs) of the real data.
+def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, list]:
+    """(train dataset, val pairs) of the real data.
 
-    Train: the --real_split of --real_dir. Val: --real_val_dir, else the val split of --real_dir, else a
-    seeded --downstream_val_fraction held out of the training pairs. --downstream_real_limit then keeps a
-    seeded subset of the training pairs (scarce real data is where synthetic data should help most).
+    Train: the --real_split of --real_dir. Val: --real_val_dir, else the val split of --real_dir, else the last
+    --downstream_val_fraction of its pairs in `train_sample_order` (the order --max_train_samples takes them in: a
+    generator trained on the same folder with --max_train_samples N, N at most the pairs left, saw none of the held
+    out ones). --max_train_samples then keeps the N pairs every trainer given the same data and N trains on.
     """
     if args.real_dir is None:
         raise DatasetError("--downstream needs --real_dir (a labelled real dataset to train and validate on).")
@@ -634,29 +674,29 @@ def downstream_splits(args, classes: Classes) -> tuple[list, list]:
             num_classes=len(classes.names),
             ignore_index=args.ignore_index,
         )
-        return list(dataset.pairs)
+        return dataset
 
     real_dir = Path(args.real_dir)
     generic = args.real_dataset == "generic"
     train_root = real_split_root(real_dir, args.real_split) if generic else real_dir
     train = load(train_root, args.real_dataset, args.real_split)
     if args.real_val_dir is not None:
-        val = load(Path(args.real_val_dir), "generic", "val")
+        val = load(Path(args.real_val_dir), "generic", "val").pairs
     elif not generic:
-        val = load(real_dir, args.real_dataset, "val")
+        val = load(real_dir, args.real_dataset, "val").pairs
     elif train_root != real_dir and (real_dir / "val" / "images").is_dir():
-        val = load(real_dir / "val", "generic", "val")
+        val = load(real_dir / "val", "generic", "val").pairs
     else:
         if not 0 < args.downstream_val_fraction < 1:
             raise DatasetError(f"--downstream_val_fraction must be in (0, 1), got {args.downstream_val_fraction}.")
         num_val = max(1, round(len(train) * args.downstream_val_fraction))
         if len(train) - num_val < 1:
             raise DatasetError(f"--real_dir has {len(train)} pairs: too few to hold some out for validation.")
-        shuffled = random.Random(args.seed).sample(train, len(train))
-        train, val = shuffled[num_val:], shuffled[:num_val]
-    if args.downstream_real_limit is not None:
-        train = random.Random(args.seed).sample(train, min(args.downstream_real_limit, len(train)))
-    return train, val
+        order = train_sample_order(train.sample_names())
+        kept, held_out = order[: len(train) - num_val], order[len(train) - num_val :]
+        val = [train.pairs[index] for index in sorted(held_out)]
+        train = train.select(sorted(kept))
+    return limit_train_samples(train, args.max_train_samples), val
 
 
 def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path, Path]], list[int] | None]:
@@ -766,6 +806,104 @@ def iou_table(per_class: dict, pixels: dict | None = None) -> list[str]:
     return lines
 
 
+ARM_LABELS = {
+    "real_only": "real only",
+    "real_plus_oversampling": "real + oversampling",
+    "real_plus_synthetic": "real + synthetic",
+    "real_plus_synthetic_plus_oversampling": "real + synthetic + oversampling",
+}
+# The per-class table's column of each arm's change from real only.
+ARM_COLUMNS = {
+    "real_plus_oversampling": "+oversampling",
+    "real_plus_synthetic": "+synthetic",
+    "real_plus_synthetic_plus_oversampling": "+synth+overs",
+}
+
+
+def _over_seeds(summary: dict, digits: int = 4, signed: bool = False) -> str:
+    """A value over seeds as 'mean +-std' ('mean' alone from one seed; 'n/a' when there is none)."""
+    mean, std = summary["mean"], summary["std"]
+    if mean is None:
+        return "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std is None else f"{text} +-{std:.{digits}f}"
+
+
+def downstream_report(down: dict) -> list[str]:
+    """The arms' scores, synthetic vs oversampling, and the per-class table (rare classes first)."""
+    model = {"unet": "a small UNet", "segformer": "a SegFormer"}[down["model"]]
+    if down["pretrained"]:
+        model += f" from {down['pretrained']}"
+    real, synthetic = down["num_real_train"], down["num_synthetic"]
+    pairs = {
+        "real_only": f"{real}",
+        "real_plus_oversampling": f"{real} + {synthetic}",
+        "real_plus_synthetic": f"{real} + {synthetic}",
+        "real_plus_synthetic_plus_oversampling": f"{real} + {synthetic} + {synthetic}",
+    }
+    versus = down["synthetic_vs_oversampling"]["miou"]
+    thresholds = " and ".join(
+        f"{_number(numbers['threshold'], 3)} ({ARM_LABELS[arm]})" for arm, numbers in down["oversampling"].items()
+    )
+    lines = [
+        "",
+        f"Downstream: {model} trained {down['steps']} steps at {down['resolution']} px, batch {down['batch_size']}, "
+        f"per arm and seed (seeds {down['seeds']}), scored on {down['num_real_val']} real validation pairs",
+        f"  real pairs: {real} (metrics.json downstream.train_samples; the same as a trainer's with the same data "
+        "and --max_train_samples)",
+        f"  synthetic labels: {down['synthetic_labels']}",
+        f"  oversampling: repeat-factor sampling (LVIS), {synthetic} extra copies (as many as synthetic pairs), "
+        f"threshold {thresholds}",
+        f"  {'arm':<33} {'pairs':>12}   {'mIoU':<16} pixel accuracy",
+        *(
+            f"  {ARM_LABELS[arm]:<33} {pairs[arm]:>12}   {_over_seeds(scores['miou']):<16} "
+            f"{_over_seeds(scores['pixel_accuracy'])}"
+            for arm, scores in down["arms"].items()
+        ),
+        f"  synthetic - oversampling, mIoU: {_over_seeds(versus, signed=True)} "
+        f"(positive in {versus['positive_seeds']} of {len(down['seeds'])} seeds)",
+        "",
+        *downstream_class_table(down),
+    ]
+    worse = down["classes_made_worse"]
+    lines.append(
+        f"  classes the synthetic data makes worse (synthetic - oversampling below -{down['worse_threshold']}): "
+        + (", ".join(worse) if worse else "none")
+    )
+    return lines
+
+
+def downstream_class_table(down: dict) -> list[str]:
+    """Per class, fewest training pixels first: its IoU with real data only, each arm's change from it, synthetic -
+    oversampling (with the seeds where it is positive), and the render fidelity (the real-only segmenter on the
+    synthetic images against their own masks)."""
+    pixels = down["train_pixels_per_class"]
+    total = max(sum(pixels.values()), 1)
+    width = max(len("class"), *(len(name) for name in pixels))
+    arms, changes = down["arms"], down["change_vs_real_only"]
+    versus = down["synthetic_vs_oversampling"]["per_class_iou"]
+    render = down["render_fidelity"]["per_class_iou"]
+    lines = [
+        "  per class, rarest first (fewest real training pixels): IoU with real data only, each arm's change from",
+        "  it, synthetic - oversampling (in how many seeds it is positive), and the render IoU: the real-only",
+        f"  segmenter of seed {down['render_fidelity']['seed']} reading the synthetic images against their own "
+        "masks (low: a class the renderer cannot yet draw)",
+        f"    {'class':<{width}}  {'train pixels':>16}  {'real only':>14}"
+        + "".join(f"  {column:>14}" for column in ARM_COLUMNS.values())
+        + f"  {'synth - overs':>14} {'>0':>5}  {'render IoU':>10}",
+    ]
+    for name in sorted(pixels, key=pixels.get):  # stable: equal counts keep the class order
+        line = f"    {name:<{width}}  {pixels[name]:>8} ({100 * pixels[name] / total:5.1f}%)"
+        line += f"  {_over_seeds(arms['real_only']['per_class_iou'][name], 3):>14}"
+        line += "".join(f"  {_over_seeds(changes[arm]['per_class_iou'][name], 3, True):>14}" for arm in ARM_COLUMNS)
+        line += (
+            f"  {_over_seeds(versus[name], 3, True):>14} {versus[name]['positive_seeds']:>2}/{len(down['seeds']):<2}"
+        )
+        line += f"  {_number(render[name]):>10}"
+        lines.append(line + ("  worse" if name in down["classes_made_worse"] else ""))
+    return lines
+
+
 def report_text(results: dict) -> str:
     lines = [
         f"Evaluation of {results['generated_dir']} ({results['layout']} layout): "
@@ -813,26 +951,7 @@ def report_text(results: dict) -> str:
             f"{_number(results['style_histogram_correlation_std'])}   (1 = same colour distribution)",
         ]
     if "downstream" in results:
-        down = results["downstream"]
-        lines += [
-            "",
-            f"Downstream: a small UNet trained {down['steps']} steps at {down['resolution']} px (seed {down['seed']}), "
-            f"scored on {down['num_real_val']} real validation pairs",
-            *(
-                f"  {label:<34} mIoU {_number(down[f'miou_{key}'])}   pixel accuracy "
-                f"{_number(down[f'pixel_accuracy_{key}'])}"
-                for label, key in (
-                    (f"real only ({down['num_real_train']} pairs)", "real_only"),
-                    (f"real + synthetic ({down['num_real_train']} + {down['num_synthetic']})", "real_plus_synthetic"),
-                )
-            ),
-            f"  {'gain from the synthetic data':<34} mIoU {down['miou_gain']:+.4f}",
-            f"  synthetic labels: {down['synthetic_labels']}",
-            "  per-class IoU, real only:",
-            *iou_table(down["per_class_iou_real_only"]),
-            "  per-class IoU, real + synthetic:",
-            *iou_table(down["per_class_iou_real_plus_synthetic"]),
-        ]
+        lines += downstream_report(results["downstream"])
     if results.get("skipped"):
         lines += ["", "Skipped:", *(f"  {name}: {reason}" for name, reason in results["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -926,7 +1045,7 @@ def evaluate(args) -> dict:
     real_files = real_image_files(args) if args.real_dir else []
     if "kid" in metrics:  # a --kid_subset_size too big stops here
         resolve_kid_subset_size(args.kid_subset_size, len(real_files), len(generated.samples))
-    splits = downstream_splits(args, classes) if args.downstream else None
+    real_train, real_val = downstream_splits(args, classes) if args.downstream else (None, None)
     synthetic, synthetic_class_ids = downstream_synthetic_pairs(generated) if args.downstream else (None, None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     segmenter = build_segmenter(args.segmenter, classes, device) if "miou" in metrics else None
@@ -984,23 +1103,27 @@ def evaluate(args) -> dict:
     if references is not None:
         images = [sample.image for sample in generated.samples]
         results.update(style_scores(images, references, args.histogram_bins), reference_dir=args.reference_dir)
-    if splits is not None:
-        from segdiff.downstream import run_downstream
-
-        results["downstream"] = run_downstream(
-            splits[0],
+    if real_train is not None:
+        downstream = run_downstream(
+            real_train.pairs,
             synthetic,
-            splits[1],
+            real_val,
             classes.names,
             synthetic_class_ids=synthetic_class_ids,
             steps=args.downstream_steps,
-            resolution=resolution or default_downstream_resolution(splits[0]),
+            resolution=resolution or default_downstream_resolution(real_train.pairs),
             batch_size=args.downstream_batch_size,
             learning_rate=args.downstream_learning_rate,
-            seed=args.seed,
+            seeds=args.downstream_seeds,
+            model=args.downstream_model,
+            pretrained=args.downstream_pretrained,
+            oversampling_threshold=args.downstream_oversampling_threshold,
+            worse_threshold=args.downstream_worse_threshold,
             ignore_index=args.ignore_index,
             device=device,
         )
+        # Which real pairs every arm trained on: those of a trainer run with the same data and --max_train_samples.
+        results["downstream"] = {**downstream, "train_samples": real_train.sample_names()}
 
     results = json_ready(results)
     results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)

@@ -6,6 +6,7 @@ AlexNet features), so nothing is downloaded. FID/KID against torch-fidelity itse
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,12 +16,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPT_ENV, write_stand_in_weights
+from conftest import ROOT, SCRIPT_ENV, run_script, write_stand_in_weights
 from PIL import Image
 
 import evaluate
-from segdiff.data import DatasetError, read_image, read_label_map, save_label_png
-from segdiff.downstream import class_vs_rest_labels, load_pairs
+import train_controlnet_seg
+from segdiff.data import (
+    DatasetError,
+    choose_train_samples,
+    read_image,
+    read_label_map,
+    save_label_png,
+    train_sample_order,
+)
+from segdiff.downstream import (
+    ARMS,
+    build_segmentation_net,
+    class_pixels,
+    class_repeat_factors,
+    class_vs_rest_labels,
+    classes_present,
+    evaluate_segmentation_net,
+    extra_copies,
+    load_pairs,
+    repeat_factors,
+    threshold_for_extra_pairs,
+    tiny_segformer,
+    train_segmentation_net,
+)
 from segdiff.evaluation import (
     ALEXNET_FILE,
     ALEXNET_URL,
@@ -495,7 +518,7 @@ def test_bad_inputs_stop_with_a_message(toy_data, tmp_path, arguments, message):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Downstream: real only vs real + synthetic.
+# Downstream: the arms (real only, + oversampling, + synthetic, + both), over seeds, per class.
 
 
 @pytest.fixture
@@ -530,28 +553,181 @@ def run_downstream(generated, real, results_dir, *extra):
     )["downstream"]
 
 
-def test_downstream_is_seeded_and_trains_on_what_it_is_given(toy_data, real_split, training_sets, tmp_path):
-    first = run_downstream(toy_data, real_split, tmp_path / "first")
+# A hand-made set for repeat-factor sampling: 4 label maps (2x2, 255 = no data), 3 classes. Class 0 is in every
+# image (f = 1), class 1 in two (f = 0.5), class 2 in one (f = 0.25).
+HAND_MADE_LABELS = torch.tensor(
+    [[[0, 0], [0, 255]], [[0, 1], [1, 255]], [[1, 0], [0, 0]], [[0, 2], [255, 255]]], dtype=torch.int16
+)
+PRESENT = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+ROOT2 = math.sqrt(2)
+
+
+def test_repeat_factors_are_lvis_numbers_and_the_threshold_gives_the_asked_number_of_copies():
+    assert classes_present(HAND_MADE_LABELS, 3).tolist() == PRESENT.tolist()
+    # r(c) = max(1, sqrt(t / f(c))); an image's is its classes' largest.
+    assert class_repeat_factors(PRESENT, 1.0).tolist() == pytest.approx([1.0, ROOT2, 2.0], abs=1e-12)
+    assert repeat_factors(PRESENT, 1.0).tolist() == pytest.approx([1.0, ROOT2, ROOT2, 2.0], abs=1e-12)
+    assert repeat_factors(PRESENT, 0.25).tolist() == [1.0, 1.0, 1.0, 1.0]  # no class rarer than t: no repeats
+
+    # One extra copy: images 1-3 repeated, sqrt(t) = (1 + 3) / (2 + 2 sqrt(2)), t = 12 - 8 sqrt(2).
+    threshold = threshold_for_extra_pairs(PRESENT, 1)
+    assert threshold == pytest.approx(12 - 8 * ROOT2, abs=1e-12)
+    extra = (repeat_factors(PRESENT, threshold) - 1).tolist()
+    assert extra == pytest.approx([0.0, 3 - 2 * ROOT2, 3 - 2 * ROOT2, 4 * ROOT2 - 5], abs=1e-12)
+    # Two: all four repeated (t above class 0's f = 1), sqrt(t) = (2 + 4) / (3 + 2 sqrt(2)).
+    assert threshold_for_extra_pairs(PRESENT, 2) == pytest.approx((6 / (3 + 2 * ROOT2)) ** 2, abs=1e-12)
+
+
+def test_extra_copies_are_exactly_as_many_as_asked_each_image_its_expected_count_rounded():
+    threshold = threshold_for_extra_pairs(PRESENT, 5)
+    expected = repeat_factors(PRESENT, threshold) - 1
+    assert float(expected.sum()) == pytest.approx(5, abs=1e-12)
+    draws = [extra_copies(PRESENT, 5, threshold, seed) for seed in range(20)]
+    for copies in draws:
+        counts = torch.bincount(copies, minlength=4).double()
+        assert len(copies) == 5
+        assert (counts >= expected.floor()).all() and (counts <= expected.ceil()).all()
+    assert len({tuple(copies.tolist()) for copies in draws}) > 1  # the rounding is seeded: seeds differ
+    assert extra_copies(PRESENT, 5, threshold, 3).tolist() == draws[3].tolist()  # and the same seed repeats
+
+    # A threshold given: its repeat factors set the shares (r - 1 = 0, 0.41, 0.41, 1 at t = 1), still 3 copies.
+    for seed in range(10):
+        counts = torch.bincount(extra_copies(PRESENT, 3, 1.0, seed), minlength=4).tolist()
+        assert sum(counts) == 3 and counts[0] == 0 and counts[3] in (1, 2) and counts[1] <= 1 and counts[2] <= 1
+    with pytest.raises(DatasetError, match="no image would be repeated"):
+        extra_copies(PRESENT, 3, 0.25, 0)
+
+
+def test_downstream_trains_each_arm_on_its_pairs_with_the_same_seeds(toy_data, real_split, training_sets, tmp_path):
+    first = run_downstream(toy_data, real_split, tmp_path / "first", "--downstream_seeds", "0", "1")
     assert (first["num_real_train"], first["num_synthetic"], first["num_real_val"]) == (8, 24, 4)
-    assert (first["steps"], first["resolution"]) == (20, 32)  # the toy images' own size by default
+    assert (first["steps"], first["resolution"], first["seeds"], first["model"]) == (20, 32, [0, 1], "unet")
     assert first["synthetic_labels"] == "full label maps"
-    assert [len(images) for images, _ in training_sets] == [8, 8 + 24]  # real only, then real + synthetic
-    assert first["miou_gain"] == first["miou_real_plus_synthetic"] - first["miou_real_only"]
-    # The 24 synthetic pairs change what is learnt (same seed, steps and initial weights otherwise).
-    assert first["per_class_iou_real_plus_synthetic"] != first["per_class_iou_real_only"]
+    assert first["train_samples"] == [f"train_{index:05d}" for index in range(8)]
 
-    # The same seed gives the same result: same batches, same initial weights.
-    second = run_downstream(toy_data, real_split, tmp_path / "second")
-    assert {key: value for key, value in second.items() if key != "seconds"} == {
-        key: value for key, value in first.items() if key != "seconds"
+    # Each oversampled arm adds as many pairs as the synthetic data: the same count, other pairs.
+    sizes = {
+        "real_only": 8,
+        "real_plus_oversampling": 8 + 24,
+        "real_plus_synthetic": 8 + 24,
+        "real_plus_synthetic_plus_oversampling": 8 + 24 + 24,
     }
+    assert {arm: scores["num_pairs"] for arm, scores in first["arms"].items()} == sizes
+    assert [len(images) for images, _ in training_sets] == list(sizes.values()) * 2  # arm after arm, per seed
+    (real, real_labels), oversampled, (pooled, pooled_labels), both = training_sets[:4]
+    assert torch.equal(pooled[:8], real) and torch.equal(pooled_labels[:8], real_labels)
+    for (images, _), (base, base_labels) in ((oversampled, (real, real_labels)), (both, (pooled, pooled_labels))):
+        present = classes_present(base_labels, 4)
+        copies = extra_copies(present, 24, threshold_for_extra_pairs(present, 24), seed=0)
+        assert torch.equal(images, torch.cat([base, base[copies]]))
+    present = classes_present(real_labels, 4)
+    oversampling = first["oversampling"]["real_plus_oversampling"]
+    assert oversampling["threshold"] == threshold_for_extra_pairs(present, 24)
+    assert (
+        list(oversampling["class_repeat_factors"].values())
+        == class_repeat_factors(present, oversampling["threshold"]).tolist()
+    )
+    assert first["train_pixels_per_class"] == dict(zip(TOY_CLASSES, class_pixels(real_labels, 4)))
 
-    training_sets.clear()
-    limited = run_downstream(toy_data, real_split, tmp_path / "limited", "--downstream_real_limit", "3")
-    assert limited["num_real_train"] == 3
-    assert [len(images) for images, _ in training_sets] == [3, 3 + 24]
-    report = (tmp_path / "limited" / "evaluation_report.txt").read_text()
-    assert "real only (3 pairs)" in report and "real + synthetic (3 + 24)" in report and "gain" in report
+    # Means and spreads over the seeds; the changes per seed, with the seeds where they are positive.
+    miou = first["arms"]["real_only"]["miou"]
+    assert miou["mean"] == pytest.approx(np.mean(miou["per_seed"]), abs=1e-12)
+    assert miou["std"] == pytest.approx(np.std(miou["per_seed"], ddof=1), abs=1e-12)
+    arms, versus = first["arms"], first["synthetic_vs_oversampling"]
+    synthetic, oversampled_scores = arms["real_plus_synthetic"], arms["real_plus_oversampling"]
+    differences = [a - b for a, b in zip(synthetic["miou"]["per_seed"], oversampled_scores["miou"]["per_seed"])]
+    assert versus["miou"]["per_seed"] == differences
+    assert versus["miou"]["positive_seeds"] == sum(difference > 0 for difference in differences)
+    for name in TOY_CLASSES:
+        after, before = (
+            synthetic["per_class_iou"][name]["per_seed"],
+            arms["real_only"]["per_class_iou"][name]["per_seed"],
+        )
+        change = first["change_vs_real_only"]["real_plus_synthetic"]["per_class_iou"][name]
+        assert change["per_seed"] == [a - b for a, b in zip(after, before)]
+    assert first["classes_made_worse"] == [
+        name for name, change in versus["per_class_iou"].items() if change["mean"] < -first["worse_threshold"]
+    ]
+
+    # The render fidelity: the real-only segmenter of seed 0 on the synthetic pairs.
+    network = train_segmentation_net(real, real_labels, 4, steps=20, batch_size=4, seed=0)
+    confusion = evaluate_segmentation_net(network, pooled[8:], pooled_labels[8:], 4)
+    assert first["render_fidelity"] == {**segmentation_summary(confusion, list(TOY_CLASSES)), "seed": 0}
+
+    # The report: the arms with their pair counts, and the per-class table, rarest class first.
+    report = (tmp_path / "first" / "evaluation_report.txt").read_text()
+    assert "real + synthetic + oversampling    8 + 24 + 24" in report
+    assert "synthetic - oversampling, mIoU:" in report and "of 2 seeds" in report
+    rows = [
+        line.split()[0] for line in report.splitlines() if line.startswith("    ") and line.split()[0] in TOY_CLASSES
+    ]
+    assert rows == sorted(TOY_CLASSES, key=first["train_pixels_per_class"].get)
+
+    # The same seeds give the same result; a threshold of -1 calls every class made worse.
+    again = run_downstream(
+        toy_data, real_split, tmp_path / "again", "--downstream_seeds", "0", "1", "--downstream_worse_threshold", "-1"
+    )
+    differing = ("seconds", "classes_made_worse", "worse_threshold")
+    assert {key: value for key, value in again.items() if key not in differing} == {
+        key: value for key, value in first.items() if key not in differing
+    }
+    assert again["classes_made_worse"] == list(TOY_CLASSES)
+
+
+def test_downstream_segformer_from_random_or_pretrained_weights(toy_data, real_split, tmp_path):
+    network = build_segmentation_net("segformer", 4)
+    assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 4, 32, 32)  # upsampled from 8 x 8
+    assert sum(parameter.numel() for parameter in network.parameters()) == 456_036  # hidden sizes 16..128, depth 1
+
+    # A local folder with 7 classes: its encoder is kept, its head replaced by one of our 4.
+    original = tiny_segformer(7)
+    original.save_pretrained(tmp_path / "pretrained")
+    loaded = build_segmentation_net("segformer", 4, tmp_path / "pretrained")
+    assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+    kept = loaded.segformer.state_dict()
+    encoder = {key: value for key, value in original.state_dict().items() if key.startswith("segformer.")}
+    assert encoder and all(torch.equal(kept[key], value) for key, value in encoder.items())
+    assert kept["decode_head.classifier.weight"].shape[0] == 4
+
+    down = run_downstream(
+        toy_data, real_split, tmp_path / "eval", "--downstream_model", "segformer",
+        "--downstream_pretrained", str(tmp_path / "pretrained"), "--downstream_steps", "5",
+    )  # fmt: skip
+    assert (down["model"], down["pretrained"]) == ("segformer", str(tmp_path / "pretrained"))
+    assert list(down["arms"]) == list(ARMS)
+    report = (tmp_path / "eval" / "evaluation_report.txt").read_text()
+    assert f"a SegFormer from {tmp_path / 'pretrained'} trained 5 steps" in report
+    with pytest.raises(SystemExit, match="use it with --downstream_model segformer"):
+        run_downstream(toy_data, real_split, tmp_path / "unet", "--downstream_pretrained", str(tmp_path / "pretrained"))
+
+
+def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, tmp_path):
+    """--max_train_samples 5 of the 24 toy pairs: the layout model, the SDM renderer, the ControlNet and evaluate.py's
+    segmenters take the same 5; evaluate.py's held-out validation pairs are none of them."""
+    data = ["--data_root", toy_data, "--dataset", "generic", "--max_train_samples", "5"]
+    short = ["--max_train_steps", "1", "--train_batch_size", "4", "--resolution", "16", "--report_to", "none"]
+    short += ["--validation_steps", "0"]
+    layout_config = ["--model_config", "configs/models/layout_tiny.json"]
+    run_script("accelerate", "launch", "train_layout_diffusion.py", *data, *short, *layout_config, "--output_dir", tmp_path / "layout")  # fmt: skip
+    run_script("train_spade_sdm.py", *data, *short, "--model_config", "configs/models/sdm_tiny.json", "--output_dir", tmp_path / "sdm")  # fmt: skip
+    layout, sdm = (json.loads((tmp_path / run / "training_config.json").read_text()) for run in ("layout", "sdm"))
+    controlnet_args = train_controlnet_seg.parse_args(
+        [str(argument) for argument in data] + ["--pretrained_model_name_or_path", "unused", "--output_dir", "unused"]
+    )
+    controlnet, *_ = train_controlnet_seg.training_source(controlnet_args)
+    down = run_downstream(toy_data, toy_data, tmp_path / "eval", "--max_train_samples", "5", "--downstream_steps", "1")
+
+    stems = [path.stem for path in sorted((toy_data / "images").iterdir())]
+    chosen = [stems[index] for index in choose_train_samples(stems, 5)]
+    assert layout["train_samples"] == sdm["train_samples"] == controlnet.sample_names() == chosen
+    assert down["train_samples"] == chosen
+    # No val split: evaluate.py holds out the last 5 pairs of the same order (24 * 0.2), which no N <= 19 reaches.
+    held_out = [stems[index] for index in train_sample_order(stems)[-5:]]
+    assert down["num_real_val"] == 5 and not set(held_out) & set(chosen)
+
+    for parse in (train_controlnet_seg.parse_args, evaluate.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--max_train_samples", "0"])
 
 
 def test_class_vs_rest_labels_keep_only_the_masks_class():
@@ -579,7 +755,7 @@ def test_downstream_on_the_joint_layout_ignores_the_rest(toy_data, real_split, t
     assert (
         down["synthetic_labels"] == "class-vs-rest masks (joint layout): each mask's class labelled, the rest ignored"
     )
-    (_, real_only), (_, combined) = training_sets
+    (_, real_only), _, (_, combined), _ = training_sets  # the arms: real only, + oversampling, + synthetic, + both
     assert combined[:8].tolist() == real_only.tolist()
     records = [json.loads(line) for line in (generated / "metadata.jsonl").read_text().splitlines()]
     for fed, record in zip(combined[8:], records):
