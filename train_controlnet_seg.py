@@ -64,7 +64,13 @@ from segdiff.geometry import (
     vae_scale_factor,
 )
 from segdiff.labels import colorize_label, colour_codes, colours_of_codes, default_palette, resize_labels
-from segdiff.prompts import DEFAULT_PROMPT_TOP_K, LABEL_MAP_PROMPT_TEMPLATE, label_map_prompt
+from segdiff.prompts import (
+    DEFAULT_PROMPT_TOP_K,
+    LABEL_MAP_PROMPT_TEMPLATE,
+    check_label_map_template,
+    label_map_prompt,
+    names_domain,
+)
 from segdiff.visualize import image_grid
 
 logger = training.logger
@@ -138,7 +144,8 @@ def parse_args(argv=None):
         type=str,
         default=LABEL_MAP_PROMPT_TEMPLATE,
         help="Prompt of a sample without a caption; {classes} becomes the classes present, largest area first, "
-        'comma separated. Default: "%(default)s".',
+        "comma separated, and {domain} the sample's domain in lower case, for data that has one (LoveDA's scene: "
+        '"an {domain} aerial image of {classes}"). Default: "%(default)s".',
     )
     group.add_argument(
         "--prompt_top_k",
@@ -203,9 +210,14 @@ def parse_args(argv=None):
     if args.prompt_top_k < 0:
         parser.error("--prompt_top_k must be 0 (all classes) or more")
     try:
-        args.prompt_template.format(classes="x")
-    except (KeyError, IndexError, ValueError) as error:
-        parser.error(f"--prompt_template {args.prompt_template!r}: only {{classes}} may be filled in ({error!r})")
+        check_label_map_template(args.prompt_template)
+    except ValueError as error:
+        parser.error(f"--prompt_template {args.prompt_template!r}: {error}")
+    if names_domain(args.prompt_template) and not (args.data_root and args.dataset == "loveda"):
+        parser.error(
+            f"--prompt_template {args.prompt_template!r} names {{domain}}, which only --dataset loveda has (each "
+            "map's scene, Urban or Rural). Fix: drop {domain} from the template."
+        )
     if args.cache_latents and args.random_affine:
         parser.error("--cache_latents encodes each image once, so it cannot be combined with --random_affine")
     if (
@@ -476,7 +488,9 @@ def sample_prompt(sample, label, control, class_names, palette, args, generator)
         return ""
     if label is None:
         label = control_labels(control, palette, args, sample)
-    return label_map_prompt(label, class_names, args.prompt_template, args.prompt_top_k, args.ignore_index)
+    return label_map_prompt(
+        label, class_names, args.prompt_template, args.prompt_top_k, args.ignore_index, domain=sample.get("domain")
+    )
 
 
 def control_labels(control: torch.Tensor, palette, args, sample) -> torch.Tensor:
@@ -542,7 +556,7 @@ def cache_dataset(dataset, args, class_names, palette, vae, accelerator, weight_
             pixel_values, control, label = transform(sample)
             if label is None and class_names is not None:
                 label = control_labels(control, palette, args, sample)
-            keys = ("caption", "name", "control_source")
+            keys = ("caption", "name", "control_source", "domain")
             kept.append({"control": (control * 255).round().byte(), "label": label, **{k: sample.get(k) for k in keys}})
             yield pixel_values
 
@@ -610,26 +624,28 @@ def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Ima
             else:
                 controls.append(read_image(path).resize((width, height), Image.Resampling.NEAREST))
                 labels.append(None)
-        captions = [None] * len(controls)
+        captions = domains = [None] * len(controls)
     else:
         transform = PairTransform(args, palette, args.ignore_index, deterministic=True)
-        captions = []
+        captions, domains = [], []
         for i in range(min(NUM_DEFAULT_VALIDATION_MASKS, len(dataset))):
             sample = dataset[i]
             _, control, label = transform(sample)
             controls.append(control_to_pil(control))
             labels.append(label)
             captions.append(sample.get("caption"))
+            domains.append(sample.get("domain"))
     prompts = args.validation_prompt or []
     if len(prompts) == 1:
         prompts = prompts * len(controls)
     elif len(prompts) > 1 and len(controls) == 1:
-        controls, labels, captions = controls * len(prompts), labels * len(prompts), captions * len(prompts)
+        controls, labels = controls * len(prompts), labels * len(prompts)
+        captions, domains = captions * len(prompts), domains * len(prompts)
     if not prompts:
         generator = torch.Generator().manual_seed(args.seed)
-        for control, label, caption in zip(controls, labels, captions):
+        for control, label, caption, domain in zip(controls, labels, captions, domains):
             control_tensor = torch.from_numpy(np.array(control)).permute(2, 0, 1).float() / 255.0
-            sample = {"caption": caption, "name": "validation"}
+            sample = {"caption": caption, "name": "validation", "domain": domain}
             prompts.append(sample_prompt(sample, label, control_tensor, class_names, palette, args, generator))
     return list(zip(controls, prompts[: len(controls)]))
 

@@ -44,12 +44,12 @@ from segdiff import training
 from segdiff.arguments import add_switch
 from segdiff.data import (
     LOVEDA_SCENES,
-    DatasetError,
     JointTransform,
     add_dataset_args,
     dataset_from_args,
     exit_on_bad_input,
     limit_train_samples,
+    loveda_scene,
     read_label_map,
 )
 from segdiff.files import write_json_atomic
@@ -159,21 +159,6 @@ def check_domain_flag(args) -> None:
 # ------------------------------------------------------------------------------------------------
 # Data: label maps only, brought once to the layout resolution
 # ------------------------------------------------------------------------------------------------
-
-
-def loveda_scene(mask_path: Path) -> str:
-    """Urban or Rural: the scene folder of a LoveDA mask (``<split>/<Scene>/masks_png/<name>.png``).
-
-    The loveda layout of segdiff.data does not report a sample's scene, so it is read from the path here.
-    """
-    folder = mask_path.parent.parent.name
-    for scene in LOVEDA_SCENES:
-        if folder.lower() == scene.lower():
-            return scene
-    raise DatasetError(
-        f"cannot tell the LoveDA scene of {mask_path}: its folder {folder!r} is none of {', '.join(LOVEDA_SCENES)}. "
-        "Fix: keep LoveDA's <split>/Urban|Rural/masks_png/ layout, or drop --condition_on_domain."
-    )
 
 
 def majority_pool(label: np.ndarray, size: tuple[int, int], ignore_index: int) -> np.ndarray:

@@ -256,7 +256,8 @@ def _resolve_classes(layout: str, names, palette, names_source, *, class_names_j
 
 @dataclass
 class SegmentationDataset(Dataset):
-    """(image, label map) pairs and their classes; items are ``{"image", "label", "name"}``.
+    """(image, label map) pairs and their classes; items are ``{"image", "label", "name"}``, plus ``"domain"`` for a
+    layout whose pairs have one (LoveDA: the scene, Urban or Rural; ``domains`` lists them).
 
     ``image`` is a PIL RGB image, ``label`` an int64 HxW array of class ids 0..num_classes-1 with
     ``ignore_index`` for no-data, ``name`` the file stem. ``label_offset`` says how the files
@@ -295,7 +296,19 @@ class SegmentationDataset(Dataset):
         label = self.decode_label(read_label_map(mask_path))
         check_same_size(image, label, image_path, mask_path)
         self.check_label_ids(label, mask_path)
-        return {"image": image, "label": label, "name": image_path.stem}
+        item = {"image": image, "label": label, "name": image_path.stem}
+        if self.domains:
+            item["domain"] = self.domain_of(index)
+        return item
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The domains the pairs of this layout belong to: LoveDA's scenes; none for the others."""
+        return LOVEDA_SCENES if self.layout == "loveda" else ()
+
+    def domain_of(self, index: int) -> str | None:
+        """Pair ``index``'s domain (read from its path: LoveDA's ``<split>/<Scene>/masks_png/``), or None."""
+        return loveda_scene(self.pairs[index][1]) if self.domains else None
 
     def sample_names(self) -> list[str]:
         """Every pair's name, its image's file stem (the ``name`` of its item)."""
@@ -480,6 +493,18 @@ def _generic_layout(root: Path, split: str, problems=None):
 
 LOVEDA_SPLITS = {"train": "Train", "val": "Val"}
 LOVEDA_SCENES = ("Urban", "Rural")
+
+
+def loveda_scene(mask_path: Path) -> str:
+    """Urban or Rural: the scene folder of a LoveDA mask (``<split>/<Scene>/masks_png/<name>.png``)."""
+    folder = Path(mask_path).parent.parent.name
+    for scene in LOVEDA_SCENES:
+        if folder.lower() == scene.lower():
+            return scene
+    raise DatasetError(
+        f"cannot tell the LoveDA scene of {mask_path}: its folder {folder!r} is none of {', '.join(LOVEDA_SCENES)}. "
+        "Fix: keep LoveDA's <split>/Urban|Rural/masks_png/ layout."
+    )
 
 
 def _loveda_folder_of_split(root: Path, split_name: str) -> Path:

@@ -9,7 +9,9 @@
   a prompt worded differently from training's is a condition the model never saw.
 
 Both take what they describe first, then the template. Underscores and dashes in class names read as spaces
-("flat-road" -> "flat road").
+("flat-road" -> "flat road"). A label map's template may also name its domain, ``{domain}`` (LoveDA's scene:
+"an {domain} aerial image of {classes}" -> "an urban aerial image of building, road"); a map without one leaves
+the word out.
 """
 
 from __future__ import annotations
@@ -49,12 +51,29 @@ def label_map_prompt(
     template: str = LABEL_MAP_PROMPT_TEMPLATE,
     top_k: int = DEFAULT_PROMPT_TOP_K,
     ignore_index: int = IGNORE_INDEX,
+    domain: str | None = None,
 ) -> str:
-    """The prompt of a label map: ``template`` with {classes} = its top_k classes by area ("building, road, water").
+    """The prompt of a label map: ``template`` with {classes} = its top_k classes by area ("building, road, water")
+    and {domain} = its domain in lower case ("urban"), if the template names one.
 
     ``top_k`` 0 names every class present. A map with no class at all (only no-data) fills in nothing.
     """
     present = classes_by_area(label, len(class_names), ignore_index)
     if top_k:
         present = present[:top_k]
-    return template.format(classes=", ".join(readable(class_names[c]) for c in present)).strip()
+    classes = ", ".join(readable(class_names[c]) for c in present)
+    prompt = template.format(classes=classes, domain=readable(domain).lower() if domain else "")
+    return " ".join(prompt.split())  # an empty slot leaves no double space
+
+
+def check_label_map_template(template: str) -> None:
+    """A ValueError unless ``template`` fills in only {classes} and {domain}."""
+    try:
+        template.format(classes="x", domain="x")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"only {{classes}} and {{domain}} may be filled in ({error!r})") from None
+
+
+def names_domain(template: str) -> bool:
+    """Whether a label-map template has a {domain} slot."""
+    return "{domain}" in template

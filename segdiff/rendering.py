@@ -165,6 +165,7 @@ class Renderer:
         width: int | None = None,
         batch_size: int = 8,
         prompts: list[str | None] | None = None,
+        domains: list[str | None] | None = None,
         **call_options,
     ) -> list[Image.Image]:
         """One image per label map, image i drawn from a generator seeded with ``seeds[i]``.
@@ -172,8 +173,10 @@ class Renderer:
         ``height``/``width`` (both or neither): the output size; default: `output_size` of each map. Maps of one
         output size are drawn ``batch_size`` at a time; the batches change nothing but speed (batched
         convolutions may differ in the last bit). ``prompts``: a prompt per map in place of its class prompt
-        (None entries keep it; ControlNet only). ``call_options`` go to the pipeline call as they are (e.g. the
-        ControlNet's negative_prompt, controlnet_conditioning_scale, eta).
+        (None entries keep it; ControlNet only). ``domains``: each map's domain (e.g. LoveDA's "Urban"), for a
+        ControlNet whose prompt template names {domain}; the SDM has no domain input and draws the same image
+        whatever it is. ``call_options`` go to the pipeline call as they are (e.g. the ControlNet's
+        negative_prompt, controlnet_conditioning_scale, eta).
         """
         if len(label_maps) != len(seeds):
             raise ValueError(f"got {len(label_maps)} label maps and {len(seeds)} seeds: pass one seed per map")
@@ -184,6 +187,7 @@ class Renderer:
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         prompts = prompts or [None] * len(label_maps)
+        domains = domains or [None] * len(label_maps)
         labels = []
         for i, label in enumerate(label_maps):
             label = self.check_label(label, i)
@@ -202,6 +206,7 @@ class Renderer:
                 drawn = self._draw(
                     [labels[i] for i in chunk],
                     [prompts[i] for i in chunk],
+                    [domains[i] for i in chunk],
                     cpu_generators(seeds[i] for i in chunk),
                     num_inference_steps,
                     guidance_scale,
@@ -211,7 +216,7 @@ class Renderer:
                     images[i] = image
         return images
 
-    def _draw(self, labels, prompts, generators, num_inference_steps, guidance_scale, options) -> list[Image.Image]:
+    def _draw(self, labels, prompts, domains, generators, num_inference_steps, guidance_scale, options):
         """Images of same-size label maps (already at the output size), one generator each."""
         raise NotImplementedError
 
@@ -231,21 +236,26 @@ class ControlNetRenderer(Renderer):
         # The map's aspect ratio, its short side at the training resolution.
         return output_size(*label.shape, self.resolution, self.size_multiple)
 
-    def prompt(self, label) -> str:
-        """The class prompt of a map, worded as in training (the run's template and top-k)."""
-        return label_map_prompt(label, self.class_names, self.prompt_template, self.prompt_top_k, self.ignore_index)
+    def prompt(self, label, domain: str | None = None) -> str:
+        """The class prompt of a map, worded as in training (the run's template and top-k, its domain if named)."""
+        return label_map_prompt(
+            label, self.class_names, self.prompt_template, self.prompt_top_k, self.ignore_index, domain=domain
+        )
 
-    def condition(self, label, height: int | None = None, width: int | None = None) -> ControlCondition:
+    def condition(
+        self, label, height: int | None = None, width: int | None = None, domain: str | None = None
+    ) -> ControlCondition:
         """The map at the output size (default: `output_size`), coloured as in training (no data black), and
         its class prompt (of the resized map: what the image shows)."""
         label = np.asarray(label)
         size = (height, width) if height is not None else self.output_size(label)
         label = resize_labels(label, *size)
-        return ControlCondition(label, colorize_label(label, self.palette, self.ignore_index), self.prompt(label))
+        control = colorize_label(label, self.palette, self.ignore_index)
+        return ControlCondition(label, control, self.prompt(label, domain))
 
-    def _draw(self, labels, prompts, generators, num_inference_steps, guidance_scale, options):
+    def _draw(self, labels, prompts, domains, generators, num_inference_steps, guidance_scale, options):
         height, width = labels[0].shape  # all of them: render() resized them to the output size
-        conditions = [self.condition(label, height, width) for label in labels]
+        conditions = [self.condition(label, height, width, domain) for label, domain in zip(labels, domains)]
         options = dict(options)
         negative_prompt = options.pop("negative_prompt", None)  # one for every map: diffusers wants one per prompt
         return self.pipeline(
@@ -271,7 +281,7 @@ class SDMRenderer(Renderer):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.
         return self.pipeline.default_size
 
-    def _draw(self, labels, prompts, generators, num_inference_steps, guidance_scale, options):
+    def _draw(self, labels, prompts, domains, generators, num_inference_steps, guidance_scale, options):
         height, width = labels[0].shape
         return self.pipeline(
             labels,
