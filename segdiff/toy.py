@@ -243,7 +243,7 @@ def make_toy_sample(
 
 # ---------------------------------------------------------------------------------------------------------
 # The textured style: colour does not identify the class. Two pairs of classes share their base colour: one
-# pair differs only by texture (stripes vs checker, same period and contrast, same random shapes), the other
+# pair differs only by texture (stripes vs checker: same period, contrast range and shapes), the other
 # only by shape (square vs triangle, same flat fill). Every image has its own lighting (contrast, brightness,
 # colour cast) and noise, and a background of varying colour with soft blotches, so a pixel's colour says
 # little on its own: a segmenter has to look at texture and shape.
@@ -520,7 +520,7 @@ def toy_style(class_names_json: str | Path) -> str:
 class PaletteSegmenter:
     """Segments an image by giving each pixel the class whose palette colour is nearest (Euclidean, RGB).
 
-    Exact on toy images. Accepts:
+    Exact on flat toy images (a textured one it refuses: see `from_class_names_json`). Accepts:
 
     - a float ``torch.Tensor`` shaped ``3xHxW`` or ``Bx3xHxW`` (channels first), with values in
       ``value_range``: ``(-1, 1)`` (the default, what the models work in) or ``(0, 1)`` (what pipelines
