@@ -213,12 +213,13 @@ def _checked_palette(palette, num_classes: int, source: str) -> list[tuple[int, 
     return [tuple(int(v) for v in c) for c in palette[:num_classes]]
 
 
-def write_class_names(path: str | Path, names: list[str], palette=None) -> None:
-    """Write ``{"class_names": [...], "palette": [...]}`` atomically."""
+def write_class_names(path: str | Path, names: list[str], palette=None, **notes) -> None:
+    """Write ``{"class_names": [...], "palette": [...]}`` atomically, with any ``notes`` as further keys (the toy
+    dataset's ``style``, say); `load_class_names` reads past them."""
     content = {"class_names": list(names)}
     if palette is not None:
         content["palette"] = [[int(v) for v in colour] for colour in palette]
-    write_json_atomic(path, content)
+    write_json_atomic(path, {**content, **notes})
 
 
 def _resolve_classes(layout: str, names, palette, names_source, *, class_names_json, num_classes, data_root):

@@ -21,6 +21,27 @@ Long-tailed data, for testing whether synthetic data lifts a rare class:
 puts triangles in exactly 4% of the training images (rounded), small (radius x 0.5), on top of the usual
 shapes of the other classes; the val split has them in 4% of its images too, but in at least 8
 (--rare_val_min_images) so their IoU can be scored. Each split records its class shares in ``class_stats.json``.
+
+A toy that a segmenter must learn, where the flat one only needs a palette lookup:
+
+    python -m segdiff.toy --output_dir data/toy_tex --num_images 512 --val_images 128 --style textured \
+        --rare_class triangle --rare_rate 0.04
+
+has 5 classes whose colour does not identify them (`make_textured_sample`): striped and checkered objects share
+one orange and random shapes (told apart by texture only), squares and triangles share one flat teal (by shape
+only), on a background of random colour, under per-image lighting and noise. Its class_names.json says
+``"style": "textured"``: the palette only colours label maps, and `PaletteSegmenter` refuses it.
+
+Calibration (segdiff.downstream's segmenter, real pairs only, as bench_synthetic.py's downstream step: 300 steps,
+batch 16, 32 px; the 512 + 128 val images of the command above, a seeded subset of the training split; seeds
+0, 1, 2, mean IoU):
+
+    real pairs   mIoU    background  striped  checkered  square  triangle (rare, 4%)
+    64           0.656   0.970       0.721    0.772      0.819   0.000
+    128          0.688   0.979       0.754    0.835      0.874   0.000
+    512          0.698   0.980       0.792    0.834      0.883   0.000
+
+The flat toy, measured the same way: 0.748 at 64 and at 512 pairs (every common class >= 0.99, triangle 0).
 """
 
 from __future__ import annotations
@@ -35,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segdiff.data import load_class_names, save_label_png, write_class_names
+from segdiff.data import load_class_names, read_json, save_label_png, write_class_names
 
 # Class colours sit on the corners of the RGB cube at levels 40 and 215, so two colours differ by 175 in at
 # least one channel. A pixel is painted at most TINT + SHADING + NOISE = 28 away from its colour per channel,
@@ -73,11 +94,20 @@ def theme_palette(palette, theme: str = "plain") -> list[tuple[int, int, int]]:
     return [tuple(255 - c for c in colour) if theme == "inverted" else tuple(colour) for colour in palette]
 
 
-def toy_classes(num_classes: int = 4) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """Class names and palette of a toy dataset with ``num_classes`` classes (background included)."""
-    if not 2 <= num_classes <= MAX_TOY_CLASSES:
-        raise ValueError(f"the toy dataset has 2..{MAX_TOY_CLASSES} classes, got {num_classes}")
-    return _ALL_CLASSES[:num_classes], _ALL_COLOURS[:num_classes]
+def toy_classes(num_classes: int | None = None, style: str = "flat") -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and palette of a toy dataset of ``style`` with ``num_classes`` classes (background included;
+    None: the style's usual count, 4 flat, 5 textured). The textured style's palette is for viewing only."""
+    all_classes, all_colours = _STYLE_CLASSES[check_style(style)]
+    num_classes = DEFAULT_NUM_CLASSES[style] if num_classes is None else num_classes
+    if not 2 <= num_classes <= len(all_classes):
+        raise ValueError(f"the {style} toy dataset has 2..{len(all_classes)} classes, got {num_classes}")
+    return all_classes[:num_classes], all_colours[:num_classes]
+
+
+def check_style(style: str) -> str:
+    if style not in TOY_STYLES:
+        raise ValueError(f"unknown toy style {style!r}; the styles are {', '.join(TOY_STYLES)}")
+    return style
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +163,40 @@ _SHAPES = {
 }
 
 
+def _pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Pixel centres, so a shape's extent does not depend on which corner we measure from.
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    return yy, xx
+
+
+def _usual_shape_classes(rng: np.random.Generator, num_classes: int, max_shapes: int, rare_class: int | None):
+    """The class ids of an image's usual shapes (1 to ``max_shapes``), drawn one at a time as they are painted;
+    never ``rare_class``, so a long tail's rare class shows only where it is painted on purpose."""
+    # One fewer class to choose from when one is rare.
+    choices = num_classes - (rare_class is not None)
+    for _ in range(rng.integers(1, max_shapes + 1)):
+        class_id = int(rng.integers(1, choices))
+        if rare_class is not None and class_id >= rare_class:
+            class_id += 1  # skip the rare id
+        yield class_id
+
+
+def _place_shape(
+    rng: np.random.Generator, shape: str, yy: np.ndarray, xx: np.ndarray, scale: float = 1.0, must_show: bool = False
+) -> np.ndarray:
+    """The pixels one shape covers: a random radius (times ``scale``) and centre. With ``must_show``, at least
+    1.5 px and at least its centre pixel: a rare shape is never lost at small sizes."""
+    size = yy.shape[0]
+    radius = rng.uniform(0.12, 0.3) * size * scale
+    if must_show:
+        radius = max(radius, 1.5)
+    centre_y, centre_x = rng.uniform(0.15, 0.85, size=2) * size
+    covered = _SHAPES[shape](yy - centre_y, xx - centre_x, radius, rng)
+    if must_show and not covered.any():
+        covered[int(centre_y), int(centre_x)] = True
+    return covered
+
+
 def make_toy_sample(
     rng: np.random.Generator,
     size: int = 32,
@@ -141,7 +205,7 @@ def make_toy_sample(
     rare_class: int | None = None,
     rare_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One toy pair: an ``HxWx3`` uint8 image and its ``HxW`` uint8 label map.
+    """One flat toy pair: an ``HxWx3`` uint8 image and its ``HxW`` uint8 label map.
 
     1 to ``max_shapes`` shapes of random classes, sizes and positions are painted in turn, so later shapes
     may cover earlier ones; the label map records what ends up on top.
@@ -151,30 +215,17 @@ def make_toy_sample(
     """
     class_names, palette = toy_classes(num_classes)
     palette = np.asarray(palette, dtype=np.int16)
-    # The usual shapes draw from the other shape classes: one fewer to choose from when one is rare.
-    choices = num_classes - (rare_class is not None)
-
-    # Pixel centres, so a shape's extent does not depend on which corner we measure from.
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    yy, xx = _pixel_centres(size)
     label = np.zeros((size, size), dtype=np.uint8)
     tint = np.zeros((size, size, 3), dtype=np.int16)
     tint[:] = rng.integers(-_TINT, _TINT + 1, size=3)  # the background's own tint
 
     def paint(class_id: int, scale: float = 1.0, must_show: bool = False) -> None:
-        radius = rng.uniform(0.12, 0.3) * size * scale
-        if must_show:  # at least 1.5 px, and at least its centre pixel: a rare shape is never lost at small sizes
-            radius = max(radius, 1.5)
-        centre_y, centre_x = rng.uniform(0.15, 0.85, size=2) * size
-        covered = _SHAPES[class_names[class_id]](yy - centre_y, xx - centre_x, radius, rng)
-        if must_show and not covered.any():
-            covered[int(centre_y), int(centre_x)] = True
+        covered = _place_shape(rng, class_names[class_id], yy, xx, scale, must_show)
         label[covered] = class_id
         tint[covered] = rng.integers(-_TINT, _TINT + 1, size=3)
 
-    for _ in range(rng.integers(1, max_shapes + 1)):
-        class_id = int(rng.integers(1, choices))
-        if rare_class is not None and class_id >= rare_class:
-            class_id += 1  # skip the rare id
+    for class_id in _usual_shape_classes(rng, num_classes, max_shapes, rare_class):
         paint(class_id)
     if rare_class is not None and rare_scale is not None:
         paint(rare_class, rare_scale, must_show=True)
@@ -190,6 +241,136 @@ def make_toy_sample(
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The textured style: colour does not identify the class. Two pairs of classes share their base colour: one
+# pair differs only by texture (stripes vs checker: same period, contrast range and shapes), the other
+# only by shape (square vs triangle, same flat fill). Every image has its own lighting (contrast, brightness,
+# colour cast) and noise, and a background of varying colour with soft blotches, so a pixel's colour says
+# little on its own: a segmenter has to look at texture and shape.
+
+_ORANGE, _TEAL = (190, 115, 60), (60, 135, 165)
+_BACKGROUND_COLOUR, _BACKGROUND_SPREAD, _BLOTCHES = (105, 105, 95), 60, 14
+_TEXTURE_PERIOD = 4  # pixels
+_TEXTURE_AMPLITUDE = (15, 30)  # +-levels around the base colour, drawn per object: some textures are faint
+_OBJECT_TINT = 10  # per object and channel: no two objects of a class have exactly the same colour
+_CONTRAST, _BRIGHTNESS, _CAST = (0.7, 1.2), (0.75, 1.25), 20
+_NOISE_SIGMA = 8
+
+
+@dataclass(frozen=True)
+class TexturedClass:
+    """How a class of the textured style is drawn: its base colour, its texture, the shapes it takes and their
+    size (a range of factors on the flat toy's radius, drawn per object)."""
+
+    name: str
+    colour: tuple[int, int, int]
+    texture: str
+    shapes: tuple[str, ...]
+    scale: tuple[float, float] = (1.0, 1.0)
+
+
+_ANY_SHAPE = ("square", "disk", "triangle", "diamond")
+# Textured objects down to half size, where a few periods of texture are all there is to tell them apart; squares
+# keep the flat toy's sizes, so that a small rare triangle is not also a small square's shape.
+_TEXTURED_SCALE = (0.5, 1.0)
+TEXTURED_CLASSES = [
+    TexturedClass("background", _BACKGROUND_COLOUR, "plain", ()),
+    TexturedClass("striped", _ORANGE, "stripes", _ANY_SHAPE, _TEXTURED_SCALE),
+    TexturedClass("checkered", _ORANGE, "checker", _ANY_SHAPE, _TEXTURED_SCALE),
+    TexturedClass("square", _TEAL, "plain", ("square",)),
+    TexturedClass("triangle", _TEAL, "plain", ("triangle",)),
+]
+
+
+# Textures: +1/-1 patterns of one period with a random phase, with mean 0 over a period so the two textured
+# classes share their mean colour too, not only their base colour.
+
+
+def _stripes(yy, xx, rng):
+    # Horizontal or vertical at random: orientation tells striped from checkered no more than colour does.
+    coordinate = np.floor(yy if rng.random() < 0.5 else xx)
+    phase = rng.integers(_TEXTURE_PERIOD)
+    return np.where((coordinate + phase) % _TEXTURE_PERIOD < _TEXTURE_PERIOD // 2, 1.0, -1.0)
+
+
+def _checker(yy, xx, rng):
+    cell = _TEXTURE_PERIOD // 2
+    phase_y, phase_x = rng.integers(_TEXTURE_PERIOD, size=2)
+    cells = (np.floor(yy) + phase_y) // cell + (np.floor(xx) + phase_x) // cell
+    return np.where(cells % 2 == 0, 1.0, -1.0)
+
+
+def _plain(yy, xx, rng):
+    return np.zeros_like(yy)
+
+
+_TEXTURES = {"stripes": _stripes, "checker": _checker, "plain": _plain}
+
+
+def _textured_background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A colour that varies from image to image, with soft blotches: two random low-frequency waves."""
+    size = yy.shape[0]
+    colour = np.asarray(_BACKGROUND_COLOUR) + rng.uniform(-_BACKGROUND_SPREAD, _BACKGROUND_SPREAD, size=3)
+    blotches = np.zeros_like(yy)
+    for _ in range(2):
+        frequency_y, frequency_x = rng.uniform(-1.5, 1.5, size=2) * 2 * np.pi / size
+        blotches += np.cos(frequency_y * yy + frequency_x * xx + rng.uniform(0, 2 * np.pi)) / 2
+    return colour + _BLOTCHES * blotches[..., None]
+
+
+def _relight(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """One image's lighting: contrast around mid-grey, then brightness and a colour cast."""
+    contrast, brightness = rng.uniform(*_CONTRAST), rng.uniform(*_BRIGHTNESS)
+    cast = rng.uniform(-_CAST, _CAST, size=3)
+    return ((image - 128) * contrast + 128) * brightness + cast
+
+
+def make_textured_sample(
+    rng: np.random.Generator,
+    size: int = 32,
+    num_classes: int = 5,
+    max_shapes: int = 3,
+    rare_class: int | None = None,
+    rare_scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One textured toy pair: an ``HxWx3`` uint8 image and its ``HxW`` uint8 label map.
+
+    The shapes are drawn as in `make_toy_sample` (long tail included), each in its class's colour and texture
+    (`TEXTURED_CLASSES`), with a random shape of its class's shapes; then the image's lighting and noise.
+    """
+    toy_classes(num_classes, "textured")  # checks the count
+    yy, xx = _pixel_centres(size)
+    label = np.zeros((size, size), dtype=np.uint8)
+    image = _textured_background(rng, yy, xx)
+
+    def paint(class_id: int, scale: float, must_show: bool = False) -> None:
+        drawn = TEXTURED_CLASSES[class_id]
+        shape = drawn.shapes[int(rng.integers(len(drawn.shapes)))]
+        covered = _place_shape(rng, shape, yy, xx, scale, must_show)
+        texture = _TEXTURES[drawn.texture](yy, xx, rng)[covered] * rng.uniform(*_TEXTURE_AMPLITUDE)
+        tint = rng.uniform(-_OBJECT_TINT, _OBJECT_TINT, size=3)
+        label[covered] = class_id
+        image[covered] = np.asarray(drawn.colour) + tint + texture[:, None]
+
+    for class_id in _usual_shape_classes(rng, num_classes, max_shapes, rare_class):
+        paint(class_id, rng.uniform(*TEXTURED_CLASSES[class_id].scale))
+    if rare_class is not None and rare_scale is not None:
+        paint(rare_class, rare_scale, must_show=True)
+
+    image = _relight(rng, image) + rng.normal(0, _NOISE_SIGMA, size=image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label
+
+
+TOY_STYLES = ("flat", "textured")
+_STYLE_CLASSES = {
+    "flat": (_ALL_CLASSES, _ALL_COLOURS),
+    # The flat style's colours, for viewing label maps only: the images do not use them.
+    "textured": ([drawn.name for drawn in TEXTURED_CLASSES], _ALL_COLOURS[: len(TEXTURED_CLASSES)]),
+}
+DEFAULT_NUM_CLASSES = {"flat": 4, "textured": len(TEXTURED_CLASSES)}
+_SAMPLERS = {"flat": make_toy_sample, "textured": make_textured_sample}
+
+
 @dataclass(frozen=True)
 class LongTail:
     """One rare shape class: in ``rate`` of the images (exactly ``round(rate * N)`` of N, but at least
@@ -200,12 +381,13 @@ class LongTail:
     scale: float = 0.5
     min_images: int = 0
 
-    def check(self, num_classes: int) -> int:
+    def check(self, num_classes: int | None = None, style: str = "flat") -> int:
         """The rare class id; a ValueError naming the problem for settings that cannot make a long tail."""
-        names, _ = toy_classes(num_classes)
+        names, _ = toy_classes(num_classes, style)
+        num_classes = len(names)
         if self.class_name not in names[1:]:
             raise ValueError(
-                f"rare class {self.class_name!r} is not a shape class of the {num_classes}-class toy dataset "
+                f"rare class {self.class_name!r} is not a shape class of the {num_classes}-class {style} toy dataset "
                 f"({', '.join(names[1:])}); background cannot be rare"
             )
         if num_classes < 3:
@@ -263,11 +445,12 @@ def make_toy_dataset(
     output_dir: str | Path,
     num_images: int = 256,
     size: int = 32,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     seed: int = 0,
     split: str = "train",
     themes: tuple[str, ...] = ("plain",),
     long_tail: LongTail | None = None,
+    style: str = "flat",
 ) -> Path:
     """Write a toy dataset in the generic layout and return its folder.
 
@@ -277,16 +460,23 @@ def make_toy_dataset(
     one at random and ``themes.json`` records it (``{stem: theme}``); class_names.json keeps the plain palette.
     With ``long_tail``, one class is rare and small (see `LongTail`) and ``class_stats.json`` records the
     share of images and pixels of every class (`ClassStats`).
+
+    ``style``: "flat" (each class its own colour; ``num_classes`` None means 4) or "textured" (classes share
+    colours, see `make_textured_sample`; None means all 5). A textured dataset says so in class_names.json
+    (``"style": "textured"``: its palette is for viewing only, `PaletteSegmenter` refuses it) and in
+    class_stats.json, which it always writes.
     """
     unknown = sorted(set(themes) - set(TOY_THEMES))
     if unknown:
         raise ValueError(f"unknown toy themes {unknown}; the themes are {', '.join(TOY_THEMES)}")
-    rare_class = long_tail.check(num_classes) if long_tail else None
+    class_names, palette = toy_classes(num_classes, style)
+    num_classes = len(class_names)
+    make_sample = _SAMPLERS[style]
+    rare_class = long_tail.check(num_classes, style) if long_tail else None
     rare_images = long_tail.images_with_rare(num_images, seed, split) if long_tail else set()
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     (output_dir / "masks").mkdir(parents=True, exist_ok=True)
-    class_names, palette = toy_classes(num_classes)
     stats = ClassStats(class_names)
 
     # crc32, not hash(): Python salts str hashes per process, which would break determinism.
@@ -294,7 +484,7 @@ def make_toy_dataset(
     image_themes = {}
     for index in range(num_images):
         rare_scale = long_tail.scale if index in rare_images else None
-        image, label = make_toy_sample(
+        image, label = make_sample(
             rng, size=size, num_classes=num_classes, rare_class=rare_class, rare_scale=rare_scale
         )
         stats.add(label)
@@ -306,19 +496,31 @@ def make_toy_dataset(
         save_label_png(label, output_dir / "masks" / name, palette=palette)
         image_themes[Path(name).stem] = theme
 
-    write_class_names(output_dir / "class_names.json", class_names, palette)
+    # The flat style's files stay exactly what they always were: no style recorded, class_stats.json only for a
+    # long tail. Whatever reads a style takes its absence for "flat".
+    style_record = {} if style == "flat" else {"style": style}
+    write_class_names(output_dir / "class_names.json", class_names, palette, **style_record)
     if themes != ("plain",):
         (output_dir / "themes.json").write_text(json.dumps(image_themes, indent=1) + "\n")
-    if long_tail:  # only then: the default dataset's files stay exactly what they always were
-        record = {"rare_class": long_tail.class_name, "rare_rate": long_tail.rate, "rare_scale": long_tail.scale}
+    if long_tail or style_record:
+        record = dict(style_record)
+        if long_tail:
+            record.update(rare_class=long_tail.class_name, rare_rate=long_tail.rate, rare_scale=long_tail.scale)
         (output_dir / "class_stats.json").write_text(json.dumps({**record, **stats.as_dict()}, indent=1) + "\n")
     return output_dir
+
+
+def toy_style(class_names_json: str | Path) -> str:
+    """The toy style a class_names.json records: "flat" unless it says otherwise (every dataset that is not a
+    textured toy, the flat toy included, records none)."""
+    content = read_json(Path(class_names_json), "class names file")
+    return content.get("style", "flat") if isinstance(content, dict) else "flat"
 
 
 class PaletteSegmenter:
     """Segments an image by giving each pixel the class whose palette colour is nearest (Euclidean, RGB).
 
-    Exact on toy images. Accepts:
+    Exact on flat toy images (a textured one it refuses: see `from_class_names_json`). Accepts:
 
     - a float ``torch.Tensor`` shaped ``3xHxW`` or ``Bx3xHxW`` (channels first), with values in
       ``value_range``: ``(-1, 1)`` (the default, what the models work in) or ``(0, 1)`` (what pipelines
@@ -336,6 +538,16 @@ class PaletteSegmenter:
 
     @classmethod
     def from_class_names_json(cls, path: str | Path, **kwargs) -> PaletteSegmenter:
+        """The segmenter of a class_names.json's palette; a ValueError for a textured toy dataset's, whose images
+        the palette cannot read (its classes share colours)."""
+        style = toy_style(path)
+        if style != "flat":
+            raise ValueError(
+                f"{path} is the class list of a {style} toy dataset: its classes share colours and differ by "
+                "texture or shape, under per-image lighting, so the nearest palette colour cannot read its images "
+                "(its palette is for viewing label maps only). Score them with a trained segmenter instead "
+                "(evaluate.py --downstream, or --segmenter with a model folder)."
+            )
         _, palette = load_class_names(path)
         if palette is None:
             raise ValueError(f"{path} has no palette to segment by")
@@ -387,7 +599,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--size", type=int, default=32, help="Image side in pixels.")
     parser.add_argument(
-        "--num_classes", type=int, default=4, help=f"Classes including background (2..{MAX_TOY_CLASSES})."
+        "--style",
+        default="flat",
+        choices=TOY_STYLES,
+        help="flat: each class its own colour (the palette segmenter reads images back exactly); textured: "
+        "classes share colours and differ by texture or shape, under per-image lighting (a segmenter must "
+        "learn them). (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help=f"Classes including background: 2..{MAX_TOY_CLASSES} flat (default 4), "
+        f"2..{DEFAULT_NUM_CLASSES['textured']} textured (default all).",
     )
     parser.add_argument(
         "--themes",
@@ -406,8 +630,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument(
         "--rare_class",
         default=None,
-        choices=_ALL_CLASSES[1:],
-        help="The rare class (a shape class of --num_classes, not background). Default: none, no long tail.",
+        help="The rare class (a shape class of --num_classes of --style, not background). Default: none, no long tail.",
     )
     group.add_argument(
         "--rare_rate",
@@ -429,9 +652,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "IoU can be scored (64 val images at 4%% would hold 3 small shapes). (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    try:
+        toy_classes(args.num_classes, args.style)
+    except ValueError as error:
+        parser.error(f"--num_classes: {error}")
     if args.rare_class is not None:
         try:
-            long_tail(args, "train").check(args.num_classes)
+            long_tail(args, "train").check(args.num_classes, args.style)
         except ValueError as error:
             parser.error(f"--rare_class/--rare_rate/--rare_scale: {error}")
     return args
@@ -466,8 +693,13 @@ def main(argv=None) -> None:
             split=split,
             themes=tuple(args.themes),
             long_tail=long_tail(args, split),
+            style=args.style,
         )
-        print(f"wrote {num_images} {args.size}x{args.size} toy images + masks ({args.num_classes} classes) to {folder}")
+        num_classes = len(toy_classes(args.num_classes, args.style)[0])
+        style = "" if args.style == "flat" else f"{args.style} "
+        print(
+            f"wrote {num_images} {args.size}x{args.size} {style}toy images + masks ({num_classes} classes) to {folder}"
+        )
         if args.rare_class is not None:
             rare = json.loads((folder / "class_stats.json").read_text())["classes"][args.rare_class]
             print(

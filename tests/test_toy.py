@@ -14,7 +14,15 @@ from PIL import Image
 
 from segdiff.labels import IGNORE_INDEX
 from segdiff.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from segdiff.toy import TOY_CLASSES, TOY_PALETTE, LongTail, PaletteSegmenter, make_toy_dataset, toy_classes
+from segdiff.toy import (
+    TOY_CLASSES,
+    TOY_PALETTE,
+    LongTail,
+    PaletteSegmenter,
+    make_toy_dataset,
+    toy_classes,
+    toy_style,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,3 +285,124 @@ def test_cli_long_tail_writes_both_splits_with_stats(tmp_path):
     )  # fmt: skip
     assert refused.returncode == 2 and "rare class 'bar' is not a shape class of the 4-class" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_flat_long_tail_and_themes_are_unchanged_by_the_textured_style(tmp_path):
+    """Digests of flat toy data with a long tail and with two themes, as written before the textured style existed
+    (the flat and textured samplers now share the shape placement and the long tail's class draws)."""
+    rare = make_toy_dataset(tmp_path / "rare", num_images=50, size=32, seed=2, long_tail=LongTail("triangle", 0.1))
+    assert _pixel_digest(rare) == "91edf5f18532f5a0d7cf576fedb33dc571e2ede9c028cab792b297dbb3baf129"
+    assert hashlib.sha256((rare / "class_stats.json").read_bytes()).hexdigest() == (
+        "5a07ff67fe4a0cc56a03e980f0f6d3c3810a7ccc9dc50627baa5163f442c05bc"
+    )
+    themed = make_toy_dataset(tmp_path / "themes", num_images=8, size=24, seed=4, themes=("plain", "inverted"))
+    assert _pixel_digest(themed) == "6e0c9ded6159ed3901fe3906f02f78537d336b14ad3a2a6736bd9c59302bc567"
+    assert hashlib.sha256((themed / "themes.json").read_bytes()).hexdigest() == (
+        "6250fa9c4039706274b57f701e9a2bb574e290358d78940b52816ed983c0b5cb"
+    )
+    assert toy_style(rare / "class_names.json") == "flat"
+    assert "style" not in json.loads((rare / "class_names.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The textured style: classes share colours.
+
+TEXTURED_CLASSES = ["background", "striped", "checkered", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def textured_dir(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("textured"), num_images=40, size=32, seed=5, style="textured")
+
+
+def test_textured_style_writes_five_classes_and_says_so(textured_dir):
+    assert toy_classes(style="textured") == (TEXTURED_CLASSES, list(TOY_PALETTE) + [(215, 215, 40)])
+    assert json.loads((textured_dir / "class_names.json").read_text()) == {
+        "class_names": TEXTURED_CLASSES,
+        "palette": [list(colour) for colour in toy_classes(style="textured")[1]],
+        "style": "textured",
+    }
+    assert toy_style(textured_dir / "class_names.json") == "textured"
+    stats = json.loads((textured_dir / "class_stats.json").read_text())
+    assert (stats["style"], stats["num_images"], list(stats["classes"])) == ("textured", 40, TEXTURED_CLASSES)
+    present = set()
+    for _, mask in _read_pairs(textured_dir):
+        present.update(np.unique(np.asarray(mask)).tolist())
+    assert present == set(range(5))
+
+
+def test_textured_style_is_deterministic(tmp_path, textured_dir):
+    again = make_toy_dataset(tmp_path / "again", num_images=40, size=32, seed=5, style="textured")
+    for name in ("images/train_00000.png", "masks/train_00000.png", "images/train_00039.png"):
+        assert (again / name).read_bytes() == (textured_dir / name).read_bytes()
+    assert _pixel_digest(again) == _pixel_digest(textured_dir)
+    other = make_toy_dataset(tmp_path / "other", num_images=40, size=32, seed=6, style="textured")
+    assert _pixel_digest(other) != _pixel_digest(textured_dir)
+
+
+def _mean_colours(image: Image.Image, mask: Image.Image) -> dict[int, np.ndarray]:
+    pixels, ids = np.asarray(image).astype(float), np.asarray(mask)
+    return {int(c): pixels[ids == c].mean(axis=0) for c in np.unique(ids)}
+
+
+def test_textured_classes_share_their_colour_in_pairs(textured_dir):
+    """Within an image, striped and checkered have nearly the same mean colour, and so do square and triangle: their
+    base colours are equal, the textures have mean 0, and what differs is each object's tint (+-10 per channel) under
+    the image's lighting (x 1.5 at most), plus the noise. Orange and teal differ by 130 in red and 105 in blue, which
+    the darkest, flattest lighting (x 0.7 x 0.75) keeps above 50 after tints."""
+    pairs_seen = {(1, 2): 0, (3, 4): 0}
+    for image, mask in _read_pairs(textured_dir):
+        means = _mean_colours(image, mask)
+        for first, second in pairs_seen:
+            if first in means and second in means:
+                pairs_seen[first, second] += 1
+                assert np.abs(means[first] - means[second]).max() < 35, (first, second, means)
+        for orange, teal in ((1, 3), (2, 4), (1, 4), (2, 3)):
+            if orange in means and teal in means:
+                assert np.abs(means[orange] - means[teal]).max() > 50, (orange, teal, means)
+    assert min(pairs_seen.values()) >= 3  # the checks above did run, on several images each
+
+
+def test_textured_long_tail_is_rare_and_small(tmp_path):
+    folder = make_toy_dataset(
+        tmp_path / "rare", num_images=100, size=32, seed=0, style="textured", long_tail=LongTail("triangle", 0.05)
+    )
+    triangle = TEXTURED_CLASSES.index("triangle")
+    assert sum(_present(folder, triangle)) == 5  # exactly round(0.05 x 100)
+    stats = json.loads((folder / "class_stats.json").read_text())
+    assert (stats["style"], stats["rare_class"], stats["classes"]["triangle"]["image_share"]) == (
+        "textured",
+        "triangle",
+        0.05,
+    )
+    rare_area = _mean_area_when_present(folder, triangle)
+    for name in ("striped", "checkered", "square"):
+        class_id = TEXTURED_CLASSES.index(name)
+        assert np.mean(_present(folder, class_id)) > 0.4
+        assert rare_area < _mean_area_when_present(folder, class_id) / 3, name
+    with pytest.raises(ValueError, match="'disk' is not a shape class of the 5-class textured toy dataset"):
+        make_toy_dataset(tmp_path / "bad", num_images=2, style="textured", long_tail=LongTail("disk"))
+
+
+def test_palette_segmenter_refuses_textured_data(textured_dir):
+    with pytest.raises(ValueError, match="textured toy dataset: its classes share colours"):
+        PaletteSegmenter.from_class_names_json(textured_dir / "class_names.json")
+
+
+def test_cli_textured_style(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "segdiff.toy", "--output_dir", str(tmp_path / "toy"), "--num_images", "20",
+         "--val_images", "10", "--style", "textured", "--rare_class", "triangle", "--rare_rate", "0.1",
+         "--rare_val_min_images", "3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "wrote 20 32x32 textured toy images + masks (5 classes)" in result.stdout
+    assert "rare class triangle: in 10.0% of the images" in result.stdout  # train: 2 of 20
+    assert "rare class triangle: in 30.0% of the images" in result.stdout  # val: at least 3 of 10
+    assert toy_style(tmp_path / "toy" / "val" / "class_names.json") == "textured"
+    refused = subprocess.run(
+        [sys.executable, "-m", "segdiff.toy", "--output_dir", str(tmp_path / "x"), "--style", "textured",
+         "--num_classes", "6"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "the textured toy dataset has 2..5 classes, got 6" in refused.stderr
