@@ -174,6 +174,33 @@ def test_class_prompt_names_the_classes_by_area():
     tie = np.array([[3, 3, 1, 1, 255]])
     assert classes_by_area(tie, 4, 255) == [1, 3]  # equal areas: lower id first
     assert label_map_prompt(np.full((4, 4), 255), names) == "a photo of"  # only no-data: no classes to name
+    # a template that names the domain (LoveDA's scene): lower case when the map has one, left out when not
+    scene = "an {domain} aerial image of {classes}"
+    assert (
+        label_map_prompt(label, names, scene, 2, domain="Urban") == "an urban aerial image of background, tall building"
+    )
+    assert label_map_prompt(label, names, scene, 2) == "an aerial image of background, tall building"
+
+
+def test_domain_prompts_need_loveda_and_reach_each_sample(toy_data, tiny_sd_folder, tmp_path, monkeypatch, capsys):
+    import train_controlnet_seg
+
+    template = "an {domain} aerial image of {classes}"
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_folder), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        train_controlnet_seg.parse_args([*argv, "--data_root", str(toy_data), "--dataset", "generic",
+                                         "--prompt_template", template])  # fmt: skip
+    assert "names {domain}, which only --dataset loveda has" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_controlnet_seg.parse_args([*argv, "--data_root", str(toy_data), "--prompt_template", "{scene}"])
+    assert "only {classes} and {domain} may be filled in" in capsys.readouterr().err
+    args = train_controlnet_seg.parse_args(
+        [*argv, "--data_root", str(toy_data), "--dataset", "loveda", "--prompt_template", template]
+    )
+    label = np.zeros((4, 4), dtype=np.int64)
+    sample = {"domain": "Rural", "name": "x"}
+    prompt = train_controlnet_seg.sample_prompt(sample, label, None, TOY_NAMES, TOY_PALETTE, args, None)
+    assert prompt == "an rural aerial image of background"  # the template's words, the sample's scene
 
 
 def test_conditioning_embedding_follows_the_vae_factor():

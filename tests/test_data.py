@@ -240,6 +240,9 @@ def test_loveda_nestings_and_roots(tmp_path, nested, point_at):
     assert dataset.layout == "loveda" and dataset.split == "train"
     assert sorted(image.stem for image, _ in dataset.pairs) == sorted(raws)
     assert {mask.parent.parent.name for _, mask in dataset.pairs} == {"Urban", "Rural"}
+    # each item says its scene (the domain a layout model or a ControlNet prompt can be conditioned on)
+    assert dataset.domains == ("Urban", "Rural")
+    assert [dataset[i]["domain"] for i in range(len(dataset))] == [m.parent.parent.name for _, m in dataset.pairs]
     assert dataset.class_names == LOVEDA_CLASSES and dataset.palette == LOVEDA_PALETTE
 
 

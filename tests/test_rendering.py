@@ -179,6 +179,18 @@ def test_controlnet_gets_the_coloured_map_and_its_class_prompt(controlnet_render
     assert [g.initial_seed() for g in call["generator"]] == [5, 6]
 
 
+def test_controlnet_prompts_name_each_maps_domain(controlnet_renderer, toy_data, monkeypatch):
+    calls = record_calls(monkeypatch, StableDiffusionControlNetPipeline)
+    labels = toy_labels(toy_data, 2)
+    monkeypatch.setattr(controlnet_renderer, "prompt_template", "{domain} toy shapes: {classes}")
+    controlnet_renderer.render(labels, [1, 2], num_inference_steps=1, domains=["Urban", None])
+    prompts = calls[0]["args"][0]
+    assert prompts == [
+        label_map_prompt(labels[0], TOY_CLASSES, "urban toy shapes: {classes}", 2),
+        label_map_prompt(labels[1], TOY_CLASSES, "toy shapes: {classes}", 2),
+    ]
+
+
 def test_controlnet_sizes_follow_the_map_or_the_caller(controlnet_renderer, toy_data):
     label = toy_labels(toy_data, 1)[0]
     wide = np.concatenate([label, label], axis=1)  # 32 x 64: the aspect ratio is kept, short side 32
