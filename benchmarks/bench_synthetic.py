@@ -4,8 +4,11 @@
     python benchmarks/bench_synthetic.py                  # about 25 minutes on 2 cores
     python benchmarks/bench_synthetic.py --quick          # a few minutes; the numbers mean little
 
-1. `python -m segdiff.toy --rare_class triangle --rare_rate 0.04`: toy data where triangles are in 4% of the
-   training images, and small (class_stats.json has the shares);
+1. `python -m segdiff.toy --style textured --rare_class triangle --rare_rate 0.04`: toy data where colour does
+   not tell the class (striped and checkered objects share one colour, squares and triangles another; per-image
+   lighting), triangles are in 4% of the training images, and small (class_stats.json has the shares). Real-only
+   mIoU is about 0.66 at 64 pairs (the flat style, one colour per class, saturates near 1 for the common
+   classes: `--toy_style flat`);
 2. train_layout_diffusion.py on it (the layout model), train_spade_sdm.py on it (the renderer: pixel-space SDM,
    which reaches toy mIoU 0.998 within 300 steps on a CPU, where a ControlNet would first need its tiny base's
    VAE fitted: see RESULTS.md, bench_sdm and bench_controlnet), both on the --max_train_samples real pairs the
@@ -17,8 +20,9 @@
    real + synthetic, real + synthetic + oversampling), scored on the real validation split; per seed and
    averaged over --seeds.
 
-Targets (issues #15, #24): rare-class IoU of real + synthetic above real + oversampling by >= +0.10 and mIoU not
-lower; ratio MAE <= 0.05; <= 25 CPU-minutes.
+Targets (issue #24): over 5 seeds, real + synthetic above real + oversampling on the rare class by >= +0.05 IoU on
+average and in at least 4 of 5 seeds, mIoU not lower, no class more than 0.05 lower on average; ratio MAE <= 0.05
+with matching; <= 25 CPU-minutes. The last row says PASS or MISSED for each.
 The ratio rows are measured with ratio matching (generate_synthetic_dataset.py's default) and without it.
 """
 
@@ -64,7 +68,14 @@ def parse_args():
         help="Real training pairs of every model: generators and segmenters.",
     )
     parser.add_argument("--downstream_steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Downstream seeds.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Downstream seeds.")
+    parser.add_argument(
+        "--toy_style",
+        choices=["textured", "flat"],
+        default="textured",
+        help="textured: colour does not tell the class (not saturated); flat: one colour per class (the palette "
+        "segmenter then also scores the renders). (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
     parser.add_argument(
         "--ratio_rows_only", action="store_true", help="Only the --ratios rows, with the layout model in --work_dir."
@@ -119,9 +130,11 @@ def ratio_rows(layout: Path, work: Path, seconds: dict, num_layouts: int) -> lis
 
 def downstream(synthetic: Path, data: Path, work: Path, args) -> dict:
     out = work / "eval"
+    # The palette segmenter reads flat toy images exactly; textured ones it cannot read (colours are shared).
+    consistency = ["--segmenter", "palette", "--metrics", "miou"] if args.toy_style == "flat" else ["--metrics", ""]
     run(
-        "evaluate.py", "--generated_dir", synthetic, "--real_dir", data, "--segmenter", "palette",
-        "--metrics", "miou", "--downstream", "--max_train_samples", args.max_train_samples,
+        "evaluate.py", "--generated_dir", synthetic, "--real_dir", data, *consistency,
+        "--downstream", "--max_train_samples", args.max_train_samples,
         "--downstream_steps", args.downstream_steps, "--downstream_seeds", *args.seeds, "--results_dir", out,
     )  # fmt: skip
     return json.loads((out / "metrics.json").read_text())
@@ -130,11 +143,14 @@ def downstream(synthetic: Path, data: Path, work: Path, args) -> dict:
 def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
     """The RESULTS.md rows of evaluate.py's metrics.json: render fidelity, each seed's arms, synthetic - oversampling."""
     down = evaluation["downstream"]
+    fidelity = down["render_fidelity"]["per_class_iou"]
     rows = [
         {
-            "setup": "synthetic images (palette segmenter vs their layouts; the real-only segmenter of the first seed)",
-            "measurement": f"render consistency mIoU; render fidelity {RARE} IoU",
-            "result": f"{evaluation['miou']:.3f}; {down['render_fidelity']['per_class_iou'][RARE]:.3f}",
+            "setup": "synthetic images read by the real-only segmenter of the first seed, against their layouts",
+            "measurement": "render fidelity per class IoU"
+            + ("; palette-segmenter consistency mIoU" if "miou" in evaluation else ""),
+            "result": ", ".join(f"{name} {iou:.3f}" for name, iou in fidelity.items() if iou is not None)
+            + (f"; {evaluation['miou']:.3f}" if "miou" in evaluation else ""),
         }
     ]
     arms = down["arms"]
@@ -154,13 +170,36 @@ def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
     rows.append(
         {
             "setup": f"downstream, mean over seeds {seeds}",
-            "measurement": f"synthetic - oversampling: mIoU; {RARE} IoU (targets: >= 0, >= +0.10)",
+            "measurement": f"synthetic - oversampling: mIoU; {RARE} IoU (targets: >= 0, >= +0.05)",
             "result": f"{miou['mean']:+.3f} (positive in {miou['positive_seeds']}/{len(seeds)}); "
             f"{rare['mean']:+.3f} (positive in {rare['positive_seeds']}/{len(seeds)}); made worse: "
             f"{', '.join(down['classes_made_worse']) or 'none'}",
         }
     )
     return rows
+
+
+def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num_seeds: int) -> dict:
+    """Issue #24's targets, each PASS or MISSED (a missed target stays in the table)."""
+    versus = down["synthetic_vs_oversampling"]
+    rare, miou = versus["per_class_iou"][RARE], versus["miou"]
+    alone = [row for row in rows if "--no_match_ratios" in row["setup"]]
+    model_mae = max(float(row["result"].split(";")[0]) for row in alone) if alone else None
+    checks = {
+        f"{RARE} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
+        f"... positive in >= 4 of 5 seeds ({rare['positive_seeds']} of {num_seeds})": rare["positive_seeds"]
+        >= round(0.8 * num_seeds),
+        f"mIoU not lower ({miou['mean']:+.3f})": miou["mean"] >= 0,
+        f"no class below -0.05 ({', '.join(down['classes_made_worse']) or 'none'})": not down["classes_made_worse"],
+        f"--balance ratio MAE <= 0.05 ({balance['mae']:.4f})": balance["mae"] <= 0.05,
+        f"model-only ratio MAE <= 0.03 (worst request {model_mae})": model_mae is not None and model_mae <= 0.03,
+        f"<= 25 minutes ({seconds / 60:.1f})": seconds <= 25 * 60,
+    }
+    return {
+        "setup": "issue #24's targets",
+        "measurement": "PASS / MISSED",
+        "result": "; ".join(f"{'PASS' if ok else 'MISSED'} {name}" for name, ok in checks.items()),
+    }
 
 
 def main(args):
@@ -175,7 +214,7 @@ def main(args):
 
     seconds["data"] = run(
         "-m", "segdiff.toy", "--output_dir", data, "--num_images", args.num_images, "--val_images", args.val_images,
-        "--size", 32, "--rare_class", RARE, "--rare_rate", args.rare_rate,
+        "--size", 32, "--rare_class", RARE, "--rare_rate", args.rare_rate, "--style", args.toy_style,
     )  # fmt: skip
     stats = json.loads((data / "train" / "class_stats.json").read_text())["classes"][RARE]
 
@@ -219,6 +258,7 @@ def main(args):
     seconds["downstream"] = time.perf_counter() - start
     rows += downstream_rows(evaluation, args.seeds)
     total = time.perf_counter() - started
+    rows.append(targets_row(evaluation["downstream"], balance, rows, total, len(args.seeds)))
     rows.append(
         {
             "setup": "whole benchmark",
