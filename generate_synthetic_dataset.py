@@ -19,7 +19,9 @@ The output is a *generic* dataset that every trainer here takes as it is::
     masks/synthetic_000000.png ...    full multi-class label PNGs (palette attached), at the image size
     class_names.json                  the classes and palette
     metadata.jsonl                    per sample: files, seed, requested and achieved ratios, domain, renderer
-    ratio_report.json                 mean |achieved - requested| share, per requested class and overall
+    ratio_report.json                 mean |achieved - requested| share, per requested class and overall; and
+                                      layout_quality: diversity, copying of training maps, shapes of regions
+                                      (segdiff/layout_quality.py), against the layout model's training maps
     generation_args.json              the arguments that determine the samples (a re-run must match them)
 
 Sample i uses seed --seed + i for its request, its layout and its image, whatever the batch size or the
@@ -36,11 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from segdiff.arguments import add_switch, image_size
-from segdiff.data import DatasetError, exit_on_bad_input, save_label_png
+from segdiff.data import DatasetError, dataset_from_args, exit_on_bad_input, read_label_map, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_path
 from segdiff.geometry import ImageSize
-from segdiff.labels import resize_labels
+from segdiff.labels import IGNORE_INDEX, resize_labels
+from segdiff.layout_quality import evenly_spaced, layout_quality
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.processes import generation_state
@@ -81,6 +84,14 @@ def parse_args(argv=None):
         help="Steer every layout sampling step to the requested shares exactly (LayoutDiffusionPipeline's "
         "match_ratios; on by default); --no_match_ratios samples the model's own following of the request.",
     )
+    parser.add_argument(
+        "--match_strength",
+        type=float,
+        default=1.0,
+        help="How far ratio matching steers each step, 0..1: 1 exactly to the request, 0 not at all (the model "
+        "alone); between, a trade of exact shares for layouts more the model's own (segdiff/pipelines/layout.py's "
+        "match_requested_shares says how). (default: %(default)s)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Layout sampling steps.")
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default=None, help="Layout scheduler.")
     parser.add_argument("--domain", default=None, help="Domain of every layout (e.g. Urban or Rural for LoveDA).")
@@ -108,11 +119,26 @@ def parse_args(argv=None):
         help="Size of images and masks, N or HEIGHT,WIDTH. Default: the renderer's training resolution "
         "(--layouts_only: the layout model's); layouts are resized, nearest.",
     )
+    parser.add_argument(
+        "--quality_reference_maps",
+        type=int,
+        default=512,
+        help="Training maps of the layout model (evenly spaced over its split) that ratio_report.json's "
+        "layout_quality compares the layouts with; 0 skips it. (default: %(default)s)",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Samples per forward pass.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be at least 1")
+    if not 0 <= args.match_strength <= 1:
+        parser.error(
+            f"--match_strength must be in [0, 1] (1: exact shares, 0: the model alone), not {args.match_strength}"
+        )
+    if not args.match_ratios and args.match_strength != 1:
+        parser.error("--match_strength steers ratio matching: drop it with --no_match_ratios (the model alone)")
+    if args.quality_reference_maps < 0:
+        parser.error("--quality_reference_maps must be 0 (no layout_quality) or more")
     return args
 
 
@@ -170,6 +196,49 @@ def write_sample(writer: SampleWriter, index: int, label: np.ndarray, image, rec
 
 
 # ------------------------------------------------------------------------------------------------
+# Layout quality
+# ------------------------------------------------------------------------------------------------
+
+
+def generated_layouts(save_dir, records: list[dict], layout_size: ImageSize) -> np.ndarray:
+    """Every sample's mask (this run's and earlier runs' alike), back at the size the layout model drew it: the
+    masks are its layouts enlarged nearest, so nothing is lost (exactly so for whole factors), and the comparison
+    with the training maps does not depend on --resolution."""
+    return np.stack([resize_labels(read_label_map(save_dir / r["mask_file_name"]), *layout_size) for r in records])
+
+
+def training_maps(layout_run: TrainedRun, size: ImageSize, cap: int) -> tuple[np.ndarray, int]:
+    """At most ``cap`` of the layout model's training maps (evenly spaced over its split, resized nearest to
+    ``size``) and how many the split holds, from the dataset its training_config.json records. A DatasetError when
+    they cannot be read."""
+    if "data_root" not in layout_run.config:
+        raise DatasetError(f"{layout_run.run_dir} has no training_config.json naming the layout model's training data")
+    dataset = dataset_from_args(argparse.Namespace(**layout_run.config))
+    chosen = evenly_spaced(len(dataset), cap)
+    maps = []
+    for index in chosen:
+        mask_path = dataset.pairs[index][1]
+        label = dataset.decode_label(read_label_map(mask_path))
+        dataset.check_label_ids(label, mask_path)
+        maps.append(resize_labels(label, *size))
+    return np.stack(maps), len(dataset)
+
+
+def quality_section(layout_run: TrainedRun, generated: np.ndarray, class_names: list[str], cap: int) -> dict:
+    """ratio_report.json's layout_quality, or why there is none (a note, not a failure: the samples are written)."""
+    if cap == 0:
+        return {"skipped": "--quality_reference_maps 0"}
+    try:
+        real, in_split = training_maps(layout_run, ImageSize.of(generated.shape[1:]), cap)
+    except DatasetError as error:
+        return {"skipped": f"the layout model's training maps could not be read: {error}"}
+    ignore_index = int(layout_run.setting("ignore_index", IGNORE_INDEX))
+    section = layout_quality(generated, real, class_names, ignore_index, max_pairwise_maps=cap)
+    data = {key: layout_run.setting(key) for key in ("data_root", "dataset", "split")}
+    return {**section, "reference": {**data, "maps_in_split": in_split}}
+
+
+# ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
@@ -210,6 +279,7 @@ def main(args):
         "balance": args.balance,
         "guidance_scale": args.guidance_scale,
         "match_ratios": args.match_ratios,
+        "match_strength": args.match_strength,
         "num_inference_steps": args.num_inference_steps,
         "scheduler": args.scheduler,
         "domain": args.domain,
@@ -239,6 +309,7 @@ def main(args):
             generator=cpu_generators(args.seed + i for i in batch),
             scheduler=args.scheduler,
             match_ratios=args.match_ratios,
+            match_strength=args.match_strength,
         ).label_maps
         labels = [resize_labels(layout, *size) for layout in layouts]
         images = [None] * len(batch)
@@ -263,12 +334,15 @@ def main(args):
                 "achieved_ratios": {name: round(float(v), 4) for name, v in zip(class_names, achieved)},
                 "domain": args.domain,
                 "renderer": None if renderer is None else renderer.kind,
+                "match_strength": args.match_strength if args.match_ratios else 0.0,
             }
             write_sample(writer, index, label, image, record)
 
     records = writer.finish([stem(i) for i in range(args.num_samples)])  # metadata.jsonl, in index order
     if state.is_main_process:
         report = ratio_report(records, class_names)
+        generated = generated_layouts(writer.save_dir, records, pipeline.default_size)
+        report["layout_quality"] = quality_section(layout_run, generated, class_names, args.quality_reference_maps)
         write_json_atomic(writer.save_dir / "ratio_report.json", report)
         mae = "no class requested" if report["mae"] is None else f"MAE {report['mae']:.4f}"
         print(f"Wrote {args.num_samples} samples to {writer.save_dir}; requested vs achieved ratios: {mae}")

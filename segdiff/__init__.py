@@ -7,6 +7,7 @@ evaluation -> runs, rendering, data -> pipelines -> models -> leaves):
 * ``training``: accelerate plumbing of every trainer (arguments, seeded sampling, checkpoints, resume, EMA, run files)
 * ``generation``: the generators' command line, mask reading, the one resumable output writer
 * ``evaluation``, ``metrics``, ``downstream``: scoring generated data
+* ``layout_quality``: diversity, copying and region shapes of generated layouts against real label maps
 * ``runs``: the one way to open a trained folder or one of its checkpoint-N/ folders
 * ``rendering``: label maps -> images with a trained ControlNet or SDM
 * ``data``: dataset layouts, class-name files, label PNG I/O, joint transforms, the dataset check

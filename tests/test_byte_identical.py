@@ -14,7 +14,10 @@ arguments, whose keys the restructuring renames on purpose (and generation_confi
 differs between the two runs anyway); what those arguments produce is compared, in every other file.
 
 Every file the baseline wrote must be written by the current tree too, byte-identical (SHA-256). Files that only
-the current tree writes are allowed: new outputs may be added.
+the current tree writes are allowed: new outputs may be added. So are new keys in a JSON file the baseline wrote,
+where ADDED_KEYS names them (issue 24: ratio_report.json's layout_quality section, metadata.jsonl's match_strength):
+such a file is compared byte for byte with those keys taken out (and re-written as the generator writes it), and
+the keys must be there.
 
 When a later change alters the outputs on purpose (a new seed formula, another default), move BASELINE to the
 commit just before that change, rather than loosening the comparison.
@@ -22,6 +25,7 @@ commit just before that change, rather than loosening the comparison.
 
 import hashlib
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -36,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "c00fe06"
 # Records of the arguments, whose keys are being renamed on purpose (see the module docstring).
 NOT_COMPARED = {"generation_args.json", "generation_config.json"}
+# Keys a generator now adds to the JSON files the baseline wrote (see the module docstring), by script and file.
+ADDED_KEYS = {
+    "generate_synthetic_dataset.py": {"ratio_report.json": ("layout_quality",), "metadata.jsonl": ("match_strength",)}
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,10 +84,30 @@ def generate(tree: Path, script: str, save_dir: Path, *args) -> Path:
     return save_dir
 
 
-def digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` but the argument records, by path relative to it."""
+def without_keys(path: Path, keys: tuple[str, ...]) -> bytes:
+    """A JSON file (or JSON Lines, one object a line) with ``keys`` taken out of its objects, written back as
+    segdiff.files writes it; each key must have been there."""
+    from segdiff.files import jsonable
+
+    def taken_out(record: dict) -> dict:
+        missing = [key for key in keys if key not in record]
+        assert not missing, f"{path.name} lacks the keys {missing} that ADDED_KEYS says this version adds"
+        return {key: value for key, value in record.items() if key not in keys}
+
+    if path.suffix == ".jsonl":
+        lines = path.read_text().splitlines()
+        return "".join(json.dumps(jsonable(taken_out(json.loads(line)))) + "\n" for line in lines).encode()
+    return (json.dumps(jsonable(taken_out(json.loads(path.read_text()))), indent=2) + "\n").encode()
+
+
+def digests(folder: Path, added_keys: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` but the argument records, by path relative to it; a file named in
+    ``added_keys`` is hashed with those keys taken out."""
+    added_keys = added_keys or {}
     return {
-        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        path.relative_to(folder).as_posix(): hashlib.sha256(
+            without_keys(path, added_keys[path.name]) if path.name in added_keys else path.read_bytes()
+        ).hexdigest()
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name not in NOT_COMPARED
     }
@@ -89,7 +117,7 @@ def assert_same_outputs(baseline_tree: Path, tmp_path: Path, script: str, *args)
     """Run ``script`` of the baseline and of the current tree with the same ``args``, each into its own
     --save_dir: every file the baseline wrote (but the argument records) must be in the new output, identical."""
     old = digests(generate(baseline_tree, script, tmp_path / "baseline", *args))
-    new = digests(generate(ROOT, script, tmp_path / "current", *args))
+    new = digests(generate(ROOT, script, tmp_path / "current", *args), ADDED_KEYS.get(script))
     # Guards against a test that compares nothing: the baseline wrote files, images among them.
     assert old, f"the baseline's {script} wrote nothing to compare"
     assert any(name.startswith("images/") and name.endswith(".png") for name in old), sorted(old)

@@ -183,6 +183,41 @@ def test_ratio_matching_makes_the_layouts_hold_the_requested_shares(pipeline):
     assert errors[True] < 0.01 and errors[True] < errors[False] / 3, errors
 
 
+def test_match_strength_scales_the_per_class_shift():
+    """Strength s adds s times the full shift to the log-probabilities: 0 is the model's softmax, 1 the match."""
+    logits = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    ratios = torch.tensor([[0.0, 0.3, 0.0, 0.05], [0.6, 0.2, 0.1, 0.1]])
+    known = torch.tensor([[False, True, False, True], [True, True, True, True]])
+    log_probs = logits.log_softmax(1)
+    full = match_requested_shares(logits, ratios, known) - log_probs
+    for strength in (0.0, 0.5):
+        partial = match_requested_shares(logits, ratios, known, strength) - log_probs
+        torch.testing.assert_close(partial, strength * full, atol=1e-5, rtol=0)
+
+
+def test_match_strength_trades_exact_shares_for_the_model_alone(pipeline):
+    """Strength 1 is the default matching, 0 the model alone (to the last bit), and 0.5 lands in between."""
+    count = 4
+    ratios = torch.tensor([[0.0, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.08], [0.7, 0.1, 0.15, 0.05]]).repeat(count, 1)
+    known = ratios > 0
+
+    def layouts(**kwargs):
+        return pipeline(ratios, known, num_inference_steps=20, generator=seeds(*range(3 * count)), **kwargs).label_maps
+
+    default, model_alone = layouts(), layouts(match_ratios=False)
+    np.testing.assert_array_equal(layouts(match_strength=1.0), default)
+    np.testing.assert_array_equal(layouts(match_strength=0.0), model_alone)
+    errors = {}
+    for strength, maps in ((1.0, default), (0.5, layouts(match_strength=0.5)), (0.0, model_alone)):
+        errors[strength] = (class_ratios(torch.from_numpy(maps), 4) - ratios).abs()[known].mean().item()
+    print(f"ratio MAE by match strength: {errors}")
+    assert errors[1.0] < errors[0.5] < errors[0.0], errors
+    with pytest.raises(ValueError, match=r"match_strength must be in \[0, 1\]"):
+        pipeline(ratios[:1], known[:1], match_strength=1.5)
+    with pytest.raises(ValueError, match="with match_ratios=False leave it at 1"):
+        pipeline(ratios[:1], known[:1], match_ratios=False, match_strength=0.5)
+
+
 def test_sparse_requests_and_per_sample_generators(pipeline):
     """Only one class named; sample i is the same alone and in a batch, also with the stochastic DDPM sampler."""
     ratios = torch.zeros(3, 4)

@@ -70,8 +70,9 @@ def test_ratio_report_is_the_mean_absolute_error_over_requested_classes():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """An untrained tiny layout model with its class_prior.json, and an untrained tiny pixel SDM renderer."""
+def models(toy_data, tmp_path_factory):
+    """An untrained tiny layout model with its class_prior.json and a training_config.json naming the toy data as
+    its training maps, and an untrained tiny pixel SDM renderer."""
     import json
 
     import torch
@@ -99,6 +100,8 @@ def models(tmp_path_factory):
     write_class_names(root / "layout" / "class_names.json", names, palette)
     prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
     (root / "layout" / "class_prior.json").write_text(json.dumps({"class_names": names, **prior}))
+    training_config = {"pipeline": "layout_diffusion", "data_root": str(toy_data), "dataset": "generic"}
+    (root / "layout" / "training_config.json").write_text(json.dumps(training_config))
     SemanticDiffusionPipeline(sdm, sdm_scheduler(), class_names=names).save_pretrained(root / "sdm")
     write_class_names(root / "sdm" / "class_names.json", names, palette)
     (root / "sdm" / "training_config.json").write_text(json.dumps({"pipeline": "spade_sdm", "resolution": 32}))
@@ -186,7 +189,7 @@ def test_two_processes_write_what_one_writes_and_a_rerun_adds_only_what_is_missi
     ] == list(range(6))
 
 
-def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch):
+def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "layouts"
     generate(models, out, "--layouts_only", "--num_samples", "2")
     assert not (out / "images").exists() and len(list((out / "masks").iterdir())) == 2
@@ -201,10 +204,66 @@ def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch):
     assert "disk:0.8 + square:0.3 = 1.1" in refusal("--ratios", "disk:0.8,square:0.3")
     assert "--num_inference_steps: 2 there, 5 now" in refusal("--num_inference_steps", "5")
     assert "trained without domains" in refusal("--domain", "Urban", "--num_inference_steps", "2")
+
+    from generate_synthetic_dataset import parse_args
+
+    command = ["--layout_model", str(models / "layout"), "--save_dir", str(out), "--num_samples", "2", "--layouts_only"]
+    for extra, message in (
+        (["--match_strength", "1.5"], "--match_strength must be in [0, 1]"),
+        (["--no_match_ratios", "--match_strength", "0.5"], "drop it with --no_match_ratios"),
+        (["--quality_reference_maps", "-1"], "--quality_reference_maps must be 0 (no layout_quality) or more"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(command + extra)
+        assert message in capsys.readouterr().err
     assert "holds a 'spade_sdm' model. Fix: pass the output folder of train_layout_diffusion.py" in script_error(
         monkeypatch, "generate_synthetic_dataset.py", "--layout_model", models / "sdm", "--save_dir", tmp_path / "x",
         "--num_samples", "1", "--layouts_only",
     )  # fmt: skip
+
+
+def test_the_ratio_report_holds_the_layout_quality_against_the_training_maps(models, toy_data, tmp_path):
+    import json
+    import shutil
+
+    from segdiff.data import read_label_map
+    from segdiff.labels import resize_labels
+    from segdiff.layout_quality import layout_quality
+
+    out = tmp_path / "layouts"
+    generate(models, out, "--layouts_only", "--ratios", "disk:0.3", "--match_strength", "0.5", "--num_samples", "3")
+    assert json_of(out / "generation_args.json")["match_strength"] == 0.5
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [record["match_strength"] for record in records] == [0.5, 0.5, 0.5]
+
+    # The section is layout_quality of the written masks against every toy map, brought to the layout size.
+    quality = json_of(out / "ratio_report.json")["layout_quality"]
+    generated = np.stack([read_label_map(out / record["mask_file_name"]) for record in records])
+    real = np.stack([resize_labels(read_label_map(path), 16, 16) for path in sorted((toy_data / "masks").iterdir())])
+    expected = layout_quality(generated, real, NAMES_TOY, 255, max_pairwise_maps=512)
+    assert quality == json.loads(json.dumps({**expected, "reference": {
+        "data_root": str(toy_data), "dataset": "generic", "split": None, "maps_in_split": 24}}))  # fmt: skip
+    assert quality["generated_maps"] == 3 and quality["reference_maps"] == 24 and quality["size"] == [16, 16]
+    # --quality_reference_maps caps the reference (evenly spaced over the split).
+    capped = tmp_path / "capped"
+    generate(models, capped, "--layouts_only", "--num_samples", "2", "--quality_reference_maps", "5")
+    assert json_of(capped / "ratio_report.json")["layout_quality"]["reference_maps"] == 5
+
+    # Training data that is no longer where the run recorded it: a note, and the samples are there.
+    moved = tmp_path / "moved-layout"
+    shutil.copytree(models / "layout", moved)
+    config = json_of(moved / "training_config.json")
+    (moved / "training_config.json").write_text(json.dumps({**config, "data_root": str(tmp_path / "gone")}))
+    result = run_script(
+        "generate_synthetic_dataset.py", "--layout_model", moved, "--save_dir", tmp_path / "unscored",
+        "--layouts_only", "--num_samples", "2", "--num_inference_steps", "2",
+    )  # fmt: skip
+    skipped = json_of(tmp_path / "unscored" / "ratio_report.json")["layout_quality"]
+    assert skipped == {
+        "skipped": f"the layout model's training maps could not be read: --data_root {tmp_path / 'gone'} does not "
+        "exist or is not a folder. Fix: check the path."
+    }
+    assert "Wrote 2 samples" in result.stdout
 
 
 def json_of(path):

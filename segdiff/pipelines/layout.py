@@ -19,7 +19,9 @@ rescaled per class, so that each requested class's mean probability over the map
 (and the classes left to the model share the rest, with the odds between them the model gave); see
 `match_requested_shares`. The model alone follows a request only roughly (toy data, 600 training steps: mean
 error 0.06 of the pixels); with matching the error is about 0.002, because the denoising trajectory itself is
-steered, and the model still draws the shapes around it. ``match_ratios=False`` samples the model as it is.
+steered, and the model still draws the shapes around it. ``match_ratios=False`` samples the model as it is;
+``match_strength`` between 0 and 1 steers each step part of the way (see `match_requested_shares`), trading exact
+shares for layouts more the model's own.
 
 Sample i depends only on its own generator: its starting noise is drawn on the CPU from ``generator[i]``, and
 stochastic samplers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
@@ -65,6 +67,7 @@ def match_requested_shares(
     logits: torch.Tensor,
     ratios: torch.Tensor,
     known: torch.Tensor,
+    strength: float = 1.0,
     tolerance: float = 1e-5,
     max_iterations: int = 200,
 ) -> torch.Tensor:
@@ -78,6 +81,13 @@ def match_requested_shares(
     of its target (a few rounds on a model's logits; ``max_iterations`` at most). A row with nothing known is returned as
     it came; a row where everything is known but the shares add up to less than 1 is matched to its shares
     rescaled to 1. Shifts are bounded (+-30: a class asked at 0 is driven out, not to -inf).
+
+    ``strength`` in [0, 1] scales the shifts found: each pixel's distribution becomes ``p**(1 - s) * q**s``
+    (renormalised), between the model's own ``p`` (0) and the matched ``q`` (1): a geometric mixture in log space,
+    as classifier-free guidance mixes its two predictions. Why this form: the shift stays one number per class, the
+    same at every pixel, so at every strength it changes how much of each class there is, never where the model
+    puts it, and every step is steered a little. Matching in only some of the steps instead would leave the early
+    ones (where the regions are placed) or the late ones (where the shares settle) to the model alone.
 
     The mean *probability* is matched, not the count of pixels where a class wins: a class the model gives no
     place (a request far outside what it learned) gains probability thinly everywhere and may still win nowhere.
@@ -101,7 +111,7 @@ def match_requested_shares(
         if (wanted - shares).abs().max() <= tolerance:
             break
         shift = (shift + wanted.clamp(min=eps).log() - shares.clamp(min=eps).log()).clamp(-30.0, 30.0)
-    return (log_probs + shift[..., None, None]).to(logits.dtype)
+    return (log_probs + strength * shift[..., None, None]).to(logits.dtype)
 
 
 @dataclass
@@ -232,6 +242,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         width: int | None = None,
         scheduler: str | None = None,
         match_ratios: bool = True,
+        match_strength: float = 1.0,
         return_dict: bool = True,
     ):
         """Sample one label map per row of ``ratios``.
@@ -243,8 +254,16 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         ``height``/``width``: the layout size (default: the training size). ``scheduler``: the sampler of this call
         by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own.
         ``match_ratios``: steer every step's prediction to the requested shares (`match_requested_shares`);
-        False samples the model's own following of the request.
+        False samples the model's own following of the request. ``match_strength`` in [0, 1]: how far each step is
+        steered (1: exactly to the request; 0: not at all, the model alone, as ``match_ratios=False``; between:
+        the geometric mixture of `match_requested_shares`, a trade of exact shares for the model's own layouts).
         """
+        if not 0 <= match_strength <= 1:
+            raise ValueError(
+                f"match_strength must be in [0, 1] (1: exact shares, 0: the model alone), got {match_strength}"
+            )
+        if not match_ratios and match_strength != 1:
+            raise ValueError("match_strength steers ratio matching: with match_ratios=False leave it at 1")
         ratios, known = self.check_request(ratios, known)
         batch_size = ratios.shape[0]
         domains = self.check_domains(domain, batch_size)
@@ -279,8 +298,8 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
             if guided:
                 conditional, unconditional = logits.chunk(2)
                 logits = unconditional + guidance_scale * (conditional - unconditional)
-            if match_ratios:
-                logits = match_requested_shares(logits, requested_ratios, requested_known)
+            if match_ratios and match_strength > 0:  # strength 0 is the model alone, to the last bit
+                logits = match_requested_shares(logits, requested_ratios, requested_known, match_strength)
             clean = analog_from_logits(logits).to(samples.dtype)
             samples = sampler.step(clean, t, samples, **step_kwargs).prev_sample
 
