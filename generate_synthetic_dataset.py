@@ -94,7 +94,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Layout sampling steps.")
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default=None, help="Layout scheduler.")
-    parser.add_argument("--domain", default=None, help="Domain of every layout (e.g. Urban or Rural for LoveDA).")
+    parser.add_argument(
+        "--domain",
+        default=None,
+        help="The layouts' domain (LoveDA: Urban or Rural), or several, comma separated, to mix them in one run: "
+        "sample i gets the (i mod k)-th. It conditions the layout model, picks the per-domain class prior of "
+        "--balance, and fills a ControlNet renderer's {domain} prompt.",
+    )
 
     render = parser.add_argument_group("rendering")
     target = render.add_mutually_exclusive_group(required=True)
@@ -157,25 +163,39 @@ def load_prior(run: TrainedRun) -> dict:
     return json.loads(path.read_text())
 
 
-def requests(args, class_names: list[str], prior: dict | None) -> list[dict[int, float]]:
-    """The request of every sample: the same --ratios for all, a --balance draw seeded by the sample's own seed,
-    or none (the data's distribution)."""
+def requests(args, class_names: list[str], prior: dict | None, domains: list[str | None]) -> list[dict[int, float]]:
+    """The request of every sample: the same --ratios for all, a --balance draw seeded by the sample's own seed
+    (from the class prior of the sample's domain, when training wrote one), or none (the data's distribution)."""
     if args.ratios is not None:
         fixed = parse_ratios(args.ratios, class_names)
         return [fixed] * args.num_samples
     if args.balance:
-        return [balanced_request(prior, np.random.default_rng(args.seed + i)) for i in range(args.num_samples)]
+        return [
+            balanced_request(prior_of(prior, domains[i]), np.random.default_rng(args.seed + i))
+            for i in range(args.num_samples)
+        ]
     return [{}] * args.num_samples
 
 
-def domain_index(pipeline: LayoutDiffusionPipeline, domain: str | None) -> int | None:
-    if domain is None:
-        return None
+def prior_of(prior: dict, domain: str | None) -> dict:
+    """The class frequencies of one domain's training maps (class_prior.json's ``per_domain``), else of all."""
+    return prior.get("per_domain", {}).get(domain, prior) if domain else prior
+
+
+def sample_domains(pipeline: LayoutDiffusionPipeline, text: str | None, num_samples: int) -> list[str | None]:
+    """Each sample's domain: --domain's names in turn (sample i gets the (i mod k)-th), or None without it."""
+    if text is None:
+        return [None] * num_samples
+    names = [name.strip() for name in text.split(",") if name.strip()]
     if not pipeline.domains:
-        raise DatasetError(f"--domain {domain}: this layout model was trained without domains. Fix: drop --domain.")
-    if domain not in pipeline.domains:
-        raise DatasetError(f"--domain {domain}: the layout model's domains are {', '.join(pipeline.domains)}.")
-    return pipeline.domains.index(domain)
+        raise DatasetError(f"--domain {text}: this layout model was trained without domains. Fix: drop --domain.")
+    unknown = [name for name in names if name not in pipeline.domains]
+    if unknown or not names:
+        raise DatasetError(
+            f"--domain {text}: {', '.join(unknown) or 'no name'} is not a domain of the layout model; its domains "
+            f"are {', '.join(pipeline.domains)}."
+        )
+    return [names[i % len(names)] for i in range(num_samples)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,8 +272,8 @@ def main(args):
     pipeline.set_progress_bar_config(disable=True)
     class_names, num_classes = list(pipeline.class_names), len(pipeline.class_names)
     prior = load_prior(layout_run) if args.balance else None
-    all_requests = requests(args, class_names, prior)
-    domain = domain_index(pipeline, args.domain)
+    domains = sample_domains(pipeline, args.domain, args.num_samples)
+    all_requests = requests(args, class_names, prior, domains)
 
     renderer = None
     if args.renderer:
@@ -303,7 +323,7 @@ def main(args):
     for batch in tqdm(batches, desc="Samples", disable=not state.is_local_main_process):
         layouts = pipeline(
             *pipeline.requests([all_requests[index] for index in batch]),  # (ratios, known), as the model takes them
-            domain=None if domain is None else [domain] * len(batch),
+            domain=[None if domains[i] is None else pipeline.domains.index(domains[i]) for i in batch],
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.num_inference_steps,
             generator=cpu_generators(args.seed + i for i in batch),
@@ -322,6 +342,7 @@ def main(args):
                 scheduler=args.render_scheduler,
                 height=size.height,
                 width=size.width,
+                domains=[domains[i] for i in batch],
             )
         for index, label, image in zip(batch, labels, images):
             achieved = class_ratios(torch.from_numpy(label)[None], num_classes, pipeline.ignore_index)[0]
@@ -332,7 +353,7 @@ def main(args):
                 "seed": args.seed + index,
                 "requested_ratios": {class_names[c]: share for c, share in all_requests[index].items()},
                 "achieved_ratios": {name: round(float(v), 4) for name, v in zip(class_names, achieved)},
-                "domain": args.domain,
+                "domain": domains[index],
                 "renderer": None if renderer is None else renderer.kind,
                 "match_strength": args.match_strength if args.match_ratios else 0.0,
             }

@@ -1,5 +1,7 @@
 """Synthetic datasets: ratio requests, --balance, the ratio report, and generate_synthetic_dataset.py end to end."""
 
+import shutil
+
 import numpy as np
 import pytest
 from conftest import ROOT, SCRIPT_ENV, run_script, script_error
@@ -270,3 +272,51 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_domains_mix_in_one_run_and_balance_draws_from_each_domains_prior(models, tmp_path):
+    """--domain Urban,Rural: samples take the domains in turn, and --balance asks for what each domain lacks."""
+    import json
+
+    import torch
+
+    from segdiff.models.layout_unet import LayoutUNetModel
+    from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+
+    folder = tmp_path / "domain-layout"
+    shutil.copytree(models / "layout", folder)
+    config = {
+        k: v for k, v in json.loads((ROOT / "configs/models/layout_tiny.json").read_text()).items() if k[0] != "_"
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = LayoutUNetModel.from_config({**config, "num_domains": 2})
+    names = json.loads((folder / "class_names.json").read_text())["class_names"]
+    LayoutDiffusionPipeline(unet, layout_scheduler(), class_names=names, domains=["Urban", "Rural"]).save_pretrained(
+        folder
+    )
+    # Only one class below a uniform share in each domain: --balance asks for it alone (triangle in Urban, disk in
+    # Rural); over all maps it would be another (square).
+    prior = json.loads((folder / "class_prior.json").read_text())
+    prior["pixel_share"] = [0.5, 0.05, 0.25, 0.25]
+    prior["per_domain"] = {
+        "Urban": {"pixel_share": [0.4, 0.3, 0.29, 0.01], "mean_share_when_present": [0.5, 0.3, 0.3, 0.05]},
+        "Rural": {"pixel_share": [0.4, 0.3, 0.01, 0.29], "mean_share_when_present": [0.5, 0.3, 0.05, 0.3]},
+    }
+    (folder / "class_prior.json").write_text(json.dumps(prior))
+
+    save_dir = tmp_path / "mixed"
+    run_script(
+        "generate_synthetic_dataset.py", "--layout_model", folder, "--save_dir", save_dir, "--layouts_only",
+        "--balance", "--domain", "Urban,Rural", "--num_samples", "4", "--num_inference_steps", "2",
+        "--quality_reference_maps", "0",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [r["domain"] for r in records] == ["Urban", "Rural", "Urban", "Rural"]
+    assert [list(r["requested_ratios"]) for r in records] == [["triangle"], ["disk"], ["triangle"], ["disk"]]
+    message = run_script(
+        "generate_synthetic_dataset.py", "--layout_model", folder, "--save_dir", tmp_path / "x", "--layouts_only",
+        "--domain", "Urban,Suburb", "--num_samples", "1", check=False,
+    ).stderr  # fmt: skip
+    assert "Suburb is not a domain of the layout model; its domains are Urban, Rural" in message
+    assert not (tmp_path / "x" / "masks").exists()
