@@ -50,7 +50,7 @@ from segdiff.processes import generation_state
 from segdiff.runs import TrainedRun, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
-from segdiff.synthetic import balanced_request, parse_ratios, ratio_report
+from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
 
 
 def parse_args(argv=None):
@@ -68,6 +68,12 @@ def parse_args(argv=None):
     request.add_argument("--ratios", default=None, help='Shares of named classes, e.g. "water:0.4,road:0.1".')
     request.add_argument(
         "--balance", action="store_true", help="Ask for rare classes most, from the layout model's class_prior.json."
+    )
+    parser.add_argument(
+        "--balance_class_weights",
+        default=None,
+        help='With --balance: "CLASS:FACTOR,..." multiplies how often a class is asked for; 0 leaves it out (e.g. '
+        "a class the renderer draws badly: evaluate.py --downstream's render fidelity column says which).",
     )
     parser.add_argument(
         "--guidance_scale",
@@ -145,6 +151,8 @@ def parse_args(argv=None):
         parser.error("--match_strength steers ratio matching: drop it with --no_match_ratios (the model alone)")
     if args.quality_reference_maps < 0:
         parser.error("--quality_reference_maps must be 0 (no layout_quality) or more")
+    if args.balance_class_weights is not None and not args.balance:
+        parser.error("--balance_class_weights weighs the classes --balance asks for: add --balance, or drop it")
     return args
 
 
@@ -170,8 +178,9 @@ def requests(args, class_names: list[str], prior: dict | None, domains: list[str
         fixed = parse_ratios(args.ratios, class_names)
         return [fixed] * args.num_samples
     if args.balance:
+        weights = parse_class_weights(args.balance_class_weights, class_names) if args.balance_class_weights else None
         return [
-            balanced_request(prior_of(prior, domains[i]), np.random.default_rng(args.seed + i))
+            balanced_request(prior_of(prior, domains[i]), np.random.default_rng(args.seed + i), weights)
             for i in range(args.num_samples)
         ]
     return [{}] * args.num_samples
@@ -297,6 +306,7 @@ def main(args):
         "seed": args.seed,
         "ratios": args.ratios,
         "balance": args.balance,
+        "balance_class_weights": args.balance_class_weights,
         "guidance_scale": args.guidance_scale,
         "match_ratios": args.match_ratios,
         "match_strength": args.match_strength,

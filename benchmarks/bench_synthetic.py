@@ -103,9 +103,11 @@ def ratio_rows(layout: Path, work: Path, seconds: dict, num_layouts: int) -> lis
     """Layouts only, for requests inside the data's range (a one-class, a full one) and one far outside it (the
     rare class at five times its usual share when present): the ratio report of each, with ratio matching (the
     default) and without it (the model's own following of the request)."""
+    names = json.loads((layout / "class_names.json").read_text())["class_names"]
+    common = [name for name in names[1:] if name != RARE][:2]  # the toy's first two object classes
     requests = {
-        "one class": "square:0.15",
-        "full": "background:0.7,square:0.15,disk:0.15",
+        "one class": f"{common[0]}:0.15",
+        "full": f"{names[0]}:0.7,{common[0]}:0.15,{common[1]}:0.15",
         "rare, out of range": f"{RARE}:0.1",
     }
     rows = []

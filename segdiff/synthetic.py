@@ -62,10 +62,37 @@ def balance_weights(pixel_share) -> np.ndarray:
     return deficit / deficit.sum() if deficit.sum() > 0 else np.full(len(pixel_share), 1.0 / len(pixel_share))
 
 
-def balanced_request(prior: dict, rng: np.random.Generator) -> dict[int, float]:
-    """One --balance request: a class drawn by `balance_weights`, asked for at its usual size when present
-    (from the prior) times a factor in BALANCE_SIZE_FACTOR, within BALANCE_RATIO_RANGE."""
+def parse_class_weights(text: str, class_names: list[str]) -> np.ndarray:
+    """``--balance_class_weights "road:0,water:0.5"`` -> one factor per class (1 for the classes not named): how
+    much more or less --balance asks for each; 0 leaves a class out (one the renderer cannot draw yet)."""
+    factors = np.ones(len(class_names))
+    for entry in (part.strip() for part in text.split(",")):
+        name, sep, value = entry.rpartition(":")
+        if not sep or name.strip() not in class_names:
+            raise DatasetError(
+                f'--balance_class_weights entry "{entry}" is not CLASS:FACTOR with a class of this model '
+                f'({", ".join(class_names)}). Fix: write e.g. "road:0,water:0.5".'
+            )
+        try:
+            factor = float(value)
+        except ValueError:
+            raise DatasetError(f'--balance_class_weights entry "{entry}": "{value}" is not a number.') from None
+        if not factor >= 0 or factor == float("inf"):
+            raise DatasetError(f'--balance_class_weights entry "{entry}": a factor is finite and >= 0.')
+        factors[class_names.index(name.strip())] = factor
+    return factors
+
+
+def balanced_request(prior: dict, rng: np.random.Generator, class_weights=None) -> dict[int, float]:
+    """One --balance request: a class drawn by `balance_weights` (times ``class_weights``, one factor per class),
+    asked for at its usual size when present (from the prior) times a factor in BALANCE_SIZE_FACTOR, within
+    BALANCE_RATIO_RANGE. No request ({}) when the weights leave no class."""
     weights = balance_weights(prior["pixel_share"])
+    if class_weights is not None:
+        weights = weights * np.asarray(class_weights, dtype=np.float64)
+        if weights.sum() <= 0:
+            return {}
+        weights = weights / weights.sum()
     class_id = int(rng.choice(len(weights), p=weights))
     usual = float(prior["mean_share_when_present"][class_id]) or 1.0 / len(weights)
     share = float(np.clip(usual * rng.uniform(*BALANCE_SIZE_FACTOR), *BALANCE_RATIO_RANGE))

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, SCRIPT_ENV, run_script, script_error
 
 from segdiff.data import DatasetError
-from segdiff.synthetic import balance_weights, balanced_request, parse_ratios, ratio_report
+from segdiff.synthetic import balance_weights, balanced_request, parse_class_weights, parse_ratios, ratio_report
 
 NAMES = ["background", "building", "road", "water"]
 NAMES_TOY = ["background", "square", "disk", "triangle"]
@@ -320,3 +320,16 @@ def test_domains_mix_in_one_run_and_balance_draws_from_each_domains_prior(models
     ).stderr  # fmt: skip
     assert "Suburb is not a domain of the layout model; its domains are Urban, Rural" in message
     assert not (tmp_path / "x" / "masks").exists()
+
+
+def test_balance_class_weights_leave_out_or_weigh_down_classes():
+    names = ["background", "square", "disk", "triangle"]
+    prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
+    np.testing.assert_array_equal(parse_class_weights("triangle:0, disk:2", names), [1, 1, 2, 0])
+    rng = np.random.default_rng(0)
+    asked = [next(iter(balanced_request(prior, rng, [1, 1, 1, 0]))) for _ in range(200)]
+    assert set(asked) == {1, 2}  # the triangle, the rarest, is never asked for once weighted 0
+    assert balanced_request(prior, rng, [1, 0, 0, 0]) == {}  # nothing left to ask for: the data's distribution
+    for bad in ("road:1", "triangle", "triangle:x", "triangle:-1", "triangle:inf"):
+        with pytest.raises(DatasetError, match="--balance_class_weights entry"):
+            parse_class_weights(bad, names)
