@@ -38,7 +38,14 @@ import torch
 from tqdm.auto import tqdm
 
 from segdiff.arguments import add_switch, image_size
-from segdiff.data import DatasetError, dataset_from_args, exit_on_bad_input, read_label_map, save_label_png
+from segdiff.data import (
+    DatasetError,
+    dataset_from_args,
+    exit_on_bad_input,
+    limit_train_samples,
+    read_label_map,
+    save_label_png,
+)
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_path
 from segdiff.geometry import ImageSize
@@ -237,12 +244,13 @@ def generated_layouts(save_dir, records: list[dict], layout_size: ImageSize) -> 
 
 
 def training_maps(layout_run: TrainedRun, size: ImageSize, cap: int) -> tuple[np.ndarray, int]:
-    """At most ``cap`` of the layout model's training maps (evenly spaced over its split, resized nearest to
-    ``size``) and how many the split holds, from the dataset its training_config.json records. A DatasetError when
-    they cannot be read."""
+    """At most ``cap`` of the maps the layout model trained on (evenly spaced over them, resized nearest to
+    ``size``) and how many it trained on, from the dataset and --max_train_samples its training_config.json
+    records. A DatasetError when they cannot be read."""
     if "data_root" not in layout_run.config:
         raise DatasetError(f"{layout_run.run_dir} has no training_config.json naming the layout model's training data")
     dataset = dataset_from_args(argparse.Namespace(**layout_run.config))
+    dataset = limit_train_samples(dataset, layout_run.setting("max_train_samples"))
     chosen = evenly_spaced(len(dataset), cap)
     maps = []
     for index in chosen:
@@ -264,7 +272,7 @@ def quality_section(layout_run: TrainedRun, generated: np.ndarray, class_names: 
     ignore_index = int(layout_run.setting("ignore_index", IGNORE_INDEX))
     section = layout_quality(generated, real, class_names, ignore_index, max_pairwise_maps=cap)
     data = {key: layout_run.setting(key) for key in ("data_root", "dataset", "split")}
-    return {**section, "reference": {**data, "maps_in_split": in_split}}
+    return {**section, "reference": {**data, "maps_trained_on": in_split}}
 
 
 # ------------------------------------------------------------------------------------------------

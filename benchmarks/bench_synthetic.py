@@ -181,11 +181,26 @@ def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def layout_quality_row(quality: dict, num_synthetic: int) -> dict:
+    """ratio_report.json's layout_quality of the --balance layouts, against the layout model's training maps."""
+    diversity, copying = quality["diversity"], quality["copying"]
+    realism = ", ".join(f"{name} {value['summary']:.3f}" for name, value in quality["realism"].items())
+    return {
+        "setup": f"--balance layouts ({num_synthetic}) against the {quality['reference_maps']} training maps",
+        "measurement": "copying (share with IoU > 0.9 to a training map; mean best IoU); diversity (mean pairwise "
+        "IoU, generated / real); realism (per class: Wasserstein distance of component count, size and boundary "
+        "length over the real mean, averaged)",
+        "result": f"{copying['share_above_0.9']:.1%}; {copying['mean_best_iou']:.3f}; "
+        f"{diversity['generated_mean_pairwise_iou']:.3f} / {diversity['real_mean_pairwise_iou']:.3f}; {realism}",
+    }
+
+
 def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num_seeds: int) -> dict:
     """Issue #24's targets, each PASS or MISSED (a missed target stays in the table)."""
     versus = down["synthetic_vs_oversampling"]
     rare, miou = versus["per_class_iou"][RARE], versus["miou"]
     alone = [row for row in rows if "--no_match_ratios" in row["setup"]]
+    copying = balance["layout_quality"]["copying"]["share_above_0.9"]
     model_mae = max(float(row["result"].split(";")[0]) for row in alone) if alone else None
     checks = {
         f"{RARE} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
@@ -194,6 +209,7 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
         f"mIoU not lower ({miou['mean']:+.3f})": miou["mean"] >= 0,
         f"no class below -0.05 ({', '.join(down['classes_made_worse']) or 'none'})": not down["classes_made_worse"],
         f"--balance ratio MAE <= 0.05 ({balance['mae']:.4f})": balance["mae"] <= 0.05,
+        f"layouts copying a training map <= 5% ({copying:.1%})": copying <= 0.05,
         f"model-only ratio MAE <= 0.03 (worst request {model_mae})": model_mae is not None and model_mae <= 0.03,
         f"<= 25 minutes ({seconds / 60:.1f})": seconds <= 25 * 60,
     }
@@ -254,6 +270,7 @@ def main(args):
             f"{stats['image_share']:.1%})",
         }
     )
+    rows.append(layout_quality_row(balance["layout_quality"], args.num_synthetic))
 
     start = time.perf_counter()
     evaluation = downstream(synthetic, data, work, args)

@@ -244,7 +244,7 @@ def test_the_ratio_report_holds_the_layout_quality_against_the_training_maps(mod
     real = np.stack([resize_labels(read_label_map(path), 16, 16) for path in sorted((toy_data / "masks").iterdir())])
     expected = layout_quality(generated, real, NAMES_TOY, 255, max_pairwise_maps=512)
     assert quality == json.loads(json.dumps({**expected, "reference": {
-        "data_root": str(toy_data), "dataset": "generic", "split": None, "maps_in_split": 24}}))  # fmt: skip
+        "data_root": str(toy_data), "dataset": "generic", "split": None, "maps_trained_on": 24}}))  # fmt: skip
     assert quality["generated_maps"] == 3 and quality["reference_maps"] == 24 and quality["size"] == [16, 16]
     # --quality_reference_maps caps the reference (evenly spaced over the split).
     capped = tmp_path / "capped"
@@ -333,3 +333,22 @@ def test_balance_class_weights_leave_out_or_weigh_down_classes():
     for bad in ("road:1", "triangle", "triangle:x", "triangle:-1", "triangle:inf"):
         with pytest.raises(DatasetError, match="--balance_class_weights entry"):
             parse_class_weights(bad, names)
+
+
+def test_layout_quality_compares_with_the_maps_the_layout_model_trained_on(models, toy_data, tmp_path):
+    """Copying means copying a map the model saw: with --max_train_samples, only those pairs are the reference."""
+    import json
+
+    from generate_synthetic_dataset import training_maps
+    from segdiff.data import limit_train_samples, load_segmentation_dataset, read_label_map
+    from segdiff.geometry import ImageSize
+    from segdiff.runs import open_run
+
+    folder = tmp_path / "layout"
+    shutil.copytree(models / "layout", folder)
+    config = json.loads((folder / "training_config.json").read_text())
+    (folder / "training_config.json").write_text(json.dumps({**config, "max_train_samples": 5}))
+    maps, count = training_maps(open_run(folder), ImageSize(32, 32), cap=512)
+    seen = limit_train_samples(load_segmentation_dataset(toy_data, "generic"), 5)
+    assert count == 5 and len(seen) == 5
+    np.testing.assert_array_equal(maps, np.stack([read_label_map(mask) for _, mask in seen.pairs]))
