@@ -297,7 +297,7 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
 
     Each of --beta_schedule/--beta_start/--beta_end not given comes from the --init_from model's saved
     scheduler, so the guidance fine-tune keeps the schedule its model was trained with, else from SDM's.
-    The pipeline saves this scheduler's config, and the generator builds every sampler from it.
+    The pipeline saves this scheduler's config, and the generator builds every scheduler from it.
     """
     scheduler = sdm_scheduler(learn_sigma=learn_sigma, pixel_space=pixel_space)
     trained_with = init_from_schedule(args.init_from) if args.init_from else {}
@@ -520,7 +520,7 @@ def main(args):
 
     style_resolution = unet.config.style_resolution if unet.style_encoder is not None else None
     train_dataset, collate = build_training_data(args, dataset, style_resolution)
-    train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
+    train_dataloader, scheduler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     updates_per_epoch = training.plan_steps(args, len(train_dataloader))
@@ -544,7 +544,7 @@ def main(args):
 
     loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
     model = training.unwrap_model(accelerator, unet)
-    for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
+    for batch in loop.batches(train_dataloader, scheduler, first_epoch, skip_batches):
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
 

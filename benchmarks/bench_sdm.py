@@ -41,7 +41,7 @@ VARIANTS = {
     "pixel, concat": ["--space", "pixel", "--conditioning", "concat"],
     "latent, spade": ["--space", "latent", "--conditioning", "spade"],
 }
-SAMPLERS = ("ddim", "ddpm", "dpmsolver")
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver")
 # (label, scheduler name, steps) of the quality rows; "ODE" is the deterministic DPM-Solver++ of make_scheduler.
 QUALITY_SAMPLERS = (
     ("ddpm 50", "ddpm", 50),
@@ -90,7 +90,7 @@ def generation_rows(variant: str, model: Path, label: np.ndarray, num_images: in
     pipeline = SemanticDiffusionPipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
-    for name in SAMPLERS:
+    for name in SCHEDULERS:
         pipeline.scheduler = make_scheduler(name, pipeline.scheduler.config, stochastic=True)
         kwargs = dict(num_inference_steps=steps, output_type="np", guidance_scale=1.5)
         pipeline(label, generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up

@@ -219,7 +219,10 @@ def test_parse_args_refuses_contradicting_flags(toy_data, tiny_sd_folder, tmp_pa
         (toy_args(toy_data) + ["--train_data_dir", tmp_path], "got --data_root, --train_data_dir"),
         (toy_args(toy_data) + ["--cache_latents", "--random_affine"], "cannot be combined with --random_affine"),
         (toy_args(toy_data) + ["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts must be in [0, 1]"),
-        (toy_args(toy_data) + ["--prompt_template", "a {kind} of {classes}"], "only {classes} and {domain} may be filled in"),
+        (
+            toy_args(toy_data) + ["--prompt_template", "a {kind} of {classes}"],
+            "only {classes} and {domain} may be filled in",
+        ),
     ):
         with pytest.raises(SystemExit):
             parse_args(base + [str(a) for a in extra])

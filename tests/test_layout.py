@@ -219,7 +219,7 @@ def test_match_strength_trades_exact_shares_for_the_model_alone(pipeline):
 
 
 def test_sparse_requests_and_per_sample_generators(pipeline):
-    """Only one class named; sample i is the same alone and in a batch, also with the stochastic DDPM sampler."""
+    """Only one class named; sample i is the same alone and in a batch, also with the stochastic DDPM scheduler."""
     ratios = torch.zeros(3, 4)
     known = torch.zeros(3, 4, dtype=torch.bool)
     ratios[0, 2], known[0, 2] = 0.3, True  # disk only

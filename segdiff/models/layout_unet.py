@@ -10,12 +10,12 @@ Representation: continuous one-hot ("analog") diffusion with an x0 prediction tr
   -1 elsewhere (`labels_to_analog`). Gaussian noise is added to it by an ordinary diffusers scheduler (cosine
   betas, ``prediction_type="sample"``; see ``layout_scheduler`` in segdiff/pipelines/layout.py).
 - The UNet predicts class logits per pixel; the clean sample it hands the scheduler is ``2 * softmax - 1``,
-  so any diffusers sampler (DDIM, DDPM, DPM-Solver) runs unchanged, and the label map is the argmax of the
+  so any diffusers scheduler (DDIM, DDPM, DPM-Solver) runs unchanged, and the label map is the argmax of the
   last sample. Training is cross-entropy between those logits and the true classes, ignore_index pixels
   excluded (they enter the noisy input as 0: no class).
 
 Why this and not a discrete D3PM (uniform or absorbing transitions, as diffusers' VQDiffusionScheduler): the
-continuous form keeps every diffusers sampler (the pipeline's ``scheduler="ddim" | "ddpm" | "dpmsolver"``) and
+continuous form keeps every diffusers scheduler (the pipeline's ``scheduler="ddim" | "ddpm" | "dpmsolver"``) and
 their short step counts, classifier-free guidance is a plain mix of two logit maps, and the x0 cross-entropy is
 the same loss a D3PM's auxiliary x0 term uses. D3PM itself was not trained here for comparison.
 
@@ -45,7 +45,7 @@ run                                    full request     one class requested     
 
 "Full request": every class at a real val map's shares. "One class": square, disk or triangle at the share it
 has in a val map where it is present, the other classes left to the model. 0.6 square is beyond the data (a
-toy square covers at most 0.38). Other samplers on the 16 px model (full / one class): DDIM 100 steps
+toy square covers at most 0.38). Other schedulers on the 16 px model (full / one class): DDIM 100 steps
 0.031 / 0.059, DDPM 50 0.031 / 0.058, DPM-Solver++ 20 0.037 / 0.061. The main remaining error: about 15 % of
 one-class requests (mostly below 0.1) get none of the class. The pipeline's ratio matching (on by default,
 ``match_ratios`` in segdiff/pipelines/layout.py) steers every sampling step to the requested shares instead:

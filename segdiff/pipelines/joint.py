@@ -177,8 +177,8 @@ class JointImageMaskPipeline(DiffusionPipeline):
         ``class_ids``: a class id, a class name, or a list of them. ``guidance_scale`` > 1 uses
         classifier-free guidance against the empty prompt (the model must have been trained with
         ``--prompt_dropout`` for it to mean anything). ``output_type``: "pil", "np" or "latent".
-        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to samplers
-        whose step takes one (as diffusers' pipelines do); a non-zero eta for another sampler is an error.
+        ``eta``: DDIM's share of fresh noise per step (0: deterministic, 1: as much as DDPM), passed to schedulers
+        whose step takes one (as diffusers' pipelines do); a non-zero eta for another scheduler is an error.
         """
         # 1. What to generate
         ids = [i for i in self.resolve_class_ids(class_ids) for _ in range(num_images_per_prompt)]

@@ -24,13 +24,12 @@ steered, and the model still draws the shapes around it. ``match_ratios=False`` 
 shares for layouts more the model's own.
 
 Sample i depends only on its own generator: its starting noise is drawn on the CPU from ``generator[i]``, and
-stochastic samplers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
+stochastic schedulers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
 batch (up to the last bit of batched convolutions).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from segdiff.geometry import ImageSize
 from segdiff.labels import IGNORE_INDEX
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits
-from segdiff.schedulers import make_scheduler
+from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
 
 
 def layout_scheduler() -> DDPMScheduler:
@@ -251,7 +250,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         ``known`` (B, C) bool is False are ignored (the model chooses). ``domain``: None, or one id (an index into
         ``self.domains``) or None per sample. ``guidance_scale``: classifier-free guidance on the request (1 = off).
         ``generator``: one, or one per sample (then sample i depends only on ``generator[i]``).
-        ``height``/``width``: the layout size (default: the training size). ``scheduler``: the sampler of this call
+        ``height``/``width``: the layout size (default: the training size). ``scheduler``: the scheduler of this call
         by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own.
         ``match_ratios``: steer every step's prediction to the requested shares (`match_requested_shares`);
         False samples the model's own following of the request. ``match_strength`` in [0, 1]: how far each step is
@@ -271,7 +270,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         self.check_size(height, width)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} samples: pass one per sample")
-        sampler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        noise_scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
         device = self._execution_device
 
         requested_ratios, requested_known = ratios.to(device), known.to(device)
@@ -286,14 +285,13 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
         # Starting noise on the CPU: a seed gives the same layout on any device.
         shape = (batch_size, self.unet.config.num_classes, height, width)
         samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-        sampler.set_timesteps(num_inference_steps, device=device)
-        samples = samples.to(device=device, dtype=self.unet.dtype) * sampler.init_noise_sigma
-        accepts_generator = "generator" in inspect.signature(sampler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator else {}
+        noise_scheduler.set_timesteps(num_inference_steps, device=device)
+        samples = samples.to(device=device, dtype=self.unet.dtype) * noise_scheduler.init_noise_sigma
+        step_kwargs = prepare_extra_step_kwargs(noise_scheduler, generator)
 
-        for t in self.progress_bar(sampler.timesteps):
+        for t in self.progress_bar(noise_scheduler.timesteps):
             model_input = torch.cat([samples, samples]) if guided else samples
-            model_input = sampler.scale_model_input(model_input, t)
+            model_input = noise_scheduler.scale_model_input(model_input, t)
             logits = self.unet(model_input, t, ratios, known, domains).sample
             if guided:
                 conditional, unconditional = logits.chunk(2)
@@ -301,7 +299,7 @@ class LayoutDiffusionPipeline(DiffusionPipeline):
             if match_ratios and match_strength > 0:  # strength 0 is the model alone, to the last bit
                 logits = match_requested_shares(logits, requested_ratios, requested_known, match_strength)
             clean = analog_from_logits(logits).to(samples.dtype)
-            samples = sampler.step(clean, t, samples, **step_kwargs).prev_sample
+            samples = noise_scheduler.step(clean, t, samples, **step_kwargs).prev_sample
 
         label_maps = samples.argmax(dim=1).cpu().numpy().astype(np.int64)
         self.maybe_free_model_hooks()
