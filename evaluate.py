@@ -654,8 +654,8 @@ def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, list]:
-    """(train dataset, val pairs) of the real data.
+def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, val) datasets of the real data (datasets, not pairs: each knows how its mask files encode classes).
 
     Train: the --real_split of --real_dir. Val: --real_val_dir, else the val split of --real_dir, else the last
     --downstream_val_fraction of its pairs in `train_sample_order` (the order --max_train_samples takes them in: a
@@ -681,11 +681,11 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, list
     train_root = real_split_root(real_dir, args.real_split) if generic else real_dir
     train = load(train_root, args.real_dataset, args.real_split)
     if args.real_val_dir is not None:
-        val = load(Path(args.real_val_dir), "generic", "val").pairs
+        val = load(Path(args.real_val_dir), "generic", "val")
     elif not generic:
-        val = load(real_dir, args.real_dataset, "val").pairs
+        val = load(real_dir, args.real_dataset, "val")
     elif train_root != real_dir and (real_dir / "val" / "images").is_dir():
-        val = load(real_dir / "val", "generic", "val").pairs
+        val = load(real_dir / "val", "generic", "val")
     else:
         if not 0 < args.downstream_val_fraction < 1:
             raise DatasetError(f"--downstream_val_fraction must be in (0, 1), got {args.downstream_val_fraction}.")
@@ -694,7 +694,7 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, list
             raise DatasetError(f"--real_dir has {len(train)} pairs: too few to hold some out for validation.")
         order = train_sample_order(train.sample_names())
         kept, held_out = order[: len(train) - num_val], order[len(train) - num_val :]
-        val = [train.pairs[index] for index in sorted(held_out)]
+        val = train.select(sorted(held_out))
         train = train.select(sorted(kept))
     return limit_train_samples(train, args.max_train_samples), val
 
@@ -1107,9 +1107,11 @@ def evaluate(args) -> dict:
         downstream = run_downstream(
             real_train.pairs,
             synthetic,
-            real_val,
+            real_val.pairs,
             classes.names,
             synthetic_class_ids=synthetic_class_ids,
+            real_label_offset=real_train.label_offset,
+            val_label_offset=real_val.label_offset,
             steps=args.downstream_steps,
             resolution=resolution or default_downstream_resolution(real_train.pairs),
             batch_size=args.downstream_batch_size,

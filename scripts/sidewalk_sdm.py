@@ -44,17 +44,22 @@ command changes (e.g. weights given later).
 quality; it checks the plumbing.
 """
 
-import argparse
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # segdiff, for the few helpers used here (the scripts themselves run as subprocesses)
 
-from segdiff.files import write_json_atomic, write_text_atomic  # noqa: E402  (cheap: no torch)
+from segdiff.workflow import (  # noqa: E402
+    add_launch_args,
+    argument_parser,
+    fill_defaults,
+    launcher,
+    run_stage,
+    trainer_flags,
+    write_report,
+)
 
 # The reference's targets (001, "Evaluation Metrics"): evaluate.py's metric (its --metrics name, under which
 # metrics.json's "skipped" gives the reason it was not computed), its metrics.json key, name, direction, threshold.
@@ -102,30 +107,14 @@ QUICK = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser(__doc__)
 
     def default(name):
         return f"Default: {FULL[name]} (--quick: {QUICK[name]})."
 
     parser.add_argument("--work_dir", required=True, help="Where every stage writes (see above).")
     parser.add_argument("--quick", action="store_true", help="A tiny CPU run of every stage (see above).")
-    parser.add_argument(
-        "--num_processes",
-        type=int,
-        default=None,
-        help="Processes (GPUs) for training and generation: more than 1 runs them with `accelerate launch "
-        "--multi_gpu`. The reference: 8. Default: 1, or --accelerate_config's.",
-    )
-    parser.add_argument(
-        "--accelerate_config",
-        default=None,
-        help="An accelerate config file for training and generation (run with `accelerate launch --config_file`), "
-        "e.g. configs/accelerate/8xa100_ddp.yaml.",
-    )
+    add_launch_args(parser)  # the reference: --num_processes 8
     parser.add_argument("--seed", type=int, default=0, help="Seeds the split, the training and the samples.")
 
     data = parser.add_argument_group("prepare")
@@ -226,9 +215,7 @@ def parse_args(argv=None):
     evaluation.add_argument("--segmenter_class_map", default=None, help="JSON: segmenter class id -> ours.")
 
     args = parser.parse_args(argv)
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, QUICK if args.quick else FULL)
     if not Path(args.model_config).is_file():
         parser.error(f"--model_config {args.model_config} does not exist. Fix: pass a file of configs/models/.")
     if args.space == "latent" and args.pretrained_model_name_or_path is None:
@@ -240,60 +227,6 @@ def parse_args(argv=None):
     if args.data_dir is not None and not Path(args.data_dir).exists():
         parser.error(f"--data_dir {args.data_dir} does not exist. Fix: point it at a copy of sidewalk-semantic.")
     return args
-
-
-# ------------------------------------------------------------------------------------------------
-# Running a stage
-# ------------------------------------------------------------------------------------------------
-
-
-def launcher(args) -> list[str]:
-    """How the trainer and the generator start: plain python for one process, else accelerate launch."""
-    if args.accelerate_config is None and (args.num_processes or 1) == 1:
-        return [sys.executable]
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if args.accelerate_config is not None:
-        command += ["--config_file", args.accelerate_config]
-    if args.num_processes is not None:  # given: it wins over the config's
-        command += ["--num_processes", str(args.num_processes)]
-    if args.accelerate_config is None:  # what a config would say, so that accelerate asks nothing
-        command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", args.mixed_precision]
-        command += ["--dynamo_backend", "no"]
-    return command
-
-
-def recorded_command(work_dir: Path, stage: str) -> list[str] | None:
-    path = work_dir / "stages" / f"{stage}.json"
-    return json.loads(path.read_text())["command"] if path.is_file() else None
-
-
-def run_stage(work_dir: Path, stage: str, start: list[str], command: list[str], done: bool, redo_when_changed=False):
-    """Run ``start + command`` (command = script and its arguments) unless the stage is done.
-
-    The command of each finished stage is kept in stages/<stage>.json, so a changed flag is noticed: the evaluation
-    is redone, other stages (hours of training) are kept and the difference is pointed out.
-    """
-    before = recorded_command(work_dir, stage)
-    changed = before is not None and before != command
-    if done and not (changed and redo_when_changed):
-        print(f"[{stage}] done: skipped")
-        if changed:
-            print(
-                f"[{stage}] note: it was run with another command ({shlex.join(before)}); "
-                "to redo it with this one, remove its output folder.",
-            )
-        return
-    print(f"[{stage}] {shlex.join(start + command)}", flush=True)
-    # The scripts' own progress and errors go straight to this terminal (and its log).
-    result = subprocess.run(start + [str(ROOT / command[0]), *command[1:]])
-    if result.returncode != 0:
-        raise SystemExit(
-            f"sidewalk_sdm.py: error: the {stage} stage failed (exit code {result.returncode}); its output is "
-            "above. Fix its cause and run the same command again: the finished stages are skipped and this one "
-            "resumes."
-        )
-    (work_dir / "stages").mkdir(exist_ok=True)
-    write_json_atomic(work_dir / "stages" / f"{stage}.json", {"command": command})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,16 +249,7 @@ def training_command(args, data_dir: Path, output_dir: Path) -> list[str]:
     """What both training runs share: the data, the precision, the checkpoints (resumed when there)."""
     command = ["train_spade_sdm.py", "--data_root", str(data_dir), "--dataset", "sidewalk"]
     command += ["--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size)]
-    command += ["--mixed_precision", args.mixed_precision, "--use_ema", "--seed", str(args.seed)]
-    command += ["--checkpointing_steps", str(args.checkpointing_steps), "--checkpoints_total_limit", "3"]
-    command += ["--resume_from_checkpoint", "latest", "--output_dir", str(output_dir)]
-    if args.gradient_checkpointing:
-        command.append("--gradient_checkpointing")
-    if args.quick:
-        command += ["--report_to", "none", "--validation_steps", "0"]
-    else:
-        command += ["--dataloader_num_workers", "4", "--validation_steps", str(args.checkpointing_steps)]
-    return command
+    return command + trainer_flags(args, output_dir)
 
 
 def train_command(args, data_dir: Path, output_dir: Path) -> list[str]:
@@ -493,19 +417,6 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(args, split_dir: Path, metrics_path: Path) -> None:
-    """report.md, then report.json (the stage's done marker, so written last), when older than metrics.json."""
-    report_json = split_dir / "report.json"
-    if report_json.is_file() and report_json.stat().st_mtime_ns >= metrics_path.stat().st_mtime_ns:
-        print("[report] done: skipped")
-    else:
-        report = build_report(args, json.loads(metrics_path.read_text()), metrics_path)
-        write_text_atomic(split_dir / "report.md", report_markdown(report))
-        write_json_atomic(report_json, report)
-    print("\n" + (split_dir / "report.md").read_text())
-    print(f"Report: {split_dir / 'report.md'} and {report_json}")
-
-
 def main(args):
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -541,7 +452,8 @@ def main(args):
         (results_dir / "metrics.json").is_file(),
         redo_when_changed=True,
     )
-    write_report(args, split_dir, results_dir / "metrics.json")
+    metrics_path = results_dir / "metrics.json"
+    write_report(split_dir, metrics_path, lambda metrics: build_report(args, metrics, metrics_path), report_markdown)
 
 
 if __name__ == "__main__":

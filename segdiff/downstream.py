@@ -39,7 +39,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from segdiff.data import DatasetError, check_label_ids, read_image, read_label_map
+from segdiff.data import DatasetError, check_label_ids, decode_label_ids, read_image, read_label_map
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.metrics import confusion_matrix, segmentation_summary
 
@@ -177,8 +177,12 @@ def load_pairs(
     ignore_index: int = IGNORE_INDEX,
     desc: str = "loading",
     class_ids: list[int] | None = None,
+    label_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read (image, mask) files into ``uint8 (N, 3, R, R)`` images and ``int16 (N, R, R)`` label maps.
+
+    ``label_offset``: how the mask files encode classes (`segdiff.data.LABEL_OFFSETS`: LoveDA's files hold 0 for
+    no-data and class + 1), decoded as the dataset's own items are.
 
     With ``class_ids`` (one per pair), the masks are class-vs-rest: each keeps only its class, the rest becomes
     ``ignore_index`` (``class_vs_rest_labels``). Raises ``DatasetError`` naming the mask file when it holds an id
@@ -191,8 +195,8 @@ def load_pairs(
     labels = torch.empty((len(pairs), resolution, resolution), dtype=torch.int16)  # fits 255 and any class id
     for index, (image_path, mask_path) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False)):
         image = read_image(image_path).resize((resolution, resolution), Image.BILINEAR)
-        label = read_label_map(mask_path)
-        check_label_ids(label, num_classes, ignore_index, mask_path)
+        label = decode_label_ids(read_label_map(mask_path), label_offset, ignore_index)
+        check_label_ids(label, num_classes, ignore_index, mask_path, label_offset)
         if class_ids is not None:
             label = class_vs_rest_labels(label, class_ids[index], ignore_index)
         label = resize_labels(label, resolution, resolution)
@@ -458,14 +462,19 @@ def run_downstream(
     ignore_index: int = IGNORE_INDEX,
     device: str | torch.device = "cpu",
     synthetic_class_ids: list[int] | None = None,
+    real_label_offset: int = 0,
+    val_label_offset: int = 0,
 ) -> dict:
     """Train every arm (``ARMS``) once per seed, score each on the real validation pairs, and compare.
 
     ``synthetic_class_ids``: for class-vs-rest synthetic masks (the joint generator's), the class each one
-    marks; their other pixels are ignored in training. Returns, ready for metrics.json: per arm the mean, spread
-    and per-seed values of mIoU, pixel accuracy and per-class IoU; each arm's change from real only and the
-    synthetic arm's change from the oversampled one (per seed, with the seeds where it is positive); the classes
-    the synthetic data makes worse; the render fidelity per class; each class's training pixels; the settings.
+    marks; their other pixels are ignored in training. ``real_label_offset``, ``val_label_offset``: how the real
+    mask files encode classes (LoveDA's: 1, see `load_pairs`); the synthetic ones hold class ids.
+
+    Returns, ready for metrics.json: per arm the mean, spread and per-seed values of mIoU, pixel accuracy and
+    per-class IoU; each arm's change from real only and the synthetic arm's change from the oversampled one (per
+    seed, with the seeds where it is positive); the classes the synthetic data makes worse; the render fidelity per
+    class; each class's training pixels; the settings.
     """
     if resolution % 4:
         raise ValueError(f"--downstream_resolution must be a multiple of 4, got {resolution}")
@@ -475,9 +484,9 @@ def run_downstream(
     num_classes = len(class_names)
     started = time.perf_counter()
     load = {"resolution": resolution, "num_classes": num_classes, "ignore_index": ignore_index}
-    real = load_pairs(real_train, desc="real train", **load)
+    real = load_pairs(real_train, desc="real train", label_offset=real_label_offset, **load)
     generated = load_pairs(synthetic, desc="synthetic", class_ids=synthetic_class_ids, **load)
-    val_images, val_labels = load_pairs(real_val, desc="real val", **load)
+    val_images, val_labels = load_pairs(real_val, desc="real val", label_offset=val_label_offset, **load)
     settings = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "model": model}
     settings.update(pretrained=pretrained, ignore_index=ignore_index, device=device)
 
