@@ -703,6 +703,8 @@ def main(args):
     weight_dtype = training.weight_dtype_for(accelerator)
     with accelerator.main_process_first():  # one process downloads/prepares a hub dataset
         dataset, class_names, palette, source = training_source(args)
+    if args.data_root:  # label maps: bad ones stop the run here, before a model loads
+        training.check_training_data(accelerator, dataset)
     classes = f"{len(class_names)} classes: {class_names}" if class_names else "classes unknown"
     logger.info(f"{len(dataset)} training samples from {source}, {classes}")
 

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from segdiff.arguments import image_size, positive_int
+from segdiff.data import SegmentationDataset, bad_data_error, scan_dataset
 from segdiff.files import write_json_atomic
 from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
@@ -568,6 +569,26 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_pr
 # --------------------------------------------------------------------------------------------
 # Data: deterministic shuffling and per-sample randomness
 # --------------------------------------------------------------------------------------------
+
+
+def check_training_data(accelerator: Accelerator, dataset: SegmentationDataset, *, read_images: bool = True) -> None:
+    """Refuse bad training data before any model loads, with every problem found, not at the batch that draws it.
+
+    This is the check of ``python -m segdiff.data check`` (`segdiff.data.scan_dataset`; ``read_images=False``
+    for a trainer that reads only the masks), split across the processes: each scans a contiguous share of the
+    pairs, and the problems are gathered, in dataset order, to every process, so all of them stop together (none
+    waits for one that has left) and a run of N processes pays 1/N of the time.
+    """
+    from accelerate.utils import gather_object
+
+    share = np.array_split(np.arange(len(dataset)), accelerator.num_processes)[accelerator.process_index]
+    scan = scan_dataset(
+        dataset.select(share.tolist()), read_images=read_images, progress=accelerator.is_local_main_process
+    )
+    problems = gather_object(scan.problems)
+    if problems:
+        raise bad_data_error(dataset, problems)
+    logger.info(f"Checked the {len(dataset)} training pairs: no problems")
 
 
 class EpochSeededSampler(Sampler):

@@ -20,15 +20,17 @@ from segdiff.data import (
     DatasetError,
     JointTransform,
     add_dataset_args,
-    check_dataset,
     choose_train_samples,
     dataset_from_args,
     limit_train_samples,
     load_class_names,
     load_segmentation_dataset,
     read_image,
+    read_image_size,
+    read_label_ids,
     read_label_map,
     save_label_png,
+    scan_dataset,
     write_class_names,
 )
 from segdiff.data import main as data_main
@@ -356,6 +358,12 @@ def test_read_label_map_accepts_every_single_channel_mode(tmp_path):
         label = read_label_map(tmp_path / name)
         assert label.dtype == np.int64 and label.ndim == 2, name
         np.testing.assert_array_equal(label, expected, err_msg=name)
+        # What the check reads: the distinct ids and their pixel counts, counted on the stored integers.
+        ids, counts, size = read_label_ids(tmp_path / name)
+        expected_ids, expected_counts = np.unique(expected, return_counts=True)
+        assert ids.dtype == np.int64 and size == (expected.shape[1], expected.shape[0]), name
+        np.testing.assert_array_equal(ids, expected_ids, err_msg=name)
+        np.testing.assert_array_equal(counts, expected_counts, err_msg=name)
 
 
 def test_colour_mask_is_refused_with_the_fix(tmp_path):
@@ -365,13 +373,15 @@ def test_colour_mask_is_refused_with_the_fix(tmp_path):
         read_label_map(tmp_path / "colour.png")
 
 
-@pytest.mark.parametrize("reader", [read_image, read_label_map])
+@pytest.mark.parametrize("reader", [read_image, read_image_size, read_label_map, read_label_ids])
 def test_truncated_or_garbage_files_name_themselves(tmp_path, reader):
     write_image(tmp_path / "half.png", 40, 40)
     truncate(tmp_path / "half.png")
+    write_image(tmp_path / "half.jpg", 40, 40)
+    truncate(tmp_path / "half.jpg")
     (tmp_path / "junk.png").write_bytes(b"not a png at all")
 
-    for name in ("half.png", "junk.png"):
+    for name in ("half.png", "half.jpg", "junk.png"):
         with pytest.raises(DatasetError, match=rf"cannot read (image|mask) .*{name} .*re-export or re-download"):
             reader(tmp_path / name)
 
@@ -536,7 +546,7 @@ def test_image_and_mask_sizes_must_match(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# check_dataset and the command line
+# scan_dataset and the command line
 # ---------------------------------------------------------------------------------------------
 
 
@@ -551,18 +561,18 @@ def make_broken_generic(root: Path) -> None:
     write_mask(root / "masks" / "d.png", labels["d"])
 
 
-def test_check_dataset_reports_every_problem(tmp_path):
+def test_scan_dataset_reports_every_problem(tmp_path):
     make_broken_generic(tmp_path)
     dataset = load_segmentation_dataset(tmp_path, "generic", num_classes=4)
 
-    problems = check_dataset(dataset)
+    problems = scan_dataset(dataset).problems
 
     assert len(problems) == 4
     assert "cannot read image" in problems[0] and "a.png" in problems[0]
     assert "is 8x8 but its mask" in problems[1]
     assert "c.png is a colour (RGB) mask" in problems[2]
     assert "d.png holds class ids 7" in problems[3]
-    assert check_dataset(load_segmentation_dataset(tmp_path, "generic", num_classes=8)) == problems[:3]
+    assert scan_dataset(load_segmentation_dataset(tmp_path, "generic", num_classes=8)).problems == problems[:3]
 
 
 def start_cli(*args) -> subprocess.Popen:

@@ -9,10 +9,11 @@ segdiff.training and runs the trainer script unchanged.
 """
 
 import os
+import time
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, script_error
 from safetensors.torch import load_file
 
 from segdiff.training import list_checkpoints
@@ -143,6 +144,51 @@ def test_stop_at_max_kill_during_save_resume_and_nan_stop(name, six_images, tiny
     assert {path for path in written if not path.is_relative_to(out / "checkpoint-6")} <= run_files, sorted(written)
     assert any(path.is_relative_to(out / "checkpoint-6") for path in written)
     assert_same_tensors(reference, load_file(weights))
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_bad_masks_no_batch_would_draw_stop_the_run_before_a_model_loads(name, tiny_sd_folder, tmp_path, monkeypatch):
+    """A one-step run at batch 1 draws one pair; a mask with id 7 of 4 classes and a colour mask are among the others.
+    The run stops at once with both named, the check of `python -m segdiff.data check`, before any model is built
+    (building one fails the test here), and writes nothing. Run in this process (`script_error`): a SystemExit with
+    a message is exit status 1."""
+    from diffusers import ModelMixin
+    from PIL import Image
+    from transformers import PreTrainedModel
+
+    from segdiff.data import read_label_map, save_label_png
+    from segdiff.toy import make_toy_dataset
+    from segdiff.training import EpochSeededSampler
+
+    data = make_toy_dataset(tmp_path / "toy", num_images=6, size=32, seed=1)
+    masks = sorted((data / "masks").iterdir())  # the dataset's order: pairs sorted by stem
+    drawn, _ = next(iter(EpochSeededSampler(len(masks), seed=0)))  # the first sample of --seed 0's first epoch
+    out_of_range, colour = [mask for index, mask in enumerate(masks) if index != drawn][:2]
+    label = read_label_map(out_of_range)
+    label[0, 0] = 7
+    save_label_png(label, out_of_range)
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(colour)
+
+    def no_model(self, *args, **kwargs):
+        raise AssertionError(f"{type(self).__name__} was built before the training data was checked")
+
+    monkeypatch.setattr(ModelMixin, "__init__", no_model)
+    monkeypatch.setattr(PreTrainedModel, "__init__", no_model)
+    script, model_args, _, _ = TRAINERS[name]
+    model_args = [arg if arg != "--base" else "--pretrained_model_name_or_path" for arg in model_args]
+    if "--pretrained_model_name_or_path" in model_args:
+        model_args.insert(model_args.index("--pretrained_model_name_or_path") + 1, tiny_sd_folder)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    message = script_error(
+        monkeypatch, script, "--data_root", data, "--output_dir", out, *COMMON, *model_args,
+        "--train_batch_size", "1", "--max_train_steps", "1",
+    )  # fmt: skip
+    assert time.perf_counter() - start < 60
+    assert "2 problem(s) in the training data" in message and "no model was loaded" in message
+    assert f"{out_of_range} holds class ids 7" in message and f"{colour} is a colour (RGB) mask" in message
+    assert "python -m segdiff.data check" in message
+    assert not [path for path in out.rglob("*") if path.is_file()]
 
 
 def test_fault_injection_runs_the_trainer_unchanged_without_faults():
