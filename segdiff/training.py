@@ -355,7 +355,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     allow_tf32(args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)
+        recover_checkpoints(output_dir)
     accelerator.wait_for_everyone()
     return accelerator
 
@@ -800,9 +800,22 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def remove_partial_checkpoints(output_dir: Path) -> None:
+def recover_checkpoints(output_dir: Path) -> None:
+    """Undo what a kill during `save_checkpoint` left, at the start of a run: afterwards every ``checkpoint-N`` that
+    was complete before the kill is there, and nothing else of the save.
+
+    A kill leaves hidden folders only: ``.checkpoint-N.partial`` (the new save, written or not), and
+    ``.checkpoint-N.replaced`` (the old ``checkpoint-N``, moved aside for the new one) or ``.checkpoint-N.removed``
+    (one that ``--checkpoints_total_limit`` was deleting). An old copy whose new one never arrived is put back; every
+    other hidden checkpoint folder is deleted.
+    """
+    for replaced in output_dir.glob(".checkpoint-*.replaced"):
+        final = output_dir / replaced.name[1 : -len(".replaced")]
+        if not final.exists():
+            logger.warning(f"Restoring {final}: a save of the same step was interrupted while replacing it.")
+            replaced.rename(final)
     for path in output_dir.glob(".checkpoint-*"):
-        logger.warning(f"Removing {path}: a checkpoint that was interrupted while being written.")
+        logger.warning(f"Removing {path}: left by a checkpoint save that was interrupted.")
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -858,9 +871,10 @@ def register_checkpoint_hooks(accelerator: Accelerator, models: dict, ema_models
 def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
     """Write ``checkpoint-<step>`` atomically, then drop the oldest beyond ``--checkpoints_total_limit``.
 
-    Everything is written under a hidden temporary name and renamed once complete, so a crash (or a
-    kill) during the save never leaves a half checkpoint that ``--resume_from_checkpoint latest`` picks.
-    The oldest checkpoints are only removed after the new one is in place.
+    Everything is written under a hidden temporary name and renamed once complete (`move_into_place`), so a crash
+    (or a kill) during the save never leaves a half checkpoint that ``--resume_from_checkpoint latest`` picks, nor
+    loses a complete one: the next start puts back what a kill left half done (`recover_checkpoints`). The oldest
+    checkpoints are only removed after the new one is in place, each renamed to a hidden name before it is deleted.
     """
     output_dir = Path(args.output_dir)
     final = output_dir / f"checkpoint-{global_step}"
@@ -871,18 +885,28 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_s
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        replaced = output_dir / f".checkpoint-{global_step}.replaced"
-        if final.exists():  # the same step saved again after resuming from an earlier checkpoint
-            final.rename(replaced)
-        partial.rename(final)
-        shutil.rmtree(replaced, ignore_errors=True)
+        move_into_place(partial, final)
         logger.info(f"Saved state to {final}")
         if args.checkpoints_total_limit is not None:
             for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
                 logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-                shutil.rmtree(old)
+                hidden = old.with_name(f".{old.name}.removed")  # never half a checkpoint under its own name
+                old.rename(hidden)
+                shutil.rmtree(hidden)
     accelerator.wait_for_everyone()
     return final
+
+
+def move_into_place(partial: Path, final: Path) -> None:
+    """Rename the complete checkpoint ``partial`` to ``final``. A ``final`` already there (the same step saved again,
+    after resuming from an earlier checkpoint) is first renamed ``.<final>.replaced`` (a folder cannot be renamed
+    onto another), and deleted only once the new one is in place: a kill between the renames leaves both copies,
+    and the next start puts the old one back (`recover_checkpoints`)."""
+    replaced = final.with_name(f".{final.name}.replaced")
+    if final.exists():
+        final.rename(replaced)
+    partial.rename(final)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def resume_from_checkpoint(
