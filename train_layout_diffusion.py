@@ -214,11 +214,12 @@ class LayoutMaps(Dataset):
         return {"layout": torch.from_numpy(np.asarray(layout)).to(dtype), "domain": domain}
 
 
-def load_layouts(dataset, args, domains: list[str]) -> list[dict]:
-    """Every training map at --resolution, read once (in --dataloader_num_workers processes) and kept in memory."""
+def load_layouts(dataset, args, domains: list[str], progress: bool = True) -> list[dict]:
+    """Every training map at --resolution, read once (in --dataloader_num_workers processes) and kept in memory;
+    ``progress``: show a progress bar (one process of a run shows it)."""
     maps = LayoutMaps(dataset, args.resolution, args.label_downsampling, domains)
     loader = DataLoader(maps, batch_size=None, num_workers=args.dataloader_num_workers)
-    return [item for item in tqdm(loader, desc="Reading label maps", unit="map")]
+    return [item for item in tqdm(loader, desc="Reading label maps", unit="map", disable=not progress)]
 
 
 def crop(layout: torch.Tensor, size: ImageSize, top: int, left: int) -> torch.Tensor:
@@ -412,7 +413,7 @@ def main(args):
         ema_models["unet_ema"] = training.make_ema(unet, args)
     training.register_checkpoint_hooks(accelerator, {"unet": unet}, ema_models)
 
-    layouts = load_layouts(dataset, args, domains)
+    layouts = load_layouts(dataset, args, domains, progress=accelerator.is_local_main_process)
     for domain_id, name in enumerate(domains):
         if not any(item["domain"] == domain_id for item in layouts):
             logger.warning(f"No training map of the domain {name}: the model will not learn it (see --loveda_scenes).")

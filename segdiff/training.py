@@ -144,6 +144,14 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="Deterministic algorithms only (torch.use_deterministic_algorithms, and CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+        "for cuBLAS): on CUDA, what makes a resumed run end bit for bit where an uninterrupted one does (on CPUs it "
+        "does without the flag). Slower; an operation without a deterministic version stops the run with torch's "
+        "error naming it.",
+    )
     group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
     group.add_argument("--ema_decay", type=float, default=0.9999, help="Maximum EMA decay (warmup ramps up to it).")
     group.add_argument(
@@ -334,8 +342,10 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """Accelerator with project folders, logging and seeding; also sweeps half-written checkpoints.
 
     It also carries two speed options: ``--torch_compile`` (accelerate compiles each prepared model) and
-    non-blocking host-to-device copies of the batches on CUDA (`dataloader_configuration`).
+    non-blocking host-to-device copies of the batches on CUDA (`dataloader_configuration`); and ``--deterministic``
+    (`use_deterministic_algorithms`), and the libraries' logs on one process per machine (`quiet_other_processes`).
     """
+    use_deterministic_algorithms(args)  # before any CUDA work: cuBLAS reads its workspace setting once
     output_dir = Path(args.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(
@@ -351,6 +361,9 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     logger.info(accelerator.state, main_process_only=False)
+    quiet_other_processes(accelerator)
+    if args.deterministic:
+        logger.info(f"Deterministic algorithms only (CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']})")
     set_seed(args.seed)
     allow_tf32(args)
     if accelerator.is_main_process:
@@ -358,6 +371,37 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         recover_checkpoints(output_dir)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def quiet_other_processes(accelerator: Accelerator) -> None:
+    """The libraries' logs and progress bars on one process per machine, as in diffusers' examples: there,
+    transformers' warnings and diffusers' info; elsewhere errors only, and no loading or download bars (8 GPUs would
+    print 8 copies of each)."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+        return
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def use_deterministic_algorithms(args: argparse.Namespace) -> None:
+    """``--deterministic``: torch's deterministic algorithms only, and cuBLAS's fixed workspace that they need
+    (``CUBLAS_WORKSPACE_CONFIG``, unless already set), with cuDNN's autotuner off. Without it, some CUDA kernels
+    add in an order that changes from run to run (atomic adds in index and scatter backward passes, cuBLAS's
+    workspaces, the cuDNN algorithm the autotuner picks), so two runs agree only up to rounding."""
+    if not args.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def allow_tf32(args: argparse.Namespace) -> None:
@@ -948,15 +992,19 @@ def resume_from_checkpoint(
 def stop_on_nonfinite_loss(accelerator: Accelerator, loss: torch.Tensor, global_step: int, output_dir) -> None:
     """Stop every process, before the update, when any process sees a NaN/inf loss.
 
-    The weights are not stepped with it, nothing is saved after it, so the last checkpoint stays good.
+    The weights are not stepped with it, nothing is saved after it, so the last checkpoint stays good. Every process
+    gets every process's loss (one gather a step), so all of them stop at the same step, with the same message naming
+    the processes that saw it: none is left waiting for the others in the next step's gradient all-reduce.
     """
-    finite = torch.isfinite(loss.detach()).all().reshape(1).float()
-    if bool(accelerator.gather(finite).min() > 0):
+    losses = accelerator.gather(loss.detach().float().mean().reshape(1)).tolist()  # NaN/inf anywhere stays in the mean
+    bad = [index for index, value in enumerate(losses) if not math.isfinite(value)]
+    if not bad:
         return
+    where = f" on process {', '.join(map(str, bad))} (of {len(losses)})" if len(losses) > 1 else ""
     checkpoints = list_checkpoints(output_dir)
     last_good = checkpoints[-1] if checkpoints else None
     raise SystemExit(
-        f"The loss became {loss.item()} at step {global_step + 1}; training stopped before applying it. "
+        f"The loss became {losses[bad[0]]} at step {global_step + 1}{where}; training stopped before applying it. "
         + (f"The last good checkpoint is {last_good}. " if last_good else "No checkpoint was written yet. ")
         + "Lower --learning_rate, use --mixed_precision bf16 or no instead of fp16, check the data, "
         "then restart with --resume_from_checkpoint latest."

@@ -6,14 +6,17 @@ the stop, kill and NaN guarantees on all three trainers.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import ROOT, SCRIPT_ENV, run_script
+from PIL import Image
 from safetensors.torch import load_file
 
+from segdiff.data import read_label_map, save_label_png
 from segdiff.seeds import derive_seed
 from segdiff.toy import make_toy_dataset
 from segdiff.training import EpochSeededSampler, list_checkpoints, min_snr_weights
@@ -92,6 +95,32 @@ def test_exact_resume_with_gradient_accumulation_and_dataloader_workers(toy_root
     )
 
 
+def test_a_kill_while_a_checkpoint_is_replaced_loses_neither_copy(toy_root, tmp_path):
+    """A run resumed from checkpoint-1 saves step 2 again: killed after the old checkpoint-2 was moved aside and
+    before the new one was moved in, the next start puts the old one back and resumes from it. With --deterministic,
+    which a CPU run accepts and records."""
+    out = tmp_path / "run"
+    options = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--deterministic"]
+    first = run_script("accelerate", "launch", *SDM, *trainer_args(toy_root, out, *options))
+    assert "Deterministic algorithms only (CUBLAS_WORKSPACE_CONFIG=:4096:8)" in first.stderr
+    assert json.loads((out / "training_config.json").read_text())["deterministic"] is True
+    saved = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+
+    killed = run_script("accelerate", "launch", "tests/fault_injection.py", "--kill_replacing_checkpoint", "2", *SDM,
+                        *trainer_args(toy_root, out, *options, "--resume_from_checkpoint", "checkpoint-1"),
+                        check=False)  # fmt: skip
+    assert killed.returncode != 0
+    assert checkpoint_names(out) == ["checkpoint-1"]
+    assert (out / ".checkpoint-2.replaced").is_dir() and (out / ".checkpoint-2.partial").is_dir()
+
+    again = run_script("accelerate", "launch", *SDM, *trainer_args(toy_root, out, *options,
+                       "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert "Restoring" in again.stderr and "checkpoint-2 (step 2)" in again.stderr
+    assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(out.glob(".checkpoint-*"))
+    assert_same_weights(saved, load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
 def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
@@ -101,22 +130,93 @@ def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_
     assert "no checkpoint folder" in result.stderr and "['checkpoint-2']" in result.stderr
 
 
-def test_two_process_cpu_run_trains_one_model_across_processes(toy_root, tmp_path):
-    out = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        *SDM, *trainer_args(toy_root, out, "--max_train_steps", "3", "--checkpointing_steps", "1"),
+def two_processes(*command, log_dir, port):
+    """``python -m torch.distributed.run --nproc_per_node 2 <command>`` on the CPUs: its return code and what each
+    process wrote to stderr (torchrun keeps them apart in ``log_dir``)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+              "--log-dir", str(log_dir), "--redirects", "3"]  # fmt: skip
+    # A hang (one process stopping while the other waits in a collective) would end in the timeout.
+    result = subprocess.run([*launch, *map(str, command)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    logs = [next(log_dir.rglob(f"attempt_0/{rank}/stderr.log")).read_text() for rank in (0, 1)]
+    return result.returncode, logs
+
+
+def test_two_processes_train_the_model_of_one_process_on_the_same_batches(toy_root, tmp_path):
+    """2 processes at batch 1 against 1 process at batch 1 with gradient accumulation 2: the same two samples make
+    each optimizer step, and the weights come out equal, bit for bit, on both processes and to the one-process run.
+    The layout trainer (the cheapest), whose label-map bar only the main process shows.
+
+    Not against 1 process at batch 2: a batch draws its noise and timesteps from one generator seeded by the seeds
+    of its samples (`training.batch_generator`), so one batch of two samples draws other noise than two batches of
+    one; the weights would differ by a training signal, not by rounding. With the same batches the gradients are
+    the same sums: DDP averages g0/2 + g1/2 over the processes, accumulation adds g0/2 and g1/2 (halving is exact).
+    """
+    layout = [
+        "train_layout_diffusion.py", "--model_config", "configs/models/layout_tiny.json", "--data_root", toy_root,
+        "--dataset", "generic", "--resolution", "32", "--train_batch_size", "1", "--learning_rate", "1e-3",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--max_train_steps", "3", "--checkpointing_steps", "1",
+        "--report_to", "none", "--validation_steps", "0",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "ddp"
+    returncode, logs = two_processes(
+        "tests/fault_injection.py", "--weights_of_every_process", tmp_path / "weights", *layout, "--output_dir", out,
+        log_dir=tmp_path / "logs", port=29517,
+    )  # fmt: skip
+    assert returncode == 0, logs[0][-4000:] + logs[1][-4000:]
     # One gloo process group of two (plain torchrun on CPUs would otherwise train two independent copies).
-    assert "DistributedType.MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    assert all("DistributedType.MULTI_CPU" in log and "Num processes: 2" in log for log in logs)
     assert checkpoint_names(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
-    # The processes share each epoch's 3 batches (2 each, the last one padded): 2 updates an epoch, so 3 steps
-    # take 2 epochs (one process alone would do them in one).
-    assert json.loads((out / "training_config.json").read_text())["num_train_epochs"] == 2
+    ranks = [load_file(tmp_path / "weights" / f"process-{rank}.safetensors") for rank in (0, 1)]
+    assert_same_weights(*ranks)
+    assert_same_weights(ranks[0], sdm_weights(out))
+    assert "Reading label maps" in logs[0] and "Reading label maps" not in logs[1]
+
+    one = tmp_path / "one"
+    run_script("accelerate", "launch", *layout, "--output_dir", one, "--gradient_accumulation_steps", "2")
+    assert_same_weights(sdm_weights(one), sdm_weights(out))
     at_step_1 = load_file(out / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(at_step_1[name], value) for name, value in sdm_weights(out).items())
+
+
+def test_a_nan_on_one_process_stops_every_process(toy_root, tiny_sd_folder, tmp_path):
+    """Only process 1's loss turns NaN (tests/fault_injection.py): process 0 stops at the same step, before the
+    update, with the message naming process 1; no hang. The joint trainer, which loads a transformers model: its
+    loading bar shows on the main process only."""
+    out = tmp_path / "joint"
+    returncode, logs = two_processes(
+        "tests/fault_injection.py", "--nan_loss_at_step", "1", "--nan_loss_on_process", "1",
+        "train_seg_mask_diffusion.py", "--pretrained_model_name_or_path", tiny_sd_folder,
+        *trainer_args(toy_root, out, "--train_batch_size", "1", "--max_train_steps", "2"),
+        log_dir=tmp_path / "logs", port=29518,
+    )  # fmt: skip
+    assert returncode != 0
+    assert "The loss became nan at step 1 on process 1 (of 2)" in logs[0], logs[0][-4000:]
+    assert "No checkpoint was written yet" in logs[0]
+    assert not list_checkpoints(out) and not (out / "unet").exists()
+    # transformers' bar (CLIPTextModel), the trainer's data check and step bars: on the main process only
+    for line in ("Loading weights", "Checking the data", "Steps:"):
+        assert line in logs[0] and line not in logs[1], line
+
+
+def test_bad_masks_stop_every_process_before_a_model_loads(toy_root, tmp_path):
+    """Each process checks its half of the pairs; both learn of every problem, and stop."""
+    data = tmp_path / "data"
+    shutil.copytree(toy_root, data)
+    masks = sorted((data / "masks").iterdir())
+    label = read_label_map(masks[0])
+    label[0, 0] = 7
+    save_label_png(label, masks[0])  # in process 0's half
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(masks[-1])  # a colour mask, in process 1's half
+    out = tmp_path / "out"
+    returncode, logs = two_processes(*SDM, *trainer_args(data, out, "--max_train_steps", "1"),
+                                     log_dir=tmp_path / "logs", port=29519)  # fmt: skip
+    assert returncode != 0
+    for log in logs:
+        assert "2 problem(s) in the training data" in log and "no model was loaded" in log
+        assert f"{masks[0]} holds class ids 7" in log and f"{masks[-1]} is a colour (RGB) mask" in log
+        assert "SpadeUNetModel" not in log
+    assert not [path for path in out.rglob("*") if path.is_file()]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
