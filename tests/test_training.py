@@ -1,8 +1,9 @@
 """The shared training plumbing (segdiff/training.py), exercised through a real trainer as a user runs it.
 
 The cheapest real trainer, train_spade_sdm.py with the tiny pixel-space model, is launched in a subprocess
-(accelerate launch, or torchrun for two CPU processes) on a tiny toy dataset. tests/test_guarantees.py runs
-the stop, kill and NaN guarantees on all three trainers.
+(accelerate launch, or torchrun for two CPU processes) on a tiny toy dataset; two of the two-process tests take the
+layout trainer (the cheapest there) and the joint one (which loads a transformers model). tests/test_guarantees.py
+runs the stop, kill, NaN and data-check guarantees on all four trainers.
 """
 
 import json
