@@ -142,7 +142,8 @@ class TrainedRun:
         if not path.is_file():
             raise RunError(
                 f"{self.flag} {self.folder}: no {path.name} in {self.run_dir}, so the class of each id is unknown. "
-                "Fix: copy the run's class_names.json next to the model, or pass --class_names_json."
+                "Fix: copy the class_names.json its trainer wrote there (generate_controlnet_seg.py also takes "
+                "--class_names_json)."
             )
         names, palette = load_class_names(path)
         return names, palette or default_palette(len(names))
