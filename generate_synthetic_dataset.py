@@ -31,7 +31,6 @@ process takes every num_processes-th sample; the outputs equal a one-process run
 """
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ from segdiff.layout_quality import evenly_spaced, layout_quality
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.processes import generation_state
-from segdiff.runs import TrainedRun, open_run
+from segdiff.runs import TrainedRun, open_run, read_run_file
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
@@ -182,7 +181,7 @@ def load_prior(run: TrainedRun) -> dict:
             f"--balance needs {path}, the class frequencies of the layout model's training data, which "
             "train_layout_diffusion.py writes. Fix: point --layout_model at its output folder."
         )
-    return json.loads(path.read_text())
+    return read_run_file(path)
 
 
 def requests(args, class_names: list[str], prior: dict | None, domains: list[str | None]) -> list[dict[int, float]]:

@@ -26,7 +26,6 @@ The output folder is a pipeline: ``SemanticDiffusionPipeline.from_pretrained(out
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from segdiff.geometry import size_multiple, unet_downsampling, vae_scale_factor
 from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-from segdiff.runs import open_run
+from segdiff.runs import open_run, read_run_file
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
@@ -347,7 +346,7 @@ def init_from_schedule(init_from: str) -> dict:
     path = open_run(init_from, flag="--init_from").run_dir / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text())
+    config = read_run_file(path)
     return {name: config[name] for name in ("beta_schedule", "beta_start", "beta_end") if name in config}
 
 
