@@ -194,7 +194,10 @@ def parse_args(argv=None):
         help="Prompts for the validation masks: one for all, or one per mask. Default: the class prompt of each mask.",
     )
     group.add_argument(
-        "--num_validation_images", type=positive_int, default=4, help="Images generated per validation mask. (default: 4)"
+        "--num_validation_images",
+        type=positive_int,
+        default=4,
+        help="Images generated per validation mask. (default: 4)",
     )
 
     args = parser.parse_args(argv)

@@ -55,7 +55,10 @@ def parse_args(argv=None):
         "among all classes with --no_sample_present_class (then some masks are empty). ignore_index is never picked.",
     )
     group.add_argument(
-        "--mask_loss_weight", type=non_negative_float, default=1.0, help="Weight of the mask channel's loss against the image's."
+        "--mask_loss_weight",
+        type=non_negative_float,
+        default=1.0,
+        help="Weight of the mask channel's loss against the image's.",
     )
     group.add_argument(
         "--prompt_dropout",
