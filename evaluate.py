@@ -82,7 +82,6 @@ from PIL import Image, ImageDraw
 
 from segdiff.arguments import (
     finite_float,
-    non_negative_float,
     non_negative_int,
     output_folder,
     positive_float,
@@ -326,7 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     downstream.add_argument(
         "--downstream_worse_threshold",
-        type=non_negative_float,
+        type=finite_float,
         default=WORSE_THRESHOLD,
         help="A class the synthetic data makes worse: its IoU with synthetic data is below its IoU with "
         "oversampling by more than this, on average over seeds. (default: %(default)s)",
