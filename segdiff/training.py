@@ -133,7 +133,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the trained model."
     )
     group.add_argument(
-        "--learning_rate", type=positive_float, default=1e-4, help="Initial learning rate (after warmup)."
+        "--learning_rate", type=non_negative_float, default=1e-4, help="Initial learning rate (after warmup)."
     )
     group.add_argument(
         "--scale_lr",
