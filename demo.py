@@ -18,17 +18,21 @@ import sys
 import time
 from pathlib import Path
 
+from segdiff.arguments import output_folder, positive_int
+
 ROOT = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="demo_output", help="Where everything goes.")
-    parser.add_argument("--num_images", type=int, default=512, help="Toy training images.")
-    parser.add_argument("--vae_steps", type=int, default=250, help="Steps fitting the tiny VAE to the toy images.")
-    parser.add_argument("--train_steps", type=int, default=1200, help="Joint model training steps (batch 32).")
-    parser.add_argument("--num_samples", type=int, default=64, help="Generated (image, mask) pairs.")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--output_dir", type=output_folder, default="demo_output", help="Where everything goes.")
+    parser.add_argument("--num_images", type=positive_int, default=512, help="Toy training images.")
+    parser.add_argument(
+        "--vae_steps", type=positive_int, default=250, help="Steps fitting the tiny VAE to the toy images."
+    )
+    parser.add_argument("--train_steps", type=positive_int, default=1200, help="Joint model training steps (batch 32).")
+    parser.add_argument("--num_samples", type=positive_int, default=64, help="Generated (image, mask) pairs.")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument("--quick", action="store_true", help="A minute-long smoke run (numbers mean nothing).")
     args = parser.parse_args(argv)
     if args.quick:
@@ -44,7 +48,12 @@ def run(stage: str, command: str, done: Path) -> float:
         return 0.0
     print(f"\n[{stage}] $ python {command}", flush=True)
     start = time.time()
-    subprocess.run([sys.executable, *shlex.split(command)], cwd=ROOT, check=True)
+    if subprocess.run([sys.executable, *shlex.split(command)], cwd=ROOT).returncode != 0:
+        # The stage printed its own error; a traceback of this script would only bury it.
+        raise SystemExit(
+            f"error: the {stage} stage failed (its message is above). Fix it and run demo.py again: the stages "
+            "already done are skipped."
+        )
     return time.time() - start
 
 

@@ -74,13 +74,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from segdiff.arguments import positive_int
+from segdiff.arguments import (
+    finite_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
 from segdiff.data import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -88,6 +94,7 @@ from segdiff.data import (
     SegmentationDataset,
     exit_on_bad_input,
     files_by_stem,
+    first_few,
     limit_train_samples,
     load_class_names,
     load_segmentation_dataset,
@@ -167,10 +174,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='Class names (and palette): a JSON list, or {"class_names": [...], "palette": [...]}. '
         "Default: GENERATED_DIR/class_names.json, else --num_classes.",
     )
-    data.add_argument("--num_classes", type=int, default=None, help="Number of classes when no class names exist.")
+    data.add_argument(
+        "--num_classes", type=positive_int, default=None, help="Number of classes when no class names exist."
+    )
     data.add_argument(
         "--ignore_index",
-        type=int,
+        type=non_negative_int,
         default=IGNORE_INDEX,
         help="Mask id meaning no-data: not scored. (default: %(default)s)",
     )
@@ -230,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     metrics.add_argument(
         "--kid_seed",
-        type=int,
+        type=non_negative_int,
         default=KID_SEED,
         help="Seed of the KID subsets (numpy RandomState, as torch-fidelity draws them). (default: %(default)s, "
         "torch-fidelity's)",
@@ -272,7 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     downstream.add_argument(
         "--downstream_seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=[0],
         help="Train every arm once per seed (initial weights, batches, the oversampling's rounding); the report "
@@ -308,7 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     downstream.add_argument(
         "--downstream_oversampling_threshold",
-        type=float,
+        type=positive_float,
         default=None,
         help="The threshold t of repeat-factor sampling, r(c) = max(1, sqrt(t / f(c))). Either way the oversampled "
         "arms add as many extra copies as there are synthetic pairs. Default: the t at which the repeat factors "
@@ -316,16 +325,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     downstream.add_argument(
         "--downstream_worse_threshold",
-        type=float,
+        type=finite_float,
         default=WORSE_THRESHOLD,
         help="A class the synthetic data makes worse: its IoU with synthetic data is below its IoU with "
         "oversampling by more than this, on average over seeds. (default: %(default)s)",
     )
     downstream.add_argument("--downstream_batch_size", type=positive_int, default=16)
-    downstream.add_argument("--downstream_learning_rate", type=float, default=1e-3)
+    downstream.add_argument("--downstream_learning_rate", type=positive_float, default=1e-3)
     downstream.add_argument(
         "--downstream_val_fraction",
-        type=float,
+        type=finite_float,
         default=0.2,
         help="Share of the real set held out for validation when there is no val split: the last pairs in the "
         "order --max_train_samples takes them in, so no trainer's first N (N up to the rest) is among them. "
@@ -335,6 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     output = parser.add_argument_group("output")
     output.add_argument(
         "--results_dir",
+        type=output_folder,
         default=None,
         help="Where results go. Default: GENERATED_DIR_evaluation, a folder next to --generated_dir (e.g. "
         "outputs/sdm_samples -> outputs/sdm_samples_evaluation): nothing is written into the inputs.",
@@ -368,6 +378,7 @@ class GeneratedSet:
     root: Path
     layout: str
     samples: list[GeneratedSample]
+    unpaired_masks: list[Path] = field(default_factory=list)  # generic layout: masks/ files whose image is missing
 
     def groups(self) -> dict[str, list[GeneratedSample]]:
         """Samples by input mask, in the order the masks first appear."""
@@ -448,11 +459,13 @@ def samples_from_sample_folders(root: Path) -> GeneratedSet:
 def samples_from_files(root: Path) -> GeneratedSet:
     images_dir = root / "images" if (root / "images").is_dir() else root
     masks = files_by_stem(root / "masks") if (root / "masks").is_dir() else {}
+    images = files_by_stem(images_dir)
     samples = [
         GeneratedSample(image=path, mask=masks.get(path.stem), group=path.stem, source=path.stem)
-        for path in files_by_stem(images_dir).values()
+        for path in images.values()
     ]
-    return GeneratedSet(root, "generic" if masks else "images", samples)
+    unpaired = [mask for stem, mask in masks.items() if stem not in images]
+    return GeneratedSet(root, "generic" if masks else "images", samples, unpaired)
 
 
 def is_bare_sample_folders(folder: Path) -> bool:
@@ -530,6 +543,32 @@ def check_files_exist(paths: list[Path], kind: str) -> None:
         )
 
 
+# Generators round each side to what their model takes (a multiple of 8 or 64 pixels), which changes an image's
+# aspect ratio by a few percent at most; more than this is another shape, not rounding.
+ASPECT_TOLERANCE = 0.1
+
+
+def check_aspect_ratios(samples: list[GeneratedSample]) -> None:
+    """Refuse images whose shape is not their mask's: the segmenter's reading would be stretched onto the mask, and
+    mIoU would score the stretch (from the files' headers: no image is decoded)."""
+    mismatched = []
+    for sample in samples:
+        with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
+            (image_width, image_height), (mask_width, mask_height) = image.size, mask.size
+        image_ratio, mask_ratio = image_width / image_height, mask_width / mask_height
+        if abs(image_ratio / mask_ratio - 1) > ASPECT_TOLERANCE:
+            mismatched.append(
+                f"{sample.image.name} ({image_height}x{image_width}) and its mask {sample.mask.name} "
+                f"({mask_height}x{mask_width})"
+            )
+    if mismatched:
+        raise DatasetError(
+            f"miou: {len(mismatched)} image(s) have another aspect ratio than their mask (height x width): "
+            f"{first_few(mismatched, 3)}. The reading of each image would be stretched to its mask. Fix: generate "
+            "at the masks' aspect ratio, or pair the images with the masks they were generated from (--masks_dir)."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Real images and classes
 # ------------------------------------------------------------------------------------------------
@@ -580,8 +619,6 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
                 "Fix: drop --num_classes, or pass the matching --class_names_json."
             )
     elif args.num_classes is not None:
-        if args.num_classes < 1:
-            raise DatasetError(f"--num_classes must be at least 1, got {args.num_classes}.")
         names, palette, source = [f"class_{i}" for i in range(args.num_classes)], None, "--num_classes"
     else:
         return None
@@ -609,9 +646,23 @@ def missing_inputs(args, generated: GeneratedSet) -> dict[str, str | None]:
     if not args.segmenter:
         missing["miou"] = "needs --segmenter (palette, or a SegFormer folder)"
     elif not generated.has_masks:
-        missing["miou"] = "needs masks (metadata.jsonl's mask_file_name, a masks/ folder, or --masks_dir)"
+        missing["miou"] = masks_missing(generated)
     missing["kid"] = missing["fid"]
     return missing
+
+
+def masks_missing(generated: GeneratedSet) -> str:
+    """Why the images of ``generated`` cannot all be paired with a mask: none has one, or these do not."""
+    without = [sample.image.name for sample in generated.samples if sample.mask is None]
+    if len(without) == len(generated.samples):
+        return "needs masks (metadata.jsonl's mask_file_name, a masks/ folder, or --masks_dir)"
+    unpaired = [mask.name for mask in generated.unpaired_masks]
+    stray = f"; {len(unpaired)} mask(s) have no image ({first_few(unpaired)})" if unpaired else ""
+    return (
+        f"needs a mask for every image, but {len(without)} of {len(generated.samples)} image(s) have none "
+        f"({first_few(without)}){stray}. Fix: give each image its mask, with the same file stem in masks/ (or pass "
+        "--masks_dir)"
+    )
 
 
 def choose_metrics(args, generated: GeneratedSet) -> tuple[list[str], dict[str, str]]:
@@ -1009,6 +1060,13 @@ def default_results_dir(generated_dir: Path) -> Path:
 def evaluate(args) -> dict:
     generated = read_generated_set(Path(args.generated_dir), Path(args.masks_dir) if args.masks_dir else None)
     generated_dir = generated.root  # the folder given, or the parent of a bare generated_images/ folder
+    results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)
+    if results_dir.resolve().is_relative_to(generated_dir.resolve()):
+        raise DatasetError(
+            f"--results_dir {results_dir} is inside --generated_dir {generated_dir}: its grid would be read as a "
+            f"generated image by the next evaluation. Fix: pass another folder, or none (the default is "
+            f"{default_results_dir(generated_dir)})."
+        )
     metrics, skipped = choose_metrics(args, generated)
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
@@ -1039,6 +1097,8 @@ def evaluate(args) -> dict:
         raise DatasetError(
             f"--downstream trains on the generated (image, mask) pairs, but {generated_dir} has no masks."
         )
+    if "miou" in metrics:
+        check_aspect_ratios(generated.samples)
     resolution = args.downstream_resolution
     if args.downstream and resolution is not None and resolution % 4:
         raise DatasetError(f"--downstream_resolution must be a multiple of 4, got {resolution}.")
@@ -1128,7 +1188,6 @@ def evaluate(args) -> dict:
         results["downstream"] = {**downstream, "train_samples": real_train.sample_names()}
 
     results = json_ready(results)
-    results_dir = Path(args.results_dir) if args.results_dir else default_results_dir(generated_dir)
     report = write_results(results, results_dir, generated, classes, real_files, args)
     print(report + f"\nWrote metrics.json, evaluation_report.txt and plots to {results_dir}")
     return results

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from segdiff.arguments import non_negative_float, non_negative_int, positive_int
 from segdiff.data import exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.generation import (
@@ -107,7 +108,10 @@ def parse_args(argv=None):
         help="Template of the class prompts, {classes} filled in. Default: the training's.",
     )
     parser.add_argument(
-        "--prompt_top_k", type=int, default=None, help="Classes named per prompt (0: all). Default: the training's."
+        "--prompt_top_k",
+        type=non_negative_int,
+        default=None,
+        help="Classes named per prompt (0: all). Default: the training's.",
     )
     parser.add_argument("--negative_prompt", default=None, help="What to steer away from (with guidance > 1).")
     parser.add_argument(
@@ -117,15 +121,15 @@ def parse_args(argv=None):
         help="Scheduler: unipc (default), dpmsolver (DPM-Solver++), ddim or ddpm.",
     )
     add_eta_argument(parser)
-    parser.add_argument("--num_inference_steps", type=int, default=30, help="(default: 30)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=30, help="(default: 30)")
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=CONTROLNET_GUIDANCE_SCALE,
         help="Classifier-free guidance; 1 disables. (default: %(default)s)",
     )
     parser.add_argument(
-        "--controlnet_conditioning_scale", type=float, default=1.0, help="Strength of the mask's control."
+        "--controlnet_conditioning_scale", type=non_negative_float, default=1.0, help="Strength of the mask's control."
     )
     add_output_size_arguments(
         parser,
@@ -133,15 +137,17 @@ def parse_args(argv=None):
         "the training resolution",
     )
     parser.add_argument(
-        "--batch_size", type=int, default=8, help="Images per pipeline call (several masks' when they fit)."
+        "--batch_size", type=positive_int, default=8, help="Images per pipeline call (several masks' when they fit)."
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
         "--class_names_json",
         default=None,
         help="Class names and palette, when the ControlNet folder has no class_names.json.",
     )
-    parser.add_argument("--ignore_index", type=int, default=None, help="No-data id. Default: the training's (255).")
+    parser.add_argument(
+        "--ignore_index", type=non_negative_int, default=None, help="No-data id. Default: the training's (255)."
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
     args = parser.parse_args(argv)
@@ -207,11 +213,8 @@ def main(args):
         # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
         dtype=torch.float16 if args.fp16 else torch.float32,
     )
-    if exact_size and (exact_size.height % renderer.size_multiple or exact_size.width % renderer.size_multiple):
-        raise SystemExit(
-            f"--resolution {exact_size}: height and width must be multiples of {renderer.size_multiple} for this "
-            "base (VAE factor x UNet downsampling)."
-        )
+    if exact_size:
+        renderer.check_size(exact_size)
 
     n = args.num_images_per_mask
     writer = MaskSampleWriter(

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
+from segdiff.arguments import non_negative_float, non_negative_int, positive_int, weight_list
 from segdiff.data import exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
@@ -71,34 +72,34 @@ def parse_args(argv=None):
         "--checkpoint",  # the spelling of the reference document's command (SyntheticGen's README), kept working
     )
     add_save_dir_arguments(parser, "samples")
-    parser.add_argument("--num_samples", type=int, default=100, help="How many (image, mask) pairs.")
+    parser.add_argument("--num_samples", type=positive_int, default=100, help="How many (image, mask) pairs.")
     parser.add_argument(
         "--dataset",
         choices=sorted(DATASET_CLASSES),
         default=None,
         help="Use this dataset's default class names when the checkpoint has no class_names.json.",
     )
-    parser.add_argument("--class_id", type=int, default=None, help="Generate only this class.")
+    parser.add_argument("--class_id", type=non_negative_int, default=None, help="Generate only this class.")
     parser.add_argument(
         "--class_weights",
-        type=str,
+        type=weight_list,
         default=None,
         help="Draw each sample's class with these relative weights, one per class, e.g. '1,4,1,1,2,1,1' "
         "to balance rare classes. Default: every class in turn.",
     )
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default="ddim")
     add_eta_argument(parser)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="Classifier-free guidance against the empty prompt (> 1 enables; the model needs --prompt_dropout).",
     )
     # --image_size: the spelling of the reference document's command, kept working
     add_output_size_arguments(parser, "N x N images", "--image_size")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
         "--fill_label",
         choices=["background", "ignore"],
@@ -106,7 +107,7 @@ def parse_args(argv=None):
         help="Mask value outside the generated class: class 0 (background, default; a class-vs-rest "
         "dataset) or ignore_index (rest unknown). Samples of class 0 itself always get ignore outside.",
     )
-    parser.add_argument("--ignore_index", type=int, default=IGNORE_INDEX)
+    parser.add_argument("--ignore_index", type=non_negative_int, default=IGNORE_INDEX)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--fp16", action="store_true", help="Run the models in float16 (GPU).")
     args = parser.parse_args(argv)
@@ -138,7 +139,9 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
     named in the run's training_config.json."""
     run.require("joint_image_mask")
     if not run.is_checkpoint:
-        return JointImageMaskPipeline.from_pretrained(run.folder, class_names=class_names, torch_dtype=dtype)
+        return run.load_pipeline(
+            JointImageMaskPipeline, UNet2DConditionModel, class_names=class_names, torch_dtype=dtype
+        )
     base = run.base()
     trained_text_encoder = (run.folder / "text_encoder").is_dir()
     try:
@@ -173,14 +176,14 @@ def plan_classes(args, num_classes: int) -> list[int]:
             raise SystemExit(f"--class_id {args.class_id} is out of range: the model has classes 0..{num_classes - 1}.")
         return [args.class_id] * args.num_samples
     if args.class_weights is not None:
-        weights = [float(w) for w in args.class_weights.split(",")]
-        if len(weights) != num_classes or min(weights) < 0 or sum(weights) <= 0:
+        if len(args.class_weights) != num_classes:
             raise SystemExit(
-                f"--class_weights needs {num_classes} non-negative weights (one per class), got {args.class_weights!r}."
+                f"--class_weights needs {num_classes} non-negative weights (one per class), got "
+                f"{len(args.class_weights)}."
             )
         generator = torch.Generator().manual_seed(args.seed)
         return torch.multinomial(
-            torch.tensor(weights), args.num_samples, replacement=True, generator=generator
+            torch.tensor(args.class_weights), args.num_samples, replacement=True, generator=generator
         ).tolist()
     return [i % num_classes for i in range(args.num_samples)]
 

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segdiff.arguments import non_negative_float, non_negative_int, output_folder, positive_int
 from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
@@ -79,12 +80,12 @@ def parse_args(argv=None):
     add_images_per_mask_argument(parser, None)
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=SDM_GUIDANCE_SCALE,
         help="Classifier-free guidance scale s (SDM: 1.5); 1 turns guidance off. Guidance needs a model trained or "
         "fine-tuned with --drop_rate > 0. Default: %(default)s",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument(
         "--scheduler",
         choices=CORE_SCHEDULERS,
@@ -109,19 +110,23 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--style_scale",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="Guidance scale of the style reference; 1 adds no extra guidance. Default: %(default)s",
     )
     parser.add_argument(
         "--submission_dir",
+        type=output_folder,
         default=None,
         help="Also write each mask's first image as <submission_dir>/<mask stem>.jpg at the mask's own size: one "
         "file per input label, named like it (a competition submission). --num_images_per_mask then defaults to 1.",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
-        "--batch_size", type=int, default=16, help="Images per forward pass (whole masks: at least one mask's N)."
+        "--batch_size",
+        type=positive_int,
+        default=16,
+        help="Images per forward pass (whole masks: at least one mask's N).",
     )
     add_output_size_arguments(parser, square="N x N images")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")

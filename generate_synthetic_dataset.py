@@ -31,13 +31,19 @@ process takes every num_processes-th sample; the outputs equal a one-process run
 """
 
 import argparse
-import json
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from segdiff.arguments import add_switch, image_size
+from segdiff.arguments import (
+    add_switch,
+    finite_float,
+    image_size,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from segdiff.data import (
     DatasetError,
     dataset_from_args,
@@ -54,7 +60,7 @@ from segdiff.layout_quality import evenly_spaced, layout_quality
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.processes import generation_state
-from segdiff.runs import TrainedRun, open_run
+from segdiff.runs import TrainedRun, open_run, read_run_file
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
@@ -68,9 +74,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--layout_model", required=True, help="A train_layout_diffusion.py output folder, or a checkpoint-N/ in one."
     )
-    parser.add_argument("--num_samples", type=int, required=True, help="Samples in the dataset.")
+    parser.add_argument("--num_samples", type=positive_int, required=True, help="Samples in the dataset.")
     add_save_dir_arguments(parser, "samples")
-    parser.add_argument("--seed", type=int, default=0, help="Sample i uses seed SEED + i. (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="Sample i uses seed SEED + i. (default: %(default)s)"
+    )
     request = parser.add_mutually_exclusive_group()
     request.add_argument("--ratios", default=None, help='Shares of named classes, e.g. "water:0.4,road:0.1".')
     request.add_argument(
@@ -84,7 +92,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="Classifier-free guidance on the requested ratios (1: none; above 1 the model leans further towards "
         "the request: without --match_ratios a requested class is then drawn more surely, and larger than asked). "
@@ -99,13 +107,13 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--match_strength",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="How far ratio matching steers each step, 0..1: 1 exactly to the request, 0 not at all (the model "
         "alone); between, a trade of exact shares for layouts more the model's own (segdiff/pipelines/layout.py's "
         "match_requested_shares says how). (default: %(default)s)",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Layout sampling steps.")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="Layout sampling steps.")
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default=None, help="Layout scheduler.")
     parser.add_argument(
         "--domain",
@@ -126,8 +134,10 @@ def parse_args(argv=None):
         default=None,
         help="The base of a ControlNet renderer (default: the one its training_config.json names).",
     )
-    render.add_argument("--render_steps", type=int, default=30, help="Rendering steps. (default: %(default)s)")
-    render.add_argument("--render_guidance_scale", type=float, default=None, help="Default: the renderer's own.")
+    render.add_argument("--render_steps", type=positive_int, default=30, help="Rendering steps. (default: %(default)s)")
+    render.add_argument(
+        "--render_guidance_scale", type=non_negative_float, default=None, help="Default: the renderer's own."
+    )
     render.add_argument(
         "--render_scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the renderer's own."
     )
@@ -140,24 +150,20 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--quality_reference_maps",
-        type=int,
+        type=non_negative_int,
         default=512,
         help="Training maps of the layout model (evenly spaced over its split) that ratio_report.json's "
         "layout_quality compares the layouts with; 0 skips it. (default: %(default)s)",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="Samples per forward pass.")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="Samples per forward pass.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.batch_size < 1:
-        parser.error("--num_samples and --batch_size must be at least 1")
     if not 0 <= args.match_strength <= 1:
         parser.error(
             f"--match_strength must be in [0, 1] (1: exact shares, 0: the model alone), not {args.match_strength}"
         )
     if not args.match_ratios and args.match_strength != 1:
         parser.error("--match_strength steers ratio matching: drop it with --no_match_ratios (the model alone)")
-    if args.quality_reference_maps < 0:
-        parser.error("--quality_reference_maps must be 0 (no layout_quality) or more")
     if args.balance_class_weights is not None and not args.balance:
         parser.error("--balance_class_weights weighs the classes --balance asks for: add --balance, or drop it")
     return args
@@ -175,7 +181,7 @@ def load_prior(run: TrainedRun) -> dict:
             f"--balance needs {path}, the class frequencies of the layout model's training data, which "
             "train_layout_diffusion.py writes. Fix: point --layout_model at its output folder."
         )
-    return json.loads(path.read_text())
+    return read_run_file(path)
 
 
 def requests(args, class_names: list[str], prior: dict | None, domains: list[str | None]) -> list[dict[int, float]]:
@@ -305,6 +311,8 @@ def main(args):
     palette = renderer.palette if renderer else layout_run.classes()[1]
     # Default: square at the renderer's training resolution (its short side), or the layout model's training size.
     size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else pipeline.default_size)
+    if renderer is not None:
+        renderer.check_size(size)  # before any layout is drawn
 
     generation_args = {
         "layout_model": recorded_path(args.layout_model),

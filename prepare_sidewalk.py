@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segdiff.arguments import finite_float, non_negative_int, output_folder, positive_int
 from segdiff.data import load_class_names, read_label_map, save_label_png, write_class_names
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.labels import IGNORE_INDEX, SIDEWALK_CLASSES, SIDEWALK_PALETTE, colorize_label, default_palette
@@ -95,8 +96,8 @@ def parse_args(input_args=None):
     parser.add_argument("--image_column", type=str, default="pixel_values", help="The column holding the images.")
     parser.add_argument("--label_column", type=str, default="label", help="The column holding the label maps.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` keeps downloads and caches.")
-    parser.add_argument("--output_dir", type=str, default="data/sidewalk_processed", help="Where to write.")
-    parser.add_argument("--resolution", type=int, default=1024, help="Side of the square outputs, in pixels.")
+    parser.add_argument("--output_dir", type=output_folder, default="data/sidewalk_processed", help="Where to write.")
+    parser.add_argument("--resolution", type=positive_int, default=1024, help="Side of the square outputs, in pixels.")
     parser.add_argument(
         "--aspect",
         choices=["crop", "pad"],
@@ -107,40 +108,36 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--ignore_index",
-        type=int,
+        type=non_negative_int,
         default=IGNORE_INDEX,
         help="Label id written where --aspect pad adds borders (no class; skipped by losses and metrics).",
     )
     parser.add_argument("--image_format", choices=sorted(IMAGE_FORMATS), default="png", help="File type of images/.")
     parser.add_argument(
         "--val_fraction",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="Fraction of rows in the 'val' split: round(val_fraction * N), half up; at least 1 and at most "
         "N - 1 when > 0 and N > 1. 0 puts every row in 'train'.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the train/val split.")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the train/val split.")
     parser.add_argument(
         "--num_workers",
-        type=int,
+        type=non_negative_int,
         default=min(8, os.cpu_count() or 1),
         help="Worker processes that decode, resize and write (0 or 1: in this process). "
         "The output does not depend on it. Default: the number of CPUs, at most 8.",
     )
-    parser.add_argument("--max_samples", type=int, default=None, help="Convert only the first N rows (quick tries).")
+    parser.add_argument(
+        "--max_samples", type=positive_int, default=None, help="Convert only the first N rows (quick tries)."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Redo every item, even those already written.")
     args = parser.parse_args(input_args)
 
-    if args.resolution < 1:
-        parser.error("--resolution must be a positive number of pixels")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val_fraction must be in [0, 1)")
-    if not 0 <= args.ignore_index <= 255:
+    if args.ignore_index > 255:
         parser.error("--ignore_index must be in 0..255: label maps are stored as 8-bit PNGs")
-    if args.num_workers < 0:
-        parser.error("--num_workers must be 0 or more")
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error("--max_samples must be 1 or more")
     return args
 
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
+from segdiff.arguments import finite_float, non_negative_int, positive_int
 from segdiff.data import (
     LABEL_OFFSETS,
     DatasetError,
@@ -149,13 +150,13 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--prompt_top_k",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_PROMPT_TOP_K,
         help="Name at most this many classes in a prompt (0: all present). (default: %(default)s)",
     )
     group.add_argument(
         "--proportion_empty_prompts",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="Share of samples trained with the empty prompt (for guidance-free or prompt-free use). Default 0.",
     )
@@ -170,7 +171,7 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--text_embedding_cache_size",
-        type=int,
+        type=non_negative_int,
         default=1024,
         help="Text embeddings kept per distinct prompt (least recently used dropped), so repeated prompts are "
         "encoded once. 0 disables. (default: %(default)s)",
@@ -193,7 +194,10 @@ def parse_args(argv=None):
         help="Prompts for the validation masks: one for all, or one per mask. Default: the class prompt of each mask.",
     )
     group.add_argument(
-        "--num_validation_images", type=int, default=4, help="Images generated per validation mask. (default: 4)"
+        "--num_validation_images",
+        type=positive_int,
+        default=4,
+        help="Images generated per validation mask. (default: 4)",
     )
 
     args = parser.parse_args(argv)
@@ -207,8 +211,6 @@ def parse_args(argv=None):
         )
     if not 0 <= args.proportion_empty_prompts <= 1:
         parser.error("--proportion_empty_prompts must be in [0, 1]")
-    if args.prompt_top_k < 0:
-        parser.error("--prompt_top_k must be 0 (all classes) or more")
     try:
         check_label_map_template(args.prompt_template)
     except ValueError as error:
@@ -227,6 +229,8 @@ def parse_args(argv=None):
         and len(args.validation_image) != len(args.validation_prompt)
     ):
         parser.error("give one --validation_prompt, one --validation_image, or as many prompts as images")
+    training.check_training_args(parser, args)
+    training.check_base_resolution(args)  # the base's configs: before its weights load
     return args
 
 
@@ -720,7 +724,6 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=args.revision)
     scale_factor = vae_scale_factor(vae.config)
-    training.check_latent_resolution(args.resolution, vae.config, unet.config)
     controlnet = build_controlnet(args, unet, scale_factor)
     logger.info(
         f"ControlNet conditioning embedding {controlnet.config.conditioning_embedding_out_channels}: downsamples "

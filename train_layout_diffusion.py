@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segdiff import training
-from segdiff.arguments import add_switch
+from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_int
 from segdiff.data import (
     LOVEDA_SCENES,
     JointTransform,
@@ -53,7 +53,7 @@ from segdiff.data import (
     read_label_map,
 )
 from segdiff.files import write_json_atomic
-from segdiff.geometry import ImageSize
+from segdiff.geometry import ImageSize, unet_downsampling
 from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--condition_dropout",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="Probability of training a sample with nothing known (no ratio, no domain): the unconditional model "
         "that classifier-free guidance compares with. Default: %(default)s",
@@ -108,21 +108,21 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--domain_dropout",
-        type=float,
+        type=finite_float,
         default=0.2,
         help="With --condition_on_domain: probability of hiding a sample's domain while keeping its ratios, so "
         "ratios can also be requested without a domain. Default: %(default)s",
     )
     group.add_argument(
         "--num_validation_images",
-        type=int,
+        type=positive_int,
         default=4,
         help="Validation layouts per request (the grid's columns); the rows are: unconditional, then one class "
         "each asked at about twice its usual share. Default: %(default)s",
     )
     group.add_argument(
         "--validation_guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="Guidance scale of the validation samples (1 = none: the logged shares then show how closely plain "
         "sampling follows the request; above 1 pushes the named classes further, and overshoots). "
@@ -144,6 +144,11 @@ def parse_args(argv=None):
         parser.error("--domain_dropout must be in [0, 1)")
     if args.vertical_flip is None:
         args.vertical_flip = args.dataset == "loveda"
+    training.check_training_args(parser, args)
+    # The model's size, checked before anything is built or written: its levels must halve --resolution evenly.
+    config = training.read_model_config(args.model_config, LayoutUNetModel)
+    why = f"the {len(config['block_out_channels'])} levels of --model_config {args.model_config}"
+    training.check_resolution(args.resolution, unet_downsampling(config), why)
     return args
 
 
@@ -372,17 +377,9 @@ def log_validation(pipeline, args, accelerator, dataset, prior, global_step):
 
 
 def build_model(args, num_classes: int, num_domains: int) -> LayoutUNetModel:
-    if not Path(args.model_config).is_file():
-        raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
-    model = LayoutUNetModel.from_config_file(
-        args.model_config, num_classes=num_classes, sample_size=args.resolution.config_value(), num_domains=num_domains
-    )
-    if args.resolution.height % model.size_multiple or args.resolution.width % model.size_multiple:
-        raise SystemExit(
-            f"--resolution {args.resolution} cannot be halved evenly by the {len(model.config.block_out_channels)} "
-            f"levels of --model_config {args.model_config}: use a multiple of {model.size_multiple}."
-        )
-    return model
+    config = training.read_model_config(args.model_config, LayoutUNetModel)
+    size = {"num_classes": num_classes, "sample_size": args.resolution.config_value(), "num_domains": num_domains}
+    return LayoutUNetModel.from_config({**config, **size})
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
 from segdiff import training
-from segdiff.arguments import add_switch
+from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_float, positive_int
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input, limit_train_samples
 from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
@@ -55,11 +55,14 @@ def parse_args(argv=None):
         "among all classes with --no_sample_present_class (then some masks are empty). ignore_index is never picked.",
     )
     group.add_argument(
-        "--mask_loss_weight", type=float, default=1.0, help="Weight of the mask channel's loss against the image's."
+        "--mask_loss_weight",
+        type=non_negative_float,
+        default=1.0,
+        help="Weight of the mask channel's loss against the image's.",
     )
     group.add_argument(
         "--prompt_dropout",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="Probability of training on the empty prompt, so generation can use classifier-free guidance.",
     )
@@ -81,7 +84,7 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--snr_gamma",
-        type=float,
+        type=positive_float,
         default=None,
         help="Min-SNR loss weighting (Hang et al. 2023); 5.0 is the paper's value. Off by default.",
     )
@@ -98,7 +101,7 @@ def parse_args(argv=None):
         "Implies center crops and no --random_affine.",
     )
     group.add_argument(
-        "--num_validation_images", type=int, default=8, help="Validation samples (one per class, in turn)."
+        "--num_validation_images", type=positive_int, default=8, help="Validation samples (one per class, in turn)."
     )
     args = parser.parse_args(argv)
     if args.pretrained_model_name_or_path is None:
@@ -111,6 +114,8 @@ def parse_args(argv=None):
         parser.error("--zero_terminal_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR)")
     if args.cache_latents and args.random_affine:
         parser.error("--cache_latents encodes each image once, so it cannot be combined with --random_affine")
+    training.check_training_args(parser, args)
+    training.check_base_resolution(args)  # the base's configs: before its weights load
     return args
 
 
@@ -323,7 +328,6 @@ def main(args):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
     noise_scheduler = joint_noise_scheduler(base, args.prediction_type, args.zero_terminal_snr, args.revision)
     unet = widen_unet_for_mask(unet)
-    training.check_latent_resolution(args.resolution, vae.config, unet.config)
     # The saved pipeline's default size is the training size.
     unet.register_to_config(sample_size=(args.resolution // vae_scale_factor(vae.config)).config_value())
     vae.requires_grad_(False)

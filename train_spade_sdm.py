@@ -26,7 +26,6 @@ The output folder is a pipeline: ``SemanticDiffusionPipeline.from_pretrained(out
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from segdiff import training
-from segdiff.arguments import add_switch
+from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_int
 from segdiff.data import (
     JointTransform,
     StyleReferenceView,
@@ -46,11 +45,11 @@ from segdiff.data import (
     exit_on_bad_input,
     limit_train_samples,
 )
-from segdiff.geometry import vae_scale_factor
+from segdiff.geometry import size_multiple, unet_downsampling, vae_scale_factor
 from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-from segdiff.runs import open_run
+from segdiff.runs import open_run, read_run_file
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
@@ -89,7 +88,7 @@ def parse_args(argv=None):
     )
     group.add_argument(
         "--drop_rate",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="Probability of replacing a sample's whole label map by the null map (zeros), so that sampling can "
         "use classifier-free guidance. SDM: 0 for training, 0.2 for the fine-tune. Default: %(default)s",
@@ -145,19 +144,22 @@ def parse_args(argv=None):
     )
     schedule.add_argument(
         "--beta_start",
-        type=float,
+        type=finite_float,
         default=None,
         help="First beta. Default: 0.0001 (SDM), or the --init_from model's.",
     )
     schedule.add_argument(
-        "--beta_end", type=float, default=None, help="Last beta. Default: 0.02 (SDM), or the --init_from model's."
+        "--beta_end",
+        type=finite_float,
+        default=None,
+        help="Last beta. Default: 0.02 (SDM), or the --init_from model's.",
     )
     group.add_argument(
-        "--num_validation_images", type=int, default=4, help="Validation masks (the first training masks)."
+        "--num_validation_images", type=positive_int, default=4, help="Validation masks (the first training masks)."
     )
     group.add_argument(
         "--validation_guidance_scale",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="Guidance scale of the validation samples. Default: 1.5 with --drop_rate > 0, else 1 (no guidance).",
     )
@@ -171,29 +173,29 @@ def parse_args(argv=None):
     )
     style.add_argument(
         "--style_drop_rate",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="Probability of training a sample with the null style (no reference), drawn independently of "
         "--drop_rate, so generation can guide on the style (--style_scale). Default: %(default)s",
     )
     style.add_argument(
-        "--style_channels", type=int, default=32, help="Width of the style encoder's CNN. Default: %(default)s"
+        "--style_channels", type=positive_int, default=32, help="Width of the style encoder's CNN. Default: %(default)s"
     )
     style.add_argument(
         "--style_resolution",
-        type=int,
+        type=positive_int,
         default=64,
         help="Side the reference images are resized to for the style encoder. Default: %(default)s",
     )
     style.add_argument(
         "--style_crop_scale",
-        type=float,
+        type=finite_float,
         default=0.25,
         help="Smallest share of the image area the reference view's random crop keeps. Default: %(default)s",
     )
     style.add_argument(
         "--style_offset_noise",
-        type=float,
+        type=non_negative_float,
         default=0.1,
         help="Offset noise for models with a style encoder: the training noise gets this much of one more random "
         "value per sample and channel, constant over the image. It hides the global colour of the noisy sample, "
@@ -211,8 +213,6 @@ def parse_args(argv=None):
         parser.error("--style_drop_rate must be in [0, 1)")
     if not 0 < args.style_crop_scale <= 1:
         parser.error("--style_crop_scale must be in (0, 1]")
-    if args.style_offset_noise < 0:
-        parser.error("--style_offset_noise must be >= 0")
     for name in ("beta_start", "beta_end"):
         value = getattr(args, name)
         if value is not None and not 0 < value < 1:
@@ -221,6 +221,8 @@ def parse_args(argv=None):
         parser.error(f"--beta_start {args.beta_start} must be below --beta_end {args.beta_end}")
     if args.validation_guidance_scale is None:
         args.validation_guidance_scale = 1.5 if args.drop_rate > 0 else 1.0
+    training.check_training_args(parser, args)
+    check_model_resolution(args)
     return args
 
 
@@ -229,10 +231,36 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
+def vae_subfolder(path: str) -> str | None:
+    """Where the VAE of --pretrained_model_name_or_path is: vae/ of a Stable Diffusion folder, or a VAE folder itself."""
+    return "vae" if not (Path(path) / "config.json").is_file() else None
+
+
 def load_vae(path: str, args) -> AutoencoderKL:
-    """The VAE of a Stable Diffusion folder (vae/), or a VAE folder itself."""
-    subfolder = "vae" if not (Path(path) / "config.json").is_file() else None
-    return AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=args.revision, variant=args.variant)
+    """The VAE of a Stable Diffusion folder, or a VAE folder itself."""
+    return AutoencoderKL.from_pretrained(
+        path, subfolder=vae_subfolder(path), revision=args.revision, variant=args.variant
+    )
+
+
+def check_model_resolution(args) -> None:
+    """Refuse, from the configs alone (before any weights load or file is written), a --model_config of another
+    model and a --resolution the model cannot take: a multiple of the VAE's factor (--space latent) times the
+    UNet's downsampling."""
+    if args.init_from is not None:
+        run = open_run(args.init_from, flag="--init_from")
+        run.require("spade_sdm")
+        folder, subfolder = run.weights("unet")
+        unet_config, source = SpadeUNetModel.load_config(folder, subfolder=subfolder), f"--init_from {args.init_from}"
+    else:
+        unet_config, source = training.read_model_config(args.model_config, SpadeUNetModel), args.model_config
+    vae_config = None
+    if args.space == "latent":
+        subfolder = vae_subfolder(args.pretrained_model_name_or_path)
+        vae_config = training.base_model_config(AutoencoderKL, args, subfolder)
+    factor = vae_scale_factor(vae_config) if vae_config is not None else 1
+    why = f"{args.space} space: VAE factor {factor} x the downsampling {unet_downsampling(unet_config)} of {source}"
+    training.check_resolution(args.resolution, size_multiple(vae_config, unet_config), why)
 
 
 def build_unet(args, num_classes: int, channels: int, sample_size: int | list[int]) -> SpadeUNetModel:
@@ -251,16 +279,14 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int | list[in
     if args.init_from is None:
         if args.style_reference:
             overrides.update(style)
-        if not Path(args.model_config).is_file():
-            raise SystemExit(f"--model_config {args.model_config} does not exist; the shipped ones are in {CONFIGS}.")
-        return SpadeUNetModel.from_config_file(
-            args.model_config,
-            num_classes=num_classes,
-            in_channels=channels,
-            out_channels=channels,
-            sample_size=sample_size,
-            **overrides,
-        )
+        config = training.read_model_config(args.model_config, SpadeUNetModel)
+        size = {
+            "num_classes": num_classes,
+            "in_channels": channels,
+            "out_channels": channels,
+            "sample_size": sample_size,
+        }
+        return SpadeUNetModel.from_config({**config, **size, **overrides})
 
     run = open_run(args.init_from, flag="--init_from")
     run.require("spade_sdm")
@@ -320,7 +346,7 @@ def init_from_schedule(init_from: str) -> dict:
     path = open_run(init_from, flag="--init_from").run_dir / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
-    config = json.loads(path.read_text())
+    config = read_run_file(path)
     return {name: config[name] for name in ("beta_schedule", "beta_start", "beta_end") if name in config}
 
 
@@ -487,20 +513,9 @@ def main(args):
         vae.requires_grad_(False)
         vae.to(accelerator.device, dtype=weight_dtype)
         channels, factor = vae.config.latent_channels, vae_scale_factor(vae.config)
-    height, width = args.resolution
-    if height % factor or width % factor:
-        raise SystemExit(
-            f"--resolution {height}x{width} is not a multiple of the VAE's downsampling ({factor}) on both sides."
-        )
 
-    # The pipeline's default output size.
+    # The pipeline's default output size (parse_args checked that the model can take it).
     unet = build_unet(args, dataset.num_classes, channels, (args.resolution // factor).config_value())
-    levels = 2 ** (len(unet.config.channel_mult) - 1)
-    if (height // factor) % levels or (width // factor) % levels:
-        raise SystemExit(
-            f"--resolution {height}x{width} gives samples of {height // factor}x{width // factor} px, which the "
-            f"UNet's {len(unet.config.channel_mult)} levels cannot halve evenly: use a multiple of {factor * levels} for both."
-        )
     logger.info(
         f"SpadeUNetModel: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
         f"{unet.config.conditioning} conditioning, {args.space} space, learn_sigma={unet.config.learn_sigma}"

@@ -33,7 +33,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -373,7 +372,7 @@ def attention_rows(base, args, machine: Machine, setup: str) -> list[dict]:
     device = torch.device("cuda" if machine.cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # as the bf16 training rows: TF32 is a row of its own
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").to(device).train()
-    factor = vae_scale_factor(SimpleNamespace(**AutoencoderKL.load_config(base, subfolder="vae")))
+    factor = vae_scale_factor(AutoencoderKL.load_config(base, subfolder="vae"))
     latent_size = args.resolution // factor
     batch = args.train_batch_size
     cross_attention_dim = unet.config.cross_attention_dim

@@ -78,6 +78,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # segdiff, for the few helpers used here (the scripts themselves run as subprocesses)
 
+from segdiff.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from segdiff.workflow import (  # noqa: E402
     add_launch_args,
     argument_parser,
@@ -148,7 +149,9 @@ def parse_args(argv=None):
     parser.add_argument("--work_dir", required=True, help="Where every stage writes (see above).")
     parser.add_argument("--quick", action="store_true", help="A tiny CPU run of every stage (see above).")
     add_launch_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the training and the synthetic samples.")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="Seeds the training and the synthetic samples."
+    )
     parser.add_argument(
         "--data_root", required=True, help="The LoveDA root: Train/ and Val/, each with Urban/ and Rural/."
     )
@@ -160,7 +163,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--max_train_samples",
-        type=int,
+        type=positive_int,
         default=None,
         help="The N real training pairs every model sees (the same N pairs for all). " + default("max_train_samples"),
     )
@@ -171,37 +174,48 @@ def parse_args(argv=None):
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in both trainers."
     )
     parser.add_argument(
-        "--checkpointing_steps", type=int, default=None, help="Resumable checkpoints. " + default("checkpointing_steps")
+        "--checkpointing_steps",
+        type=positive_int,
+        default=None,
+        help="Resumable checkpoints. " + default("checkpointing_steps"),
     )
 
     layout = parser.add_argument_group("layout")
     layout.add_argument("--layout_config", default=None, help="LayoutUNetModel preset. " + default("layout_config"))
-    layout.add_argument("--layout_resolution", type=int, default=None, help=default("layout_resolution"))
-    layout.add_argument("--layout_steps", type=int, default=None, help="Training steps. " + default("layout_steps"))
-    layout.add_argument("--layout_batch_size", type=int, default=None, help="Per GPU. " + default("layout_batch_size"))
-    layout.add_argument("--layout_learning_rate", type=float, default=1e-4, help="Default: 1e-4")
+    layout.add_argument("--layout_resolution", type=positive_int, default=None, help=default("layout_resolution"))
+    layout.add_argument(
+        "--layout_steps", type=positive_int, default=None, help="Training steps. " + default("layout_steps")
+    )
+    layout.add_argument(
+        "--layout_batch_size", type=positive_int, default=None, help="Per GPU. " + default("layout_batch_size")
+    )
+    layout.add_argument("--layout_learning_rate", type=positive_float, default=1e-4, help="Default: 1e-4")
 
     controlnet = parser.add_argument_group("controlnet")
-    controlnet.add_argument("--controlnet_resolution", type=int, default=None, help=default("controlnet_resolution"))
     controlnet.add_argument(
-        "--controlnet_steps", type=int, default=None, help="Training steps. " + default("controlnet_steps")
+        "--controlnet_resolution", type=positive_int, default=None, help=default("controlnet_resolution")
     )
     controlnet.add_argument(
-        "--controlnet_batch_size", type=int, default=None, help="Per GPU. " + default("controlnet_batch_size")
+        "--controlnet_steps", type=positive_int, default=None, help="Training steps. " + default("controlnet_steps")
     )
-    controlnet.add_argument("--controlnet_learning_rate", type=float, default=1e-5, help="Default: 1e-5")
+    controlnet.add_argument(
+        "--controlnet_batch_size", type=positive_int, default=None, help="Per GPU. " + default("controlnet_batch_size")
+    )
+    controlnet.add_argument("--controlnet_learning_rate", type=positive_float, default=1e-5, help="Default: 1e-5")
 
     synthetic = parser.add_argument_group("synthetic")
     synthetic.add_argument(
-        "--num_synthetic", type=int, default=None, help="Synthetic pairs. " + default("num_synthetic")
+        "--num_synthetic", type=positive_int, default=None, help="Synthetic pairs. " + default("num_synthetic")
     )
-    synthetic.add_argument("--layout_inference_steps", type=int, default=None, help=default("layout_inference_steps"))
-    synthetic.add_argument("--render_steps", type=int, default=None, help=default("render_steps"))
+    synthetic.add_argument(
+        "--layout_inference_steps", type=positive_int, default=None, help=default("layout_inference_steps")
+    )
+    synthetic.add_argument("--render_steps", type=positive_int, default=None, help=default("render_steps"))
 
     evaluation = parser.add_argument_group("evaluate (see python evaluate.py --help, its --downstream_* flags)")
     evaluation.add_argument(
         "--downstream_seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=None,
         help="Seeds of every arm. " + default("downstream_seeds"),
@@ -216,9 +230,11 @@ def parse_args(argv=None):
         "--downstream_pretrained", default=None, help="A local SegFormer folder to start the segmenters from."
     )
     evaluation.add_argument(
-        "--downstream_steps", type=int, default=None, help="Steps of each run. " + default("downstream_steps")
+        "--downstream_steps", type=positive_int, default=None, help="Steps of each run. " + default("downstream_steps")
     )
-    evaluation.add_argument("--downstream_resolution", type=int, default=None, help=default("downstream_resolution"))
+    evaluation.add_argument(
+        "--downstream_resolution", type=positive_int, default=None, help=default("downstream_resolution")
+    )
     evaluation.add_argument(
         "--metrics",
         default="",

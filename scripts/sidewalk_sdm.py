@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # segdiff, for the few helpers used here (the scripts themselves run as subprocesses)
 
+from segdiff.arguments import fraction, non_negative_float, non_negative_int, positive_float, positive_int  # noqa: E402
 from segdiff.workflow import (  # noqa: E402
     add_launch_args,
     argument_parser,
@@ -115,7 +116,9 @@ def parse_args(argv=None):
     parser.add_argument("--work_dir", required=True, help="Where every stage writes (see above).")
     parser.add_argument("--quick", action="store_true", help="A tiny CPU run of every stage (see above).")
     add_launch_args(parser)  # the reference: --num_processes 8
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the split, the training and the samples.")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="Seeds the split, the training and the samples."
+    )
 
     data = parser.add_argument_group("prepare")
     data.add_argument(
@@ -126,15 +129,18 @@ def parse_args(argv=None):
     )
     data.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=None,
         help="Side of the images, prepared and trained. " + default("resolution"),
     )
     data.add_argument(
-        "--val_fraction", type=float, default=0.1, help="Share of the rows in the val split. Default: 0.1"
+        "--val_fraction", type=fraction, default=0.1, help="Share of the rows in the val split. Default: 0.1"
     )
     data.add_argument(
-        "--max_samples", type=int, default=None, help="Prepare only the first N rows. Default: all (--quick: 16)."
+        "--max_samples",
+        type=positive_int,
+        default=None,
+        help="Prepare only the first N rows. Default: all (--quick: 16).",
     )
 
     train = parser.add_argument_group("train and fine-tune")
@@ -153,17 +159,28 @@ def parse_args(argv=None):
         help="With --space latent: a Stable Diffusion 1.x/2.x folder (or hub id) whose VAE encodes the images "
         "(1024 px -> 128 px latents).",
     )
-    train.add_argument("--train_steps", type=int, default=None, help="Training steps. " + default("train_steps"))
     train.add_argument(
-        "--finetune_steps", type=int, default=None, help="Guidance fine-tune steps. " + default("finetune_steps")
+        "--train_steps", type=positive_int, default=None, help="Training steps. " + default("train_steps")
     )
-    train.add_argument("--train_batch_size", type=int, default=None, help="Per process. " + default("train_batch_size"))
-    train.add_argument("--learning_rate", type=float, default=1e-4, help="Training learning rate. Default: 1e-4")
-    train.add_argument("--lr_warmup_steps", type=int, default=None, help="Cosine warmup. " + default("lr_warmup_steps"))
     train.add_argument(
-        "--finetune_learning_rate", type=float, default=2e-5, help="Fine-tune learning rate. Default: 2e-5"
+        "--finetune_steps",
+        type=positive_int,
+        default=None,
+        help="Guidance fine-tune steps. " + default("finetune_steps"),
     )
-    train.add_argument("--drop_rate", type=float, default=0.2, help="Fine-tune label-map dropout. Default: 0.2")
+    train.add_argument(
+        "--train_batch_size", type=positive_int, default=None, help="Per process. " + default("train_batch_size")
+    )
+    train.add_argument(
+        "--learning_rate", type=positive_float, default=1e-4, help="Training learning rate. Default: 1e-4"
+    )
+    train.add_argument(
+        "--lr_warmup_steps", type=non_negative_int, default=None, help="Cosine warmup. " + default("lr_warmup_steps")
+    )
+    train.add_argument(
+        "--finetune_learning_rate", type=positive_float, default=2e-5, help="Fine-tune learning rate. Default: 2e-5"
+    )
+    train.add_argument("--drop_rate", type=fraction, default=0.2, help="Fine-tune label-map dropout. Default: 0.2")
     train.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help=default("mixed_precision")
     )
@@ -175,7 +192,7 @@ def parse_args(argv=None):
     )
     train.add_argument(
         "--checkpointing_steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="Resumable checkpoints every N steps. " + default("checkpointing_steps"),
     )
@@ -191,12 +208,14 @@ def parse_args(argv=None):
     sample.add_argument(
         "--num_images_per_mask",
         "--num_samples_per_image",
-        type=int,
+        type=positive_int,
         default=None,
         help="Images per mask (the reference's --num_samples_per_image). " + default("num_images_per_mask"),
     )
-    sample.add_argument("--num_inference_steps", type=int, default=None, help=default("num_inference_steps"))
-    sample.add_argument("--guidance_scale", type=float, default=1.5, help="Classifier-free guidance. Default: 1.5")
+    sample.add_argument("--num_inference_steps", type=positive_int, default=None, help=default("num_inference_steps"))
+    sample.add_argument(
+        "--guidance_scale", type=non_negative_float, default=1.5, help="Classifier-free guidance. Default: 1.5"
+    )
     sample.add_argument(
         "--scheduler", choices=("ddpm", "ddim", "dpmsolver"), default="ddpm", help="Scheduler. Default: ddpm"
     )

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from segdiff.arguments import non_negative_int, positive_int
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.labels import (
     IGNORE_INDEX,
@@ -65,6 +66,12 @@ logger = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad input data. The message names the offending file or folder and says how to fix it."""
+
+
+def first_line(error: BaseException) -> str:
+    """What a library's error says, in one line for a message of ours (diffusers' run over several), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager
@@ -465,8 +472,9 @@ def files_by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _some(stems: list[str], limit: int = 5) -> str:
-    return ", ".join(stems[:limit]) + (", ..." if len(stems) > limit else "")
+def first_few(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` names, comma separated, for a message ("..." when there are more)."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: list[str] | None = None) -> list[tuple[Path, Path]]:
@@ -482,9 +490,9 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path, problems: list[str] | None 
     lonely_masks = sorted(masks.keys() - images.keys())
     unpaired = []
     if lonely_images:
-        unpaired.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({_some(lonely_images)})")
+        unpaired.append(f"{len(lonely_images)} image(s) in {images_dir} have no mask ({first_few(lonely_images)})")
     if lonely_masks:
-        unpaired.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({_some(lonely_masks)})")
+        unpaired.append(f"{len(lonely_masks)} mask(s) in {masks_dir} have no image ({first_few(lonely_masks)})")
     if unpaired:
         _note_or_raise(
             problems,
@@ -640,7 +648,7 @@ def _sidewalk_layout(root: Path, split: str, problems=None):
     if absent:
         raise DatasetError(
             f"{len(absent)} stem(s) of the {split!r} split in {info_file} have no image/label pair "
-            f"({_some(absent)}). Fix: re-run prepare_sidewalk.py, or remove them from the split."
+            f"({first_few(absent)}). Fix: re-run prepare_sidewalk.py, or remove them from the split."
         )
     return [by_stem[stem] for stem in wanted], split, names, palette, source
 
@@ -924,7 +932,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
     )
     group.add_argument(
         "--num_classes",
-        type=int,
+        type=positive_int,
         default=None,
         help=(
             "Number of classes (ids 0..N-1). Needed by --dataset generic when there is no class_names.json; "
@@ -933,7 +941,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
     )
     group.add_argument(
         "--ignore_index",
-        type=int,
+        type=non_negative_int,
         default=IGNORE_INDEX,
         help="Label id meaning no-data: excluded from losses and metrics, never a class. (default: %(default)s)",
     )

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segdiff.arguments import image_size
+from segdiff.arguments import finite_float, image_size, output_folder, positive_int
 from segdiff.data import (
     IMAGE_EXTENSIONS,
     DatasetError,
@@ -92,6 +92,7 @@ def add_save_dir_arguments(parser: argparse.ArgumentParser, units: str) -> None:
     """``--save_dir`` (resumable: a re-run adds the ``units`` it lacks) and ``--overwrite``."""
     parser.add_argument(
         "--save_dir",
+        type=output_folder,
         required=True,
         help=f"Where the generated dataset goes. A re-run into it adds the {units} it lacks, with the arguments it "
         "was made with (generation_args.json).",
@@ -118,7 +119,7 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 def add_images_per_mask_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
     parser.add_argument(
         "--num_images_per_mask",
-        type=int,
+        type=positive_int,
         default=default,
         help=f"Images per mask. (default: {default})" if default else "Images per mask.",
     )
@@ -136,14 +137,16 @@ def add_output_size_arguments(parser: argparse.ArgumentParser, square: str, *ref
         default=None,
         help=f"N: {square}. HEIGHT,WIDTH (e.g. 384,512): exactly that size; masks are resized, nearest, to it.",
     )
-    size.add_argument("--height", type=int, default=None, help="Image height; with --width, as --resolution H,W.")
-    size.add_argument("--width", type=int, default=None, help="Image width; with --height.")
+    size.add_argument(
+        "--height", type=positive_int, default=None, help="Image height; with --width, as --resolution H,W."
+    )
+    size.add_argument("--width", type=positive_int, default=None, help="Image width; with --height.")
 
 
 def add_eta_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eta",
-        type=float,
+        type=finite_float,
         default=None,
         help="DDIM's eta (--scheduler ddim only): the share of fresh noise each step adds, 0 deterministic (DDIM's "
         "default), 1 as much as DDPM (latent diffusion samples with 1.0). Recorded when given.",
@@ -158,12 +161,7 @@ def check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.height is not None:
         if args.resolution is not None:
             parser.error("give the size once: --resolution, or --height and --width")
-        if min(args.height, args.width) < 1:
-            parser.error("--height and --width must be at least 1")
         args.resolution = ImageSize(args.height, args.width)
-    for flag in ("num_images_per_mask", "num_samples", "batch_size"):
-        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
-            parser.error(f"--{flag} must be at least 1")
     if getattr(args, "eta", None) is not None:
         if not takes_eta(args.scheduler):
             with_eta_names = ", ".join(name for name in SCHEDULERS if takes_eta(name))

@@ -56,13 +56,32 @@ SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 def vae_scale_factor(vae_config) -> int:
-    """How much the VAE downsamples: 8 for SD's, 2 for the tiny test base. Never assumed to be 8."""
-    return 2 ** (len(vae_config.block_out_channels) - 1)
+    """How much the VAE downsamples: 8 for SD's, 2 for the tiny test base. Never assumed to be 8. ``vae_config``: a
+    model's config, or the dict of its config.json (read before any weights)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def unet_downsampling(unet_config) -> int:
+    """How much a UNet halves its input: once per level after the first (diffusers' ``block_out_channels``, the SPADE
+    UNet's ``channel_mult``)."""
+    levels = unet_config["block_out_channels"] if "block_out_channels" in unet_config else unet_config["channel_mult"]
+    return 2 ** (len(levels) - 1)
 
 
 def size_multiple(vae_config, unet_config) -> int:
-    """Image sides must be multiples of this: the VAE's factor times the UNet's own downsampling."""
-    return vae_scale_factor(vae_config) * 2 ** (len(unet_config.block_out_channels) - 1)
+    """Image sides must be multiples of this: the VAE's factor (none for a pixel-space model: ``vae_config`` None)
+    times the UNet's own downsampling."""
+    return (vae_scale_factor(vae_config) if vae_config is not None else 1) * unet_downsampling(unet_config)
+
+
+def check_size_multiple(size: ImageSize, multiple: int, why: str) -> None:
+    """A ValueError unless both sides of ``size`` are multiples of ``multiple`` (``why``: the factors it comes from,
+    for the message, which names the nearest size that is)."""
+    if size.height % multiple or size.width % multiple:
+        nearest = ImageSize(*(max(multiple, round(side / multiple) * multiple) for side in size))
+        raise ValueError(
+            f"height and width must be multiples of {multiple} ({why}); the nearest size that is: {nearest}"
+        )
 
 
 def conditioning_channels_for(scale_factor: int) -> tuple[int, ...]:

@@ -27,7 +27,13 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from segdiff.geometry import ImageSize, conditioning_downsampling, size_multiple, vae_scale_factor
+from segdiff.geometry import (
+    ImageSize,
+    check_size_multiple,
+    conditioning_downsampling,
+    size_multiple,
+    vae_scale_factor,
+)
 from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline
@@ -123,6 +129,14 @@ class Renderer:
     def output_size(self, label: np.ndarray) -> ImageSize:
         """(height, width) of a map's image when render() is given no size."""
         raise NotImplementedError
+
+    def check_size(self, size: ImageSize, flag: str = "--resolution") -> None:
+        """Refuse an output size the model cannot draw (``self.size_multiple``: its VAE factor x UNet downsampling),
+        naming the flag that asked for it."""
+        try:
+            check_size_multiple(size, self.size_multiple, f"VAE factor x UNet downsampling of {self.folder}")
+        except ValueError as error:
+            raise RunError(f"{flag} {size}: {error}.") from None
 
     def prompt(self, label) -> str | None:
         """The text prompt a map is rendered with (for the records): None for models without one."""
@@ -276,6 +290,12 @@ class SDMRenderer(Renderer):
     default_scheduler = SDM_SCHEDULER
     default_guidance_scale = SDM_GUIDANCE_SCALE
     stochastic = True  # "dpmsolver": the stochastic DPM-Solver++ (see segdiff.schedulers.make_scheduler)
+
+    @property
+    def size_multiple(self) -> int:
+        return size_multiple(
+            self.pipeline.vae.config if self.pipeline.vae is not None else None, self.pipeline.unet.config
+        )
 
     def output_size(self, label):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.

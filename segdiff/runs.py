@@ -17,10 +17,11 @@ and palette). Each ``checkpoint-N/`` inside it holds the models as they were at 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segdiff.data import DatasetError, load_class_names, read_json
+from segdiff.data import DatasetError, first_line, load_class_names, read_json
 from segdiff.labels import default_palette
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
@@ -107,7 +108,8 @@ class TrainedRun:
     def load_model(self, model_class, name: str, *, at_root: bool = False, **kwargs):
         """Model ``name`` (see `weights`), by ``model_class.from_pretrained``."""
         folder, subfolder = self.weights(name, at_root=at_root)
-        return model_class.from_pretrained(folder, subfolder=subfolder, **kwargs)
+        with self.refusing_unreadable(folder / subfolder if subfolder else folder):
+            return model_class.from_pretrained(folder, subfolder=subfolder, **kwargs)
 
     def load_pipeline(self, pipeline_class, unet_class, **kwargs):
         """The run's saved pipeline (model_index.json); for a checkpoint-N/, with that checkpoint's UNet (its EMA
@@ -118,7 +120,20 @@ class TrainedRun:
                 "let the run finish, or pass a finished output folder."
             )
         components = {"unet": self.load_model(unet_class, "unet", **kwargs)} if self.is_checkpoint else {}
-        return pipeline_class.from_pretrained(self.run_dir, **components, **kwargs)
+        with self.refusing_unreadable(self.run_dir):
+            return pipeline_class.from_pretrained(self.run_dir, **components, **kwargs)
+
+    @contextmanager
+    def refusing_unreadable(self, folder: Path):
+        """diffusers' errors for a model folder it cannot read (a broken config, missing or truncated weights) as a
+        RunError that names the flag and the folder, instead of a traceback."""
+        try:
+            yield
+        except (OSError, ValueError) as error:
+            raise RunError(
+                f"{self.flag} {self.folder}: cannot load the model in {folder} ({first_line(error)}). Fix: pass a complete "
+                "training output folder (or a checkpoint-N in one); re-copy the folder if it was copied."
+            ) from None
 
     def classes(self, class_names_json: str | Path | None = None) -> tuple[list[str], list[tuple[int, int, int]]]:
         """Class names and palette: ``class_names_json`` when given, else the run's class_names.json (the default
@@ -127,7 +142,8 @@ class TrainedRun:
         if not path.is_file():
             raise RunError(
                 f"{self.flag} {self.folder}: no {path.name} in {self.run_dir}, so the class of each id is unknown. "
-                "Fix: copy the run's class_names.json next to the model, or pass --class_names_json."
+                "Fix: copy the class_names.json its trainer wrote there (generate_controlnet_seg.py also takes "
+                "--class_names_json)."
             )
         names, palette = load_class_names(path)
         return names, palette or default_palette(len(names))

@@ -38,6 +38,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from segdiff.arguments import non_negative_int, positive_float, positive_int
 from segdiff.data import IMAGE_EXTENSIONS
 from segdiff.geometry import vae_scale_factor
 from segdiff.labels import LOVEDA_CLASSES, SIDEWALK_CLASSES
@@ -490,16 +491,16 @@ def _fit_and_rescale(vae, data, resolution, steps, batch_size, lr, seed) -> dict
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Write a tiny, offline Stable-Diffusion-format folder.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--sample_size", type=int, default=32, help="Image side in pixels (latents are half).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (and of fitting).")
+    parser.add_argument("--sample_size", type=positive_int, default=32, help="Image side in pixels (latents are half).")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="Seed of the random weights (and of fitting).")
     parser.add_argument(
         "--fit_vae_data",
         default=None,
         help="A folder of images (or a dataset folder with images/) to fit the VAE to; unfitted if omitted.",
     )
-    parser.add_argument("--fit_vae_steps", type=int, default=200)
-    parser.add_argument("--fit_vae_batch_size", type=int, default=32)
-    parser.add_argument("--fit_vae_lr", type=float, default=1e-3)
+    parser.add_argument("--fit_vae_steps", type=positive_int, default=200)
+    parser.add_argument("--fit_vae_batch_size", type=positive_int, default=32)
+    parser.add_argument("--fit_vae_lr", type=positive_float, default=1e-3)
     parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
     parser.add_argument(
         "--preset",

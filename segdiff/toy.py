@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segdiff.arguments import finite_float, non_negative_int, positive_float, positive_int
 from segdiff.data import load_class_names, read_json, save_label_png, write_class_names
 
 # Class colours sit on the corners of the RGB cube at levels 40 and 215, so two colours differ by 175 in at
@@ -589,15 +590,15 @@ class PaletteSegmenter:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Write the procedural toy dataset (generic layout).")
     parser.add_argument("--output_dir", required=True, help="Where to write the dataset.")
-    parser.add_argument("--num_images", type=int, default=256, help="Training images to write.")
+    parser.add_argument("--num_images", type=positive_int, default=256, help="Training images to write.")
     parser.add_argument(
         "--val_images",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="With a value > 0, write OUTPUT_DIR/train and OUTPUT_DIR/val with this many validation images; "
         "with 0, OUTPUT_DIR itself is the (single) dataset.",
     )
-    parser.add_argument("--size", type=int, default=32, help="Image side in pixels.")
+    parser.add_argument("--size", type=positive_int, default=32, help="Image side in pixels.")
     parser.add_argument(
         "--style",
         default="flat",
@@ -608,7 +609,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--num_classes",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"Classes including background: 2..{MAX_TOY_CLASSES} flat (default 4), "
         f"2..{DEFAULT_NUM_CLASSES['textured']} textured (default all).",
@@ -621,7 +622,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Colour themes; with several, each image gets one at random (recorded in themes.json). "
         "plain inverted gives the two-theme data of the style-reference tests.",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     group = parser.add_argument_group(
         "long tail",
         "Make one shape class rare and small, the others as usual; each split then records its per-class image "
@@ -634,19 +635,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     group.add_argument(
         "--rare_rate",
-        type=float,
+        type=finite_float,
         default=0.04,
         help="Share of the images that show the rare class: exactly round(rate x images). (default: %(default)s)",
     )
     group.add_argument(
         "--rare_scale",
-        type=float,
+        type=positive_float,
         default=0.5,
         help="Size of a rare shape: its radius is the usual random radius times this. (default: %(default)s)",
     )
     group.add_argument(
         "--rare_val_min_images",
-        type=int,
+        type=non_negative_int,
         default=8,
         help="The val split shows the rare class at --rare_rate too, but in at least this many images, so its "
         "IoU can be scored (64 val images at 4%% would hold 3 small shapes). (default: %(default)s)",

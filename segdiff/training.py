@@ -42,16 +42,34 @@ from packaging.version import Version
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from segdiff.arguments import image_size, positive_int
-from segdiff.data import SegmentationDataset, bad_data_error, scan_dataset
+from segdiff.arguments import (
+    fraction,
+    image_size,
+    non_negative_float,
+    non_negative_int,
+    output_folder,
+    positive_float,
+    positive_int,
+)
+from segdiff.data import DatasetError, SegmentationDataset, bad_data_error, first_line, read_json, scan_dataset
 from segdiff.files import write_json_atomic
-from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
+from segdiff.geometry import ImageSize, check_size_multiple, size_multiple, unet_downsampling, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
 from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# --lr_scheduler: diffusers' get_scheduler names that need no other argument, and `exponential_lr_schedule`.
+LR_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "exponential",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,10 +89,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     )
     group.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model (hub only).")
     group.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
-    group.add_argument("--output_dir", type=str, required=True, help="Where the trained model and checkpoints go.")
+    group.add_argument(
+        "--output_dir", type=output_folder, required=True, help="Where the trained model and checkpoints go."
+    )
     group.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="Seeds model init, shuffling, augmentation and noise. Resumed runs reproduce uninterrupted ones.",
     )
@@ -92,11 +112,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         action="store_true",
         help="Apply the same random rotation/scale/translation to image and mask (labels padded with ignore).",
     )
-    group.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
-    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument("--train_batch_size", type=positive_int, default=4, help="Batch size per device.")
+    group.add_argument("--num_train_epochs", type=positive_int, default=1)
     group.add_argument(
         "--max_train_steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="Total optimizer steps. If given, overrides --num_train_epochs; training stops exactly here.",
     )
@@ -108,11 +128,13 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         "evaluate.py --downstream given the same data and N take the same pairs, and a smaller N keeps a subset "
         "of a larger N's. training_config.json lists them (train_samples). Default: all.",
     )
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     group.add_argument(
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the trained model."
     )
-    group.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    group.add_argument(
+        "--learning_rate", type=non_negative_float, default=1e-4, help="Initial learning rate (after warmup)."
+    )
     group.add_argument(
         "--scale_lr",
         action="store_true",
@@ -120,18 +142,18 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     )
     group.add_argument(
         "--lr_scheduler",
-        type=str,
+        choices=LR_SCHEDULES,
         default="constant",
-        help='One of diffusers\' schedules: "linear", "cosine", "cosine_with_restarts", "polynomial", '
-        '"constant", "constant_with_warmup"; or "exponential": linear warmup, then the rate times '
-        "--lr_exponential_gamma at every optimizer step.",
+        help="One of diffusers' schedules (linear, cosine, cosine_with_restarts, polynomial, constant, "
+        "constant_with_warmup), or exponential: linear warmup, then the rate times --lr_exponential_gamma at every "
+        "optimizer step. (default: %(default)s)",
     )
-    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr schedule.")
-    group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
-    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--lr_warmup_steps", type=non_negative_int, default=500, help="Warmup steps of the lr schedule.")
+    group.add_argument("--lr_num_cycles", type=positive_int, default=1, help="Hard resets of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=positive_float, default=1.0, help="Power of the polynomial schedule.")
     group.add_argument(
         "--lr_exponential_gamma",
-        type=float,
+        type=fraction,
         default=0.9999,
         help="Per-step decay of --lr_scheduler exponential, in (0, 1] (0.9999 halves the rate every 6931 steps "
         "after warmup). Default: %(default)s",
@@ -139,11 +161,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     group.add_argument(
         "--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install bitsandbytes)."
     )
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    group.add_argument("--adam_epsilon", type=float, default=1e-08)
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument("--adam_beta1", type=fraction, default=0.9)
+    group.add_argument("--adam_beta2", type=fraction, default=0.999)
+    group.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=non_negative_float, default=1e-08)
+    group.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient clipping norm.")
     group.add_argument(
         "--deterministic",
         action="store_true",
@@ -153,17 +175,22 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         "error naming it.",
     )
     group.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the weights.")
-    group.add_argument("--ema_decay", type=float, default=0.9999, help="Maximum EMA decay (warmup ramps up to it).")
+    group.add_argument("--ema_decay", type=fraction, default=0.9999, help="Maximum EMA decay (warmup ramps up to it).")
     group.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: main process)."
+        "--dataloader_num_workers",
+        type=non_negative_int,
+        default=0,
+        help="Data loading subprocesses (0: main process).",
     )
     group.add_argument(
         "--checkpointing_steps",
-        type=int,
+        type=positive_int,
         default=500,
         help="Save a resumable checkpoint (checkpoint-N/) every N optimizer steps.",
     )
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    group.add_argument(
+        "--checkpoints_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints."
+    )
     group.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -202,7 +229,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
     )
     group.add_argument(
         "--validation_steps",
-        type=int,
+        type=non_negative_int,
         default=500,
         help="Generate validation samples every N optimizer steps (0 disables); grids go to output_dir/validation/.",
     )
@@ -252,14 +279,67 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_latent_resolution(resolution: ImageSize, vae_config, unet_config) -> None:
-    """Stop unless ``--resolution`` lands on whole latent cells that the base's UNet can halve at every level."""
-    multiple, scale = size_multiple(vae_config, unet_config), vae_scale_factor(vae_config)
-    if resolution.height % multiple or resolution.width % multiple:
-        raise SystemExit(
-            f"--resolution {resolution}: height and width must be multiples of {multiple} for this base (VAE factor "
-            f"{scale} x UNet downsampling {multiple // scale})."
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the types of add_training_args cannot refuse on their own, as usage errors: before any file is read or
+    written (every trainer's parse_args ends with this)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        if getattr(args, name) == 1:
+            parser.error(f"--{name} must be below 1: AdamW's running average would never move from its start")
+    if args.lr_exponential_gamma == 0:
+        parser.error("--lr_exponential_gamma must be in (0, 1]: it is the per-step decay factor of the rate")
+
+
+def check_resolution(resolution: ImageSize, multiple: int, why: str) -> None:
+    """Stop unless both sides of ``--resolution`` are multiples of ``multiple``, the model's factor (``why``: where
+    it comes from)."""
+    try:
+        check_size_multiple(resolution, multiple, why)
+    except ValueError as error:
+        raise DatasetError(f"--resolution {resolution}: {error}.") from None
+
+
+def base_model_config(model_class, args: argparse.Namespace, subfolder: str | None) -> dict:
+    """The config of one model of ``--pretrained_model_name_or_path`` (its config file only, no weights): a path that
+    holds no such model is refused here, naming the flag, before anything is loaded or written."""
+    base = args.pretrained_model_name_or_path
+    try:
+        return model_class.load_config(base, subfolder=subfolder, revision=args.revision)
+    except (OSError, ValueError) as error:
+        raise DatasetError(
+            f"--pretrained_model_name_or_path {base} holds no {model_class.__name__} in {subfolder or '.'}/ "
+            f"({first_line(error)}). Fix: pass a Stable Diffusion folder (model_index.json, vae/, unet/, "
+            "text_encoder/, tokenizer/, scheduler/; python -m segdiff.tiny --output_dir DIR writes a tiny one), or a "
+            "hub id."
+        ) from None
+
+
+def check_base_resolution(args: argparse.Namespace) -> None:
+    """Refuse a base that is no Stable Diffusion model, and a ``--resolution`` that does not land on whole latent
+    cells its UNet can halve at every level: from the base's configs, before its weights load."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = base_model_config(AutoencoderKL, args, "vae")
+    unet = base_model_config(UNet2DConditionModel, args, "unet")
+    why = f"for this base: VAE factor {vae_scale_factor(vae)} x UNet downsampling {unet_downsampling(unet)}"
+    check_resolution(args.resolution, size_multiple(vae, unet), why)
+
+
+def read_model_config(path: str | Path, model_class, flag: str = "--model_config") -> dict:
+    """A model size file (configs/models/*.json) as the keyword arguments of ``model_class`` (keys starting with
+    ``_`` are comments). A file of another model (its ``_class_name``), a key the model does not take, or a broken
+    file is refused, naming the flag and the file."""
+    fix = "Fix: pass one of the JSON files in configs/models/, or a copy of one."
+    config = read_json(Path(path), f"{flag}", fix, an_object=True)
+    class_name = config.get("_class_name", model_class.__name__)
+    if class_name != model_class.__name__:
+        raise DatasetError(f"{flag} {path} is a config of {class_name}, not of {model_class.__name__}. {fix}")
+    accepted = inspect.signature(model_class.__init__).parameters
+    unknown = sorted(key for key in config if not key.startswith("_") and key not in accepted)
+    if unknown:
+        raise DatasetError(
+            f"{flag} {path} has keys that {model_class.__name__} does not take: {', '.join(unknown)}. {fix}"
         )
+    return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str | None:

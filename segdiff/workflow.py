@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from segdiff.arguments import positive_int
 from segdiff.files import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def add_launch_args(parser) -> None:
     """--num_processes and --accelerate_config: how the trainers and the generators are started."""
     parser.add_argument(
         "--num_processes",
-        type=int,
+        type=positive_int,
         default=None,
         help="Processes (GPUs) for training and generation: more than 1 runs them with `accelerate launch "
         "--multi_gpu`. Default: 1, or --accelerate_config's.",

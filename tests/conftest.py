@@ -62,6 +62,44 @@ def tiny_sd_folder(tmp_path_factory):
     return folder
 
 
+def write_untrained_models(root: Path, toy_data: Path) -> Path:
+    """An untrained tiny layout model with its class_prior.json and a training_config.json naming the toy data as
+    its training maps (``root/layout``), and an untrained tiny pixel SDM renderer (``root/sdm``), as their trainers
+    write them."""
+    import json
+
+    import torch
+
+    from segdiff.data import write_class_names
+    from segdiff.models.layout_unet import LayoutUNetModel
+    from segdiff.models.spade_unet import SpadeUNetModel
+    from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+    from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+    from segdiff.toy import toy_classes
+
+    names, palette = toy_classes(4)
+
+    def config(name):
+        return {k: v for k, v in json.loads((ROOT / "configs/models" / name).read_text()).items() if k[0] != "_"}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layout = LayoutUNetModel.from_config(config("layout_tiny.json"))
+        sdm = SpadeUNetModel.from_config(config("sdm_tiny.json"))
+    LayoutDiffusionPipeline(unet=layout, scheduler=layout_scheduler(), class_names=names).save_pretrained(
+        root / "layout"
+    )
+    write_class_names(root / "layout" / "class_names.json", names, palette)
+    prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
+    (root / "layout" / "class_prior.json").write_text(json.dumps({"class_names": names, **prior}))
+    training_config = {"pipeline": "layout_diffusion", "data_root": str(toy_data), "dataset": "generic"}
+    (root / "layout" / "training_config.json").write_text(json.dumps(training_config))
+    SemanticDiffusionPipeline(sdm, sdm_scheduler(), class_names=names).save_pretrained(root / "sdm")
+    write_class_names(root / "sdm" / "class_names.json", names, palette)
+    (root / "sdm" / "training_config.json").write_text(json.dumps({"pipeline": "spade_sdm", "resolution": 32}))
+    return root
+
+
 def weights(folder, subfolder="unet") -> dict:
     """The tensors of a diffusers model saved in ``folder/subfolder`` (a trained output or a checkpoint)."""
     from safetensors.torch import load_file

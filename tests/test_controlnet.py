@@ -581,7 +581,7 @@ def test_the_run_loader_opens_checkpoints_and_names_missing_folders(trained, tmp
         open_run(tmp_path / "nowhere")
     with pytest.raises(RunError, match="holds no training_config.json naming its kind.*train_controlnet_seg.py"):
         open_run(tmp_path).require("controlnet_seg")
-    with pytest.raises(RunError, match="no class_names.json .* Fix: copy the run's class_names.json"):
+    with pytest.raises(RunError, match="no class_names.json .* Fix: copy the class_names.json its trainer wrote there"):
         open_run(tmp_path).classes()
 
 

@@ -320,7 +320,7 @@ def test_fid_and_kid_of_a_set_against_itself_are_near_zero(toy_data, weights, tm
         return evaluate.main(
             ["--generated_dir", str(generated), "--real_dir", str(toy_data), "--metrics", "fid,kid"]
             + ["--feature_extractor_torchscript", str(weights.extractor)]
-            + ["--results_dir", str(tmp_path / generated.name)]
+            + ["--results_dir", str(tmp_path / f"eval_{generated.name}")]  # never inside --generated_dir
         )
 
     same = fid_kid(toy_data)
@@ -328,13 +328,13 @@ def test_fid_and_kid_of_a_set_against_itself_are_near_zero(toy_data, weights, tm
     assert same["feature_extractor"].startswith("TorchScript") and same["num_real_images"] == 24
     assert same["fid_kid_standard"] is False and same["fid_kid_protocol"].startswith("non-standard: custom")
     assert same["kid_subset_size"] == 24  # torch-fidelity's 1000, shrunk to the 24 images (and recorded)
-    report = (tmp_path / toy_data.name / "evaluation_report.txt").read_text()
+    report = (tmp_path / f"eval_{toy_data.name}" / "evaluation_report.txt").read_text()
     assert "100 subsets of 24, seed 2020; torch-fidelity's: 100 of 1000, seed 2020" in report
     assert abs(same["fid"]) < 1e-4
     assert other["fid"] > 1e3 * max(abs(same["fid"]), 1e-6)
     assert abs(same["kid_mean"]) < 0.1 * other["kid_mean"]
     for name in ("metrics.json", "evaluation_report.txt", "comparison_grid.png"):
-        assert (tmp_path / toy_data.name / name).is_file()
+        assert (tmp_path / f"eval_{toy_data.name}" / name).is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,7 +701,7 @@ def test_downstream_segformer_from_random_or_pretrained_weights(toy_data, real_s
         run_downstream(toy_data, real_split, tmp_path / "unet", "--downstream_pretrained", str(tmp_path / "pretrained"))
 
 
-def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, tmp_path):
+def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, tiny_sd_folder, tmp_path):
     """--max_train_samples 5 of the 24 toy pairs: the layout model, the SDM renderer, the ControlNet and evaluate.py's
     segmenters take the same 5; evaluate.py's held-out validation pairs are none of them."""
     data = ["--data_root", toy_data, "--dataset", "generic", "--max_train_samples", "5"]
@@ -712,7 +712,8 @@ def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, t
     run_script("train_spade_sdm.py", *data, *short, "--model_config", "configs/models/sdm_tiny.json", "--output_dir", tmp_path / "sdm")  # fmt: skip
     layout, sdm = (json.loads((tmp_path / run / "training_config.json").read_text()) for run in ("layout", "sdm"))
     controlnet_args = train_controlnet_seg.parse_args(
-        [str(argument) for argument in data] + ["--pretrained_model_name_or_path", "unused", "--output_dir", "unused"]
+        [str(argument) for argument in data]
+        + ["--pretrained_model_name_or_path", str(tiny_sd_folder), "--output_dir", "unused", "--resolution", "16"]
     )
     controlnet, *_ = train_controlnet_seg.training_source(controlnet_args)
     down = run_downstream(toy_data, toy_data, tmp_path / "eval", "--max_train_samples", "5", "--downstream_steps", "1")

@@ -301,7 +301,7 @@ def test_trainer_refuses_bad_options(toy_data, tmp_path, monkeypatch):
     )
     assert "--model_config configs/models/nope.json does not exist" in message
     message = script_error(monkeypatch, *train_args(toy_data, tmp_path / "out", "--resolution", "15"))
-    assert "--resolution 15" in message and "multiple of 2" in message
+    assert "--resolution 15" in message and "multiples of 2" in message
 
 
 def test_training_samples_are_seeded_crops_with_their_ratios():

@@ -412,4 +412,4 @@ def test_trainer_refuses_bad_options(toy_data, tmp_path, capsys):
     result = run_script(
         *train_args(toy_data, tmp_path / "odd", "--resolution", "31", "--max_train_steps", "1"), check=False
     )
-    assert result.returncode != 0 and "multiple of 2" in result.stderr
+    assert result.returncode != 0 and "multiples of 2" in result.stderr

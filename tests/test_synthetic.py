@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ROOT, SCRIPT_ENV, run_script, script_error
+from conftest import ROOT, SCRIPT_ENV, run_script, script_error, write_untrained_models
 
 from segdiff.data import DatasetError
 from segdiff.synthetic import balance_weights, balanced_request, parse_class_weights, parse_ratios, ratio_report
@@ -73,41 +73,7 @@ def test_ratio_report_is_the_mean_absolute_error_over_requested_classes():
 
 @pytest.fixture(scope="module")
 def models(toy_data, tmp_path_factory):
-    """An untrained tiny layout model with its class_prior.json and a training_config.json naming the toy data as
-    its training maps, and an untrained tiny pixel SDM renderer."""
-    import json
-
-    import torch
-
-    from segdiff.data import write_class_names
-    from segdiff.models.layout_unet import LayoutUNetModel
-    from segdiff.models.spade_unet import SpadeUNetModel
-    from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
-    from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
-    from segdiff.toy import toy_classes
-
-    root = tmp_path_factory.mktemp("synthetic-models")
-    names, palette = toy_classes(4)
-
-    def config(name):
-        return {k: v for k, v in json.loads((ROOT / "configs/models" / name).read_text()).items() if k[0] != "_"}
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        layout = LayoutUNetModel.from_config(config("layout_tiny.json"))
-        sdm = SpadeUNetModel.from_config(config("sdm_tiny.json"))
-    LayoutDiffusionPipeline(unet=layout, scheduler=layout_scheduler(), class_names=names).save_pretrained(
-        root / "layout"
-    )
-    write_class_names(root / "layout" / "class_names.json", names, palette)
-    prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
-    (root / "layout" / "class_prior.json").write_text(json.dumps({"class_names": names, **prior}))
-    training_config = {"pipeline": "layout_diffusion", "data_root": str(toy_data), "dataset": "generic"}
-    (root / "layout" / "training_config.json").write_text(json.dumps(training_config))
-    SemanticDiffusionPipeline(sdm, sdm_scheduler(), class_names=names).save_pretrained(root / "sdm")
-    write_class_names(root / "sdm" / "class_names.json", names, palette)
-    (root / "sdm" / "training_config.json").write_text(json.dumps({"pipeline": "spade_sdm", "resolution": 32}))
-    return root
+    return write_untrained_models(tmp_path_factory.mktemp("synthetic-models"), toy_data)
 
 
 def generate(models, save_dir, *extra, launcher=()):
@@ -213,7 +179,7 @@ def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch, capsys):
     for extra, message in (
         (["--match_strength", "1.5"], "--match_strength must be in [0, 1]"),
         (["--no_match_ratios", "--match_strength", "0.5"], "drop it with --no_match_ratios"),
-        (["--quality_reference_maps", "-1"], "--quality_reference_maps must be 0 (no layout_quality) or more"),
+        (["--quality_reference_maps", "-1"], "argument --quality_reference_maps: must be 0 or more, got -1"),
     ):
         with pytest.raises(SystemExit):
             parse_args(command + extra)

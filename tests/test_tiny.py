@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -140,8 +139,8 @@ def test_same_seed_same_weights(tiny_sd, tmp_path):
 
 def test_vae_scale_factor_is_read_from_the_config():
     assert vae_scale_factor(tiny_vae().config) == 2
-    sd_like = SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512]))
-    assert vae_scale_factor(sd_like.config) == 8
+    # SD's VAE config.json, read before any weights
+    assert vae_scale_factor({"block_out_channels": [128, 256, 512, 512]}) == 8
 
 
 @pytest.fixture(scope="module")

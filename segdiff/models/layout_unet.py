@@ -72,6 +72,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from torch import nn
 
+from segdiff.geometry import unet_downsampling
 from segdiff.labels import IGNORE_INDEX
 
 # Ratios in [0, 1] are embedded like timesteps in [0, 1000]: the sinusoids then resolve differences of 0.1 %.
@@ -180,7 +181,7 @@ class LayoutUNetModel(ModelMixin, ConfigMixin):
     @property
     def size_multiple(self) -> int:
         """Layout height and width must be multiples of this (one halving per level after the first)."""
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return unet_downsampling(self.config)
 
     def embed_condition(self, batch_size: int, ratios=None, known=None, domain=None, device=None) -> torch.Tensor:
         """(B, time_embed_dim): the MLP of ``concat(ratios * known, known)`` plus the domain embedding.
