@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.data import exit_on_bad_input
 from segdiff.files import write_json_atomic
 from segdiff.generation import (
@@ -69,6 +70,9 @@ from segdiff.rendering import (
 )
 from segdiff.runs import open_run
 from segdiff.schedulers import SCHEDULERS
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 
 def parse_args(argv=None):

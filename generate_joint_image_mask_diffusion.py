@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
+from segdiff import check_min_diffusers_version
 from segdiff.data import exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
@@ -55,6 +56,9 @@ from segdiff.runs import TrainedRun, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 from segdiff.seeds import cpu_generators
 from segdiff.visualize import image_grid, overlay_mask
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
 

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image
 from segdiff.files import save_image_atomic, write_json_atomic
 from segdiff.generation import (
@@ -62,6 +63,9 @@ from segdiff.processes import generation_state
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_palette
 from segdiff.runs import open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
 

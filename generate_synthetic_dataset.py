@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.arguments import add_switch, image_size
 from segdiff.data import (
     DatasetError,
@@ -58,6 +59,9 @@ from segdiff.runs import TrainedRun, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 
 def parse_args(argv=None):

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.data import (
     LABEL_OFFSETS,
     DatasetError,
@@ -72,6 +72,9 @@ from segdiff.prompts import (
     names_domain,
 )
 from segdiff.visualize import image_grid
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 

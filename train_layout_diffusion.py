@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch
 from segdiff.data import (
     LOVEDA_SCENES,
@@ -57,6 +57,9 @@ from segdiff.geometry import ImageSize
 from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"

@@ -23,13 +23,16 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input, limit_train_samples
 from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.visualize import overlay_mask
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 

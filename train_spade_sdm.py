@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch
 from segdiff.data import (
     JointTransform,
@@ -51,6 +51,9 @@ from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.runs import open_run
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
