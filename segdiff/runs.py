@@ -71,6 +71,8 @@ class TrainedRun:
         for file_name in ("model_index.json", "config.json"):
             path = self.run_dir / file_name
             class_name = read_run_file(path).get("_class_name") if path.is_file() else None
+            if isinstance(class_name, list):  # [code file, class]: a pipeline saved with its code (remote_code.py)
+                class_name = class_name[1]
             if class_name in KIND_OF_CLASS:
                 return KIND_OF_CLASS[class_name]
         return None
