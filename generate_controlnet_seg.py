@@ -57,6 +57,7 @@ from segdiff.generation import (
     masks_of,
     read_captions,
     read_mask,
+    recorded_model,
     recorded_path,
 )
 from segdiff.geometry import ImageSize
@@ -162,7 +163,7 @@ def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSi
     """The arguments that determine the images, defaults resolved from the training config (not --batch_size or
     --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "pretrained_model_name_or_path": recorded_path(base),
         "num_images_per_mask": args.num_images_per_mask,
         "prompt": args.prompt,
@@ -186,7 +187,7 @@ def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSi
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     run.require("controlnet_seg")
     # N (or a square): the short side, each mask's aspect ratio kept; a rectangle: exactly that size.
     size = args.resolution or ImageSize.of(run.setting("resolution", 512))

@@ -40,7 +40,7 @@ from segdiff.generation import (
     add_output_size_arguments,
     add_save_dir_arguments,
     check_generation_args,
-    recorded_path,
+    recorded_model,
 )
 from segdiff.geometry import ImageSize
 from segdiff.labels import (
@@ -199,7 +199,7 @@ def generation_args(args, size: ImageSize) -> dict:
     """The arguments that determine the samples (not --num_samples: a larger one adds samples; not --batch_size or
     --device: the seeds keep the samples the same whatever they are); recorded in --save_dir, a re-run must match."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "dataset": args.dataset,
         "class_id": args.class_id,
         "class_weights": args.class_weights,
@@ -226,7 +226,7 @@ def sample_name(index: int) -> str:
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     class_names, palette = load_classes(run, args.dataset)
     pipeline = load_pipeline(run, class_names, torch.float16 if args.fp16 else torch.float32)  # default: as saved
     pipeline.to(args.device or state.device)

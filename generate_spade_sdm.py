@@ -55,6 +55,7 @@ from segdiff.generation import (
     mask_groups,
     masks_of,
     read_mask,
+    recorded_model,
     recorded_path,
 )
 from segdiff.geometry import ImageSize
@@ -189,7 +190,7 @@ def generation_args(args, size: ImageSize) -> dict:
     """The arguments that determine the images (not --batch_size, --device or --submission_dir: the seeds keep the
     images the same whatever they are); recorded in --save_dir, a re-run must match them."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "num_images_per_mask": args.num_images_per_mask,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
@@ -217,7 +218,7 @@ def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     pipeline = load_sdm_pipeline(run, torch.float16 if args.fp16 else None)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)

@@ -101,9 +101,11 @@ def parse_args(argv=None):
         "--init_from",
         type=str,
         default=None,
-        help="Start from a trained model: an output folder of this script, or one of its checkpoint-N folders "
-        "(its EMA weights when present). The SDM fine-tune for guidance: --drop_rate 0.2 --learning_rate 2e-5.",
+        help="Start from a trained model: an output folder of this script, one of its checkpoint-N folders (its EMA "
+        "weights when present), or a Hub repository id. The SDM fine-tune for guidance: --drop_rate 0.2 "
+        "--learning_rate 2e-5.",
     )
+    group.add_argument("--init_from_revision", default=None, help="The revision of a Hub --init_from.")
     add_switch(
         group,
         "edge_map",
@@ -265,7 +267,7 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int | list[in
             **overrides,
         )
 
-    run = open_run(args.init_from, flag="--init_from")
+    run = open_run(args.init_from, flag="--init_from", revision=args.init_from_revision)
     run.require("spade_sdm")
     unet = run.load_model(SpadeUNetModel, "unet")  # a checkpoint's EMA weights when kept
     config = unet.config
@@ -303,7 +305,7 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     The pipeline saves this scheduler's config, and the generator builds every scheduler from it.
     """
     scheduler = sdm_scheduler(learn_sigma=learn_sigma, pixel_space=pixel_space)
-    trained_with = init_from_schedule(args.init_from) if args.init_from else {}
+    trained_with = init_from_schedule(args.init_from, args.init_from_revision) if args.init_from else {}
     betas = {}
     for name in ("beta_schedule", "beta_start", "beta_end"):
         value = getattr(args, name)
@@ -317,10 +319,10 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, **betas)
 
 
-def init_from_schedule(init_from: str) -> dict:
+def init_from_schedule(init_from: str, revision: str | None) -> dict:
     """The betas the --init_from model was trained with: its run's pipeline's scheduler config; empty when there is
     none (a run still in training has no pipeline yet)."""
-    path = open_run(init_from, flag="--init_from").run_dir / "scheduler" / "scheduler_config.json"
+    path = open_run(init_from, flag="--init_from", revision=revision).run_dir / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
     config = json.loads(path.read_text())

@@ -352,14 +352,19 @@ def sdm_palette(run: TrainedRun, num_classes: int):
 
 
 def load_renderer(
-    folder: str | Path, base: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    folder: str | Path,
+    base: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
 ) -> Renderer:
-    """The renderer of a trained folder (or of a checkpoint-N/ in one): see the module docstring.
+    """The renderer of a trained folder (or of a checkpoint-N/ in one, or of a Hub repository id at ``revision``):
+    see the module docstring.
 
     ``base``: the Stable Diffusion base of a ControlNet (default: the one its training_config.json names, loaded
     with the run's --variant); an SDM carries its own models and refuses one.
     """
-    run = open_run(folder, flag="--renderer")
+    run = open_run(folder, flag="--renderer", revision=revision)
     run.require("controlnet_seg", "spade_sdm")
     if run.kind == "controlnet_seg":
         return load_controlnet_renderer(run, base=base, device=device, dtype=dtype)

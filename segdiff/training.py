@@ -49,6 +49,7 @@ from segdiff.data import SegmentationDataset, bad_data_error, scan_dataset
 from segdiff.files import write_json_atomic
 from segdiff.geometry import ImageSize, size_multiple, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
+from segdiff.runs import LOCAL_FOLDER
 from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
@@ -453,7 +454,7 @@ def shareable_config(config):
     if isinstance(config, list):
         return [shareable_config(value) for value in config]
     if isinstance(config, str) and os.path.isabs(config):
-        return f"<local>/{Path(config).name}"
+        return f"{LOCAL_FOLDER}/{Path(config).name}"
     return config
 
 

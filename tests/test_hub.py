@@ -4,13 +4,14 @@ without segdiff installed."""
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SCRIPT_ENV
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import dynamic_modules_utils
 from pipeline_samples import SAMPLES
@@ -125,3 +126,71 @@ np.savez("samples.npz", **{{
     loaded = np.load(tmp_path / "samples.npz")
     for kind, (_, samples) in saved.items():
         np.testing.assert_array_equal(loaded[kind], samples)
+
+
+def cache_repo(cache, repo_id: str, revisions: dict) -> dict:
+    """Folders put in a Hugging Face cache as snapshot_download leaves a downloaded repository: one snapshot per
+    commit (``models--owner--name/snapshots/<commit>/``) and ``refs/<branch or tag>`` naming its commit. Returns
+    {revision: snapshot folder}."""
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    snapshots = {}
+    for number, (revision, folder) in enumerate(revisions.items(), start=1):
+        commit = f"{number:040x}"
+        snapshots[revision] = storage / "snapshots" / commit
+        shutil.copytree(folder, snapshots[revision])
+        (storage / "refs" / revision).write_text(commit)
+    return snapshots
+
+
+def test_a_hub_repository_id_opens_from_the_cache_offline_and_a_local_folder_wins(saved, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from segdiff.runs import RunError, TrainedRun, open_run
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # the cache is all there is
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    snapshots = cache_repo(cache, "someone/toy", {"main": saved["layout"][0], "v1": saved["sdm"][0]})
+
+    run = open_run("someone/toy")
+    assert run.folder == snapshots["main"] and run.kind == "layout_diffusion"
+    pipeline = run.load_pipeline(LayoutDiffusionPipeline, LayoutUNetModel)
+    np.testing.assert_array_equal(SAMPLES["layout"](pipeline), saved["layout"][1])
+    assert open_run("someone/toy", revision="v1").kind == "spade_sdm"
+    with pytest.raises(RunError, match=r"--model someone/toy is not a folder here, .* at revision v2 is not in the"):
+        open_run("someone/toy", revision="v2")
+    with pytest.raises(RunError, match="--renderer someone/other is not a folder here.*HF_HUB_OFFLINE unset"):
+        open_run("someone/other", flag="--renderer")
+    with pytest.raises(RunError, match="--model outputs/no/such does not exist"):
+        open_run("outputs/no/such")
+
+    # A local folder of the repository's name is the one opened; it has no revisions.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(saved["sdm"][0], tmp_path / "someone" / "toy")
+    assert open_run("someone/toy").kind == "spade_sdm"
+    with pytest.raises(RunError, match="is a local folder, which has no revisions"):
+        open_run("someone/toy", revision="v1")
+
+    # The Hub copy of training_config.json names a local base by its folder name only.
+    run = TrainedRun(tmp_path, tmp_path, False, {"pretrained_model_name_or_path": "<local>/tiny-sd"}, "--renderer")
+    with pytest.raises(RunError, match="local base <local>/tiny-sd.*Fix: pass --pretrained_model_name_or_path"):
+        run.base()
+    assert run.base("models/tiny-sd") == "models/tiny-sd"
+
+
+def test_a_generator_takes_a_hub_repository_id_and_revision(saved, toy_data, tmp_path):
+    sdm = tmp_path / "sdm"
+    shutil.copytree(saved["sdm"][0], sdm)
+    shutil.copy(toy_data / "class_names.json", sdm)
+    cache = tmp_path / "cache"
+    cache_repo(cache, "someone/toy-sdm", {"main": saved["layout"][0], "v1": sdm})
+    mask = sorted((toy_data / "masks").iterdir())[0]
+    env = {**SCRIPT_ENV, "HF_HUB_CACHE": str(cache)}
+    subprocess.run(
+        [sys.executable, "generate_spade_sdm.py", "--model", "someone/toy-sdm", "--revision", "v1", "--mask", mask,
+         "--save_dir", tmp_path / "out", "--num_images_per_mask", "1", "--num_inference_steps", "2"],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 1
+    assert json.loads((tmp_path / "out" / "generation_args.json").read_text())["model"] == "someone/toy-sdm@v1"
