@@ -142,7 +142,7 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
     named in the run's training_config.json."""
     run.require("joint_image_mask")
     if not run.is_checkpoint:
-        return JointImageMaskPipeline.from_pretrained(run.folder, class_names=class_names, torch_dtype=dtype)
+        return JointImageMaskPipeline.from_pretrained(run.folder, class_names=class_names).to(dtype=dtype)
     base = run.base()
     trained_text_encoder = (run.folder / "text_encoder").is_dir()
     try:
