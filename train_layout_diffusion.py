@@ -424,9 +424,12 @@ def main(args):
     train_dataset = training.SeededDataset(layout_data, layout_data.process)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
-    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    updates_per_epoch = training.plan_steps(args, train_dataloader, accelerator)
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator)
+    # One prepare call, as in diffusers' examples: DeepSpeed builds its engine from all of them together.
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     for ema in ema_models.values():
         ema.to(accelerator.device)
 

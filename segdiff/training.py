@@ -653,12 +653,15 @@ def make_ema(model, args: argparse.Namespace):
     )
 
 
-def plan_steps(args: argparse.Namespace, num_batches_per_epoch: int) -> int:
+def plan_steps(args: argparse.Namespace, train_dataloader: DataLoader, accelerator: Accelerator) -> int:
     """Fill in ``args.max_train_steps``/``args.num_train_epochs`` from each other; returns updates per epoch.
 
-    ``num_batches_per_epoch`` is the length of the dataloader after ``accelerator.prepare`` (per process).
+    Called before ``accelerator.prepare``, which then takes the lr schedule with the models, optimizer and
+    dataloader in one call (as diffusers' examples, and DeepSpeed, need): each process gets every n-th batch, the
+    last ones evened out (accelerate's default ``even_batches``), so ceil(batches / processes) per process.
     """
-    updates_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    updates_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
