@@ -1,6 +1,8 @@
 # Two commands set everything up on a fresh machine: `make test` and `make demo`.
 PYTHON ?= python3
 VENV ?= .venv
+# The versions the suite last passed with; `make test VENV=.venv-latest CONSTRAINTS=` tests the newest releases.
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # Tests and the demo never touch the model or dataset hubs.
@@ -11,10 +13,11 @@ export HF_DATASETS_OFFLINE := 1
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-dev.txt
+# This checkout as an editable package, with evaluate.py's metrics and the test tools.
+$(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS)) --editable ".[eval,dev]"
 	touch $(INSTALLED)
 
 test: $(INSTALLED)

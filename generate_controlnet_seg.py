@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.arguments import non_negative_float, non_negative_int, positive_int
 from segdiff.data import exit_on_bad_input
 from segdiff.files import write_json_atomic
@@ -57,6 +58,7 @@ from segdiff.generation import (
     masks_of,
     read_captions,
     read_mask,
+    recorded_model,
     recorded_path,
 )
 from segdiff.geometry import ImageSize
@@ -70,6 +72,9 @@ from segdiff.rendering import (
 )
 from segdiff.runs import open_run
 from segdiff.schedulers import SCHEDULERS
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 
 def parse_args(argv=None):
@@ -164,7 +169,7 @@ def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSi
     """The arguments that determine the images, defaults resolved from the training config (not --batch_size or
     --device: the seeds keep the images the same whatever they are); recorded in --save_dir, a re-run must match."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "pretrained_model_name_or_path": recorded_path(base),
         "num_images_per_mask": args.num_images_per_mask,
         "prompt": args.prompt,
@@ -188,7 +193,7 @@ def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSi
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     run.require("controlnet_seg")
     # N (or a square): the short side, each mask's aspect ratio kept; a rectangle: exactly that size.
     size = args.resolution or ImageSize.of(run.setting("resolution", 512))

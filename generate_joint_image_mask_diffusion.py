@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
+from segdiff import check_min_diffusers_version
 from segdiff.arguments import non_negative_float, non_negative_int, positive_int, weight_list
 from segdiff.data import exit_on_bad_input, save_label_png
 from segdiff.files import save_image_atomic, write_json_atomic
@@ -40,7 +41,7 @@ from segdiff.generation import (
     add_output_size_arguments,
     add_save_dir_arguments,
     check_generation_args,
-    recorded_path,
+    recorded_model,
 )
 from segdiff.geometry import ImageSize
 from segdiff.labels import (
@@ -56,6 +57,9 @@ from segdiff.runs import TrainedRun, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 from segdiff.seeds import cpu_generators
 from segdiff.visualize import image_grid, overlay_mask
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 DATASET_CLASSES = {"loveda": (LOVEDA_CLASSES, LOVEDA_PALETTE), "sidewalk": (SIDEWALK_CLASSES, SIDEWALK_PALETTE)}
 
@@ -139,9 +143,7 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
     named in the run's training_config.json."""
     run.require("joint_image_mask")
     if not run.is_checkpoint:
-        return run.load_pipeline(
-            JointImageMaskPipeline, UNet2DConditionModel, class_names=class_names, torch_dtype=dtype
-        )
+        return run.load_pipeline(JointImageMaskPipeline, UNet2DConditionModel, class_names=class_names).to(dtype=dtype)
     base = run.base()
     trained_text_encoder = (run.folder / "text_encoder").is_dir()
     try:
@@ -198,7 +200,7 @@ def generation_args(args, size: ImageSize) -> dict:
     """The arguments that determine the samples (not --num_samples: a larger one adds samples; not --batch_size or
     --device: the seeds keep the samples the same whatever they are); recorded in --save_dir, a re-run must match."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "dataset": args.dataset,
         "class_id": args.class_id,
         "class_weights": args.class_weights,
@@ -225,7 +227,7 @@ def sample_name(index: int) -> str:
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     class_names, palette = load_classes(run, args.dataset)
     pipeline = load_pipeline(run, class_names, torch.float16 if args.fp16 else torch.float32)  # default: as saved
     pipeline.to(args.device or state.device)

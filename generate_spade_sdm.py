@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.arguments import non_negative_float, non_negative_int, output_folder, positive_int
 from segdiff.data import DatasetError, exit_on_bad_input, files_by_stem, read_image
 from segdiff.files import save_image_atomic, write_json_atomic
@@ -55,6 +56,7 @@ from segdiff.generation import (
     mask_groups,
     masks_of,
     read_mask,
+    recorded_model,
     recorded_path,
 )
 from segdiff.geometry import ImageSize
@@ -63,6 +65,9 @@ from segdiff.processes import generation_state
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_palette
 from segdiff.runs import open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 DEFAULT_IMAGES_PER_MASK = 5  # SDM's evaluation protocol; a --submission_dir run makes 1
 
@@ -190,7 +195,7 @@ def generation_args(args, size: ImageSize) -> dict:
     """The arguments that determine the images (not --batch_size, --device or --submission_dir: the seeds keep the
     images the same whatever they are); recorded in --save_dir, a re-run must match them."""
     return {
-        "model": recorded_path(args.model),
+        "model": recorded_model(args.model, args.revision),
         "num_images_per_mask": args.num_images_per_mask,
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
@@ -218,7 +223,7 @@ def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]
 
 def main(args):
     state = generation_state()
-    run = open_run(args.model)
+    run = open_run(args.model, revision=args.revision)
     pipeline = load_sdm_pipeline(run, torch.float16 if args.fp16 else None)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from segdiff import check_min_diffusers_version
 from segdiff.arguments import (
     add_switch,
     finite_float,
@@ -53,7 +54,7 @@ from segdiff.data import (
     save_label_png,
 )
 from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_path
+from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_model, recorded_path
 from segdiff.geometry import ImageSize
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.layout_quality import evenly_spaced, layout_quality
@@ -65,6 +66,9 @@ from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
 
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
+
 
 def parse_args(argv=None):
     # No abbreviations: a retired or mistyped flag must not silently set a longer one (--controlnet -> --controlnet_conditioning_scale).
@@ -72,8 +76,11 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument(
-        "--layout_model", required=True, help="A train_layout_diffusion.py output folder, or a checkpoint-N/ in one."
+        "--layout_model",
+        required=True,
+        help="A train_layout_diffusion.py output folder, a checkpoint-N/ in one, or a Hub repository id.",
     )
+    parser.add_argument("--layout_model_revision", default=None, help="The revision of a Hub --layout_model.")
     parser.add_argument("--num_samples", type=positive_int, required=True, help="Samples in the dataset.")
     add_save_dir_arguments(parser, "samples")
     parser.add_argument(
@@ -126,9 +133,12 @@ def parse_args(argv=None):
     render = parser.add_argument_group("rendering")
     target = render.add_mutually_exclusive_group(required=True)
     target.add_argument(
-        "--renderer", default=None, help="A train_controlnet_seg.py or train_spade_sdm.py output folder."
+        "--renderer",
+        default=None,
+        help="A train_controlnet_seg.py or train_spade_sdm.py output folder, or a Hub repository id.",
     )
     target.add_argument("--layouts_only", action="store_true", help="Write the label maps only, no images.")
+    render.add_argument("--renderer_revision", default=None, help="The revision of a Hub --renderer.")
     render.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
@@ -289,7 +299,7 @@ def quality_section(layout_run: TrainedRun, generated: np.ndarray, class_names: 
 def main(args):
     state = generation_state()  # accelerate launch / torchrun: every num_processes-th sample is this process's
     device = args.device or state.device
-    layout_run = open_run(args.layout_model, flag="--layout_model")
+    layout_run = open_run(args.layout_model, flag="--layout_model", revision=args.layout_model_revision)
     layout_run.require("layout_diffusion")
     pipeline = layout_run.load_pipeline(LayoutDiffusionPipeline, LayoutUNetModel).to(device)
     pipeline.set_progress_bar_config(disable=True)
@@ -302,7 +312,9 @@ def main(args):
     if args.renderer:
         from segdiff.rendering import load_renderer
 
-        renderer = load_renderer(args.renderer, base=args.pretrained_model_name_or_path, device=device)
+        renderer = load_renderer(
+            args.renderer, base=args.pretrained_model_name_or_path, device=device, revision=args.renderer_revision
+        )
         if list(renderer.class_names) != class_names:
             raise DatasetError(
                 f"--renderer {args.renderer} was trained on classes {renderer.class_names}, the layout model on "
@@ -315,8 +327,8 @@ def main(args):
         renderer.check_size(size)  # before any layout is drawn
 
     generation_args = {
-        "layout_model": recorded_path(args.layout_model),
-        "renderer": recorded_path(args.renderer),
+        "layout_model": recorded_model(args.layout_model, args.layout_model_revision),
+        "renderer": recorded_model(args.renderer, args.renderer_revision),
         "pretrained_model_name_or_path": recorded_path(args.pretrained_model_name_or_path),
         "layouts_only": args.layouts_only,
         "seed": args.seed,

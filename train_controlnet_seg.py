@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import finite_float, non_negative_int, positive_int
 from segdiff.data import (
     LABEL_OFFSETS,
@@ -73,6 +73,9 @@ from segdiff.prompts import (
     names_domain,
 )
 from segdiff.visualize import image_grid
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 
@@ -765,9 +768,12 @@ def main(args):
     train_dataset, collate = build_training_data(args, dataset, class_names, palette, cached)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, controlnet.parameters(), accelerator)
-    controlnet, optimizer, train_dataloader = accelerator.prepare(controlnet, optimizer, train_dataloader)
-    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    updates_per_epoch = training.plan_steps(args, train_dataloader, accelerator)
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator)
+    # One prepare call, as in diffusers' examples: DeepSpeed builds its engine from all of them together.
+    controlnet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        controlnet, optimizer, train_dataloader, lr_scheduler
+    )
     for ema in ema_models.values():
         ema.to(accelerator.device)
     prompt_embeddings = PromptEmbeddingCache(tokenizer, text_encoder, args.text_embedding_cache_size)

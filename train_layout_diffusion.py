@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_int
 from segdiff.data import (
     LOVEDA_SCENES,
@@ -57,6 +57,9 @@ from segdiff.geometry import ImageSize, unet_downsampling
 from segdiff.labels import colorize_label, resize_labels
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, class_ratios, labels_to_analog
 from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
@@ -418,9 +421,12 @@ def main(args):
     train_dataset = training.SeededDataset(layout_data, layout_data.process)
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
-    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    updates_per_epoch = training.plan_steps(args, train_dataloader, accelerator)
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator)
+    # One prepare call, as in diffusers' examples: DeepSpeed builds its engine from all of them together.
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     for ema in ema_models.values():
         ema.to(accelerator.device)
 

@@ -23,13 +23,16 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPTextModel
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_float, positive_int
 from segdiff.data import JointTransform, add_dataset_args, dataset_from_args, exit_on_bad_input, limit_train_samples
 from segdiff.geometry import vae_scale_factor
 from segdiff.pipelines.joint import JointImageMaskPipeline, joint_noise_scheduler, pipeline_over_base
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.visualize import overlay_mask
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 
@@ -360,18 +363,24 @@ def main(args):
     train_dataloader, sampler = training.make_train_dataloader(train_dataset, args, collate)
     parameters = [p for model in trained_models.values() for p in model.parameters()]
     optimizer = training.make_optimizer(args, parameters, accelerator)
-    # Only trained models are prepared: DDP refuses a model without trainable parameters.
-    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    updates_per_epoch = training.plan_steps(args, train_dataloader, accelerator)
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator)
+    # One prepare call, as in diffusers' examples: DeepSpeed builds its engine from all of them together. Only
+    # trained models are prepared: DDP refuses a model without trainable parameters.
     if args.train_text_encoder:
-        text_encoder = accelerator.prepare(text_encoder)
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler
+        )
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler
+        )
     accumulated = [unet, text_encoder] if args.train_text_encoder else [unet]
     # The prompts are one per class plus the empty prompt: tokenized (and, when frozen, encoded) once.
     prompts = [class_prompt(name, args.prompt_template) for name in dataset.class_names] + [""]
     prompt_embeddings = PromptEmbeddings(
         prompts, JointImageMaskPipeline(**parts), text_encoder, args.train_text_encoder, weight_dtype
     )
-    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
     for ema in ema_models.values():
         ema.to(accelerator.device)
 

@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from segdiff import training
+from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_int
 from segdiff.data import (
     JointTransform,
@@ -50,6 +50,9 @@ from segdiff.labels import colorize_label
 from segdiff.models.spade_unet import CONDITIONINGS, UNKNOWN_CLASS_MODES, SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.runs import open_run, read_run_file
+
+# Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
+check_min_diffusers_version()
 
 logger = training.logger
 CONFIGS = Path(__file__).resolve().parent / "configs" / "models"
@@ -97,9 +100,11 @@ def parse_args(argv=None):
         "--init_from",
         type=str,
         default=None,
-        help="Start from a trained model: an output folder of this script, or one of its checkpoint-N folders "
-        "(its EMA weights when present). The SDM fine-tune for guidance: --drop_rate 0.2 --learning_rate 2e-5.",
+        help="Start from a trained model: an output folder of this script, one of its checkpoint-N folders (its EMA "
+        "weights when present), or a Hub repository id. The SDM fine-tune for guidance: --drop_rate 0.2 "
+        "--learning_rate 2e-5.",
     )
+    group.add_argument("--init_from_revision", default=None, help="The revision of a Hub --init_from.")
     add_switch(
         group,
         "edge_map",
@@ -288,7 +293,7 @@ def build_unet(args, num_classes: int, channels: int, sample_size: int | list[in
         }
         return SpadeUNetModel.from_config({**config, **size, **overrides})
 
-    run = open_run(args.init_from, flag="--init_from")
+    run = open_run(args.init_from, flag="--init_from", revision=args.init_from_revision)
     run.require("spade_sdm")
     unet = run.load_model(SpadeUNetModel, "unet")  # a checkpoint's EMA weights when kept
     config = unet.config
@@ -326,7 +331,7 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     The pipeline saves this scheduler's config, and the generator builds every scheduler from it.
     """
     scheduler = sdm_scheduler(learn_sigma=learn_sigma, pixel_space=pixel_space)
-    trained_with = init_from_schedule(args.init_from) if args.init_from else {}
+    trained_with = init_from_schedule(args.init_from, args.init_from_revision) if args.init_from else {}
     betas = {}
     for name in ("beta_schedule", "beta_start", "beta_end"):
         value = getattr(args, name)
@@ -340,10 +345,10 @@ def noise_schedule(args, learn_sigma: bool, pixel_space: bool) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, **betas)
 
 
-def init_from_schedule(init_from: str) -> dict:
+def init_from_schedule(init_from: str, revision: str | None) -> dict:
     """The betas the --init_from model was trained with: its run's pipeline's scheduler config; empty when there is
     none (a run still in training has no pipeline yet)."""
-    path = open_run(init_from, flag="--init_from").run_dir / "scheduler" / "scheduler_config.json"
+    path = open_run(init_from, flag="--init_from", revision=revision).run_dir / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
     config = read_run_file(path)
@@ -538,9 +543,12 @@ def main(args):
     train_dataset, collate = build_training_data(args, dataset, style_resolution)
     train_dataloader, scheduler = training.make_train_dataloader(train_dataset, args, collate)
     optimizer = training.make_optimizer(args, unet.parameters(), accelerator)
-    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-    updates_per_epoch = training.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(training.make_lr_scheduler(args, optimizer, accelerator))
+    updates_per_epoch = training.plan_steps(args, train_dataloader, accelerator)
+    lr_scheduler = training.make_lr_scheduler(args, optimizer, accelerator)
+    # One prepare call, as in diffusers' examples: DeepSpeed builds its engine from all of them together.
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     for ema in ema_models.values():
         ema.to(accelerator.device)
 

@@ -21,3 +21,17 @@ evaluation -> runs, rendering, data -> pipelines -> models -> leaves):
 * leaves, which import nothing of segdiff but each other: ``schedulers``, ``seeds``, ``labels``, ``geometry``,
   ``prompts``
 """
+
+# The oldest diffusers the scripts run on: pyproject.toml's lower bound (a test keeps the two equal).
+MIN_DIFFUSERS_VERSION = "0.35.0"
+
+
+def check_min_diffusers_version() -> None:
+    """diffusers' examples' ``check_min_version``, called by every script that uses diffusers, with the upgrade to
+    make in its message."""
+    from diffusers.utils import check_min_version
+
+    try:
+        check_min_version(MIN_DIFFUSERS_VERSION)
+    except ImportError as error:
+        raise ImportError(f"{error}Fix: pip install --upgrade 'diffusers>={MIN_DIFFUSERS_VERSION}'.") from None

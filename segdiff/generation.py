@@ -83,9 +83,15 @@ OUTPUT_FILES = (
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, *reference_spellings: str) -> None:
-    """``--model``: the trained output folder or a checkpoint-N/ in it (``args.model``). ``reference_spellings``:
-    other names a reference document's command uses for it (the joint generator's ``--checkpoint``)."""
-    parser.add_argument("--model", *reference_spellings, dest="model", required=True, help=help)
+    """``--model``: the trained output folder, a checkpoint-N/ in it, or a Hub repository id (``args.model``), and
+    ``--revision`` for a repository id. ``reference_spellings``: other names a reference document's command uses for
+    it (the joint generator's ``--checkpoint``)."""
+    parser.add_argument(
+        "--model", *reference_spellings, dest="model", required=True, help=f"{help} Or a Hub repository id."
+    )
+    parser.add_argument(
+        "--revision", default=None, help="The branch, tag or commit of a --model that is a Hub repository id."
+    )
 
 
 def add_save_dir_arguments(parser: argparse.ArgumentParser, units: str) -> None:
@@ -396,6 +402,14 @@ def recorded_path(name: str | Path | None) -> str | None:
     if name is None:
         return None
     return str(Path(name).resolve()) if Path(name).exists() else str(name)
+
+
+def recorded_model(name: str | Path | None, revision: str | None) -> str | None:
+    """A trained model's flag as recorded in ARGS_FILE: `recorded_path`, with the revision of a Hub repository
+    after an @ (samples of two revisions are two experiments)."""
+    if name is None:
+        return None
+    return recorded_path(name) + (f"@{revision}" if revision else "")
 
 
 def holds_earlier_output(save_dir: Path) -> bool:

@@ -49,16 +49,12 @@ SDM_SCHEDULER = "ddpm"  # SDM's own scheduler, and the only one that uses a lear
 SDM_GUIDANCE_SCALE = 1.5  # SDM's choice of s
 
 
-def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
-    # Explicit when given, also float32: a base's fp16 --variant weights would otherwise load in half precision.
-    return {"torch_dtype": dtype} if dtype else {}
-
-
 def load_controlnet_pipeline(
     base: str, controlnet: ControlNetModel, dtype: torch.dtype | None = None, variant: str | None = None
 ) -> StableDiffusionControlNetPipeline:
-    """The base (its ``variant`` weights, as in training) with the ControlNet; a clear error if the two were not
-    made for each other."""
+    """The base (its ``variant`` weights, as in training) with the ControlNet, in ``dtype`` when given (also float32:
+    a base's fp16 --variant weights load in half precision); a clear error if the two were not made for each
+    other."""
     try:
         pipeline = StableDiffusionControlNetPipeline.from_pretrained(
             base,
@@ -66,10 +62,11 @@ def load_controlnet_pipeline(
             safety_checker=None,
             requires_safety_checker=False,
             variant=variant,
-            **_dtype_kwargs(dtype),
         )
     except (OSError, ValueError) as error:
         raise RunError(f"cannot load the base model {base}: {error}") from None
+    # Cast after loading: from_pretrained's dtype argument changed names across the diffusers versions we support.
+    pipeline = pipeline.to(dtype=dtype) if dtype else pipeline
     factor = vae_scale_factor(pipeline.vae.config)
     if conditioning_downsampling(controlnet) != factor:
         raise RunError(
@@ -95,7 +92,8 @@ def output_size(height: int, width: int, short_side: int, multiple: int) -> Imag
 def load_sdm_pipeline(run: TrainedRun, dtype: torch.dtype | None = None) -> SemanticDiffusionPipeline:
     """The pipeline of a trained SDM output folder; for a checkpoint-N/, its (EMA) UNet in the run's pipeline."""
     run.require("spade_sdm")
-    return run.load_pipeline(SemanticDiffusionPipeline, SpadeUNetModel, **_dtype_kwargs(dtype))
+    pipeline = run.load_pipeline(SemanticDiffusionPipeline, SpadeUNetModel)
+    return pipeline.to(dtype=dtype) if dtype else pipeline
 
 
 @dataclass
@@ -352,7 +350,7 @@ def load_controlnet_renderer(
     settings = settings or ControlNetSettings.of(run)
     class_names, palette = run.classes(class_names_json)
     base = run.base(base, flag=base_flag)
-    controlnet = run.load_model(ControlNetModel, "controlnet", at_root=True, **_dtype_kwargs(dtype))
+    controlnet = run.load_model(ControlNetModel, "controlnet", at_root=True)
     pipeline = load_controlnet_pipeline(base, controlnet, dtype, variant=run.setting("variant"))
     return ControlNetRenderer(
         pipeline.to(device),
@@ -372,14 +370,19 @@ def sdm_palette(run: TrainedRun, num_classes: int):
 
 
 def load_renderer(
-    folder: str | Path, base: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    folder: str | Path,
+    base: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
 ) -> Renderer:
-    """The renderer of a trained folder (or of a checkpoint-N/ in one): see the module docstring.
+    """The renderer of a trained folder (or of a checkpoint-N/ in one, or of a Hub repository id at ``revision``):
+    see the module docstring.
 
     ``base``: the Stable Diffusion base of a ControlNet (default: the one its training_config.json names, loaded
     with the run's --variant); an SDM carries its own models and refuses one.
     """
-    run = open_run(folder, flag="--renderer")
+    run = open_run(folder, flag="--renderer", revision=revision)
     run.require("controlnet_seg", "spade_sdm")
     if run.kind == "controlnet_seg":
         return load_controlnet_renderer(run, base=base, device=device, dtype=dtype)

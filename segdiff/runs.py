@@ -9,6 +9,9 @@ and palette). Each ``checkpoint-N/`` inside it holds the models as they were at 
 * the weights to sample with (`TrainedRun.load_model`: a checkpoint's EMA weights when kept, else its raw ones),
 * the run's settings, classes and palette, and the base model its training used (`TrainedRun.base`).
 
+A Hub repository id (an output folder that ``--push_to_hub`` uploaded) opens too, from the Hugging Face cache
+(`hub_snapshot`); a local folder of that name wins.
+
     run = open_run("outputs/sdm/checkpoint-500")
     unet = run.load_model(SpadeUNetModel, "unet")          # checkpoint-500/unet_ema, else checkpoint-500/unet
     class_names, palette = run.classes()                    # outputs/sdm/class_names.json
@@ -25,6 +28,8 @@ from segdiff.data import DatasetError, first_line, load_class_names, read_json
 from segdiff.labels import default_palette
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+# How the Hub copy of a run file names a folder of the machine that trained it: <local>/<folder name>.
+LOCAL_FOLDER = "<local>"
 
 # The ``pipeline`` each trainer records in training_config.json, and what a folder of it is called in messages.
 KINDS = {
@@ -72,6 +77,8 @@ class TrainedRun:
         for file_name in ("model_index.json", "config.json"):
             path = self.run_dir / file_name
             class_name = read_run_file(path).get("_class_name") if path.is_file() else None
+            if isinstance(class_name, list):  # [code file, class]: a pipeline saved with its code (remote_code.py)
+                class_name = class_name[1]
             if class_name in KIND_OF_CLASS:
                 return KIND_OF_CLASS[class_name]
         return None
@@ -161,16 +168,65 @@ class TrainedRun:
                 f"{self.flag} {self.folder}: no training_config.json in {self.run_dir} names the base model it was "
                 f"trained on. Fix: pass {flag} (a Stable Diffusion folder or hub id)."
             )
+        if str(base).startswith(f"{LOCAL_FOLDER}/"):
+            raise RunError(
+                f"{self.flag} {self.folder} was trained on the local base {base}, which the Hub copy of its run names "
+                f"only by its folder name. Fix: pass {flag} (that Stable Diffusion folder or hub id)."
+            )
         return str(base)
 
 
-def open_run(folder: str | Path, flag: str = "--model") -> TrainedRun:
-    """The trained folder ``folder`` (an output folder or a checkpoint-N/ in one) with its run files read."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RunError(f"{flag} {folder} does not exist. Fix: pass a training output folder or a checkpoint-N in one.")
+def open_run(folder: str | Path, flag: str = "--model", revision: str | None = None) -> TrainedRun:
+    """The trained folder ``folder`` (an output folder or a checkpoint-N/ in one) with its run files read.
+
+    A name that is not a folder here is read as a Hub repository id (an output folder uploaded by --push_to_hub) and
+    opened from the Hugging Face cache, downloaded there first if need be (``huggingface_hub.snapshot_download``:
+    ``revision`` is a branch, tag or commit; with HF_HUB_OFFLINE the cache only). A local folder of that name wins.
+    """
+    if Path(folder).is_dir():
+        if revision is not None:
+            raise RunError(
+                f"{flag} {folder} is a local folder, which has no revisions. Fix: drop the revision, or rename the "
+                "folder to load the Hub repository of that name."
+            )
+        folder = Path(folder)
+    else:
+        folder = hub_snapshot(str(folder), flag, revision)
     is_checkpoint = CHECKPOINT_NAME.fullmatch(folder.name) is not None
     run_dir = folder.parent if is_checkpoint else folder
     config_file = run_dir / "training_config.json"
     config = read_run_file(config_file) if config_file.is_file() else {}
     return TrainedRun(folder, run_dir, is_checkpoint, config, flag)
+
+
+def hub_snapshot(repo_id: str, flag: str, revision: str | None) -> Path:
+    """The folder of Hub repository ``repo_id`` (at ``revision``) in the Hugging Face cache, downloaded if need be."""
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except HFValidationError:
+        raise RunError(
+            f"{flag} {repo_id} does not exist. Fix: pass a training output folder, a checkpoint-N in one, or the id "
+            "of a Hub repository that --push_to_hub uploaded."
+        ) from None
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision))
+    except LocalEntryNotFoundError as error:
+        raise RunError(
+            f"{flag} {repo_id} is not a folder here, and the Hub repository {repo_id}{at} is not in the Hugging "
+            f"Face cache, which is all there is offline ({error}). Fix: pass a local folder, or run once with the "
+            "Hub reachable (HF_HUB_OFFLINE unset) to download it."
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise RunError(
+            f"{flag} {repo_id} is neither a folder here nor a Hub repository{at} you can read. Fix: check the name "
+            "and revision, or log in (hf auth login) for a private repository."
+        ) from None

@@ -27,7 +27,9 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +57,7 @@ from segdiff.data import DatasetError, SegmentationDataset, bad_data_error, firs
 from segdiff.files import write_json_atomic
 from segdiff.geometry import ImageSize, check_size_multiple, size_multiple, unet_downsampling, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
+from segdiff.runs import LOCAL_FOLDER
 from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
@@ -360,7 +363,8 @@ def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str |
 
 
 def upload_to_hub(args: argparse.Namespace, repo_id: str | None) -> None:
-    """Upload the finished output folder (not its checkpoints or logs) to ``repo_id`` from `create_hub_repo`.
+    """Upload the finished output folder (not its checkpoints or logs), with its model card (`save_model_card`), to
+    ``repo_id`` from `create_hub_repo`.
 
     JSON files go up as `shareable_config` makes them: training_config.json names the data and base folders, and
     diffusers writes the base's path into each model's config.json (``_name_or_path``); the uploaded copies carry
@@ -371,6 +375,7 @@ def upload_to_hub(args: argparse.Namespace, repo_id: str | None) -> None:
     import huggingface_hub
 
     output_dir = Path(args.output_dir)
+    save_model_card(args, repo_id)
     logger.info(f"Uploading {output_dir} to the Hub repository {repo_id}")
     operations = []
     for path in sorted(output_dir.rglob("*")):
@@ -384,6 +389,126 @@ def upload_to_hub(args: argparse.Namespace, repo_id: str | None) -> None:
     huggingface_hub.create_commit(
         repo_id=repo_id, operations=operations, commit_message="End of training", token=args.hub_token
     )
+
+
+# Per kind of model (training_config.json's "pipeline"): its Hub tag, what it is, and how it loads.
+MODEL_CARD_KINDS = {
+    "joint_image_mask": (
+        "joint-image-mask",
+        "A joint image + mask latent diffusion model: a Stable Diffusion UNet widened to denoise an image latent and "
+        "the mask of one class together, prompted by the class name.",
+        "DiffusionPipeline.from_pretrained({repo_id!r}, trust_remote_code=True)",
+    ),
+    "controlnet_seg": (
+        "controlnet",
+        "A ControlNet on colour-coded segmentation maps: each class drawn in its colour below, no-data black.",
+        "ControlNetModel.from_pretrained({repo_id!r})",
+    ),
+    "spade_sdm": (
+        "sdm",
+        "A Semantic Diffusion Model (SPADE UNet): images drawn from label maps.",
+        "DiffusionPipeline.from_pretrained({repo_id!r}, trust_remote_code=True)",
+    ),
+    "layout_diffusion": (
+        "layout",
+        "A layout diffusion model: multi-class label maps drawn for requested class ratios.",
+        "DiffusionPipeline.from_pretrained({repo_id!r}, trust_remote_code=True)",
+    ),
+}
+
+
+def save_model_card(args: argparse.Namespace, repo_id: str) -> Path:
+    """``README.md`` of the output folder, the Hub's model card, written with diffusers' helpers as diffusers'
+    examples write theirs: the base model, the data, the classes and their colours, the command that trained the
+    model (no secret, local paths shortened as `shareable_config` does), the last validation grid, and the tags."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    from segdiff.data import load_class_names
+    from segdiff.labels import default_palette
+
+    output_dir = Path(args.output_dir)
+    config = json.loads((output_dir / "training_config.json").read_text())
+    tag, summary, loading = MODEL_CARD_KINDS[config["pipeline"]]
+    base = args.pretrained_model_name_or_path
+    base_on_hub = base is not None and not Path(base).exists()
+    if base is None:
+        base_shown = "none (trained from scratch)"
+    else:
+        base_shown = f"[{base}](https://huggingface.co/{base})" if base_on_hub else f"`{local_name(base)}`"
+    data_root, train_data_dir, dataset_name = (
+        getattr(args, name, None) for name in ("data_root", "train_data_dir", "dataset_name")
+    )
+    hub_dataset = dataset_name if dataset_name and not Path(dataset_name).exists() else None
+    if hub_dataset:
+        data = f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})"
+    else:  # --data_root in --dataset's layout, or the ControlNet trainer's --train_data_dir or local --dataset_name
+        data = f"`{local_name(data_root or train_data_dir or dataset_name)}`"
+        data += f" (`--dataset {args.dataset}`)" if data_root else ""
+    lines = [
+        summary,
+        "",
+        "```python",
+        f"from diffusers import {loading.split('.')[0]}",
+        "",
+        f"model = {loading.format(repo_id=repo_id)}",
+        "```",
+        "",
+        f"- Base model: {base_shown}",
+        f"- Data: {data}, {len(config['train_samples'])} training pairs",
+        f"- Steps: {args.max_train_steps}, batch {args.train_batch_size} per process, learning rate {args.learning_rate}",
+    ]
+    names_file = output_dir / "class_names.json"
+    if names_file.is_file():
+        names, palette = load_class_names(names_file)
+        palette = palette or default_palette(len(names))
+        lines += ["", "| id | class | colour |", "| --- | --- | --- |"]
+        lines += [
+            f"| {i} | {name} | `#{r:02x}{g:02x}{b:02x}` |" for i, (name, (r, g, b)) in enumerate(zip(names, palette))
+        ]
+    command = [Path(sys.argv[0]).name, *command_line(sys.argv[1:])]
+    lines += [
+        "",
+        f"Trained with segdiff's `{command[0]}`:",
+        "",
+        "```bash",
+        f"accelerate launch {shlex.join(command)}",
+        "```",
+    ]
+    grids = sorted((output_dir / "validation").glob("*.png"))
+    if grids:
+        lines += ["", f"![validation at the last step](validation/{grids[-1].name})"]
+    card = load_or_create_model_card(
+        repo_id_or_path=repo_id,
+        token=args.hub_token,
+        from_training=True,
+        base_model=base if base_on_hub else None,
+        model_description="\n".join(lines),
+    )
+    if hub_dataset:
+        card.data.datasets = [hub_dataset]
+    card = populate_model_card(card, tags=["diffusers", "semantic-image-synthesis", tag])
+    card.save(output_dir / "README.md")
+    return output_dir / "README.md"
+
+
+def local_name(path: str) -> str:
+    """A local path as the Hub is shown it: `<local>/<folder name>` (see `shareable_config`)."""
+    return shareable_config(str(Path(path).resolve()))
+
+
+def command_line(arguments: list[str]) -> list[str]:
+    """A command's arguments as they may be shown: secrets left out, absolute paths shortened."""
+    shown, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+            continue
+        name = argument.split("=", 1)[0].removeprefix("--")
+        if name in SECRET_ARGUMENTS:
+            skip = "=" not in argument
+            continue
+        shown.append(shareable_config(argument))
+    return shown
 
 
 def _kept_off_the_hub(relative: Path, logging_dir: str) -> bool:
@@ -409,7 +534,7 @@ def shareable_config(config):
     if isinstance(config, list):
         return [shareable_config(value) for value in config]
     if isinstance(config, str) and os.path.isabs(config):
-        return f"<local>/{Path(config).name}"
+        return f"{LOCAL_FOLDER}/{Path(config).name}"
     return config
 
 
@@ -608,12 +733,15 @@ def make_ema(model, args: argparse.Namespace):
     )
 
 
-def plan_steps(args: argparse.Namespace, num_batches_per_epoch: int) -> int:
+def plan_steps(args: argparse.Namespace, train_dataloader: DataLoader, accelerator: Accelerator) -> int:
     """Fill in ``args.max_train_steps``/``args.num_train_epochs`` from each other; returns updates per epoch.
 
-    ``num_batches_per_epoch`` is the length of the dataloader after ``accelerator.prepare`` (per process).
+    Called before ``accelerator.prepare``, which then takes the lr schedule with the models, optimizer and
+    dataloader in one call (as diffusers' examples, and DeepSpeed, need): each process gets every n-th batch, the
+    last ones evened out (accelerate's default ``even_batches``), so ceil(batches / processes) per process.
     """
-    updates_per_epoch = math.ceil(num_batches_per_epoch / args.gradient_accumulation_steps)
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    updates_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+def pytest_configure(config):
+    """The scripts the tests start treat warnings as the suite does: pyproject.toml's filterwarnings, as -W options."""
+    SCRIPT_ENV["PYTHONWARNINGS"] = ",".join(config.getini("filterwarnings"))
+
+
 def run_script(*command, check=True, timeout=600):
     """Run ``python <command>`` (or ``accelerate launch`` when the command starts with it) in the repo root."""
     if command[0] == "accelerate":

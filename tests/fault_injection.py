@@ -17,8 +17,9 @@ calls are wrapped (and, for one fault, ``Path.rename``):
   again);
 * ``--weights_of_every_process DIR``: at the end of training each process writes the trained model's weights as
   it holds them to ``DIR/process-I.safetensors`` (the saved model is the main process's only);
-* ``--fake_hub RECORD.json``: ``huggingface_hub.create_repo`` and ``create_commit`` answer as the Hub would, and
-  what would have been uploaded (each file's path in the repo and its bytes) is written to RECORD.json.
+* ``--fake_hub RECORD.json``: ``huggingface_hub.create_repo``, ``create_commit`` and ``ModelCard.load`` answer as
+  the Hub would for a new repository (which has no model card yet), and what would have been uploaded (each file's
+  path in the repo and its bytes) is written to RECORD.json.
 """
 
 import argparse
@@ -104,8 +105,12 @@ def fake_hub(record: Path) -> None:
             uploaded[operation.path_in_repo] = content.decode("latin-1")
         record.write_text(json.dumps({"repo_id": repo_id, "token": token, "files": uploaded}))
 
+    def load_model_card(cls, repo_id_or_path, **kwargs):
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id_or_path} has no README.md")
+
     huggingface_hub.create_repo = create_repo
     huggingface_hub.create_commit = create_commit
+    huggingface_hub.ModelCard.load = classmethod(load_model_card)
 
 
 def main() -> None:

@@ -19,6 +19,10 @@ where ADDED_KEYS names them (issue 24: ratio_report.json's layout_quality sectio
 such a file is compared byte for byte with those keys taken out (and re-written as the generator writes it), and
 the keys must be there.
 
+The trained folders go to the baseline's generators in the format its trainers wrote: since issue 26 a pipeline
+folder carries its code for diffusers' remote code, and model_index.json names it ([file, class]), which the
+baseline's classes do not read; `in_the_baseline_format` gives them a copy that names segdiff's classes instead.
+
 When a later change alters the outputs on purpose (a new seed formula, another default), move BASELINE to the
 commit just before that change, rather than loosening the comparison.
 """
@@ -76,6 +80,8 @@ def generate(tree: Path, script: str, save_dir: Path, *args) -> Path:
     """``python <tree>/<script> --save_dir <save_dir> <args>``, run from ``tree`` and importing segdiff from it only
     (cwd and PYTHONPATH), offline, one thread: the run of a user who checked out that tree."""
     env = {**SCRIPT_ENV, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    if tree != ROOT:  # the baseline is an earlier version, held to its own time's warnings, not this one's
+        env.pop("PYTHONWARNINGS")
     result = subprocess.run(
         [sys.executable, str(tree / script), "--save_dir", str(save_dir), *map(str, args)],
         cwd=tree, env=env, capture_output=True, text=True, timeout=600,
@@ -113,10 +119,28 @@ def digests(folder: Path, added_keys: dict[str, tuple[str, ...]] | None = None) 
     }
 
 
+def in_the_baseline_format(argument, copies: Path):
+    """A pipeline folder among a generator's arguments as the baseline's trainers wrote it: a copy whose
+    model_index.json names segdiff's classes, not the code files saved beside them; any other argument as it is."""
+    if not (Path(argument) / "model_index.json").is_file():
+        return argument
+    copy = copies / Path(argument).parent.name / Path(argument).name  # trained models are <kind>N/model
+    shutil.copytree(argument, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = index["_class_name"][1]
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry in (["spade_unet", "SpadeUNetModel"], ["layout_unet", "LayoutUNetModel"]):
+            index[name] = [f"segdiff.models.{entry[0]}", entry[1]]
+    (copy / "model_index.json").write_text(json.dumps(index, indent=2))
+    return copy
+
+
 def assert_same_outputs(baseline_tree: Path, tmp_path: Path, script: str, *args) -> None:
-    """Run ``script`` of the baseline and of the current tree with the same ``args``, each into its own
-    --save_dir: every file the baseline wrote (but the argument records) must be in the new output, identical."""
-    old = digests(generate(baseline_tree, script, tmp_path / "baseline", *args))
+    """Run ``script`` of the baseline and of the current tree with the same ``args`` (the models in the format of
+    each), each into its own --save_dir: every file the baseline wrote (but the argument records) must be in the new
+    output, identical."""
+    baseline_args = [in_the_baseline_format(argument, tmp_path / "baseline-models") for argument in args]
+    old = digests(generate(baseline_tree, script, tmp_path / "baseline", *baseline_args))
     new = digests(generate(ROOT, script, tmp_path / "current", *args), ADDED_KEYS.get(script))
     # Guards against a test that compares nothing: the baseline wrote files, images among them.
     assert old, f"the baseline's {script} wrote nothing to compare"

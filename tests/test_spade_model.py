@@ -382,7 +382,7 @@ def test_pipeline_save_and_load(tmp_path, latent):
     pipeline = make_pipeline(latent=latent, class_names=["road", "sky"])
     pipeline.save_pretrained(tmp_path / "sdm")
     index = json.loads((tmp_path / "sdm" / "model_index.json").read_text())
-    assert index["unet"] == ["segdiff.models.spade_unet", "SpadeUNetModel"]
+    assert index["unet"] == ["spade_unet", "SpadeUNetModel"]  # unet/spade_unet.py, for diffusers' remote code
     assert index["class_names"] == ["road", "sky"] and index["ignore_index"] == 255 and index["edge_map"] is False
 
     loaded = SemanticDiffusionPipeline.from_pretrained(tmp_path / "sdm")

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, SCRIPT_ENV, run_script
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -276,7 +277,8 @@ def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploa
     result = run_script(
         "accelerate", "launch", "tests/fault_injection.py", "--fake_hub", record, *SDM,
         *trainer_args(toy_root, out, "--max_train_steps", "2", "--checkpointing_steps", "1"),
-        "--report_to", "tensorboard", "--push_to_hub", "--hub_token", token,
+        "--report_to", "tensorboard", "--push_to_hub", "--hub_token", token, "--validation_steps", "2",
+        "--num_validation_images", "1",
     )  # fmt: skip
     assert token not in result.stdout + result.stderr
 
@@ -299,6 +301,27 @@ def test_the_hub_token_is_never_written_logged_or_uploaded_nor_local_paths_uploa
     shared_config = json.loads(uploaded["files"]["training_config.json"])
     assert shared_config["data_root"] == f"<local>/{toy_root.name}" and shared_config["output_dir"] == "<local>/run"
     assert json.loads((out / "training_config.json").read_text())["data_root"] == str(toy_root)  # kept locally
+
+    # The model card: how to load it, what it learnt from, its classes, the command, the validation grid, the tags.
+    card = ModelCard(uploaded["files"]["README.md"])
+    assert card.data.library_name == "diffusers" and card.data.base_model is None  # pixel space: no base
+    assert card.data.tags == ["diffusers", "semantic-image-synthesis", "sdm"]
+    assert "DiffusionPipeline.from_pretrained('user/run', trust_remote_code=True)" in card.text
+    assert f"- Data: `<local>/{toy_root.name}` (`--dataset generic`), 6 training pairs" in card.text
+    assert "| 0 | background | `#282828` |" in card.text and "| 3 | triangle |" in card.text
+    command = next(line for line in card.text.splitlines() if line.startswith("accelerate launch"))
+    assert command.startswith("accelerate launch train_spade_sdm.py --model_config configs/models/sdm_tiny.json")
+    assert "--max_train_steps 2" in command and "--push_to_hub" in command and "--hub_token" not in command
+    assert "![validation at the last step](validation/validation-step000002.png)" in card.text
+    assert "validation/validation-step000002.png" in uploaded["files"]
+    assert (out / "README.md").read_text() == uploaded["files"]["README.md"]
+
+
+def test_the_model_cards_command_leaves_out_secrets_and_local_directories():
+    from segdiff.training import command_line
+
+    arguments = ["--hub_token=hf_abc", "--data_root", "/home/me/data/toy", "--hub_token", "hf_def", "--seed", "1"]
+    assert command_line(arguments) == ["--data_root", "<local>/toy", "--seed", "1"]
 
 
 def test_a_base_with_only_fp16_variant_weights_trains_saves_and_generates(toy_root, tiny_sd_folder, tmp_path):

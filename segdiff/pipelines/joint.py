@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -22,6 +22,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 from segdiff.geometry import ImageSize, check_size_multiple, size_multiple, vae_scale_factor
+from segdiff.pipelines.remote_code import RemoteCodePipeline
 from segdiff.prompts import CLASS_PROMPT_TEMPLATE, class_prompt
 from segdiff.schedulers import prepare_extra_step_kwargs
 
@@ -78,7 +79,7 @@ def pipeline_over_base(
     )
 
 
-class JointImageMaskPipeline(DiffusionPipeline):
+class JointImageMaskPipeline(RemoteCodePipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from segdiff.geometry import ImageSize, check_size_multiple
 from segdiff.labels import IGNORE_INDEX
 from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits
+from segdiff.pipelines.remote_code import RemoteCodePipeline
 from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
 
 
@@ -120,7 +121,7 @@ class LayoutDiffusionPipelineOutput(BaseOutput):
     label_maps: np.ndarray
 
 
-class LayoutDiffusionPipeline(DiffusionPipeline):
+class LayoutDiffusionPipeline(RemoteCodePipeline):
     model_cpu_offload_seq = "unet"
 
     def __init__(

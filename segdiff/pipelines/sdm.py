@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -41,6 +41,7 @@ from PIL import Image
 from segdiff.geometry import ImageSize, check_size_multiple, size_multiple, vae_scale_factor
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.models.spade_unet import SpadeUNetModel, unexpected_label_ids
+from segdiff.pipelines.remote_code import RemoteCodePipeline
 from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
 
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -134,7 +135,7 @@ def as_label_maps(label_maps) -> list[torch.Tensor]:
     return maps
 
 
-class SemanticDiffusionPipeline(DiffusionPipeline):
+class SemanticDiffusionPipeline(RemoteCodePipeline):
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
 
