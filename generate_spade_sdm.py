@@ -62,7 +62,7 @@ from segdiff.generation import (
 from segdiff.geometry import ImageSize
 from segdiff.labels import resize_labels
 from segdiff.processes import generation_state
-from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_palette
+from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_guidance_scale, sdm_palette
 from segdiff.runs import open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 
@@ -86,9 +86,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--guidance_scale",
         type=non_negative_float,
-        default=SDM_GUIDANCE_SCALE,
-        help="Classifier-free guidance scale s (SDM: 1.5); 1 turns guidance off. Guidance needs a model trained or "
-        "fine-tuned with --drop_rate > 0. Default: %(default)s",
+        default=None,
+        help=f"Classifier-free guidance scale s; 1 turns guidance off. Guidance needs a model trained or fine-tuned "
+        f"with --drop_rate > 0 (the null map it samples against). Default: {SDM_GUIDANCE_SCALE} (SDM's s) for such a "
+        "model, else 1.",
     )
     parser.add_argument("--num_inference_steps", type=positive_int, default=50)
     parser.add_argument(
@@ -225,6 +226,7 @@ def main(args):
     state = generation_state()
     run = open_run(args.model, revision=args.revision)
     pipeline = load_sdm_pipeline(run, torch.float16 if args.fp16 else None)  # default: as saved
+    args.guidance_scale = sdm_guidance_scale(run, args.guidance_scale)  # recorded as the value used
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config, stochastic=True)

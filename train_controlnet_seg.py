@@ -54,6 +54,7 @@ from segdiff.data import (
     add_dataset_args,
     dataset_from_args,
     exit_on_bad_input,
+    first_line,
     limit_train_samples,
     load_class_names,
     read_image,
@@ -234,6 +235,7 @@ def parse_args(argv=None):
         parser.error("give one --validation_prompt, one --validation_image, or as many prompts as images")
     training.check_training_args(parser, args)
     training.check_base_resolution(args)  # the base's configs: before its weights load
+    check_given_controlnet(args)
     return args
 
 
@@ -242,18 +244,45 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 
 
+def check_given_controlnet(args) -> None:
+    """Refuse a --controlnet_model_name_or_path that holds no ControlNet, or one whose control embedding would not
+    land on this base's latent grid: from the configs, before any weights load."""
+    path = args.controlnet_model_name_or_path
+    if not path:
+        return
+    fix = "Fix: pass a folder this script wrote (config.json and its weights), or drop the flag to start anew."
+    try:
+        config = ControlNetModel.load_config(path)
+    except (OSError, ValueError) as error:
+        raise DatasetError(
+            f"--controlnet_model_name_or_path {path} holds no ControlNet ({first_line(error)}). {fix}"
+        ) from None
+    if config.get("_class_name") != "ControlNetModel":
+        raise DatasetError(
+            f"--controlnet_model_name_or_path {path} holds a {config.get('_class_name', 'model')}, not a "
+            f"ControlNetModel. {fix}"
+        )
+    factor = vae_scale_factor(training.base_model_config(AutoencoderKL, args, "vae"))
+    if conditioning_downsampling(config) != factor:
+        raise DatasetError(
+            f"--controlnet_model_name_or_path {path} downsamples control images by {conditioning_downsampling(config)}"
+            f", but the base's VAE downsamples by {factor}: its features would not land on the latent grid. Train a "
+            "new ControlNet for this base (drop the flag)."
+        )
+
+
 def build_controlnet(args, unet: UNet2DConditionModel, scale_factor: int) -> ControlNetModel:
-    """The given ControlNet, or a new one from the UNet whose control embedding matches the VAE's factor."""
+    """The given ControlNet (checked by `check_given_controlnet`), or a new one from the UNet whose control
+    embedding matches the VAE's factor."""
     if args.controlnet_model_name_or_path:
         logger.info(f"Loading the ControlNet {args.controlnet_model_name_or_path}")
-        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
-        if conditioning_downsampling(controlnet) != scale_factor:
-            raise SystemExit(
-                f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} downsamples control images "
-                f"by {conditioning_downsampling(controlnet)}, but the base's VAE downsamples by {scale_factor}: its "
-                "features would not land on the latent grid. Train a new ControlNet for this base (drop the flag)."
-            )
-        return controlnet
+        try:
+            return ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+        except (OSError, ValueError) as error:
+            raise DatasetError(
+                f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: cannot load its weights "
+                f"({first_line(error)}). Fix: re-copy the folder this script wrote, or drop the flag to start anew."
+            ) from None
     logger.info("Initialising the ControlNet from the base UNet")
     # Not diffusers' default (16, 32, 96, 256), which downsamples by 8 and would break on a base whose VAE
     # downsamples by another factor (the tiny test base's by 2): the embedding follows the base's VAE.
@@ -712,6 +741,7 @@ def main(args):
         dataset, class_names, palette, source = training_source(args)
     if args.data_root:  # label maps: bad ones stop the run here, before a model loads
         training.check_training_data(accelerator, dataset)
+    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     classes = f"{len(class_names)} classes: {class_names}" if class_names else "classes unknown"
     logger.info(f"{len(dataset)} training samples from {source}, {classes}")
 
@@ -730,7 +760,7 @@ def main(args):
     controlnet = build_controlnet(args, unet, scale_factor)
     logger.info(
         f"ControlNet conditioning embedding {controlnet.config.conditioning_embedding_out_channels}: downsamples "
-        f"by {conditioning_downsampling(controlnet)}, as the base's VAE ({scale_factor})"
+        f"by {conditioning_downsampling(controlnet.config)}, as the base's VAE ({scale_factor})"
     )
 
     for frozen in (vae, unet, text_encoder):

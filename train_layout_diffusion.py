@@ -397,6 +397,7 @@ def main(args):
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     training.check_training_data(accelerator, dataset, read_images=False)  # only the masks: the images are never read
+    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
     domains = list(LOVEDA_SCENES) if args.condition_on_domain else []
     logger.info(f"{len(dataset)} training maps, {num_classes} classes: {dataset.class_names}; domains: {domains}")

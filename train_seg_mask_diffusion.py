@@ -319,6 +319,7 @@ def main(args):
     weight_dtype = training.weight_dtype_for(accelerator)
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     training.check_training_data(accelerator, dataset)  # bad pairs stop the run here, before a model loads
+    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.

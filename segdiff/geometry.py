@@ -98,6 +98,9 @@ def conditioning_channels_for(scale_factor: int) -> tuple[int, ...]:
     return tuple(channels + [SD_CONDITIONING_CHANNELS[-1]] * (steps + 1 - len(channels)))
 
 
-def conditioning_downsampling(controlnet) -> int:
-    """How much a ControlNetModel's conditioning embedding downsamples its control image."""
-    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+def conditioning_downsampling(controlnet_config) -> int:
+    """How much a ControlNetModel's conditioning embedding downsamples its control image, from its config (a
+    ``config.json`` read as a dict, or a model's ``.config``), so a folder is checked before its weights load."""
+    # A config.json without the key gets diffusers' default, as ControlNetModel.from_pretrained gives it.
+    channels = controlnet_config.get("conditioning_embedding_out_channels", SD_CONDITIONING_CHANNELS)
+    return 2 ** (len(channels) - 1)

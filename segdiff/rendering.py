@@ -19,6 +19,7 @@ SDM takes the map itself. Each samples by default as its generator script does (
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from segdiff.seeds import cpu_generators
 CONTROLNET_SCHEDULER = "unipc"
 CONTROLNET_GUIDANCE_SCALE = 7.5
 SDM_SCHEDULER = "ddpm"  # SDM's own scheduler, and the only one that uses a learned variance
-SDM_GUIDANCE_SCALE = 1.5  # SDM's choice of s
+SDM_GUIDANCE_SCALE = 1.5  # SDM's choice of s, for a model that learned the null map (see sdm_guidance_scale)
 
 
 def load_controlnet_pipeline(
@@ -68,9 +69,9 @@ def load_controlnet_pipeline(
     # Cast after loading: from_pretrained's dtype argument changed names across the diffusers versions we support.
     pipeline = pipeline.to(dtype=dtype) if dtype else pipeline
     factor = vae_scale_factor(pipeline.vae.config)
-    if conditioning_downsampling(controlnet) != factor:
+    if conditioning_downsampling(controlnet.config) != factor:
         raise RunError(
-            f"the ControlNet downsamples control images by {conditioning_downsampling(controlnet)} but the VAE of "
+            f"the ControlNet downsamples control images by {conditioning_downsampling(controlnet.config)} but the VAE of "
             f"{base} by {factor}: it was trained on another base. Fix: pass the base it was trained on."
         )
     for key in ("cross_attention_dim", "block_out_channels"):
@@ -94,6 +95,29 @@ def load_sdm_pipeline(run: TrainedRun, dtype: torch.dtype | None = None) -> Sema
     run.require("spade_sdm")
     pipeline = run.load_pipeline(SemanticDiffusionPipeline, SpadeUNetModel)
     return pipeline.to(dtype=dtype) if dtype else pipeline
+
+
+def learned_null_map(run: TrainedRun) -> bool:
+    """Whether an SDM run learned the null map that classifier-free guidance samples against: trained or fine-tuned
+    with --drop_rate > 0 (its training_config.json). A folder that does not record it (made elsewhere) is trusted."""
+    drop_rate = run.setting("drop_rate")
+    return drop_rate is None or drop_rate > 0
+
+
+def sdm_guidance_scale(run: TrainedRun, requested: float | None = None) -> float:
+    """The guidance an SDM run samples with: ``requested`` when given, else SDM's s (1.5) for a model that learned
+    the null map and 1 (off) for one that did not. Guiding a model that never saw the null map extrapolates away
+    from a prediction it was never trained to make: the images come out over-saturated, so that is warned about."""
+    if requested is None:
+        return SDM_GUIDANCE_SCALE if learned_null_map(run) else 1.0
+    if requested != 1.0 and not learned_null_map(run):
+        warnings.warn(
+            f"guidance scale {requested} on {run.folder}, an SDM trained with --drop_rate 0: it never learned the "
+            "null map that guidance samples against, so its images come out over-saturated. Fix: guidance 1, or "
+            "fine-tune it for guidance (train_spade_sdm.py --init_from it --drop_rate 0.2).",
+            stacklevel=2,
+        )
+    return requested
 
 
 @dataclass
@@ -123,6 +147,10 @@ class Renderer:
         # The loaded schedule (betas, prediction type, clipping): every scheduler of a render() is built from it.
         self.scheduler_config = pipeline.scheduler.config
         pipeline.set_progress_bar_config(disable=True)
+
+    def guidance_scale(self, requested: float | None) -> float:
+        """The guidance a render uses: ``requested``, else the kind's default."""
+        return self.default_guidance_scale if requested is None else requested
 
     def output_size(self, label: np.ndarray) -> ImageSize:
         """(height, width) of a map's image when render() is given no size."""
@@ -206,7 +234,7 @@ class Renderer:
             size = (height, width) if height is not None else self.output_size(label)
             labels.append(resize_labels(label, *size))
         self.use_scheduler(scheduler)
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        guidance_scale = self.guidance_scale(guidance_scale)
 
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, label in enumerate(labels):
@@ -288,6 +316,16 @@ class SDMRenderer(Renderer):
     default_scheduler = SDM_SCHEDULER
     default_guidance_scale = SDM_GUIDANCE_SCALE
     stochastic = True  # "dpmsolver": the stochastic DPM-Solver++ (see segdiff.schedulers.make_scheduler)
+
+    def __init__(self, run: TrainedRun, pipeline: SemanticDiffusionPipeline):
+        names = pipeline.class_names
+        palette = sdm_palette(run, len(names))
+        super().__init__(pipeline, names, palette, pipeline.config.ignore_index, min(pipeline.default_size), run.folder)
+        self.run = run
+
+    def guidance_scale(self, requested: float | None) -> float:
+        # Off by default for a model that never learned the null map (`sdm_guidance_scale`).
+        return sdm_guidance_scale(self.run, requested)
 
     @property
     def size_multiple(self) -> int:
@@ -388,12 +426,4 @@ def load_renderer(
         return load_controlnet_renderer(run, base=base, device=device, dtype=dtype)
     if base is not None:
         raise RunError(f"{folder} holds an SDM, which has no separate base: do not pass base={base!r}.")
-    pipeline = load_sdm_pipeline(run, dtype).to(device)
-    return SDMRenderer(
-        pipeline,
-        pipeline.class_names,
-        sdm_palette(run, len(pipeline.class_names)),
-        pipeline.config.ignore_index,
-        min(pipeline.default_size),
-        run.folder,
-    )
+    return SDMRenderer(run, load_sdm_pipeline(run, dtype).to(device))

@@ -544,7 +544,7 @@ def shareable_config(config):
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """Accelerator with project folders, logging and seeding; also sweeps half-written checkpoints.
+    """Accelerator with project folders (made later, by `make_output_dir`), logging and seeding.
 
     It also carries two speed options: ``--torch_compile`` (accelerate compiles each prepared model) and
     non-blocking host-to-device copies of the batches on CUDA (`dataloader_configuration`); and ``--deterministic``
@@ -571,11 +571,16 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         logger.info(f"Deterministic algorithms only (CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']})")
     set_seed(args.seed)
     allow_tf32(args)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        recover_checkpoints(output_dir)
-    accelerator.wait_for_everyone()
     return accelerator
+
+
+def make_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Create ``--output_dir`` once the run's inputs are known good (a refused run leaves no folder behind), and
+    sweep the half-written checkpoints a crash left there (`recover_checkpoints`) before a resume looks for one."""
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        recover_checkpoints(Path(args.output_dir))
+    accelerator.wait_for_everyone()
 
 
 def quiet_other_processes(accelerator: Accelerator) -> None:

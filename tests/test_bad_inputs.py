@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import ROOT, run_script, write_untrained_models
 from PIL import Image
@@ -37,7 +38,8 @@ def inputs(toy_data, tiny_sd_folder, tmp_path_factory):
         weights.unlink()
     controlnet = root / "controlnet-no-weights"  # its config says ControlNet, but the weights are missing
     controlnet.mkdir()
-    (controlnet / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    controlnet_config = {"_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [16, 32]}
+    (controlnet / "config.json").write_text(json.dumps(controlnet_config))  # on the tiny base's latent grid
     shutil.copy(toy_data / "class_names.json", controlnet)
     run_files = {"pipeline": "controlnet_seg", "pretrained_model_name_or_path": str(tiny_sd_folder), "resolution": 32}
     (controlnet / "training_config.json").write_text(json.dumps(run_files))
@@ -46,6 +48,12 @@ def inputs(toy_data, tiny_sd_folder, tmp_path_factory):
     banana.write_text(json.dumps({"_class_name": "Banana", "foo": 1}))
     unknown_key = root / "sdm_tiny_plus.json"
     unknown_key.write_text(json.dumps({**json.loads((ROOT / "configs/models/sdm_tiny.json").read_text()), "foo": 1}))
+    out_of_range = root / "data-id-out-of-range"  # the toy data with id 7 (of 4 classes) in one mask
+    shutil.copytree(toy_data, out_of_range)
+    mask_path = out_of_range / "masks" / "train_00001.png"
+    mask = np.array(Image.open(mask_path))
+    mask[0, 0] = 7
+    Image.fromarray(mask).save(mask_path)
     a_file = root / "a_file.txt"
     a_file.write_text("not a folder")
 
@@ -66,7 +74,7 @@ def inputs(toy_data, tiny_sd_folder, tmp_path_factory):
     return SimpleNamespace(
         root=root, toy=toy_data, base=tiny_sd_folder, layout=root / "layout", sdm=root / "sdm",
         broken_json=broken_json, no_weights=no_weights, controlnet_no_weights=controlnet, banana=banana,
-        unknown_key=unknown_key, a_file=a_file, stretched=stretched, unpaired=unpaired,
+        unknown_key=unknown_key, a_file=a_file, out_of_range=out_of_range, stretched=stretched, unpaired=unpaired,
     )  # fmt: skip
 
 
@@ -89,6 +97,7 @@ CASES = {
             "max_train_steps_0": (["--max_train_steps", "0"], ["--max_train_steps"]),
             "resolution_30": (["--resolution", "30"], ["--resolution 30", "multiples of 4"]),
             "junk_base": (lambda d: ["--pretrained_model_name_or_path", d.toy], ["--pretrained_model_name_or_path"]),
+            "data_root_missing": (lambda d: ["--data_root", d.root / "no-such-data"], ["no-such-data"]),
         },
     ),
     "train_controlnet_seg.py": (
@@ -97,6 +106,18 @@ CASES = {
             "resolution_0": (["--resolution", "0"], ["--resolution"]),
             "resolution_30": (["--resolution", "30"], ["--resolution 30", "multiples of 4"]),
             "accumulation_0": (["--gradient_accumulation_steps", "0"], ["--gradient_accumulation_steps"]),
+            "controlnet_junk_folder": (
+                lambda d: ["--controlnet_model_name_or_path", d.toy],
+                ["--controlnet_model_name_or_path", "holds no ControlNet"],
+            ),
+            "controlnet_of_another_model": (
+                lambda d: ["--controlnet_model_name_or_path", d.sdm / "unet"],
+                ["--controlnet_model_name_or_path", "SpadeUNetModel"],
+            ),
+            "controlnet_without_weights": (
+                lambda d: ["--controlnet_model_name_or_path", d.controlnet_no_weights],
+                ["--controlnet_model_name_or_path", "controlnet-no-weights"],
+            ),
         },
     ),
     "train_spade_sdm.py": (
@@ -105,6 +126,7 @@ CASES = {
             "model_config_of_another_model": (lambda d: ["--model_config", d.banana], ["banana.json", "Banana"]),
             "model_config_unknown_key": (lambda d: ["--model_config", d.unknown_key], ["sdm_tiny_plus.json", "foo"]),
             "checkpointing_steps_0": (["--checkpointing_steps", "0"], ["--checkpointing_steps"]),
+            "mask_id_out_of_range": (lambda d: ["--data_root", d.out_of_range], ["train_00001.png", "7"]),
         },
     ),
     "train_layout_diffusion.py": (
@@ -113,6 +135,7 @@ CASES = {
             "resolution_negative": (["--resolution", "-8"], ["--resolution"]),
             "model_config_of_the_sdm": (["--model_config", "configs/models/sdm_tiny.json"], ["SpadeUNetModel"]),
             "output_dir_a_file": (lambda d: ["--output_dir", d.a_file], ["--output_dir", "a_file.txt"]),
+            "data_root_missing": (lambda d: ["--data_root", d.root / "no-such-data"], ["no-such-data"]),
         },
     ),
     "generate_spade_sdm.py": (

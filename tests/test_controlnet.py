@@ -132,7 +132,7 @@ def test_output_loads_in_diffusers_pipeline_on_a_vae_factor_2_base(trained, tiny
     controlnet = ControlNetModel.from_pretrained(trained[0])
     vae = AutoencoderKL.from_pretrained(tiny_sd_folder, subfolder="vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    assert factor == 2 and conditioning_downsampling(controlnet) == factor
+    assert factor == 2 and conditioning_downsampling(controlnet.config) == factor
     embedding = controlnet.controlnet_cond_embedding
     assert sum(conv.stride == (2, 2) for conv in embedding.modules() if isinstance(conv, torch.nn.Conv2d)) == 1
     assert embedding(torch.zeros(1, 3, 32, 48)).shape[-2:] == (16, 24)  # the latent grid
@@ -574,7 +574,7 @@ def test_the_run_loader_opens_checkpoints_and_names_missing_folders(trained, tmp
     assert run.run_dir == trained[0] and run.is_checkpoint and run.kind == "controlnet_seg"
     assert run.weights("controlnet") == (trained[0] / "checkpoint-6", "controlnet")  # trained without EMA
     controlnet = run.load_model(ControlNetModel, "controlnet", at_root=True)
-    assert conditioning_downsampling(controlnet) == 2
+    assert conditioning_downsampling(controlnet.config) == 2
     assert run.classes()[0] == TOY_NAMES and run.base() == str(run.config["pretrained_model_name_or_path"])
 
     with pytest.raises(RunError, match="--model .*nowhere does not exist"):

@@ -14,6 +14,7 @@ from PIL import Image
 import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
+from segdiff.rendering import load_renderer
 from segdiff.schedulers import make_scheduler
 from segdiff.seeds import derive_seed
 from segdiff.training import exponential_lr_schedule, noise_prediction_loss
@@ -183,6 +184,38 @@ def test_guidance_fine_tune_starts_from_the_trained_weights(trained, toy_data, t
     assert result.returncode != 0 and "conditioning=concat (the model has spade)" in result.stderr
 
 
+def test_guidance_is_on_by_default_only_for_a_model_that_learned_the_null_map(trained, toy_data, tmp_path):
+    # The fine-tune at learning rate 0 has the weights of `trained` and --drop_rate 0.2 in its record: what differs
+    # between the two runs is only whether the null map was trained.
+    fine_tuned = tmp_path / "finetune"
+    run_script(
+        *train_args(toy_data, fine_tuned, "--max_train_steps", "1", "--init_from", trained, "--drop_rate", "0.2",
+                    "--learning_rate", "0", "--adam_weight_decay", "0", "--lr_warmup_steps", "0"),
+    )  # fmt: skip
+    masks_dir = write_masks(tmp_path / "masks", toy_data, count=1)
+    outputs = {}
+    for name, model, extra in [
+        ("drop 0", trained, []),
+        ("drop 0.2", fine_tuned, []),
+        ("drop 0, guided", trained, ["--guidance_scale", "1.5"]),
+    ]:
+        result = generate(model, masks_dir, tmp_path / name, "--scheduler", "ddim", *extra)
+        record = json.loads((tmp_path / name / "metadata.jsonl").read_text().splitlines()[0])
+        image = np.asarray(Image.open(tmp_path / name / record["file_name"]))
+        outputs[name] = (record["guidance_scale"], image, "never learned the null map" in result.stderr)
+    assert outputs["drop 0"][0] == 1.0 and outputs["drop 0.2"][0] == 1.5
+    assert not np.array_equal(outputs["drop 0"][1], outputs["drop 0.2"][1])
+    # asked for explicitly, guidance is used, with a warning that names the fix
+    np.testing.assert_array_equal(outputs["drop 0, guided"][1], outputs["drop 0.2"][1])
+    assert [warned for _, _, warned in outputs.values()] == [False, False, True]
+
+    # the synthetic-data renderer follows the same rule
+    assert load_renderer(trained).guidance_scale(None) == 1.0
+    assert load_renderer(fine_tuned).guidance_scale(None) == 1.5
+    with pytest.warns(UserWarning, match="never learned the null map"):
+        assert load_renderer(trained).guidance_scale(2.0) == 2.0
+
+
 def test_label_maps_are_dropped_at_the_drop_rate(toy_data):
     args = parse_args([str(a) for a in train_args(toy_data, "unused")[1:]] + ["--drop_rate", "0.3"])
     assert args.validation_guidance_scale == 1.5  # guidance by default once the model learns the null map
@@ -289,7 +322,8 @@ def test_generator_writes_samples_grids_and_a_generic_dataset(trained, toy_data,
     assert [(r["mask_stem"], r["image_index"]) for r in records] == [(s, j) for s in stems for j in range(3)]
     assert [r["seed"] for r in records] == [derive_seed(0, s, j) for s in stems for j in range(3)]
     assert records[4]["file_name"] == f"images/{stems[1]}_01.png" and records[4]["scheduler"] == "ddpm"
-    assert records[4]["mask_source"] == f"{stems[1]}.png" and records[4]["guidance_scale"] == 1.5
+    # trained with --drop_rate 0: it never learned the null map, so it samples without guidance by default
+    assert records[4]["mask_source"] == f"{stems[1]}.png" and records[4]["guidance_scale"] == 1.0
 
     # the flat copy is a generic dataset whose masks are the input masks
     dataset = load_segmentation_dataset(save_dir, "generic")
