@@ -741,7 +741,6 @@ def main(args):
         dataset, class_names, palette, source = training_source(args)
     if args.data_root:  # label maps: bad ones stop the run here, before a model loads
         training.check_training_data(accelerator, dataset)
-    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     classes = f"{len(class_names)} classes: {class_names}" if class_names else "classes unknown"
     logger.info(f"{len(dataset)} training samples from {source}, {classes}")
 
@@ -808,6 +807,8 @@ def main(args):
         ema.to(accelerator.device)
     prompt_embeddings = PromptEmbeddingCache(tokenizer, text_encoder, args.text_embedding_cache_size)
 
+    # Data and models are known good: only now is --output_dir made, so a refused run leaves no folder behind.
+    training.make_output_dir(accelerator, args)
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     if accelerator.is_main_process:
         write_run_files(

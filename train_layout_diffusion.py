@@ -397,7 +397,6 @@ def main(args):
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     training.check_training_data(accelerator, dataset, read_images=False)  # only the masks: the images are never read
-    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
     domains = list(LOVEDA_SCENES) if args.condition_on_domain else []
     logger.info(f"{len(dataset)} training maps, {num_classes} classes: {dataset.class_names}; domains: {domains}")
@@ -440,6 +439,8 @@ def main(args):
             ignore_index=ignore_index,
         )
 
+    # Data and models are known good: only now is --output_dir made, so a refused run leaves no folder behind.
+    training.make_output_dir(accelerator, args)
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     prior = class_prior(layouts, args, dataset.class_names, ignore_index, domains)
     if accelerator.is_main_process:

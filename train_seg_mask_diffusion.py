@@ -319,7 +319,6 @@ def main(args):
     weight_dtype = training.weight_dtype_for(accelerator)
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
     training.check_training_data(accelerator, dataset)  # bad pairs stop the run here, before a model loads
-    training.make_output_dir(accelerator, args)  # only now: a refused run leaves no folder
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.
@@ -385,6 +384,8 @@ def main(args):
     for ema in ema_models.values():
         ema.to(accelerator.device)
 
+    # Data and models are known good: only now is --output_dir made, so a refused run leaves no folder behind.
+    training.make_output_dir(accelerator, args)
     global_step, first_epoch, skip_batches = training.resume_from_checkpoint(accelerator, args, updates_per_epoch)
     if accelerator.is_main_process:
         training.write_run_files(

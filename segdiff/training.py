@@ -575,7 +575,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
 
 def make_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Create ``--output_dir`` once the run's inputs are known good (a refused run leaves no folder behind), and
+    """Create ``--output_dir`` once the run's data and models are known good (a refused run leaves no folder), and
     sweep the half-written checkpoints a crash left there (`recover_checkpoints`) before a resume looks for one."""
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
