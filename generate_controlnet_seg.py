@@ -207,6 +207,8 @@ def main(args):
     masks = masks_of(args, len(class_names), palette, settings.ignore_index)
     captions = read_captions(args.captions, [mask.stem for mask in masks]) if args.captions else {}
     base = run.base(args.pretrained_model_name_or_path)
+    if exact_size:
+        run.check_size(exact_size, base=base)  # from the base's configs, before its weights load
     recorded = generation_args(args, base, settings, size)
     check_save_dir(args.save_dir, recorded, args.overwrite)
     renderer = load_controlnet_renderer(
@@ -218,8 +220,6 @@ def main(args):
         # Explicit, also in float32: a base's fp16 --variant weights would otherwise load in half precision.
         dtype=torch.float16 if args.fp16 else torch.float32,
     )
-    if exact_size:
-        renderer.check_size(exact_size)
 
     n = args.num_images_per_mask
     writer = MaskSampleWriter(

@@ -228,16 +228,15 @@ def sample_name(index: int) -> str:
 def main(args):
     state = generation_state()
     run = open_run(args.model, revision=args.revision)
+    run.require("joint_image_mask")
+    if args.resolution:
+        run.check_size(args.resolution)  # from the model's configs, before its weights load
     class_names, palette = load_classes(run, args.dataset)
     pipeline = load_pipeline(run, class_names, torch.float16 if args.fp16 else torch.float32)  # default: as saved
     pipeline.to(args.device or state.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     size = args.resolution or pipeline.default_size
-    try:
-        pipeline.check_size(*size)
-    except ValueError as error:
-        raise SystemExit(f"--resolution {size}: {error}") from None
     classes = plan_classes(args, len(class_names))
 
     writer = SampleWriter(

@@ -225,6 +225,9 @@ def write_submission(submission_dir: Path, save_dir: Path, masks: list[MaskFile]
 def main(args):
     state = generation_state()
     run = open_run(args.model, revision=args.revision)
+    run.require("spade_sdm")
+    if args.resolution:
+        run.check_size(args.resolution)  # from the model's configs, before its weights load
     pipeline = load_sdm_pipeline(run, torch.float16 if args.fp16 else None)  # default: as saved
     args.guidance_scale = sdm_guidance_scale(run, args.guidance_scale)  # recorded as the value used
     pipeline.to(args.device or state.device)
@@ -232,10 +235,6 @@ def main(args):
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config, stochastic=True)
     size = args.resolution or pipeline.default_size
     height, width = size
-    try:
-        pipeline.check_size(height, width)
-    except ValueError as error:
-        raise SystemExit(f"--resolution {size}: {error}") from None
 
     class_names = pipeline.class_names
     palette = sdm_palette(run, len(class_names))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segdiff.data import DatasetError, first_line, load_class_names, read_json
+from segdiff.geometry import ImageSize, check_size_multiple, size_multiple
 from segdiff.labels import default_palette
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
@@ -158,6 +159,42 @@ class TrainedRun:
     def setting(self, key: str, default=None):
         """A recorded training argument (training_config.json), else ``default``."""
         return self.config.get(key, default)
+
+    def check_size(self, size: ImageSize, flag: str = "--resolution", base: str | None = None) -> None:
+        """Refuse an output size the run's models cannot draw (sides not multiples of its VAE's factor times its
+        UNet's downsampling), from their config files only: before any weights load. The VAE and UNet are the run's
+        own (an SDM in pixel space has no VAE); the base's (``base``, else the one the run names) where the run has
+        none of its own: a ControlNet's, and a checkpoint's of a run that has not saved its pipeline yet."""
+        unet = self.model_config("unet", base)
+        pixel_space = (
+            self.kind == "spade_sdm" and self.setting("space") != "latent" and not (self.run_dir / "vae").is_dir()
+        )
+        vae = None if pixel_space else self.model_config("vae", base)
+        why = f"VAE factor x UNet downsampling of {self.folder}"
+        try:
+            check_size_multiple(size, size_multiple(vae, unet), why)
+        except ValueError as error:
+            raise RunError(f"{flag} {size}: {error}.") from None
+
+    def model_config(self, name: str, base: str | None = None) -> dict:
+        """The config of the run's model ``name`` (``unet`` or ``vae``; a checkpoint's own UNet when it has one),
+        else of the base's, read without weights."""
+        if self.kind != "controlnet_seg":
+            own = [self.folder / f"{name}_ema", self.folder / name] if self.is_checkpoint else []
+            for folder in [*own, self.run_dir / name]:
+                if (folder / "config.json").is_file():
+                    return read_run_file(folder / "config.json")
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        base = self.base(base)
+        model_class = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}[name]
+        try:
+            return model_class.load_config(base, subfolder=name, revision=self.setting("revision"))
+        except (OSError, ValueError) as error:
+            raise RunError(
+                f"{self.flag} {self.folder}: cannot read the {name} config of its base {base} ({first_line(error)}). "
+                "Fix: make that base reachable from here, or pass --pretrained_model_name_or_path."
+            ) from None
 
     def base(self, override: str | None = None, flag: str = "--pretrained_model_name_or_path") -> str:
         """The Stable Diffusion base the run trained on: ``override`` when given, else the one training_config.json

@@ -36,6 +36,10 @@ def inputs(toy_data, tiny_sd_folder, tmp_path_factory):
     shutil.copytree(root / "layout", no_weights)
     for weights in (no_weights / "unet").glob("diffusion_pytorch_model.*"):
         weights.unlink()
+    sdm_no_weights = root / "sdm-no-weights"  # its configs say what sizes it draws; its weights are missing
+    shutil.copytree(root / "sdm", sdm_no_weights)
+    for weights in (sdm_no_weights / "unet").glob("diffusion_pytorch_model.*"):
+        weights.unlink()
     controlnet = root / "controlnet-no-weights"  # its config says ControlNet, but the weights are missing
     controlnet.mkdir()
     controlnet_config = {"_class_name": "ControlNetModel", "conditioning_embedding_out_channels": [16, 32]}
@@ -73,7 +77,7 @@ def inputs(toy_data, tiny_sd_folder, tmp_path_factory):
     (unpaired / "masks" / toy_pairs[2].name).rename(unpaired / "masks" / "other_stem.png")
     return SimpleNamespace(
         root=root, toy=toy_data, base=tiny_sd_folder, layout=root / "layout", sdm=root / "sdm",
-        broken_json=broken_json, no_weights=no_weights, controlnet_no_weights=controlnet, banana=banana,
+        broken_json=broken_json, no_weights=no_weights, sdm_no_weights=sdm_no_weights, controlnet_no_weights=controlnet, banana=banana,
         unknown_key=unknown_key, a_file=a_file, out_of_range=out_of_range, stretched=stretched, unpaired=unpaired,
     )  # fmt: skip
 
@@ -144,6 +148,11 @@ CASES = {
             "steps_0": (["--num_inference_steps", "0"], ["--num_inference_steps"]),
             "guidance_nan": (["--guidance_scale", "nan"], ["--guidance_scale"]),
             "save_dir_a_file": (lambda d: ["--save_dir", d.a_file], ["--save_dir", "a_file.txt"]),
+            # refused from the configs: the weights, which are missing, are never reached
+            "resolution_before_weights": (
+                lambda d: ["--model", d.sdm_no_weights, "--resolution", "31"],
+                ["--resolution 31", "multiples of 2"],
+            ),
         },
     ),
     "generate_joint_image_mask_diffusion.py": (
@@ -159,7 +168,11 @@ CASES = {
             "model_without_weights": (
                 lambda d: ["--model", d.controlnet_no_weights],
                 ["--model", "controlnet-no-weights"],
-            )
+            ),
+            "resolution_before_weights": (
+                lambda d: ["--model", d.controlnet_no_weights, "--resolution", "16,30"],
+                ["--resolution 16,30", "multiples of 4"],
+            ),
         },
     ),
     "generate_synthetic_dataset.py": (
