@@ -301,6 +301,10 @@ def main(args):
     device = args.device or state.device
     layout_run = open_run(args.layout_model, flag="--layout_model", revision=args.layout_model_revision)
     layout_run.require("layout_diffusion")
+    if args.renderer and args.resolution:  # from the renderer's configs, before any weights load
+        renderer_run = open_run(args.renderer, flag="--renderer", revision=args.renderer_revision)
+        renderer_run.require("controlnet_seg", "spade_sdm")
+        renderer_run.check_size(args.resolution, base=args.pretrained_model_name_or_path)
     pipeline = layout_run.load_pipeline(LayoutDiffusionPipeline, LayoutUNetModel).to(device)
     pipeline.set_progress_bar_config(disable=True)
     class_names, num_classes = list(pipeline.class_names), len(pipeline.class_names)
@@ -323,8 +327,6 @@ def main(args):
     palette = renderer.palette if renderer else layout_run.classes()[1]
     # Default: square at the renderer's training resolution (its short side), or the layout model's training size.
     size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else pipeline.default_size)
-    if renderer is not None:
-        renderer.check_size(size)  # before any layout is drawn
 
     generation_args = {
         "layout_model": recorded_model(args.layout_model, args.layout_model_revision),

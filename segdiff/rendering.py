@@ -30,7 +30,6 @@ from PIL import Image
 
 from segdiff.geometry import (
     ImageSize,
-    check_size_multiple,
     conditioning_downsampling,
     size_multiple,
     vae_scale_factor,
@@ -155,14 +154,6 @@ class Renderer:
     def output_size(self, label: np.ndarray) -> ImageSize:
         """(height, width) of a map's image when render() is given no size."""
         raise NotImplementedError
-
-    def check_size(self, size: ImageSize, flag: str = "--resolution") -> None:
-        """Refuse an output size the model cannot draw (``self.size_multiple``: its VAE factor x UNet downsampling),
-        naming the flag that asked for it."""
-        try:
-            check_size_multiple(size, self.size_multiple, f"VAE factor x UNet downsampling of {self.folder}")
-        except ValueError as error:
-            raise RunError(f"{flag} {size}: {error}.") from None
 
     def prompt(self, label) -> str | None:
         """The text prompt a map is rendered with (for the records): None for models without one."""
@@ -326,12 +317,6 @@ class SDMRenderer(Renderer):
     def guidance_scale(self, requested: float | None) -> float:
         # Off by default for a model that never learned the null map (`sdm_guidance_scale`).
         return sdm_guidance_scale(self.run, requested)
-
-    @property
-    def size_multiple(self) -> int:
-        return size_multiple(
-            self.pipeline.vae.config if self.pipeline.vae is not None else None, self.pipeline.unet.config
-        )
 
     def output_size(self, label):
         # The training size whatever the map's shape, as generate_spade_sdm.py does.
