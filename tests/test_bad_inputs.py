@@ -1,18 +1,8 @@
 """A user's mistakes, refused at once: every script, run as a user runs it, with a table of bad inputs.
 
 Each case must end its script with a nonzero status and a message that names the flag or the file, print no Python
-traceback, and write nothing: not its output folder, and no file among the inputs.
-
-The cases run in this process, one after another (`run_in_process`), as conftest's `script_error` runs a script: its
-``__main__`` block with its command line in ``sys.argv``, from the repo root, in conftest.SCRIPT_ENV's environment.
-As subprocesses (``python script.py``, two at a time) nearly all of a case's cost was the interpreter importing torch
-and diffusers again; in process that import happens once per test process, not once per case. What a subprocess
-showed is still read, the way Python would end the script: the exit status (argparse's 2; 1 for a SystemExit with a
-message; 0 for a SystemExit without one, or for a script that returns), stderr (fd 2, `capfd`, with logging set up as
-in a fresh process) plus the SystemExit message that Python would print there, and, for any exception other than
-SystemExit, the traceback that Python would print. After each case, `isolated_run` puts back what a script may change
-in the process (environment, working folder, loggers, warning filters, torch's global settings and the RNGs,
-accelerate's state singletons), so that each case starts from the same state.
+traceback, and write nothing: not its output folder, and no file among the inputs. The cases of one script run two
+at a time (most of a case's cost is the interpreter importing torch and diffusers).
 
 Bad inputs other test files already refuse are not repeated here (e.g. test_sdm.py and test_layout.py: a trainer's
 --resolution that the model cannot halve; test_generation.py: the generators' size and --eta flags; test_evaluate.py:
@@ -20,20 +10,16 @@ evaluate.py's missing inputs; test_synthetic.py: bad --ratios).
 """
 
 import argparse
-import contextlib
 import json
-import os
 import runpy
 import shutil
-import sys
-import traceback
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, SCRIPT_ENV, write_untrained_models
+from conftest import ROOT, run_script, write_untrained_models
 from PIL import Image
 
 
@@ -251,107 +237,8 @@ def snapshot(*folders: Path) -> dict:
     }
 
 
-@contextlib.contextmanager
-def isolated_run(argv: list[str]):
-    """Run a script's ``__main__`` here as ``python <argv>`` would: ``sys.argv``, the repo root as the working folder,
-    conftest.SCRIPT_ENV as the environment, and logging as a fresh process has it: the root logger without handlers
-    (pytest's), so that a script's ``logging.basicConfig`` adds its stderr handler, and the libraries' stderr
-    handlers (diffusers', transformers', made at their import, holding the stderr of that time) writing to this
-    stderr. Afterwards put back what a script may change in the process: the environment, ``sys.argv``/``sys.path``,
-    the working folder, warning filters, every logger's level and handlers (a handler a library made during the run
-    writes to the process's stderr, not this run's capture), torch's global settings and the RNGs' states
-    (``set_seed``), and accelerate's state singletons (before too, as an earlier test may have left them: a second
-    Accelerator with other settings would be refused)."""
-    import logging
-    import random
-
-    import torch
-
-    def reset_accelerate():
-        state = sys.modules.get("accelerate.state")  # only once something imported accelerate
-        if state is not None:
-            state.AcceleratorState._reset_state(reset_partial_state=True)
-            state.GradientState._reset_state()
-
-    def every_logger():  # not the placeholders of loggers never made
-        loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
-        return [logger for logger in loggers if isinstance(logger, logging.Logger)]
-
-    def stderr_handlers():  # pytest's handlers are subclasses; FileHandler too
-        return [
-            handler
-            for logger in every_logger()
-            for handler in logger.handlers
-            if type(handler) is logging.StreamHandler and handler.stream not in (sys.stdout, sys.__stdout__)
-        ]
-
-    loggers = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in every_logger()]
-    streams = [(handler, handler.stream) for handler in stderr_handlers()]
-    saved = SimpleNamespace(
-        environ=dict(os.environ), argv=sys.argv, path=list(sys.path), cwd=os.getcwd(),
-        disable=logging.root.manager.disable, random=random.getstate(), numpy=np.random.get_state(),
-        dtype=torch.get_default_dtype(), threads=torch.get_num_threads(), grad=torch.is_grad_enabled(),
-        benchmark=torch.backends.cudnn.benchmark, deterministic=torch.are_deterministic_algorithms_enabled(),
-        warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
-    )  # fmt: skip
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    reset_accelerate()
-    os.environ.update(SCRIPT_ENV)
-    sys.argv = [str(a) for a in argv]
-    os.chdir(ROOT)
-    logging.root.handlers.clear()
-    for handler, _ in streams:
-        handler.setStream(sys.stderr)
-    try:
-        with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
-            yield
-    finally:
-        reset_accelerate()
-        os.environ.clear()
-        os.environ.update(saved.environ)
-        sys.argv, sys.path[:] = saved.argv, saved.path
-        os.chdir(saved.cwd)
-        for lg, level, handlers, propagate, disabled in loggers:
-            lg.setLevel(level)
-            lg.handlers[:] = handlers
-            lg.propagate, lg.disabled = propagate, disabled
-        for handler in stderr_handlers():  # made during the run, on a logger made then too: the real stderr
-            handler.setStream(sys.__stderr__)
-        for handler, stream in streams:
-            handler.setStream(stream)
-        logging.disable(saved.disable)
-        random.setstate(saved.random)
-        np.random.set_state(saved.numpy)
-        torch.set_default_dtype(saved.dtype)
-        torch.set_num_threads(saved.threads)
-        torch.set_grad_enabled(saved.grad)
-        torch.backends.cudnn.benchmark = saved.benchmark
-        torch.use_deterministic_algorithms(saved.deterministic, warn_only=saved.warn_only)
-
-
-def run_in_process(script: str, argv: list, capfd) -> SimpleNamespace:
-    """``python <script> <argv>`` in this process (`isolated_run`): its exit status and what it wrote to stdout and
-    stderr, as a subprocess would give them. Python's own ending of a script is read the same way: a SystemExit's
-    status (argparse's 2; 1 with its message, which Python prints to stderr; 0 for None), 0 when the script returns,
-    and for any other exception 1 with the traceback Python would print."""
-    capfd.readouterr()  # what came before is not this run's
-    stderr_tail = ""
-    with isolated_run([script, *argv]):
-        try:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-            status = 0
-        except SystemExit as stopped:
-            code = stopped.code
-            status = 0 if code is None else code if isinstance(code, int) else 1
-            stderr_tail = "" if code is None or isinstance(code, int) else f"{code}\n"
-        except Exception:
-            status, stderr_tail = 1, traceback.format_exc()
-    output = capfd.readouterr()
-    return SimpleNamespace(returncode=status, stdout=output.out, stderr=output.err + stderr_tail)
-
-
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_written(script, inputs, tmp_path, capfd):
+def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_written(script, inputs, tmp_path):
     common, cases = CASES[script]
     before = snapshot(inputs.root, inputs.toy, inputs.base)
 
@@ -359,7 +246,7 @@ def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_writte
         bad, named = cases[name]
         out = tmp_path / name
         argv = [*common(inputs, out), *(bad(inputs) if callable(bad) else bad)]
-        result = run_in_process(script, argv, capfd)
+        result = run_script(script, *argv, check=False)
         output = result.stdout + result.stderr
         problems = [
             *(["exit status 0"] if result.returncode == 0 else []),
@@ -369,7 +256,8 @@ def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_writte
         ]
         return f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}" if problems else None
 
-    failures = [failure for failure in map(run, cases) if failure]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [failure for failure in pool.map(run, cases) if failure]
     assert not failures, "\n\n".join(failures)
     assert snapshot(inputs.root, inputs.toy, inputs.base) == before, "a refused run wrote among the inputs"
 
