@@ -50,6 +50,9 @@ from segdiff.models.layout_unet import class_ratios  # noqa: E402
 from segdiff.pipelines.layout import LayoutDiffusionPipeline  # noqa: E402
 
 RARE = "triangle"
+# The renderer learns the null map (so that its renders can be guided) and draws in few steps: RESULTS.md,
+# "Choosing the bench_synthetic renderer's settings".
+RENDERER_DROP_RATE, RENDER_STEPS = 0.2, 25
 ARMS_SHOWN = ("real_only", "real_plus_oversampling", "real_plus_synthetic")
 
 
@@ -69,13 +72,14 @@ def parse_args():
         "--renderer_steps",
         type=int,
         default=500,
-        help="SDM renderer steps (batch 32, --drop_rate 0.2 so that it learns the null map and can be guided).",
+        help=f"SDM renderer steps (batch 32, --drop_rate {RENDERER_DROP_RATE}, so that it learns the null map and can be "
+        "guided).",
     )
     parser.add_argument(
         "--render_guidance",
         type=float,
         default=3.0,
-        help="Guidance of the renders (25 DPM-Solver++ steps). Chosen on renders of real training maps the "
+        help=f"Guidance of the renders ({RENDER_STEPS} DPM-Solver++ steps). Chosen on renders of real training maps the "
         "renderer never saw, read by a segmenter of the real pairs (RESULTS.md): 1 draws the textures of striped "
         "and checkered objects too faintly to tell them apart. (default: %(default)s)",
     )
@@ -330,14 +334,14 @@ def main(args):
         "train_spade_sdm.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", renderer,
         "--model_config", ROOT / "configs/models/sdm_tiny.json", "--resolution", 32, "--train_batch_size", 32,
         "--learning_rate", "1e-3", "--max_train_steps", args.renderer_steps, "--lr_warmup_steps", 20,
-        "--max_train_samples", args.max_train_samples, "--drop_rate", 0.2,
+        "--max_train_samples", args.max_train_samples, "--drop_rate", RENDERER_DROP_RATE,
     )  # fmt: skip
     seconds["renderer"] = time.perf_counter() - start
 
     rows = ratio_rows(layout, data, seconds, args.num_layouts)
     seconds["synthetic"] = run(
         "generate_synthetic_dataset.py", "--layout_model", layout, "--renderer", renderer, "--balance",
-        "--num_samples", args.num_synthetic, "--save_dir", synthetic, "--overwrite", "--render_steps", 25,
+        "--num_samples", args.num_synthetic, "--save_dir", synthetic, "--overwrite", "--render_steps", RENDER_STEPS,
         "--guidance_scale", args.balance_guidance, "--render_guidance_scale", args.render_guidance,
     )  # fmt: skip
     balance = json.loads((synthetic / "ratio_report.json").read_text())
@@ -370,7 +374,8 @@ def main(args):
     note = (
         f"Long-tailed toy data: {RARE} in {stats['image_share']:.1%} of the {args.num_images} training images, "
         f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps, SDM renderer "
-        f"{args.renderer_steps} steps (--drop_rate 0.2; renders: 25 steps, guidance {args.render_guidance}), both at "
+        f"{args.renderer_steps} steps (--drop_rate {RENDERER_DROP_RATE}; renders: {RENDER_STEPS} steps, guidance "
+        f"{args.render_guidance}), both at "
         f"batch 32, on the {args.max_train_samples} real pairs the segmenters get."
     )
     append_results("bench_synthetic.py", rows, args.results, note=note)
