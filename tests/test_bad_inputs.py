@@ -1,8 +1,9 @@
 """A user's mistakes, refused at once: every script, run as a user runs it, with a table of bad inputs.
 
 Each case must end its script with a nonzero status and a message that names the flag or the file, print no Python
-traceback, and write nothing: not its output folder, and no file among the inputs. The cases of one script run two
-at a time (most of a case's cost is the interpreter importing torch and diffusers).
+traceback, and write nothing: not its output folder, and no file among the inputs. Each case is its own process,
+forked from one that has imported torch and diffusers already (tests/forked_scripts.py): that import was most of a
+case's cost.
 
 Bad inputs other test files already refuse are not repeated here (e.g. test_sdm.py and test_layout.py: a trainer's
 --resolution that the model cannot halve; test_generation.py: the generators' size and --eta flags; test_evaluate.py:
@@ -13,13 +14,13 @@ import argparse
 import json
 import runpy
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script, write_untrained_models
+from conftest import ROOT, SCRIPT_ENV, write_untrained_models
+from forked_scripts import run_forked
 from PIL import Image
 
 
@@ -242,22 +243,22 @@ def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_writte
     common, cases = CASES[script]
     before = snapshot(inputs.root, inputs.toy, inputs.base)
 
-    def run(name: str):
-        bad, named = cases[name]
-        out = tmp_path / name
-        argv = [*common(inputs, out), *(bad(inputs) if callable(bad) else bad)]
-        result = run_script(script, *argv, check=False)
+    outs = {name: tmp_path / name for name in cases}
+    runs = [
+        [script, *common(inputs, outs[name]), *(bad(inputs) if callable(bad) else bad)]
+        for name, (bad, _) in cases.items()
+    ]
+    failures = []
+    for (name, (_, named)), result in zip(cases.items(), run_forked(runs, SCRIPT_ENV), strict=True):
         output = result.stdout + result.stderr
         problems = [
             *(["exit status 0"] if result.returncode == 0 else []),
             *(["a traceback"] if "Traceback" in output else []),
             *(f"no mention of {text!r}" for text in named if text not in result.stderr),
-            *([f"{out} was written"] if out.exists() else []),
+            *([f"{outs[name]} was written"] if outs[name].exists() else []),
         ]
-        return f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}" if problems else None
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        failures = [failure for failure in pool.map(run, cases) if failure]
+        if problems:
+            failures.append(f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert snapshot(inputs.root, inputs.toy, inputs.base) == before, "a refused run wrote among the inputs"
 
