@@ -5,7 +5,9 @@ script reads its first flag. For a table of runs that all stop early (bad inputs
 cost. Here one server process (``python tests/forked_scripts.py``, started by `run_forked`) imports those packages
 once and then forks a child per run: the child is a fresh process for everything that matters (its own exit
 status, stdout and stderr, logging, argv and global state, nothing left over for the next run), and runs the
-script's ``__main__`` block as ``python script.py args`` would, in the repo root with conftest.SCRIPT_ENV.
+script's ``__main__`` block as ``python script.py args`` would, in the repo root with conftest.SCRIPT_ENV. Before
+forking, the server runs each script once under another name than ``__main__``: its imports and definitions, not its
+command line, so the children start with every module the script needs.
 
 The server reads the runs as JSON from stdin (a list of argv lists, the script first) and answers one JSON list of
 ``{"returncode", "stdout", "stderr"}``, like `subprocess.run`'s result.
@@ -20,8 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the scripts import at their top, imported by the server before any fork.
-PRELOAD = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "segdiff.training", "segdiff.data")
 
 
 def run_forked(runs: list[list[str]], env: dict, timeout: float = 600) -> list[SimpleNamespace]:
@@ -44,7 +44,6 @@ def run_in_child(argv: list[str], stdout_fd: int, stderr_fd: int) -> None:
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     sys.argv = argv
-    sys.path[0] = str(ROOT)  # a script's own folder comes first on its path, as `python script.py` puts it
     try:
         runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
         status = 0
@@ -61,11 +60,12 @@ def run_in_child(argv: list[str], stdout_fd: int, stderr_fd: int) -> None:
 
 
 def serve() -> None:
-    import importlib
+    import runpy
 
     runs = json.load(sys.stdin)
-    for module in PRELOAD:
-        importlib.import_module(module)
+    sys.path.insert(0, str(ROOT))
+    for script in dict.fromkeys(argv[0] for argv in runs):
+        runpy.run_path(str(ROOT / script), run_name="preloaded")
     results = []
     for argv in runs:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
