@@ -49,7 +49,9 @@ toy square covers at most 0.38). Other schedulers on the 16 px model (full / one
 0.031 / 0.059, DDPM 50 0.031 / 0.058, DPM-Solver++ 20 0.037 / 0.061. The main remaining error: about 15 % of
 one-class requests (mostly below 0.1) get none of the class. The pipeline's ratio matching (on by default,
 ``match_ratios`` in segdiff/pipelines/layout.py) steers every sampling step to the requested shares instead:
-MAE 0.001-0.002 on bench_synthetic.py's requests, where this model alone scores 0.06.
+MAE 0.001-0.002 on bench_synthetic.py's requests, where this model alone scores 0.06. On 64 training maps, FiLM
+conditioning, the request as input planes, an auxiliary share loss, smoother ratio features (x30), self-conditioning
+on the predicted shares and twice the steps each left one-class requests at 0.04-0.07 (benchmarks/RESULTS.md).
 
 Design choices, one run each at 600 steps (16 px, full-request MAE; unconditional about 0.08): the raw ratio
 vector through a linear layer instead of sinusoidal features 0.069 (the shares, mostly a few percent, barely
