@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
+CHILD_TIMEOUT_S = 300
 
 
 def run_forked(runs: list[list[str]], env: dict, timeout: float = 600) -> list[SimpleNamespace]:
@@ -39,8 +40,10 @@ def run_forked(runs: list[list[str]], env: dict, timeout: float = 600) -> list[S
 def run_in_child(argv: list[str], stdout_fd: int, stderr_fd: int) -> None:
     """In the forked child: run ``python <argv>`` and end the process with the status Python would give."""
     import runpy
+    import signal
     import traceback
 
+    signal.alarm(CHILD_TIMEOUT_S)  # a run that hangs ends by SIGALRM: a nonzero status the test reports
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     sys.argv = argv
