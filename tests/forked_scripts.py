@@ -6,8 +6,8 @@ cost. Here one server process (``python tests/forked_scripts.py``, started by `r
 once and then forks a child per run: the child is a fresh process for everything that matters (its own exit
 status, stdout and stderr, logging, argv and global state, nothing left over for the next run), and runs the
 script's ``__main__`` block as ``python script.py args`` would, in the repo root with conftest.SCRIPT_ENV. Before
-forking, the server runs each script once under another name than ``__main__``: its imports and definitions, not its
-command line, so the children start with every module the script needs.
+forking, the server runs each script with a ``__main__`` guard once under another name: its imports and definitions,
+not its command line, so the children start with every module the script needs.
 
 The server reads the runs as JSON from stdin (a list of argv lists, the script first) and answers one JSON list of
 ``{"returncode", "stdout", "stderr"}``, like `subprocess.run`'s result.
@@ -67,8 +67,9 @@ def serve() -> None:
 
     runs = json.load(sys.stdin)
     sys.path.insert(0, str(ROOT))
-    for script in dict.fromkeys(argv[0] for argv in runs):
-        runpy.run_path(str(ROOT / script), run_name="preloaded")
+    for script in dict.fromkeys(ROOT / argv[0] for argv in runs):
+        if 'if __name__ == "__main__":' in script.read_text():  # its top level only imports and defines
+            runpy.run_path(str(script), run_name="preloaded")
     results = []
     for argv in runs:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
