@@ -375,8 +375,7 @@ def main(args):
         f"Long-tailed toy data: {RARE} in {stats['image_share']:.1%} of the {args.num_images} training images, "
         f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps, SDM renderer "
         f"{args.renderer_steps} steps (--drop_rate {RENDERER_DROP_RATE}; renders: {RENDER_STEPS} steps, guidance "
-        f"{args.render_guidance}), both at "
-        f"batch 32, on the {args.max_train_samples} real pairs the segmenters get."
+        f"{args.render_guidance}), both at batch 32, on the {args.max_train_samples} real pairs the segmenters get."
     )
     append_results("bench_synthetic.py", rows, args.results, note=note)
 

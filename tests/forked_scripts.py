@@ -18,10 +18,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 CHILD_TIMEOUT_S = 300
 
 
