@@ -121,7 +121,12 @@ def parse_args(argv=None):
         "match_requested_shares says how). (default: %(default)s)",
     )
     parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="Layout sampling steps.")
-    parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default=None, help="Layout scheduler.")
+    parser.add_argument(
+        "--scheduler",
+        choices=CORE_SCHEDULERS,
+        default=None,
+        help="Layout scheduler of an analog layout model (a d3pm one has only its own). Default: the model's own.",
+    )
     parser.add_argument(
         "--domain",
         default=None,
@@ -307,6 +312,11 @@ def main(args):
         renderer_run.check_size(args.resolution, base=args.pretrained_model_name_or_path)
     pipeline = layout_run.load_pipeline(LayoutDiffusionPipeline, LayoutUNetModel).to(device)
     pipeline.set_progress_bar_config(disable=True)
+    if args.scheduler and pipeline.unet.config.layout_type == "d3pm":
+        raise DatasetError(
+            f"--scheduler {args.scheduler}: --layout_model {args.layout_model} is a d3pm layout model, which samples "
+            "with its own MaskedLayoutScheduler. Fix: drop --scheduler."
+        )
     class_names, num_classes = list(pipeline.class_names), len(pipeline.class_names)
     prior = load_prior(layout_run) if args.balance else None
     domains = sample_domains(pipeline, args.domain, args.num_samples)

@@ -3,6 +3,7 @@
 
     python benchmarks/bench_synthetic.py                  # about 25 minutes on 2 cores
     python benchmarks/bench_synthetic.py --quick          # a few minutes; the numbers mean little
+    python benchmarks/bench_synthetic.py --layout_only --layout_type d3pm   # steps 1 and 3 only, ~6 minutes
 
 1. `python -m segdiff.toy --style textured --rare_class triangle --rare_rate 0.04`: toy data where colour does
    not tell the class (striped and checkered objects share one colour, squares and triangles another; per-image
@@ -116,9 +117,16 @@ def parse_args():
     )
     parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
     parser.add_argument(
-        "--ratio_rows_only",
+        "--layout_type",
+        choices=["analog", "d3pm"],
+        default="analog",
+        help="The layout model's representation (train_layout_diffusion.py --layout_type). (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--layout_only",
         action="store_true",
-        help="Only the ratio rows, with the data and layout model in --work_dir.",
+        help="Only the data, the layout model and the ratio rows (no renderer, no downstream): compares layout "
+        "models (--layout_type) on the same data and steps in minutes.",
     )
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--work_dir", default=None, help="Keep the data and models here (default: a temp dir).")
@@ -309,11 +317,6 @@ def main(args):
     data, layout, renderer, synthetic = work / "toy", work / "layout", work / "sdm", work / "synthetic"
     seconds = {}
     started = time.perf_counter()
-    if args.ratio_rows_only:
-        rows = ratio_rows(layout, data, seconds, args.num_layouts)
-        append_results("bench_synthetic.py", rows, args.results, note=f"Layout model of {layout}; seconds: {seconds}")
-        return
-
     seconds["data"] = run(
         "-m", "segdiff.toy", "--output_dir", data, "--num_images", args.num_images, "--val_images", args.val_images,
         "--size", 32, "--rare_class", RARE, "--rare_rate", args.rare_rate, "--style", args.toy_style,
@@ -326,9 +329,18 @@ def main(args):
         "train_layout_diffusion.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", layout,
         "--model_config", ROOT / "configs/models/layout_tiny.json", "--resolution", 32, "--train_batch_size", 32,
         "--learning_rate", "1e-3", "--max_train_steps", args.layout_steps, "--lr_warmup_steps", 50,
-        "--max_train_samples", args.max_train_samples,
+        "--max_train_samples", args.max_train_samples, "--layout_type", args.layout_type,
     )  # fmt: skip
     seconds["layout model"] = time.perf_counter() - start
+    if args.layout_only:
+        rows = ratio_rows(layout, data, seconds, args.num_layouts)
+        note = (
+            f"--layout_type {args.layout_type}: {args.layout_steps} steps at batch 32 on {args.max_train_samples} real "
+            f"maps; sampling 50 steps (the pipeline's default). Seconds: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+        )
+        append_results("bench_synthetic.py", rows, args.results, note=note)
+        return
     start = time.perf_counter()
     launch_training(
         "train_spade_sdm.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", renderer,

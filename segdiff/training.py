@@ -1012,10 +1012,14 @@ def draw_noise(noise_scheduler, clean: torch.Tensor, generator: torch.Generator)
     """The forward diffusion's draws for a batch of clean samples: Gaussian noise of their shape, then one
     training timestep per sample (in this order, from the batch's generator)."""
     noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator, device=clean.device
+    return noise, draw_timesteps(noise_scheduler, len(clean), generator)
+
+
+def draw_timesteps(noise_scheduler, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One training timestep per sample, uniform over the scheduler's training steps."""
+    return torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=generator.device
     )
-    return noise, timesteps
 
 
 def prediction_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

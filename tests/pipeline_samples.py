@@ -26,4 +26,4 @@ def layout(pipeline) -> np.ndarray:
     return pipeline(ratios, known, num_inference_steps=2, generator=seeded(), height=16, width=16).label_maps
 
 
-SAMPLES = {"joint": joint, "sdm": sdm, "layout": layout}
+SAMPLES = {"joint": joint, "sdm": sdm, "layout": layout, "layout_d3pm": layout}

@@ -6,12 +6,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_script, same_weights, script_error, weights
 from PIL import Image
 
 from segdiff.data import read_label_map, save_label_png
-from segdiff.models.layout_unet import LayoutUNetModel, class_ratios, labels_to_analog
-from segdiff.pipelines.layout import LayoutDiffusionPipeline, layout_scheduler, match_requested_shares
+from segdiff.models.layout_unet import LayoutUNetModel, class_ratios, labels_to_analog, tokens_to_one_hot
+from segdiff.pipelines.layout import (
+    LayoutDiffusionPipeline,
+    keep_revealed_pixels,
+    layout_scheduler,
+    match_requested_shares,
+)
+from segdiff.schedulers import MaskedLayoutScheduler
 from train_layout_diffusion import TrainingLayouts, majority_pool, parse_args
 
 CLASS_NAMES = ["background", "square", "disk", "triangle"]
@@ -368,3 +375,119 @@ def test_loveda_domains_from_the_scene_folders(tmp_path):
 def test_layout_scheduler_predicts_the_clean_sample():
     scheduler = layout_scheduler()
     assert scheduler.config.prediction_type == "sample" and scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+# ------------------------------------------------------------------------------------------------
+# --layout_type d3pm: discrete tokens with a [MASK] state
+# ------------------------------------------------------------------------------------------------
+
+
+def test_masked_layout_scheduler_masks_by_its_schedule_and_never_unlabelled_pixels():
+    scheduler = MaskedLayoutScheduler()
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (8, 32, 32), generator=generator)
+    labels[:, 0] = 255  # a no-data row
+    for t in (0, 300, 700, 999):
+        tokens = scheduler.add_noise(labels, torch.full((8,), t), 4, generator)
+        masked = tokens == 4
+        assert masked[:, 0].all()
+        kept = (~masked[:, 1:]).float().mean().item()
+        assert abs(kept - scheduler.kept_share(torch.tensor([t])).item()) < 0.02, (t, kept)
+        assert torch.equal(tokens[~masked], labels[~masked])
+    assert scheduler.kept_share(torch.tensor([999])).item() < 1e-6  # the last training step hides the whole map
+    assert scheduler.kept_share(torch.tensor([-1])).item() == 1.0
+
+
+def test_masked_layout_scheduler_reveals_pixels_for_good_from_the_predicted_classes():
+    scheduler = MaskedLayoutScheduler()
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.tolist()[0] == 999 and scheduler.timesteps.tolist()[-1] == 0
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.full((4, 32, 32), 3)  # 3 classes: every pixel [MASK]
+    first_target = torch.randint(0, 3, (4, 32, 32), generator=generator)
+    for step, t in enumerate(scheduler.timesteps):
+        # Each step the model "predicts" another map with certainty; a pixel keeps the class of the step it was revealed in.
+        target = first_target if step == 0 else torch.randint(0, 3, (4, 32, 32), generator=generator)
+        logits = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 30
+        revealed_before = sample < 3
+        new = scheduler.step(logits, t, sample, generator=generator).prev_sample
+        assert torch.equal(new[revealed_before], sample[revealed_before])
+        newly = (new < 3) & ~revealed_before
+        assert torch.equal(new[newly], target[newly])
+        if step == 0:
+            assert torch.equal(new[newly], first_target[newly])
+        masked_share = (new == 3).float().mean().item()
+        expected = 1 - scheduler.kept_share(torch.tensor([scheduler.previous_timestep(int(t))])).item()
+        assert abs(masked_share - expected) < 0.03, (step, masked_share, expected)
+        sample = new
+    assert (sample < 3).all()  # the last step reveals every pixel left
+    with pytest.raises(ValueError, match="num_inference_steps must be in 1..1000"):
+        scheduler.set_timesteps(1001)
+
+
+def test_d3pm_matching_steers_only_the_masked_pixels_to_what_the_request_still_lacks():
+    logits = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.full((1, 8, 8), 4)
+    tokens[0, :4] = 1  # half the map already drawn as square
+    ratios, known = torch.tensor([[0.0, 0.6, 0.0, 0.0]]), torch.tensor([[False, True, False, False]])
+    probabilities = match_requested_shares(keep_revealed_pixels(logits, tokens), ratios, known).softmax(1)
+    torch.testing.assert_close(probabilities[0, 1, :4], torch.ones(4, 8))  # drawn pixels keep their class
+    # The masked half gets 0.2 square on average: 0.5 + 0.5 * 0.2 = the requested 0.6.
+    assert abs(probabilities[0, 1, 4:].mean().item() - 0.2) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def d3pm_trained(toy_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("layout-d3pm") / "model"
+    run_script(
+        "accelerate", "launch", *train_args(toy_data, output_dir, "--layout_type", "d3pm", "--max_train_steps", STEPS)
+    )  # fmt: skip
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def d3pm_pipeline(d3pm_trained):
+    pipe = LayoutDiffusionPipeline.from_pretrained(d3pm_trained)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_d3pm_layout_model_learns_the_data_and_follows_requests(d3pm_pipeline, d3pm_trained):
+    pipe = d3pm_pipeline
+    assert isinstance(pipe.scheduler, MaskedLayoutScheduler)
+    assert pipe.unet.config.layout_type == "d3pm" and pipe.unet.unet.config.in_channels == 5  # 4 classes + [MASK]
+
+    # Learned: on an all-[MASK] map at the last timestep, the predicted class shares are the training maps' own
+    # (a random model predicts about 0.25 each; background is about 0.8 of the toy maps).
+    prior = torch.tensor(json.loads((d3pm_trained / "class_prior.json").read_text())["pixel_share"])
+    all_masked = tokens_to_one_hot(torch.full((2, 16, 16), 4), 4)
+    with torch.no_grad():
+        predicted = pipe.unet(all_masked, 999).sample.softmax(1).mean((0, 2, 3))
+    print(f"d3pm, all [MASK]: predicted shares {predicted.tolist()}, training maps {prior.tolist()}")
+    assert (predicted - prior).abs().max() < 0.1, (predicted, prior)
+
+    # The model alone moves with the request; matched, it holds it.
+    count = 12
+    square = {}
+    for share in (0.05, 0.3):
+        ratios, known = pipe.requests([{"square": share}])
+        request = dict(generator=seeds(*range(count)), num_inference_steps=20)
+        alone = pipe(ratios.expand(count, -1), known.expand(count, -1), match_ratios=False, **request).label_maps
+        square[share] = class_ratios(torch.from_numpy(alone), 4)[:, 1].mean().item()
+        request = dict(generator=seeds(*range(count)), num_inference_steps=20)
+        matched = pipe(ratios.expand(count, -1), known.expand(count, -1), **request).label_maps
+        assert abs(class_ratios(torch.from_numpy(matched), 4)[:, 1].mean().item() - share) < 0.02
+    print(f"d3pm, the model alone: square asked at 0.05 -> {square[0.05]:.3f}, at 0.3 -> {square[0.3]:.3f}")
+    assert square[0.3] > square[0.05] + 0.03, square
+
+
+def test_d3pm_samples_are_per_sample_seeded_and_refuse_another_scheduler(d3pm_pipeline):
+    ratios, known = d3pm_pipeline.requests([{"disk": 0.3}, {"background": 0.9}, {}])
+    kwargs = dict(num_inference_steps=6, guidance_scale=1.5)
+    batch = d3pm_pipeline(ratios, known, generator=seeds(5, 6, 7), **kwargs).label_maps
+    assert batch.shape == (3, 16, 16) and batch.dtype == np.int64 and batch.min() >= 0 and batch.max() < 4
+    for i, seed in enumerate((5, 6, 7)):
+        alone = d3pm_pipeline(ratios[i : i + 1], known[i : i + 1], generator=seeds(seed), **kwargs).label_maps
+        np.testing.assert_array_equal(alone[0], batch[i])
+    with pytest.raises(ValueError, match="samples with its own MaskedLayoutScheduler.*leave the scheduler unset"):
+        d3pm_pipeline(ratios, known, scheduler="ddim")

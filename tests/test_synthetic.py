@@ -318,3 +318,40 @@ def test_layout_quality_compares_with_the_maps_the_layout_model_trained_on(model
     seen = limit_train_samples(load_segmentation_dataset(toy_data, "generic"), 5)
     assert count == 5 and len(seen) == 5
     np.testing.assert_array_equal(maps, np.stack([read_label_map(mask) for _, mask in seen.pairs]))
+
+
+def test_a_d3pm_layout_model_generates_and_refuses_another_scheduler(models, tmp_path, monkeypatch):
+    """generate_synthetic_dataset.py with a --layout_type d3pm model (random weights: the path, not the quality):
+    the requests are matched as with an analog model, and --scheduler, which only an analog model has, is refused."""
+    import json
+
+    import torch
+
+    from segdiff.models.layout_unet import LayoutUNetModel
+    from segdiff.pipelines.layout import LayoutDiffusionPipeline
+    from segdiff.schedulers import MaskedLayoutScheduler
+
+    folder = tmp_path / "d3pm-layout"
+    shutil.copytree(models / "layout", folder)
+    names = json.loads((folder / "class_names.json").read_text())["class_names"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = LayoutUNetModel.from_config_file(ROOT / "configs/models/layout_tiny.json", layout_type="d3pm")
+    shutil.rmtree(folder / "scheduler")
+    LayoutDiffusionPipeline(unet, MaskedLayoutScheduler(), class_names=names).save_pretrained(folder)
+
+    save_dir = tmp_path / "d3pm"
+    run_script(
+        "generate_synthetic_dataset.py", "--layout_model", folder, "--save_dir", save_dir, "--layouts_only",
+        "--ratios", "square:0.3", "--num_samples", "3", "--num_inference_steps", "8", "--quality_reference_maps", "0",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (save_dir / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    # Matching steers the masked pixels to the request; what is left is the draws' own spread.
+    assert abs(np.mean([r["achieved_ratios"]["square"] for r in records]) - 0.3) < 0.05
+
+    message = script_error(
+        monkeypatch, "generate_synthetic_dataset.py", "--layout_model", folder, "--save_dir", tmp_path / "no",
+        "--layouts_only", "--num_samples", "1", "--scheduler", "ddim",
+    )  # fmt: skip
+    assert "is a d3pm layout model" in message and "Fix: drop --scheduler" in message

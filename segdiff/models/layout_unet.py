@@ -14,10 +14,13 @@ Representation: continuous one-hot ("analog") diffusion with an x0 prediction tr
   last sample. Training is cross-entropy between those logits and the true classes, ignore_index pixels
   excluded (they enter the noisy input as 0: no class).
 
-Why this and not a discrete D3PM (uniform or absorbing transitions, as diffusers' VQDiffusionScheduler): the
-continuous form keeps every diffusers scheduler (the pipeline's ``scheduler="ddim" | "ddpm" | "dpmsolver"``) and
-their short step counts, classifier-free guidance is a plain mix of two logit maps, and the x0 cross-entropy is
-the same loss a D3PM's auxiliary x0 term uses. D3PM itself was not trained here for comparison.
+The other representation, ``layout_type="d3pm"``: discrete absorbing-state diffusion (D3PM with a [MASK] state,
+`MaskedLayoutScheduler` in segdiff/schedulers.py). The input is the one-hot of C + 1 tokens (the classes and
+[MASK], `tokens_to_one_hot`), the output the same C class logits, trained by cross-entropy on the masked pixels
+only; sampling reveals pixels from an all-[MASK] map. Why analog stays the default: on the same 64 toy maps and
+600 steps, and the same 50 sampling steps, the discrete model followed held-out requests less closely by itself
+(benchmarks/RESULTS.md, "analog against d3pm"), and the continuous form keeps every diffusers scheduler
+(``scheduler="ddim" | "ddpm" | "dpmsolver"``).
 
 Conditioning: the class-ratio vector ``ratios`` (B, C) (each class's fraction of the labelled pixels) is given
 with a mask ``known`` (B, C) (1 = this class's ratio is requested) as ``concat(ratios * known, known)``, so
@@ -80,6 +83,8 @@ from segdiff.labels import IGNORE_INDEX
 
 # Ratios in [0, 1] are embedded like timesteps in [0, 1000]: the sinusoids then resolve differences of 0.1 %.
 RATIO_FEATURE_SCALE = 1000.0
+# The two representations of a layout model: continuous one-hot, or discrete tokens with a [MASK] state.
+LAYOUT_TYPES = ("analog", "d3pm")
 # The domain id meaning "no domain" in `LayoutUNetModel.forward` (the embedding's extra last row).
 NO_DOMAIN = -1
 
@@ -103,6 +108,12 @@ def labels_to_analog(labels: torch.Tensor, num_classes: int, ignore_index: int =
     return (2 * one_hot - 1) * labelled[:, None].float()
 
 
+def tokens_to_one_hot(tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) tokens of a d3pm layout (class ids, and [MASK] = ``num_classes``) -> the model's input: their
+    one-hot over C + 1 channels, scaled to [-1, 1] as the analog input is."""
+    return 2 * F.one_hot(tokens.long(), num_classes + 1).permute(0, 3, 1, 2).float() - 1
+
+
 def analog_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """The clean sample the scheduler gets from the model's logits: class probabilities scaled to [-1, 1]."""
     return 2 * logits.float().softmax(dim=1) - 1
@@ -121,6 +132,8 @@ class LayoutUNetModel(ModelMixin, ConfigMixin):
     - ``attention_head_dim``, ``norm_num_groups``, ``dropout``: as in diffusers' ``UNet2DModel``.
     - ``num_domains``: 0 = no domain input; otherwise domain ids 0..num_domains-1, and ``NO_DOMAIN`` (-1) = none.
     - ``condition_hidden_dim``: width of the MLP from (ratios, known, domain) to the timestep embedding.
+    - ``layout_type``: ``"analog"`` (the noisy analog map in, C channels) or ``"d3pm"`` (the one-hot of the
+      discrete tokens in, C + 1 channels: `tokens_to_one_hot`); the output is C class logits either way.
     """
 
     _supports_gradient_checkpointing = True
@@ -140,8 +153,11 @@ class LayoutUNetModel(ModelMixin, ConfigMixin):
         num_domains: int = 0,
         condition_hidden_dim: int = 128,
         ratio_embedding_dim: int = 16,
+        layout_type: str = "analog",
     ):
         super().__init__()
+        if layout_type not in LAYOUT_TYPES:
+            raise ValueError(f"layout_type must be one of {', '.join(LAYOUT_TYPES)}, got {layout_type!r}")
         if num_classes < 2:
             raise ValueError(f"a layout model needs at least 2 classes, got num_classes={num_classes}")
         if len(attention_levels) != len(block_out_channels):
@@ -153,7 +169,7 @@ class LayoutUNetModel(ModelMixin, ConfigMixin):
         up_blocks = ["AttnUpBlock2D" if attention else "UpBlock2D" for attention in reversed(attention_levels)]
         self.unet = UNet2DModel(
             sample_size=sample_size,
-            in_channels=num_classes,
+            in_channels=num_classes + (layout_type == "d3pm"),  # d3pm: one more input channel, [MASK]
             out_channels=num_classes,
             down_block_types=tuple(down_blocks),
             up_block_types=tuple(up_blocks),
@@ -231,7 +247,8 @@ class LayoutUNetModel(ModelMixin, ConfigMixin):
         domain: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
-        """Class logits (B, C, H, W) for the noisy analog map ``sample`` at ``timestep``.
+        """Class logits (B, C, H, W) for the noisy map ``sample`` at ``timestep``: the analog map (B, C, H, W), or
+        for ``layout_type="d3pm"`` the one-hot of the tokens (B, C + 1, H, W).
 
         ``ratios`` (B, C) float and ``known`` (B, C) bool/float: the requested class shares and which of them are
         requested (None: nothing known). ``domain`` (B,) long: domain ids, ``NO_DOMAIN`` for none (None: none).

@@ -23,6 +23,11 @@ steered, and the model still draws the shapes around it. ``match_ratios=False`` 
 ``match_strength`` between 0 and 1 steers each step part of the way (see `match_requested_shares`), trading exact
 shares for layouts more the model's own.
 
+A ``layout_type="d3pm"`` model (discrete tokens, see segdiff/models/layout_unet.py) samples with its own
+`MaskedLayoutScheduler`: from an all-[MASK] map, each step reveals some pixels, drawn from the guided and matched
+x0 prediction; pixels already revealed enter the matching as their class, so the masked ones are steered to
+what the request still lacks.
+
 Sample i depends only on its own generator: its starting noise is drawn on the CPU from ``generator[i]``, and
 stochastic schedulers (DDPM) draw each step's noise from the same list, so a sample is the same alone or in any
 batch (up to the last bit of batched convolutions).
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -42,9 +48,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from segdiff.geometry import ImageSize, check_size_multiple
 from segdiff.labels import IGNORE_INDEX
-from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits
+from segdiff.models.layout_unet import NO_DOMAIN, LayoutUNetModel, analog_from_logits, tokens_to_one_hot
 from segdiff.pipelines.remote_code import RemoteCodePipeline
-from segdiff.schedulers import make_scheduler, prepare_extra_step_kwargs
+from segdiff.schedulers import MaskedLayoutScheduler, make_scheduler, prepare_extra_step_kwargs
 
 
 def layout_scheduler() -> DDPMScheduler:
@@ -114,6 +120,16 @@ def match_requested_shares(
     return (log_probs + strength * shift[..., None, None]).to(logits.dtype)
 
 
+def keep_revealed_pixels(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """d3pm sampling: the (B, C, H, W) x0 logits with every pixel already revealed in ``tokens`` (B, H, W) set to its
+    class (0 there, -1e4 elsewhere), so that ratio matching counts what is drawn and steers only the masked pixels
+    (whatever the model would now predict there, a revealed pixel keeps its class)."""
+    num_classes = logits.shape[1]
+    revealed = tokens < num_classes
+    drawn = F.one_hot(tokens.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).to(logits.dtype)
+    return torch.where(revealed[:, None], (drawn - 1) * 1e4, logits)
+
+
 @dataclass
 class LayoutDiffusionPipelineOutput(BaseOutput):
     """``label_maps``: (B, H, W) int64 class ids 0..C-1 (never ignore_index)."""
@@ -127,7 +143,7 @@ class LayoutDiffusionPipeline(RemoteCodePipeline):
     def __init__(
         self,
         unet: LayoutUNetModel,
-        scheduler: KarrasDiffusionSchedulers,
+        scheduler: KarrasDiffusionSchedulers | MaskedLayoutScheduler,
         class_names: list[str] | None = None,
         domains: list[str] | None = None,
         ignore_index: int = IGNORE_INDEX,
@@ -248,8 +264,8 @@ class LayoutDiffusionPipeline(RemoteCodePipeline):
         ``self.domains``) or None per sample. ``guidance_scale``: classifier-free guidance on the request (1 = off).
         ``generator``: one, or one per sample (then sample i depends only on ``generator[i]``).
         ``height``/``width``: the layout size (default: the training size). ``scheduler``: the scheduler of this call
-        by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own.
-        ``match_ratios``: steer every step's prediction to the requested shares (`match_requested_shares`);
+        by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own (the
+        only one of a d3pm model). ``match_ratios``: steer every step's prediction to the requested shares (`match_requested_shares`);
         False samples the model's own following of the request. ``match_strength`` in [0, 1]: how far each step is
         steered (1: exactly to the request; 0: not at all, the model alone, as ``match_ratios=False``; between:
         the geometric mixture of `match_requested_shares`, a trade of exact shares for the model's own layouts).
@@ -267,6 +283,12 @@ class LayoutDiffusionPipeline(RemoteCodePipeline):
         self.check_size(height, width)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} samples: pass one per sample")
+        discrete = self.unet.config.layout_type == "d3pm"
+        if discrete and scheduler is not None:
+            raise ValueError(
+                f"scheduler={scheduler!r}: a d3pm layout model samples with its own MaskedLayoutScheduler. "
+                "Fix: leave the scheduler unset."
+            )
         noise_scheduler = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
         device = self._execution_device
 
@@ -279,26 +301,35 @@ class LayoutDiffusionPipeline(RemoteCodePipeline):
             domains = torch.cat([domains, torch.full_like(domains, NO_DOMAIN)])
         ratios, known, domains = ratios.to(device), known.to(device), domains.to(device)
 
-        # Starting noise on the CPU: a seed gives the same layout on any device.
-        shape = (batch_size, self.unet.config.num_classes, height, width)
-        samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        num_classes = self.unet.config.num_classes
         noise_scheduler.set_timesteps(num_inference_steps, device=device)
-        samples = samples.to(device=device, dtype=self.unet.dtype) * noise_scheduler.init_noise_sigma
+        if discrete:  # every pixel [MASK]
+            samples = torch.full((batch_size, height, width), num_classes, dtype=torch.long, device=device)
+        else:  # starting noise on the CPU: a seed gives the same layout on any device
+            shape = (batch_size, num_classes, height, width)
+            samples = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+            samples = samples.to(device=device, dtype=self.unet.dtype) * noise_scheduler.init_noise_sigma
         step_kwargs = prepare_extra_step_kwargs(noise_scheduler, generator)
 
         for t in self.progress_bar(noise_scheduler.timesteps):
-            model_input = torch.cat([samples, samples]) if guided else samples
-            model_input = noise_scheduler.scale_model_input(model_input, t)
+            if discrete:
+                model_input = tokens_to_one_hot(samples, num_classes).to(self.unet.dtype)
+            else:
+                model_input = noise_scheduler.scale_model_input(samples, t)
+            model_input = torch.cat([model_input, model_input]) if guided else model_input
             logits = self.unet(model_input, t, ratios, known, domains).sample
             if guided:
                 conditional, unconditional = logits.chunk(2)
                 logits = unconditional + guidance_scale * (conditional - unconditional)
+            if discrete:
+                logits = keep_revealed_pixels(logits, samples)
             if match_ratios and match_strength > 0:  # strength 0 is the model alone, to the last bit
                 logits = match_requested_shares(logits, requested_ratios, requested_known, match_strength)
-            clean = analog_from_logits(logits).to(samples.dtype)
-            samples = noise_scheduler.step(clean, t, samples, **step_kwargs).prev_sample
+            model_output = logits if discrete else analog_from_logits(logits).to(samples.dtype)
+            samples = noise_scheduler.step(model_output, t, samples, **step_kwargs).prev_sample
 
-        label_maps = samples.argmax(dim=1).cpu().numpy().astype(np.int64)
+        label_maps = samples if discrete else samples.argmax(dim=1)
+        label_maps = label_maps.cpu().numpy().astype(np.int64)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (label_maps,)
