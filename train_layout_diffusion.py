@@ -95,8 +95,9 @@ def parse_args(argv=None):
         choices=LAYOUT_TYPES,
         default="analog",
         help="analog: Gaussian diffusion of the one-hot maps, sampled with any diffusers scheduler. d3pm: discrete "
-        "absorbing-state diffusion ([MASK] tokens revealed step by step, MaskedLayoutScheduler); followed held-out "
-        "requests less closely on the toy benchmark (benchmarks/RESULTS.md). Default: %(default)s",
+        "absorbing-state diffusion ([MASK] tokens revealed step by step, MaskedLayoutScheduler); on the toy "
+        "benchmark it followed requests about as closely and drew less realistic layouts (benchmarks/RESULTS.md). "
+        "Default: %(default)s",
     )
     group.add_argument(
         "--label_downsampling",

@@ -24,8 +24,9 @@
 
 Targets (issue #24): over 5 seeds, real + synthetic above real + oversampling on the rare class by >= +0.05 IoU on
 average and in at least 4 of 5 seeds, mIoU not lower, no class more than 0.05 lower on average; ratio MAE <= 0.05
-with matching, <= 0.03 by the model alone on the held-out requests (full, one class, rare); no more than 5% of the
-layouts copying a training map; <= 25 CPU-minutes. The last row says PASS or MISSED for each.
+with matching, <= 0.03 by the model alone on the held-out requests (full, one class, rare), and at most half of
+what drawing none of the asked classes scores (a rare class asked at its few percent scores 0.023 undrawn); no
+more than 5% of the layouts copying a training map; <= 25 CPU-minutes. The last row says PASS or MISSED for each.
 """
 
 import argparse
@@ -187,8 +188,13 @@ MATCHING = {"model alone": {"match_ratios": False}, "match 0.5": {"match_strengt
 def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> list[dict]:
     """How closely the layouts follow held-out requests (`held_out_requests`), by the model alone and with ratio
     matching at strength 0.5 and 1, and what matching costs in realism (`segdiff.layout_quality.realism` against
-    the maps the model trained on: mean over the classes of the per-class summary distance). DDIM 50 steps,
-    guidance 1, as generate_synthetic_dataset.py's defaults; sample i seeded i."""
+    the maps the model trained on: mean over the classes of the per-class summary distance). 50 steps (DDIM for
+    an analog model, its own scheduler for a d3pm one), guidance 1, as generate_synthetic_dataset.py's defaults;
+    sample i seeded i.
+
+    Each row also gives what drawing none of the asked classes would score (the mean requested share): small
+    requests (the rare class, at a few percent) score low even when the model never draws them, so an MAE is
+    only a sign of following where it is well below that."""
     start = time.perf_counter()
     pipeline = LayoutDiffusionPipeline.from_pretrained(layout)
     pipeline.set_progress_bar_config(disable=True)
@@ -205,15 +211,18 @@ def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> lis
             maes[setting] = ratio_mae(requests, layouts, len(names))
             per_class = realism(layouts, training_maps, names, IGNORE_INDEX).values()
             realisms[setting] = np.mean([c["summary"] for c in per_class if c["summary"] is not None])
+        drawing_none = float(np.mean([np.mean(list(request.values())) for request in requests]))
         rows.append(
             {
                 "setup": f"held-out requests, {kind} ({len(requests)} val maps)",
                 "measurement": "ratio MAE over the requested classes: " + " / ".join(MATCHING) + "; realism "
-                "distance, same order (lower = closer to the training maps' shapes)",
+                "distance, same order (lower = closer to the training maps' shapes); MAE of drawing none",
                 "result": " / ".join(f"{v:.4f}" for v in maes.values())
                 + "; "
-                + " / ".join(f"{v:.3f}" for v in realisms.values()),
+                + " / ".join(f"{v:.3f}" for v in realisms.values())
+                + f"; {drawing_none:.4f}",
                 "model_alone_mae": maes["model alone"],
+                "drawing_none_mae": drawing_none,
                 "kind": kind,
             }
         )
@@ -286,13 +295,26 @@ def layout_quality_row(quality: dict, num_synthetic: int) -> dict:
     }
 
 
+def model_alone_checks(rows: list[dict]) -> dict[str, bool]:
+    """The layout model alone on each kind of held-out request (full, one class, rare): MAE <= 0.03, and at most half
+    of what drawing none of the asked classes scores (without the second, a model that never draws the rare class
+    passes on its small requests)."""
+    checks = {}
+    for row in rows:
+        if row.get("kind") in ("full", "one class", "rare"):
+            mae, none = row["model_alone_mae"], row["drawing_none_mae"]
+            name = (
+                f"model-only ratio MAE <= 0.03 and <= half of drawing none, {row['kind']} ({mae:.4f}; none {none:.4f})"
+            )
+            checks[name] = mae <= 0.03 and mae <= none / 2
+    return checks
+
+
 def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num_seeds: int) -> dict:
     """Issue #24's targets, each PASS or MISSED (a missed target stays in the table)."""
     versus = down["synthetic_vs_oversampling"]
     rare, miou = versus["per_class_iou"][RARE], versus["miou"]
-    held_out = [row["model_alone_mae"] for row in rows if row.get("kind") in ("full", "one class", "rare")]
     copying = balance["layout_quality"]["copying"]["share_above_0.9"]
-    model_mae = max(held_out) if held_out else None
     checks = {
         f"{RARE} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
         f"... positive in >= 4 of 5 seeds ({rare['positive_seeds']} of {num_seeds})": rare["positive_seeds"]
@@ -301,8 +323,7 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
         f"no class below -0.05 ({', '.join(down['classes_made_worse']) or 'none'})": not down["classes_made_worse"],
         f"--balance ratio MAE <= 0.05 ({balance['mae']:.4f})": balance["mae"] <= 0.05,
         f"layouts copying a training map <= 5% ({copying:.1%})": copying <= 0.05,
-        f"model-only ratio MAE <= 0.03 on held-out requests (worst kind {model_mae:.4f})": model_mae is not None
-        and model_mae <= 0.03,
+        **model_alone_checks(rows),
         f"<= 25 minutes ({seconds / 60:.1f})": seconds <= 25 * 60,
     }
     return {
