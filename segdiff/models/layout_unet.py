@@ -111,8 +111,9 @@ def labels_to_analog(labels: torch.Tensor, num_classes: int, ignore_index: int =
 
 def tokens_to_one_hot(tokens: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, H, W) tokens of a d3pm layout (class ids, and [MASK] = ``num_classes``) -> the model's input: their
-    one-hot over C + 1 channels, scaled to [-1, 1] as the analog input is."""
-    return 2 * F.one_hot(tokens.long(), num_classes + 1).permute(0, 3, 1, 2).float() - 1
+    one-hot over C + 1 channels, scaled to [-1, 1] as the analog input is (every token is a class of it: no
+    ignore_index)."""
+    return labels_to_analog(tokens, num_classes + 1, ignore_index=-1)
 
 
 def analog_from_logits(logits: torch.Tensor) -> torch.Tensor:
