@@ -1195,7 +1195,18 @@ def resume_from_checkpoint(
             )
     global_step = int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1))
     logger.info(f"Resuming from {path} (step {global_step})")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as error:  # torch's load_state_dict: weights of another model than this run built
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        first_mismatch = (str(error).splitlines()[1:] or [str(error)])[0].strip().rstrip(".")
+        raise SystemExit(
+            f"--resume_from_checkpoint: {path} holds a model of another shape than this run builds "
+            f"({first_mismatch}). Fix: resume with the model options and data it was trained with (--model_config, "
+            f"--layout_type, the same classes...: {args.output_dir}/training_config.json has them), or start in a "
+            "new --output_dir."
+        ) from None
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     return global_step, first_epoch, skip_batches

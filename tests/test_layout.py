@@ -442,7 +442,8 @@ def d3pm_trained(toy_data, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("layout-d3pm") / "model"
     run_script(
         "accelerate", "launch",
-        *train_args(toy_data, output_dir, "--layout_type", "d3pm", "--max_train_steps", D3PM_STEPS),
+        *train_args(toy_data, output_dir, "--layout_type", "d3pm", "--max_train_steps", D3PM_STEPS,
+                    "--checkpointing_steps", D3PM_STEPS),
     )  # fmt: skip
     return output_dir
 
@@ -493,3 +494,15 @@ def test_d3pm_samples_are_per_sample_seeded_and_refuse_another_scheduler(d3pm_pi
         np.testing.assert_array_equal(alone[0], batch[i])
     with pytest.raises(ValueError, match="samples with its own MaskedLayoutScheduler.*leave the scheduler unset"):
         d3pm_pipeline(ratios, known, scheduler="ddim")
+
+
+def test_resuming_with_another_layout_type_is_refused_naming_the_fix(d3pm_trained, toy_data, tmp_path, monkeypatch):
+    shutil.copytree(d3pm_trained / f"checkpoint-{D3PM_STEPS}", tmp_path / "run" / f"checkpoint-{D3PM_STEPS}")
+    message = script_error(
+        monkeypatch,
+        *train_args(
+            toy_data, tmp_path / "run", "--max_train_steps", D3PM_STEPS + 1, "--resume_from_checkpoint", "latest"
+        ),
+    )
+    assert f"checkpoint-{D3PM_STEPS} holds a model of another shape than this run builds" in message
+    assert "size mismatch" in message and "--layout_type" in message and "training_config.json" in message
