@@ -48,7 +48,7 @@ from common import RESULTS, append_results, launch_training  # noqa: E402
 from segdiff.data import read_label_map  # noqa: E402
 from segdiff.labels import IGNORE_INDEX  # noqa: E402
 from segdiff.layout_quality import realism  # noqa: E402
-from segdiff.models.layout_unet import class_ratios  # noqa: E402
+from segdiff.models.layout_unet import LAYOUT_TYPES, class_ratios  # noqa: E402
 from segdiff.pipelines.layout import LayoutDiffusionPipeline  # noqa: E402
 
 RARE = "triangle"
@@ -119,7 +119,7 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
     parser.add_argument(
         "--layout_type",
-        choices=["analog", "d3pm"],
+        choices=LAYOUT_TYPES,
         default="analog",
         help="The layout model's representation (train_layout_diffusion.py --layout_type). (default: %(default)s)",
     )

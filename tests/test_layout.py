@@ -52,11 +52,15 @@ def trained(toy_data, tmp_path_factory):
     return output_dir
 
 
-@pytest.fixture(scope="module")
-def pipeline(trained):
-    pipe = LayoutDiffusionPipeline.from_pretrained(trained)
+def quiet_pipeline(folder) -> LayoutDiffusionPipeline:
+    pipe = LayoutDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def pipeline(trained):
+    return quiet_pipeline(trained)
 
 
 def test_training_writes_a_pipeline_folder_with_the_prior(trained):
@@ -450,9 +454,7 @@ def d3pm_trained(toy_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def d3pm_pipeline(d3pm_trained):
-    pipe = LayoutDiffusionPipeline.from_pretrained(d3pm_trained)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(d3pm_trained)
 
 
 def test_d3pm_layout_model_learns_the_data_and_follows_requests(d3pm_pipeline, d3pm_trained):
