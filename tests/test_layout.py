@@ -516,4 +516,3 @@ def test_resuming_with_another_layout_type_is_refused_naming_the_fix(d3pm_traine
     )
     assert f"checkpoint-{D3PM_STEPS} holds a model of another shape than this run builds" in message
     assert "size mismatch" in message and "--layout_type" in message and "training_config.json" in message
-
