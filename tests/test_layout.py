@@ -473,9 +473,9 @@ def test_d3pm_layout_model_learns_the_data_and_follows_requests(d3pm_pipeline, d
 
     # The model alone moves with the request; matched, it holds it. The model alone is sampled in random order (the
     # exact posterior: what the model learned): the default confidence order reveals the background it is surest of
-    # first and, this early in training, leaves the square out of most samples whatever is asked; 200 steps train
-    # a different model on each CPU (asked 0.05 and 0.3: confidence order 0.00 and 0.02 on one machine, 0.01 and
-    # 0.08 on another; random order 0.03 and 0.10 on the first).
+    # first and, this early in training, leaves the square out of most samples whatever is asked; and the same
+    # 200 steps gave another model on another machine (asked 0.05 and 0.3: confidence order 0.00 and 0.02 on one,
+    # 0.01 and 0.08 on the other; random order 0.03 and 0.10 on the first).
     count = 12
     random_order = MaskedLayoutScheduler.from_config(pipe.scheduler.config, reveal_order="random")
     exact_posterior = LayoutDiffusionPipeline(pipe.unet, random_order, pipe.class_names)
