@@ -100,6 +100,21 @@ def parse_args(argv=None):
         "Default: %(default)s",
     )
     group.add_argument(
+        "--timestep_sampling",
+        choices=("logit_normal", "uniform"),
+        default=None,
+        help="How training timesteps are drawn: logit_normal (t = T * sigmoid(N(--logit_mean, --logit_std)), SD3's "
+        "density: more steps at high noise, where the regions and their classes are decided) or uniform. Default: "
+        "logit_normal for --layout_type analog (on the toy benchmark: layouts closer to the real shapes and class "
+        "frequencies), uniform for d3pm (logit_normal made its layouts worse; benchmarks/RESULTS.md).",
+    )
+    group.add_argument(
+        "--logit_mean", type=float, default=0.9, help="Mean of --timestep_sampling logit_normal. Default: %(default)s"
+    )
+    group.add_argument(
+        "--logit_std", type=float, default=1.5, help="Std of --timestep_sampling logit_normal. Default: %(default)s"
+    )
+    group.add_argument(
         "--label_downsampling",
         choices=LABEL_DOWNSAMPLING,
         default="majority",
@@ -165,6 +180,10 @@ def parse_args(argv=None):
         parser.error("--domain_dropout must be in [0, 1)")
     if args.vertical_flip is None:
         args.vertical_flip = args.dataset == "loveda"
+    if args.timestep_sampling is None:
+        args.timestep_sampling = "logit_normal" if args.layout_type == "analog" else "uniform"
+    if args.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {args.logit_std}")
     training.check_training_args(parser, args)
     # The model's size, checked before anything is built or written: its levels must halve --resolution evenly.
     config = training.read_model_config(args.model_config, LayoutUNetModel)
@@ -479,17 +498,18 @@ def main(args):
 
     loop = training.TrainingLoop(accelerator, args, unet, ema_models, lr_scheduler, hub_repo, global_step)
     model = training.unwrap_model(accelerator, unet)
+    timestep_density = (args.logit_mean, args.logit_std) if args.timestep_sampling == "logit_normal" else None
     for batch in loop.batches(train_dataloader, sampler, first_epoch, skip_batches):
         with accelerator.accumulate(unet):
             generator = training.batch_generator(batch["seed"], accelerator.device)
             labels = batch["label"]
             if args.layout_type == "analog":
                 clean = labels_to_analog(labels, num_classes, ignore_index)
-                noise, timesteps = training.draw_noise(noise_scheduler, clean, generator)
+                noise, timesteps = training.draw_noise(noise_scheduler, clean, generator, timestep_density)
                 noisy = noise_scheduler.add_noise(clean, noise, timesteps)
                 targets = labels
             else:  # d3pm: mask pixels, learn the masked ones (the others are given)
-                timesteps = training.draw_timesteps(noise_scheduler, len(labels), generator)
+                timesteps = training.draw_timesteps(noise_scheduler, len(labels), generator, timestep_density)
                 tokens = noise_scheduler.add_noise(labels, timesteps, num_classes, generator)
                 noisy = tokens_to_one_hot(tokens, num_classes)
                 targets = torch.where(tokens == num_classes, labels, ignore_index)

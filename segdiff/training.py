@@ -1008,18 +1008,31 @@ def image_latents(batch: dict, vae, generator: torch.Generator, weight_dtype) ->
     return (latents - shift_factor) * vae.config.scaling_factor
 
 
-def draw_noise(noise_scheduler, clean: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_noise(
+    noise_scheduler, clean: torch.Tensor, generator: torch.Generator, logit_normal: tuple[float, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward diffusion's draws for a batch of clean samples: Gaussian noise of their shape, then one
-    training timestep per sample (in this order, from the batch's generator)."""
+    training timestep per sample (in this order, from the batch's generator; `draw_timesteps`)."""
     noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-    return noise, draw_timesteps(noise_scheduler, len(clean), generator)
+    return noise, draw_timesteps(noise_scheduler, len(clean), generator, logit_normal)
 
 
-def draw_timesteps(noise_scheduler, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """One training timestep per sample, uniform over the scheduler's training steps."""
-    return torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=generator.device
+def draw_timesteps(
+    noise_scheduler, batch_size: int, generator: torch.Generator, logit_normal: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """One training timestep per sample: uniform over the scheduler's training steps, or with ``logit_normal``
+    = (mean, std) ``T * sigmoid(N(mean, std))`` (SD3's density, diffusers' `compute_density_for_timestep_sampling`):
+    a positive mean trains more at high noise."""
+    total = noise_scheduler.config.num_train_timesteps
+    if logit_normal is None:
+        return torch.randint(0, total, (batch_size,), generator=generator, device=generator.device)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    mean, std = logit_normal
+    share = compute_density_for_timestep_sampling(
+        "logit_normal", batch_size, logit_mean=mean, logit_std=std, device=generator.device, generator=generator
     )
+    return (share * total).long().clamp(max=total - 1)
 
 
 def prediction_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

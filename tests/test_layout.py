@@ -316,6 +316,17 @@ def test_trainer_refuses_bad_options(toy_data, tmp_path, monkeypatch):
     assert "--resolution 15" in message and "multiples of 2" in message
 
 
+def test_timestep_sampling_defaults_to_logit_normal_for_analog_and_uniform_for_d3pm(capsys):
+    base = ["--data_root", ".", "--output_dir", "unused", "--resolution", "16", "--dataset", "generic"]
+    assert parse_args(base).timestep_sampling == "logit_normal"
+    assert parse_args([*base, "--layout_type", "d3pm"]).timestep_sampling == "uniform"
+    chosen = parse_args([*base, "--layout_type", "d3pm", "--timestep_sampling", "logit_normal", "--logit_mean", "0"])
+    assert chosen.timestep_sampling == "logit_normal" and chosen.logit_mean == 0
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--logit_std", "0"])
+    assert "--logit_std must be positive, got 0.0" in capsys.readouterr().err
+
+
 def test_training_samples_are_seeded_crops_with_their_ratios():
     layout = torch.zeros(16, 20, dtype=torch.uint8)  # a wider map: crops move sideways
     layout[:, :4] = 1

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from segdiff.data import read_label_map, save_label_png
 from segdiff.seeds import derive_seed
 from segdiff.toy import make_toy_dataset
-from segdiff.training import EpochSeededSampler, list_checkpoints, min_snr_weights
+from segdiff.training import EpochSeededSampler, draw_timesteps, list_checkpoints, min_snr_weights
 
 ENV = SCRIPT_ENV
 SDM = ["train_spade_sdm.py", "--model_config", "configs/models/sdm_tiny.json"]
@@ -219,6 +219,20 @@ def test_bad_masks_stop_every_process_before_a_model_loads(toy_root, tmp_path):
         assert f"{masks[0]} holds class ids 7" in log and f"{masks[-1]} is a colour (RGB) mask" in log
         assert "SpadeUNetModel" not in log
     assert not [path for path in out.rglob("*") if path.is_file()]
+
+
+def test_logit_normal_timesteps_follow_sd3_density_from_the_batch_generator():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    uniform = draw_timesteps(scheduler, 20000, torch.Generator().manual_seed(0))
+    skewed = draw_timesteps(scheduler, 20000, torch.Generator().manual_seed(0), logit_normal=(0.9, 1.5))
+    assert skewed.dtype == torch.long and skewed.min() >= 0 and skewed.max() <= 999
+    # T * sigmoid(N(0.9, 1.5)): the median at T * sigmoid(0.9) = 711, a quarter below T * sigmoid(0.9 - 1.5 * 0.674).
+    assert abs(skewed.float().median().item() - 711) < 15 and abs(uniform.float().median().item() - 500) < 15
+    assert abs((skewed < 1000 * torch.sigmoid(torch.tensor(0.9 - 1.5 * 0.674))).float().mean().item() - 0.25) < 0.01
+    again = draw_timesteps(scheduler, 20000, torch.Generator().manual_seed(0), logit_normal=(0.9, 1.5))
+    assert torch.equal(skewed, again)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
