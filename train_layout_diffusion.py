@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from segdiff import check_min_diffusers_version, training
-from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_int
+from segdiff.arguments import add_switch, finite_float, non_negative_float, positive_float, positive_int
 from segdiff.data import (
     LOVEDA_SCENES,
     JointTransform,
@@ -109,10 +109,16 @@ def parse_args(argv=None):
         "frequencies), uniform for d3pm (logit_normal made its layouts worse; benchmarks/RESULTS.md).",
     )
     group.add_argument(
-        "--logit_mean", type=float, default=0.9, help="Mean of --timestep_sampling logit_normal. Default: %(default)s"
+        "--logit_mean",
+        type=finite_float,
+        default=0.9,
+        help="Mean of --timestep_sampling logit_normal. Default: %(default)s",
     )
     group.add_argument(
-        "--logit_std", type=float, default=1.5, help="Std of --timestep_sampling logit_normal. Default: %(default)s"
+        "--logit_std",
+        type=positive_float,
+        default=1.5,
+        help="Std of --timestep_sampling logit_normal. Default: %(default)s",
     )
     group.add_argument(
         "--label_downsampling",
@@ -182,8 +188,6 @@ def parse_args(argv=None):
         args.vertical_flip = args.dataset == "loveda"
     if args.timestep_sampling is None:
         args.timestep_sampling = "logit_normal" if args.layout_type == "analog" else "uniform"
-    if args.logit_std <= 0:
-        parser.error(f"--logit_std must be positive, got {args.logit_std}")
     training.check_training_args(parser, args)
     # The model's size, checked before anything is built or written: its levels must halve --resolution evenly.
     config = training.read_model_config(args.model_config, LayoutUNetModel)

@@ -324,7 +324,7 @@ def test_timestep_sampling_defaults_to_logit_normal_for_analog_and_uniform_for_d
     assert chosen.timestep_sampling == "logit_normal" and chosen.logit_mean == 0
     with pytest.raises(SystemExit):
         parse_args([*base, "--logit_std", "0"])
-    assert "--logit_std must be positive, got 0.0" in capsys.readouterr().err
+    assert "argument --logit_std: must be above 0, got 0.0" in capsys.readouterr().err
 
 
 def test_training_samples_are_seeded_crops_with_their_ratios():
