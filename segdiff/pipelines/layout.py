@@ -266,9 +266,10 @@ class LayoutDiffusionPipeline(RemoteCodePipeline):
         ``height``/``width``: the layout size (default: the training size). ``scheduler``: the scheduler of this call
         by name ("ddim", "ddpm", "dpmsolver"), built from the pipeline's scheduler config; default: its own (the
         only one of a d3pm model). ``match_ratios``: steer every step's prediction to the requested shares
-        (`match_requested_shares`); False samples the model's own following of the request. ``match_strength`` in [0, 1]: how far each step is
-        steered (1: exactly to the request; 0: not at all, the model alone, as ``match_ratios=False``; between:
-        the geometric mixture of `match_requested_shares`, a trade of exact shares for the model's own layouts).
+        (`match_requested_shares`); False samples the model's own following of the request. ``match_strength``
+        in [0, 1]: how far each step is steered (1: exactly to the request; 0: not at all, the model alone, as
+        ``match_ratios=False``; between: the geometric mixture of `match_requested_shares`, a trade of exact shares
+        for the model's own layouts).
         """
         if not 0 <= match_strength <= 1:
             raise ValueError(
