@@ -19,7 +19,7 @@ from segdiff.pipelines.layout import (
     match_requested_shares,
 )
 from segdiff.schedulers import MaskedLayoutScheduler
-from train_layout_diffusion import TrainingLayouts, majority_pool, parse_args
+from train_layout_diffusion import TrainingLayouts, grow_one_class, majority_pool, parse_args
 
 CLASS_NAMES = ["background", "square", "disk", "triangle"]
 STEPS = 300  # enough for the tiny model to follow a requested ratio on the 24 toy maps (about 25 s on one core)
@@ -119,6 +119,22 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(trained, toy_data, tm
     assert same_weights(
         weights(trained / "checkpoint-300", "unet_ema"), weights(resumed / "checkpoint-300", "unet_ema")
     )
+
+
+def test_region_perturbation_changes_training_and_resumes_exactly(toy_data, tmp_path):
+    """A few steps with every sample perturbed: a resumed run draws the same growths (they come from the batch's
+    generator) and ends with the same weights; without the perturbation the weights differ."""
+
+    def train(output_dir, *extra):
+        run_script(*train_args(toy_data, output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2", *extra))
+
+    train(tmp_path / "perturbed", "--region_perturbation", "1")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "perturbed" / "checkpoint-2", resumed / "checkpoint-2")
+    train(resumed, "--region_perturbation", "1", "--resume_from_checkpoint", "latest")
+    assert same_weights(weights(tmp_path / "perturbed"), weights(resumed))
+    train(tmp_path / "plain")
+    assert not same_weights(weights(tmp_path / "perturbed"), weights(tmp_path / "plain"))
 
 
 def test_ratio_conditioning_moves_the_layout_the_right_way(pipeline, toy_data):
@@ -325,6 +341,46 @@ def test_timestep_sampling_defaults_to_logit_normal_for_analog_and_uniform_for_d
     with pytest.raises(SystemExit):
         parse_args([*base, "--logit_std", "0"])
     assert "argument --logit_std: must be above 0, got 0.0" in capsys.readouterr().err
+
+
+def test_region_perturbation_is_off_by_default_scales_with_the_resolution_and_is_analog_only(capsys):
+    base = ["--data_root", ".", "--output_dir", "unused", "--dataset", "generic"]
+    analog = parse_args([*base, "--resolution", "32"])
+    assert (analog.region_perturbation, analog.region_perturbation_radius) == (0.0, 3)
+    assert parse_args([*base, "--resolution", "128,256"]).region_perturbation_radius == 12  # the short side / 10
+    assert (
+        parse_args([*base, "--resolution", "16", "--region_perturbation_radius", "5"]).region_perturbation_radius == 5
+    )
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--resolution", "16", "--layout_type", "d3pm", "--region_perturbation", "0.5"])
+    assert "--region_perturbation is for --layout_type analog" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--resolution", "16", "--region_perturbation", "1.5"])
+    assert "argument --region_perturbation: must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_grow_one_class_grows_one_shown_class_within_the_radius_and_keeps_no_data():
+    labels = torch.zeros(12, 12, dtype=torch.long)
+    labels[4:7, 4:7] = 1  # a 3x3 square of class 1 on background; class 2 is absent
+    labels[0, :] = 255  # a row of no-data
+    batch = labels.expand(400, -1, -1).clone()
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(grow_one_class(batch, 0.0, 3, generator, ignore_index=255), batch)
+
+    grown = grow_one_class(batch, 1.0, 2, generator, ignore_index=255)
+    assert torch.equal(grown[:, 0], batch[:, 0])  # no-data stays
+    square_area = (grown == 1).sum(dim=(1, 2))
+    # Grown by 1 or 2 pixels: a 5x5 or 7x7 square; or the background grown into it: 1x1 left, or none.
+    assert set(square_area.tolist()) == {49, 25, 1, 0}
+    assert not (grown == 2).any()  # only a class the map shows is grown
+    square_grown = square_area > 9
+    assert 0.4 < square_grown.float().mean() < 0.6  # each of the two shown classes about half the time
+    rows, cols = torch.nonzero(grown[square_grown][0] == 1, as_tuple=True)
+    assert rows.min() >= 2 and rows.max() <= 8 and cols.min() >= 2 and cols.max() <= 8  # never past the radius
+
+    half = grow_one_class(batch, 0.5, 1, torch.Generator().manual_seed(1), ignore_index=255)
+    changed = (half != batch).flatten(1).any(1).float().mean()
+    assert 0.4 < changed < 0.6
 
 
 def test_training_samples_are_seeded_crops_with_their_ratios():

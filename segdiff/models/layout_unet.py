@@ -56,7 +56,8 @@ one-class requests (mostly below 0.1) get none of the class. The pipeline's rati
 MAE 0.001-0.002 on bench_synthetic.py's requests, where this model alone scores 0.06. On 64 training maps, FiLM
 conditioning, the request as input planes, an auxiliary share loss, smoother ratio features (x30), self-conditioning
 on the predicted shares, EMA, a 5x bigger model and twice the steps each left one-class requests at 0.04-0.07
-(benchmarks/RESULTS.md).
+(benchmarks/RESULTS.md). What did help: training on noisy maps whose regions disagree with their ratios
+(train_layout_diffusion.py --region_perturbation: one class grown, the real map still the target), 0.031-0.041.
 
 Design choices, one run each at 600 steps (16 px, full-request MAE; unconditional about 0.08): the raw ratio
 vector through a linear layer instead of sinusoidal features 0.069 (the shares, mostly a few percent, barely
