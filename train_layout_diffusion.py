@@ -569,15 +569,13 @@ def main(args):
             if args.layout_type == "analog":
                 clean = labels_to_analog(labels, num_classes, ignore_index)
                 noise, timesteps = training.draw_noise(noise_scheduler, clean, generator, timestep_density)
+                noised = clean
                 if args.region_perturbation > 0:  # the noise goes on a map with one class grown; the target stays
                     grown = grow_one_class(
                         labels, args.region_perturbation, args.region_perturbation_radius, generator, ignore_index
                     )
-                    noisy = noise_scheduler.add_noise(
-                        labels_to_analog(grown, num_classes, ignore_index), noise, timesteps
-                    )
-                else:
-                    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+                    noised = labels_to_analog(grown, num_classes, ignore_index)
+                noisy = noise_scheduler.add_noise(noised, noise, timesteps)
                 targets = labels
             else:  # d3pm: mask pixels, learn the masked ones (the others are given)
                 timesteps = training.draw_timesteps(noise_scheduler, len(labels), generator, timestep_density)
