@@ -308,6 +308,7 @@ def center_crop(layout: torch.Tensor, size: ImageSize) -> torch.Tensor:
 
 def grow_one_class(
     labels: torch.Tensor,
+    num_classes: int,
     probability: float,
     max_radius: int,
     generator: torch.Generator,
@@ -324,18 +325,21 @@ def grow_one_class(
     perturbed = torch.rand(batch, generator=generator, device=labels.device) < probability
     radius = torch.randint(1, max_radius + 1, (batch,), generator=generator, device=labels.device)
     choice = torch.rand(batch, generator=generator, device=labels.device)
-    grown = labels.clone()
-    for i in perturbed.nonzero().flatten().tolist():
-        shown = labels[i].unique()
-        shown = shown[shown != ignore_index]
-        if len(shown) == 0:
-            continue
-        picked = shown[min(int(choice[i] * len(shown)), len(shown) - 1)]
-        r = int(radius[i])
-        region = (labels[i] == picked).float()[None, None]
-        near = F.max_pool2d(region, kernel_size=2 * r + 1, stride=1, padding=r)[0, 0] > 0
-        grown[i] = torch.where(near & (labels[i] != ignore_index), picked, labels[i])
-    return grown
+    # The class: the k-th of those each map shows (ascending ids), k = floor(choice x how many it shows).
+    labelled = labels != ignore_index
+    counts = F.one_hot(torch.where(labelled, labels, 0), num_classes).flatten(1, 2).mul(labelled.flatten(1)[..., None])
+    shown = counts.sum(1) > 0
+    k = torch.minimum((choice * shown.sum(1)).long(), shown.sum(1) - 1)
+    picked = (shown.cumsum(1) > k[:, None]).long().argmax(1)
+    perturbed &= shown.any(1)
+    # Grown by r pixels = r dilations by a 3x3 square; each map keeps the growth of its own radius.
+    region = (labels == picked[:, None, None]).float()[:, None]
+    near = torch.zeros_like(labelled)
+    for r in range(1, max_radius + 1):
+        region = F.max_pool2d(region, kernel_size=3, stride=1, padding=1)
+        near = torch.where((radius == r)[:, None, None], region[:, 0] > 0, near)
+    grow = perturbed[:, None, None] & near & labelled
+    return torch.where(grow, picked[:, None, None], labels)
 
 
 class TrainingLayouts(Dataset):
@@ -572,7 +576,12 @@ def main(args):
                 noised = clean
                 if args.region_perturbation > 0:  # the noise goes on a map with one class grown; the target stays
                     grown = grow_one_class(
-                        labels, args.region_perturbation, args.region_perturbation_radius, generator, ignore_index
+                        labels,
+                        num_classes,
+                        args.region_perturbation,
+                        args.region_perturbation_radius,
+                        generator,
+                        ignore_index,
                     )
                     noised = labels_to_analog(grown, num_classes, ignore_index)
                 noisy = noise_scheduler.add_noise(noised, noise, timesteps)

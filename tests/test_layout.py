@@ -365,9 +365,9 @@ def test_grow_one_class_grows_one_shown_class_within_the_radius_and_keeps_no_dat
     labels[0, :] = 255  # a row of no-data
     batch = labels.expand(400, -1, -1).clone()
     generator = torch.Generator().manual_seed(0)
-    assert torch.equal(grow_one_class(batch, 0.0, 3, generator, ignore_index=255), batch)
+    assert torch.equal(grow_one_class(batch, 3, 0.0, 3, generator, ignore_index=255), batch)
 
-    grown = grow_one_class(batch, 1.0, 2, generator, ignore_index=255)
+    grown = grow_one_class(batch, 3, 1.0, 2, generator, ignore_index=255)
     assert torch.equal(grown[:, 0], batch[:, 0])  # no-data stays
     square_area = (grown == 1).sum(dim=(1, 2))
     # Grown by 1 or 2 pixels: a 5x5 or 7x7 square; or the background grown into it: 1x1 left, or none.
@@ -378,7 +378,7 @@ def test_grow_one_class_grows_one_shown_class_within_the_radius_and_keeps_no_dat
     rows, cols = torch.nonzero(grown[square_grown][0] == 1, as_tuple=True)
     assert rows.min() >= 2 and rows.max() <= 8 and cols.min() >= 2 and cols.max() <= 8  # never past the radius
 
-    half = grow_one_class(batch, 0.5, 1, torch.Generator().manual_seed(1), ignore_index=255)
+    half = grow_one_class(batch, 3, 0.5, 1, torch.Generator().manual_seed(1), ignore_index=255)
     changed = (half != batch).flatten(1).any(1).float().mean()
     assert 0.4 < changed < 0.6
 
