@@ -124,6 +124,12 @@ def parse_args():
         help="The layout model's representation (train_layout_diffusion.py --layout_type). (default: %(default)s)",
     )
     parser.add_argument(
+        "--region_perturbation",
+        type=float,
+        default=None,
+        help="Passed to train_layout_diffusion.py --region_perturbation (analog only; default: the trainer's).",
+    )
+    parser.add_argument(
         "--layout_only",
         action="store_true",
         help="Only the data, the layout model and the ratio rows (no renderer, no downstream): compares layout "
@@ -333,6 +339,17 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
     }
 
 
+def layout_options(args) -> list:
+    """The layout trainer's flags the bench was asked to change from their defaults."""
+    if args.region_perturbation is None:
+        return []
+    return ["--region_perturbation", args.region_perturbation]
+
+
+def flags(options: list) -> str:
+    return "".join(f" {option}" for option in options)
+
+
 def main(args):
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_synthetic_"))
     data, layout, renderer, synthetic = work / "toy", work / "layout", work / "sdm", work / "synthetic"
@@ -350,14 +367,14 @@ def main(args):
         "train_layout_diffusion.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", layout,
         "--model_config", ROOT / "configs/models/layout_tiny.json", "--resolution", 32, "--train_batch_size", 32,
         "--learning_rate", "1e-3", "--max_train_steps", args.layout_steps, "--lr_warmup_steps", 50,
-        "--max_train_samples", args.max_train_samples, "--layout_type", args.layout_type,
+        "--max_train_samples", args.max_train_samples, "--layout_type", args.layout_type, *layout_options(args),
     )  # fmt: skip
     seconds["layout model"] = time.perf_counter() - start
     if args.layout_only:
         rows = ratio_rows(layout, data, seconds, args.num_layouts)
         note = (
-            f"--layout_type {args.layout_type}: {args.layout_steps} steps at batch 32 on {args.max_train_samples} real "
-            f"maps; sampling 50 steps (the pipeline's default). Seconds: "
+            f"--layout_type {args.layout_type}{flags(layout_options(args))}: {args.layout_steps} steps at batch 32 on "
+            f"{args.max_train_samples} real maps; sampling 50 steps (the pipeline's default). Seconds: "
             + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         )
         append_results("bench_synthetic.py", rows, args.results, note=note)
@@ -406,7 +423,8 @@ def main(args):
     )
     note = (
         f"Long-tailed toy data: {RARE} in {stats['image_share']:.1%} of the {args.num_images} training images, "
-        f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps, SDM renderer "
+        f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps"
+        f"{flags(layout_options(args))}, SDM renderer "
         f"{args.renderer_steps} steps (--drop_rate {RENDERER_DROP_RATE}; renders: {RENDER_STEPS} steps, guidance "
         f"{args.render_guidance}), both at batch 32, on the {args.max_train_samples} real pairs the segmenters get."
     )
