@@ -130,7 +130,8 @@ def parse_args(argv=None):
         "this teaches the model to pull them back. On the toy benchmark (0.3-0.5, the model alone, no ratio "
         "matching) full requests were followed to 0.015-0.019 instead of 0.024-0.026 and one-class requests to "
         "0.031-0.041 instead of 0.046-0.048, at layout realism from as good to worse (benchmarks/RESULTS.md, "
-        "'Region perturbation'); off by default until the whole benchmark has been run with it. Default: "
+        "'Region perturbation'). Off by default: with ratio matching (generate_synthetic_dataset.py's default) the "
+        "toy benchmark's synthetic pairs gained no more downstream and drew less realistic layouts. Default: "
         "%(default)s",
     )
     group.add_argument(
