@@ -328,8 +328,7 @@ def grow_one_class(
     choice = torch.rand(batch, generator=generator, device=labels.device)
     # The class: the k-th of those each map shows (ascending ids), k = floor(choice x how many it shows).
     labelled = labels != ignore_index
-    counts = F.one_hot(torch.where(labelled, labels, 0), num_classes).flatten(1, 2).mul(labelled.flatten(1)[..., None])
-    shown = counts.sum(1) > 0
+    shown = class_ratios(labels, num_classes, ignore_index) > 0
     k = torch.minimum((choice * shown.sum(1)).long(), shown.sum(1) - 1)
     picked = (shown.cumsum(1) > k[:, None]).long().argmax(1)
     perturbed &= shown.any(1)
