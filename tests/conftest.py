@@ -23,15 +23,24 @@ def pytest_configure(config):
 
 
 def run_script(*command, check=True, timeout=600):
-    """Run ``python <command>`` (or ``accelerate launch`` when the command starts with it) in the repo root."""
+    """Run ``python <command>`` (or ``accelerate launch`` when the command starts with it) in the repo root. A
+    script (``script.py ...``) or a one-process accelerate launch runs in a process forked from one that imported
+    torch and diffusers already (tests/forked_scripts.py); anything else (``-m torch.distributed.run ...``) in a
+    new interpreter."""
+    from forked_scripts import run_forked
+
     if command[0] == "accelerate":
         command = (
             "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", *command[2:],
         )  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, *map(str, command)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout
-    )
+    command = [str(part) for part in command]
+    if command[0].endswith(".py") or command[0] == "-m" and command[1] == "accelerate.commands.launch":
+        result = run_forked(command, SCRIPT_ENV, timeout=timeout)
+    else:
+        result = subprocess.run(
+            [sys.executable, *command], cwd=ROOT, env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-5000:]}")
     return result

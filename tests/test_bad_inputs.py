@@ -249,7 +249,7 @@ def test_bad_inputs_are_refused_naming_them_with_no_traceback_and_nothing_writte
         for name, (bad, _) in cases.items()
     ]
     failures = []
-    for (name, (_, named)), result in zip(cases.items(), run_forked(runs, SCRIPT_ENV), strict=True):
+    for (name, (_, named)), result in zip(cases.items(), [run_forked(argv, SCRIPT_ENV) for argv in runs], strict=True):
         output = result.stdout + result.stderr
         problems = [
             *(["exit status 0"] if result.returncode == 0 else []),
