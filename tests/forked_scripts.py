@@ -11,7 +11,9 @@ runs the script's ``__main__`` block as ``python script.py args`` would (the scr
 stdin empty), and ends as an interpreter does: non-daemon threads joined, ``atexit`` handlers run.
 
 ``accelerate launch ...`` runs accelerate's own launch command (its parser, its checks, the environment its simple
-launcher builds) with only the last step changed: the script runs in the forked child instead of a new interpreter.
+launcher builds) with only the last step changed: the script runs in the forked child instead of a new interpreter
+(so a failed run ends with the script's own status and stderr, where accelerate would add its CalledProcessError
+traceback and end with 1).
 Anything else (torchrun, several processes) is left to `subprocess.run` by the caller.
 
 What a fresh interpreter would catch and a fork cannot (a script that works only because the server imported a
