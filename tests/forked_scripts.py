@@ -1,8 +1,8 @@
 """Run the scripts the tests start as real processes, paying the torch/diffusers import once per test process.
 
-Each ``python script.py ...`` a test starts spends about 8 seconds (on the 2-core CI machine) importing torch,
-diffusers and transformers before the script reads its first flag, and ``accelerate launch`` adds a second
-interpreter (3 more seconds) that only starts the first. For tiny models that import is most of a run's cost. Here
+Each ``python script.py ...`` a test starts spends seconds importing torch, diffusers and transformers before the
+script reads its first flag (``python train_spade_sdm.py --help``: 10.5 s on a 2-core machine), and ``accelerate
+launch`` adds a second interpreter that only starts the first (13.8 s for the same ``--help``). For tiny models that import is most of a run's cost. Here
 one server process per test process (``python tests/forked_scripts.py``, started on first use) imports those
 packages once, by running every top-level script under another name (its imports and definitions, not its
 command line), and then forks a child per run. The child is a fresh process for everything that matters: its own
