@@ -80,7 +80,7 @@ class ScriptServer:
         return result
 
 
-_servers: dict[int, ScriptServer] = {}
+_server: ScriptServer | None = None  # this test process's
 
 
 def run_forked(argv: list, env: dict, timeout: float = 600) -> SimpleNamespace:
@@ -88,12 +88,12 @@ def run_forked(argv: list, env: dict, timeout: float = 600) -> SimpleNamespace:
     child of this test process's server, with ``env`` (the server's, fixed at its start). Returns what
     ``subprocess.run(capture_output=True, text=True)`` would: ``returncode``, ``stdout``, ``stderr``; raises
     ``subprocess.TimeoutExpired`` past ``timeout``."""
-    server = _servers.get(os.getpid())
-    if server is None or server.env != env:
-        if server:
-            server.stop()
-        server = _servers[os.getpid()] = ScriptServer(dict(env))
-    return server.run(argv, timeout)
+    global _server
+    if _server is None or _server.env != env:
+        if _server:
+            _server.stop()
+        _server = ScriptServer(dict(env))
+    return _server.run(argv, timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
