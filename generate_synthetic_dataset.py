@@ -31,6 +31,7 @@ process takes every num_processes-th sample; the outputs equal a one-process run
 """
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ from segdiff.processes import generation_state
 from segdiff.runs import TrainedRun, open_run, read_run_file
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
-from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report
+from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report, unseen_classes
 
 # Stops here, naming the upgrade, when the installed diffusers is older than this script needs.
 check_min_diffusers_version()
@@ -214,6 +215,30 @@ def requests(args, class_names: list[str], prior: dict | None, domains: list[str
     return [{}] * args.num_samples
 
 
+def unseen_class_note(args, prior: dict | None, class_names: list[str], domains: list[str | None]) -> str | None:
+    """What the requests cannot get, if anything: the classes of which the layout model's training maps (of a
+    sample's domain) have no pixel. --balance leaves them out; a --ratios request for one is extrapolation."""
+    if prior is None:
+        return None
+    unseen = {domain: unseen_classes(prior_of(prior, domain), class_names) for domain in dict.fromkeys(domains)}
+    where = "the layout model's training maps (its class_prior.json) have no pixel of such a class"
+    if args.balance:
+        parts = [
+            f"{', '.join(names)} (the {domain} maps)" if domain else ", ".join(names)
+            for domain, names in unseen.items()
+            if names
+        ]
+        return f"--balance leaves out {'; '.join(parts)}: {where}, so the model never drew one." if parts else None
+    asked = [class_names[c] for c, share in parse_ratios(args.ratios, class_names).items() if share > 0]
+    lacking = [name for name in asked if any(name in names for names in unseen.values())]
+    if lacking:
+        return (
+            f"warning: --ratios asks for {', '.join(lacking)}, but {where}: the model never drew one, so the regions "
+            "it draws for the request are unlike any real one."
+        )
+    return None
+
+
 def prior_of(prior: dict, domain: str | None) -> dict:
     """The class frequencies of one domain's training maps (class_prior.json's ``per_domain``), else of all."""
     return prior.get("per_domain", {}).get(domain, prior) if domain else prior
@@ -318,9 +343,13 @@ def main(args):
             "with its own MaskedLayoutScheduler. Fix: drop --scheduler."
         )
     class_names, num_classes = list(pipeline.class_names), len(pipeline.class_names)
-    prior = load_prior(layout_run) if args.balance else None
+    has_prior = (layout_run.run_dir / "class_prior.json").is_file()
+    prior = load_prior(layout_run) if args.balance or (args.ratios and has_prior) else None
     domains = sample_domains(pipeline, args.domain, args.num_samples)
     all_requests = requests(args, class_names, prior, domains)
+    note = unseen_class_note(args, prior, class_names, domains)
+    if note and state.is_main_process:
+        print(note, file=sys.stderr)
 
     renderer = None
     if args.renderer:

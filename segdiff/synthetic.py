@@ -52,14 +52,26 @@ def parse_ratios(text: str, class_names: list[str]) -> dict[int, float]:
 
 
 def balance_weights(pixel_share) -> np.ndarray:
-    """How often --balance asks for each class: in proportion to its pixel share's shortfall from uniform.
+    """How often --balance asks for each class: in proportion to its pixel share's shortfall from uniform (over the
+    classes the maps show).
 
     Classes at or above a uniform share are never asked for (they keep their share from the maps that follow
-    the data); the rarest classes are asked for most. All at uniform: every class alike.
+    the data); the rarest classes are asked for most. A class with no pixel at all in the layout model's training
+    maps is never asked for either: the model has never drawn one, so the request would be met, if at all, by a
+    region of that label shaped and painted like something else. All at uniform: every class shown alike.
     """
     pixel_share = np.asarray(pixel_share, dtype=np.float64)
-    deficit = np.clip(1.0 / len(pixel_share) - pixel_share, 0, None)
-    return deficit / deficit.sum() if deficit.sum() > 0 else np.full(len(pixel_share), 1.0 / len(pixel_share))
+    shown = pixel_share > 0
+    if not shown.any():
+        return np.zeros(len(pixel_share))
+    deficit = np.where(shown, np.clip(1.0 / shown.sum() - pixel_share, 0, None), 0.0)
+    return deficit / deficit.sum() if deficit.sum() > 0 else shown / shown.sum()
+
+
+def unseen_classes(prior: dict, class_names: list[str]) -> list[str]:
+    """The classes of which the layout model's training maps (``prior``: class_prior.json or one of its domains)
+    have no pixel: --balance leaves them out, and a --ratios request for one is extrapolation."""
+    return [name for name, share in zip(class_names, prior["pixel_share"]) if share <= 0]
 
 
 def parse_class_weights(text: str, class_names: list[str]) -> np.ndarray:
@@ -90,11 +102,11 @@ def balanced_request(prior: dict, rng: np.random.Generator, class_weights=None) 
     weights = balance_weights(prior["pixel_share"])
     if class_weights is not None:
         weights = weights * np.asarray(class_weights, dtype=np.float64)
-        if weights.sum() <= 0:
-            return {}
-        weights = weights / weights.sum()
+        weights = weights / weights.sum() if weights.sum() > 0 else weights
+    if weights.sum() <= 0:
+        return {}
     class_id = int(rng.choice(len(weights), p=weights))
-    usual = float(prior["mean_share_when_present"][class_id]) or 1.0 / len(weights)
+    usual = float(prior["mean_share_when_present"][class_id])  # > 0: balance_weights draws only classes shown
     share = float(np.clip(usual * rng.uniform(*BALANCE_SIZE_FACTOR), *BALANCE_RATIO_RANGE))
     return {class_id: round(share, 4)}
 

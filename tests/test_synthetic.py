@@ -53,6 +53,19 @@ def test_balance_asks_for_the_classes_below_uniform_in_proportion_to_their_short
     assert [balanced_request(prior, np.random.default_rng(7))] == [balanced_request(prior, np.random.default_rng(7))]
 
 
+def test_balance_never_asks_for_a_class_the_training_maps_do_not_show():
+    # Uniform over the three classes shown is 1/3: building 0.13 short, road 0.23 short; water has no pixel.
+    weights = balance_weights([0.7, 0.2, 0.1, 0.0])
+    assert weights.tolist() == pytest.approx([0.0, 0.4 / 1.1, 0.7 / 1.1, 0.0])
+    assert balance_weights([0.5, 0.5, 0.0, 0.0]).tolist() == [0.5, 0.5, 0.0, 0.0]  # the classes shown, alike
+    prior = {"pixel_share": [0.7, 0.2, 0.1, 0.0], "mean_share_when_present": [0.7, 0.25, 0.1, 0.0]}
+    assert {next(iter(balanced_request(prior, np.random.default_rng(seed)))) for seed in range(100)} == {1, 2}
+    assert (
+        balanced_request({"pixel_share": [0.0] * 4, "mean_share_when_present": [0.0] * 4}, np.random.default_rng(0))
+        == {}
+    )
+
+
 def test_ratio_report_is_the_mean_absolute_error_over_requested_classes():
     records = [
         {"requested_ratios": {"water": 0.4}, "achieved_ratios": {"background": 0.5, "water": 0.3, "road": 0.2}},
@@ -286,6 +299,49 @@ def test_domains_mix_in_one_run_and_balance_draws_from_each_domains_prior(models
     ).stderr  # fmt: skip
     assert "Suburb is not a domain of the layout model; its domains are Urban, Rural" in message
     assert not (tmp_path / "x" / "masks").exists()
+
+
+def test_requests_for_a_class_the_layout_model_never_saw_are_left_out_or_warned_about(models, tmp_path):
+    """--balance leaves out (and names) a class with no pixel in the training maps; --ratios asking for one warns."""
+    import json
+
+    folder = tmp_path / "layout"
+    shutil.copytree(models / "layout", folder)
+    prior = json_of(folder / "class_prior.json")
+    prior["pixel_share"], prior["mean_share_when_present"] = [0.8, 0.15, 0.05, 0.0], [0.8, 0.2, 0.1, 0.0]
+    (folder / "class_prior.json").write_text(json.dumps(prior))
+    fast = ["--layouts_only", "--num_samples", "6", "--num_inference_steps", "2", "--quality_reference_maps", "0"]
+
+    balanced = run_script(
+        "generate_synthetic_dataset.py", "--layout_model", folder, "--save_dir", tmp_path / "b", "--balance", *fast
+    )
+    assert "--balance leaves out triangle: the layout model's training maps" in balanced.stderr
+    records = [json.loads(line) for line in (tmp_path / "b" / "metadata.jsonl").read_text().splitlines()]
+    assert {name for r in records for name in r["requested_ratios"]} == {"square", "disk"}  # never the triangle
+
+    asked = run_script(
+        "generate_synthetic_dataset.py",
+        "--layout_model",
+        folder,
+        "--save_dir",
+        tmp_path / "r",
+        "--ratios",
+        "triangle:0.1,disk:0.1",
+        *fast,
+    )
+    assert "warning: --ratios asks for triangle, but the layout model's training maps" in asked.stderr
+    assert len(json_of(tmp_path / "r" / "ratio_report.json")["per_class"]) == 2  # still generated, as asked
+    plain = run_script(
+        "generate_synthetic_dataset.py",
+        "--layout_model",
+        folder,
+        "--save_dir",
+        tmp_path / "d",
+        "--ratios",
+        "disk:0.1",
+        *fast,
+    )
+    assert "warning" not in plain.stderr and "leaves out" not in plain.stderr
 
 
 def test_balance_class_weights_leave_out_or_weigh_down_classes():
