@@ -89,7 +89,8 @@ def parse_args(argv=None):
         type=weight_list,
         default=None,
         help="Draw each sample's class with these relative weights, one per class, e.g. '1,4,1,1,2,1,1' "
-        "to balance rare classes. Default: every class in turn.",
+        "to balance rare classes. Default: every class of the training pairs in turn (training_config.json's "
+        "train_class_pixels: a class without a pixel there is left out).",
     )
     parser.add_argument("--scheduler", choices=CORE_SCHEDULERS, default="ddim")
     add_eta_argument(parser)
@@ -171,8 +172,9 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
 # ------------------------------------------------------------------------------------------------
 
 
-def plan_classes(args, num_classes: int) -> list[int]:
-    """The class of every sample: --class_id, drawn by --class_weights, or every class in turn."""
+def plan_classes(args, num_classes: int, seen: list[bool]) -> list[int]:
+    """The class of every sample: --class_id, drawn by --class_weights, or every class the training pairs showed
+    (``seen``) in turn."""
     if args.class_id is not None:
         if not 0 <= args.class_id < num_classes:
             raise SystemExit(f"--class_id {args.class_id} is out of range: the model has classes 0..{num_classes - 1}.")
@@ -187,7 +189,29 @@ def plan_classes(args, num_classes: int) -> list[int]:
         return torch.multinomial(
             torch.tensor(args.class_weights), args.num_samples, replacement=True, generator=generator
         ).tolist()
-    return [i % num_classes for i in range(args.num_samples)]
+    shown = [class_id for class_id in range(num_classes) if seen[class_id]] or list(range(num_classes))
+    return [shown[i % len(shown)] for i in range(args.num_samples)]
+
+
+def seen_classes(run: TrainedRun, num_classes: int) -> list[bool]:
+    """Which classes the model saw: those with pixels in its training pairs (training_config.json's
+    ``train_class_pixels``); every class for a folder that does not record them."""
+    pixels = run.config.get("train_class_pixels")
+    return [True] * num_classes if pixels is None else [count > 0 for count in pixels]
+
+
+def unseen_class_note(classes: list[int], seen: list[bool], class_names: list[str], args) -> str | None:
+    """What to tell the user about the classes the plan includes or leaves out that the model never saw."""
+    never_seen = [name for name, was_seen in zip(class_names, seen) if not was_seen]
+    asked = sorted({class_names[c] for c in classes if not seen[c]})
+    if asked:
+        return (
+            f"warning: {', '.join(asked)} had no pixel in the model's training pairs (training_config.json's "
+            "train_class_pixels): it never learned what the class looks like, so its samples show something else."
+        )
+    if never_seen and args.class_weights is None and args.class_id is None:
+        return f"Leaving out {', '.join(never_seen)}: no pixel of it in the model's training pairs."
+    return None
 
 
 def label_map(mask: np.ndarray, class_id: int, fill_label: str, ignore_index: int) -> np.ndarray:
@@ -237,7 +261,11 @@ def main(args):
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     size = args.resolution or pipeline.default_size
-    classes = plan_classes(args, len(class_names))
+    seen = seen_classes(run, len(class_names))
+    classes = plan_classes(args, len(class_names), seen)
+    note = unseen_class_note(classes, seen, class_names, args)
+    if note and state.is_main_process:
+        print(note, file=sys.stderr)
 
     writer = SampleWriter(
         args.save_dir,

@@ -739,8 +739,9 @@ def main(args):
     weight_dtype = training.weight_dtype_for(accelerator)
     with accelerator.main_process_first():  # one process downloads/prepares a hub dataset
         dataset, class_names, palette, source = training_source(args)
+    class_pixels = None  # a --train_data_dir or Hub dataset holds images of label maps, not class ids
     if args.data_root:  # label maps: bad ones stop the run here, before a model loads
-        training.check_training_data(accelerator, dataset)
+        class_pixels = training.check_training_data(accelerator, dataset)
     classes = f"{len(class_names)} classes: {class_names}" if class_names else "classes unknown"
     logger.info(f"{len(dataset)} training samples from {source}, {classes}")
 
@@ -816,6 +817,7 @@ def main(args):
             class_names,
             palette,
             train_samples=dataset.sample_names(),
+            train_class_pixels=class_pixels,
             pipeline="controlnet_seg",
             data_source=source,
             vae_scale_factor=scale_factor,

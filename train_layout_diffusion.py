@@ -500,7 +500,8 @@ def main(args):
     accelerator = training.make_accelerator(args)
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
-    training.check_training_data(accelerator, dataset, read_images=False)  # only the masks: the images are never read
+    # Only the masks: the images are never read.
+    class_pixels = training.check_training_data(accelerator, dataset, read_images=False)
     num_classes, ignore_index = dataset.num_classes, dataset.ignore_index
     domains = list(LOVEDA_SCENES) if args.condition_on_domain else []
     logger.info(f"{len(dataset)} training maps, {num_classes} classes: {dataset.class_names}; domains: {domains}")
@@ -556,6 +557,7 @@ def main(args):
             dataset.class_names,
             dataset.palette,
             train_samples=dataset.sample_names(),
+            train_class_pixels=class_pixels,
             pipeline="layout_diffusion",
             domains=domains,
             unet_config=dict(training.unwrap_model(accelerator, unet).config),

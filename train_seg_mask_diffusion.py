@@ -318,7 +318,8 @@ def main(args):
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
-    training.check_training_data(accelerator, dataset)  # bad pairs stop the run here, before a model loads
+    # Bad pairs stop the run here, before a model loads.
+    class_pixels = training.check_training_data(accelerator, dataset)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # Models: the base's frozen VAE, its text encoder (frozen unless --train_text_encoder), its UNet widened.
@@ -394,6 +395,7 @@ def main(args):
             dataset.class_names,
             dataset.palette,
             train_samples=dataset.sample_names(),
+            train_class_pixels=class_pixels,
             pipeline="joint_image_mask",
         )
     training.init_trackers(accelerator, args, "train_seg_mask_diffusion")

@@ -507,7 +507,8 @@ def main(args):
     hub_repo = training.create_hub_repo(accelerator, args)  # --push_to_hub: fail now, not after training
     weight_dtype = training.weight_dtype_for(accelerator)
     dataset = limit_train_samples(dataset_from_args(args), args.max_train_samples)
-    training.check_training_data(accelerator, dataset)  # bad pairs stop the run here, before a model loads
+    # Bad pairs stop the run here, before a model loads.
+    class_pixels = training.check_training_data(accelerator, dataset)
     logger.info(f"{len(dataset)} training pairs, {dataset.num_classes} classes: {dataset.class_names}")
 
     # The space: pixels, or the latents of the base's frozen VAE.
@@ -562,6 +563,7 @@ def main(args):
             dataset.class_names,
             dataset.palette,
             train_samples=dataset.sample_names(),
+            train_class_pixels=class_pixels,
             pipeline="spade_sdm",
             unet_config=dict(training.unwrap_model(accelerator, unet).config),
         )

@@ -828,13 +828,18 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, default_pr
 # --------------------------------------------------------------------------------------------
 
 
-def check_training_data(accelerator: Accelerator, dataset: SegmentationDataset, *, read_images: bool = True) -> None:
+def check_training_data(
+    accelerator: Accelerator, dataset: SegmentationDataset, *, read_images: bool = True
+) -> list[int]:
     """Refuse bad training data before any model loads, with every problem found, not at the batch that draws it.
 
     This is the check of ``python -m segdiff.data check`` (`segdiff.data.scan_dataset`; ``read_images=False``
     for a trainer that reads only the masks), split across the processes: each scans a contiguous share of the
     pairs, and the problems are gathered, in dataset order, to every process, so all of them stop together (none
     waits for one that has left) and a run of N processes pays 1/N of the time.
+
+    Returns the pixels of each class over all the pairs, which the trainers record (training_config.json's
+    ``train_class_pixels``): a generator can then tell the classes the model has seen from those it never has.
     """
     from accelerate.utils import gather_object
 
@@ -846,6 +851,7 @@ def check_training_data(accelerator: Accelerator, dataset: SegmentationDataset, 
     if problems:
         raise bad_data_error(dataset, problems)
     logger.info(f"Checked the {len(dataset)} training pairs: no problems")
+    return np.sum(gather_object([scan.class_pixels]), axis=0).tolist()
 
 
 class EpochSeededSampler(Sampler):
@@ -1259,10 +1265,12 @@ def write_run_files(
     palette,
     *,
     train_samples: list[str],
+    train_class_pixels: list[int] | None,
     **extra,
 ) -> None:
-    """``training_config.json`` (every argument but the secrets, the names of the pairs trained on, plus what
-    generation needs) and, when the classes are known, ``class_names.json``."""
+    """``training_config.json`` (every argument but the secrets, the names of the pairs trained on and each class's
+    pixels in them, from `check_training_data`, or None without label maps, plus what generation needs) and, when
+    the classes are known, ``class_names.json``."""
     import diffusers
 
     output_dir = Path(output_dir)
@@ -1270,6 +1278,7 @@ def write_run_files(
     config = run_config(args)
     # Which real pairs the model saw: what evaluate.py --downstream must give its segmenters for a fair comparison.
     config["train_samples"] = list(train_samples)
+    config["train_class_pixels"] = train_class_pixels  # a class without a pixel is one the model never saw
     config.update(extra)
     config.update(
         class_names=None if class_names is None else list(class_names), diffusers_version=diffusers.__version__

@@ -43,7 +43,7 @@ def trained(toy_data, tiny_sd_folder, tmp_path_factory):
     return output_dir
 
 
-def test_training_writes_the_pipeline_folder(trained):
+def test_training_writes_the_pipeline_folder(trained, toy_data):
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (trained / name).is_dir(), name
     for name in (
@@ -61,6 +61,8 @@ def test_training_writes_the_pipeline_folder(trained):
     ]
     config = json.loads((trained / "training_config.json").read_text())
     assert config["max_train_steps"] == 4 and config["resolution"] == [32, 32]
+    labels = np.concatenate([read_label_map(path).ravel() for path in sorted((toy_data / "masks").iterdir())])
+    assert config["train_class_pixels"] == np.bincount(labels[labels < 4], minlength=4).tolist()  # at full size
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # the default tracker: tensorboard event files under output_dir/logs, with the loss and the validation grid
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -419,6 +421,23 @@ def test_generator_class_weights_draw_only_weighted_classes(trained, tmp_path):
     generate(trained, tmp_path / "w", "--num_samples", "6", "--batch_size", "6", "--class_weights", "0,0,1,3")
     records = [json.loads(line) for line in (tmp_path / "w/metadata.jsonl").read_text().splitlines()]
     assert len(records) == 6 and {r["class_id"] for r in records} <= {2, 3}
+
+
+def test_generator_leaves_out_or_warns_about_a_class_the_training_pairs_never_showed(trained, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((folder / "training_config.json").read_text())
+    config["train_class_pixels"][2] = 0  # as if no training pair had shown a disk
+    (folder / "training_config.json").write_text(json.dumps(config))
+
+    result = generate(folder, tmp_path / "turns", "--num_samples", "4", "--batch_size", "4")
+    records = [json.loads(line) for line in (tmp_path / "turns/metadata.jsonl").read_text().splitlines()]
+    assert [r["class_id"] for r in records] == [0, 1, 3, 0]  # every class in turn but the disk
+    assert "Leaving out disk: no pixel of it in the model's training pairs" in result.stderr
+    asked = generate(folder, tmp_path / "asked", "--num_samples", "1", "--class_id", "2")
+    assert "warning: disk had no pixel in the model's training pairs" in asked.stderr
+    plain = generate(trained, tmp_path / "plain", "--num_samples", "1", "--class_id", "2")
+    assert "warning" not in plain.stderr and "Leaving out" not in plain.stderr
 
 
 def test_generator_bad_inputs_give_clear_errors(trained, tmp_path, monkeypatch):
