@@ -58,6 +58,13 @@ RENDERER_DROP_RATE, RENDER_STEPS = 0.2, 25
 ARMS_SHOWN = ("real_only", "real_plus_oversampling", "real_plus_synthetic")
 
 
+# --quick: small everything, to check the path in a few minutes (the figures mean little).
+QUICK = dict(
+    num_images=128, val_images=32, rare_val_images=8, layout_steps=30, renderer_steps=30, num_synthetic=32,
+    max_train_samples=32, downstream_steps=30, seeds=[0], num_layouts=8,
+)  # fmt: skip
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=512, help="Real training images (long-tailed).")
@@ -116,7 +123,11 @@ def parse_args():
         help="textured: colour does not tell the class (not saturated); flat: one colour per class (the palette "
         "segmenter then also scores the renders). (default: %(default)s)",
     )
-    parser.add_argument("--quick", action="store_true", help="Small everything: checks the path, not the figures.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Small everything (the sizes of QUICK, unless given): checks the path, not the figures.",
+    )
     parser.add_argument(
         "--layout_type",
         choices=LAYOUT_TYPES,
@@ -138,11 +149,9 @@ def parse_args():
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--work_dir", default=None, help="Keep the data and models here (default: a temp dir).")
     args = parser.parse_args()
-    if args.quick:
-        args.num_images, args.val_images, args.layout_steps, args.renderer_steps = 128, 32, 30, 30
-        args.rare_val_images = 8
-        args.num_synthetic, args.max_train_samples, args.downstream_steps, args.seeds = 32, 32, 30, [0]
-        args.num_layouts = 8
+    if args.quick:  # its sizes become the defaults: a flag given on the command line still wins
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     return args
 
 
@@ -290,7 +299,7 @@ def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
 def layout_quality_row(quality: dict, num_synthetic: int) -> dict:
     """ratio_report.json's layout_quality of the --balance layouts, against the layout model's training maps."""
     diversity, copying = quality["diversity"], quality["copying"]
-    realism = ", ".join(f"{name} {value['summary']:.3f}" for name, value in quality["realism"].items())
+    realism = ", ".join(f"{name} {class_realism(value)}" for name, value in quality["realism"].items())
     return {
         "setup": f"--balance layouts ({num_synthetic}) against the {quality['reference_maps']} training maps",
         "measurement": "copying (share with IoU > 0.9 to a training map; mean best IoU); diversity (mean pairwise "
@@ -299,6 +308,13 @@ def layout_quality_row(quality: dict, num_synthetic: int) -> dict:
         "result": f"{copying['share_above_0.9']:.1%}; {copying['mean_best_iou']:.3f}; "
         f"{diversity['generated_mean_pairwise_iou']:.3f} / {diversity['real_mean_pairwise_iou']:.3f}; {realism}",
     }
+
+
+def class_realism(value: dict) -> str:
+    """One class's realism summary, or why there is none (the class is in no generated or no training map)."""
+    if value["summary"] is not None:
+        return f"{value['summary']:.3f}"
+    return "not drawn" if value["components_per_map"]["generated_mean"] is None else "in no training map"
 
 
 def model_alone_checks(rows: list[dict]) -> dict[str, bool]:

@@ -1,0 +1,49 @@
+"""bench_synthetic.py's own logic, without its 25-minute run: the command line and the rows of its table."""
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_layout_quality import IGNORE, square_map
+
+from segdiff.layout_quality import layout_quality
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as running the script would: `from common import`
+    import bench_synthetic
+
+    return bench_synthetic
+
+
+def test_quick_sizes_are_defaults_that_a_given_flag_overrides(bench, monkeypatch):
+    monkeypatch.setattr(
+        sys, "argv", ["bench_synthetic.py", "--quick", "--seeds", "3", "4", "--max_train_samples", "40"]
+    )
+    args = bench.parse_args()
+    assert (args.seeds, args.max_train_samples) == ([3, 4], 40)  # as given
+    assert (args.num_images, args.layout_steps, args.downstream_steps) == (128, 30, 30)  # --quick's
+    monkeypatch.setattr(sys, "argv", ["bench_synthetic.py", "--seeds", "3"])
+    args = bench.parse_args()
+    assert (args.seeds, args.max_train_samples, args.num_images, args.layout_steps) == ([3], 64, 512, 600)
+
+
+def test_a_class_never_drawn_has_no_realism_and_the_row_says_so(bench):
+    """A class absent from the generated maps (a barely trained model) or from the training maps has no distance;
+    the table says which, instead of the run failing at its end."""
+    drawn, real = np.stack([square_map(1), square_map(2)]), np.stack([square_map(1), square_map(3)])
+    real[1, 0, 0] = 2  # one pixel of a class the generated maps never show
+    section = layout_quality(drawn, real, ["background", "square", "speck", "unseen"], IGNORE, max_pairwise_maps=8)
+    assert section["realism"]["speck"]["summary"] is None
+    assert section["realism"]["speck"]["components_per_map"] == {
+        "generated_mean": None,
+        "real_mean": 1.0,
+        "distance": None,
+    }
+    result = bench.layout_quality_row(section, num_synthetic=2)["result"]
+    assert "square 0.000, speck not drawn, unseen not drawn" in result
+
+    section = layout_quality(real, drawn, ["background", "square", "speck"], IGNORE, max_pairwise_maps=8)
+    assert "speck in no training map" in bench.layout_quality_row(section, num_synthetic=2)["result"]
