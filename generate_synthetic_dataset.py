@@ -161,8 +161,9 @@ def parse_args(argv=None):
         "--resolution",
         type=image_size,
         default=None,
-        help="Size of images and masks, N or HEIGHT,WIDTH. Default: the renderer's training resolution "
-        "(--layouts_only: the layout model's); layouts are resized, nearest.",
+        help="Size of images and masks, N or HEIGHT,WIDTH; layouts are resized, nearest. Default: what the "
+        "renderer's own generator makes of a layout (a ControlNet: the layout's aspect ratio at its training short "
+        "side; an SDM: its training size); --layouts_only: the layout model's size.",
     )
     parser.add_argument(
         "--quality_reference_maps",
@@ -364,8 +365,12 @@ def main(args):
                 f"{class_names}. Fix: use a renderer and a layout model of the same dataset."
             )
     palette = renderer.palette if renderer else layout_run.classes()[1]
-    # Default: square at the renderer's training resolution (its short side), or the layout model's training size.
-    size = args.resolution or (ImageSize.of(renderer.resolution) if renderer else pipeline.default_size)
+    # Default: the size the renderer's own generator gives a layout of the layout model's training size (ControlNet:
+    # its aspect ratio at the renderer's training short side; SDM: the renderer's training size), or that size.
+    layout_size = pipeline.default_size
+    size = args.resolution or (
+        renderer.output_size(np.zeros((layout_size.height, layout_size.width))) if renderer else layout_size
+    )
 
     generation_args = {
         "layout_model": recorded_model(args.layout_model, args.layout_model_revision),

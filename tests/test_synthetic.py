@@ -344,6 +344,26 @@ def test_requests_for_a_class_the_layout_model_never_saw_are_left_out_or_warned_
     assert "warning" not in plain.stderr and "leaves out" not in plain.stderr
 
 
+def test_the_default_size_is_what_the_renderer_makes_of_a_layout(models, tmp_path):
+    """Layouts and an SDM trained at 16 x 32 (HEIGHT, WIDTH) give 16 x 32 pairs, not a square that squashes them."""
+    import json
+
+    from PIL import Image
+
+    for name in ("layout", "sdm"):
+        shutil.copytree(models / name, tmp_path / name)
+        config_file = tmp_path / name / "unet" / "config.json"
+        config_file.write_text(json.dumps({**json_of(config_file), "sample_size": [16, 32]}))
+    run_script(
+        "generate_synthetic_dataset.py", "--layout_model", tmp_path / "layout", "--renderer", tmp_path / "sdm",
+        "--save_dir", tmp_path / "out", "--ratios", "disk:0.2", "--num_samples", "1", "--num_inference_steps", "2",
+        "--render_steps", "2", "--quality_reference_maps", "0",
+    )  # fmt: skip
+    assert Image.open(tmp_path / "out/images/synthetic_000000.png").size == (32, 16)  # (width, height)
+    assert Image.open(tmp_path / "out/masks/synthetic_000000.png").size == (32, 16)
+    assert json_of(tmp_path / "out/generation_args.json")["resolution"] == [16, 32]
+
+
 def test_balance_class_weights_leave_out_or_weigh_down_classes():
     names = ["background", "square", "disk", "triangle"]
     prior = {"pixel_share": [0.7, 0.15, 0.14, 0.01], "mean_share_when_present": [0.7, 0.2, 0.2, 0.03]}
