@@ -53,7 +53,7 @@ from segdiff.labels import (
 )
 from segdiff.pipelines.joint import JointImageMaskPipeline, pipeline_over_base
 from segdiff.processes import generation_state
-from segdiff.runs import TrainedRun, open_run
+from segdiff.runs import TrainedRun, in_dtype, open_run
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 from segdiff.seeds import cpu_generators
 from segdiff.visualize import image_grid, overlay_mask
@@ -144,7 +144,7 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
     named in the run's training_config.json."""
     run.require("joint_image_mask")
     if not run.is_checkpoint:
-        return run.load_pipeline(JointImageMaskPipeline, UNet2DConditionModel, class_names=class_names).to(dtype=dtype)
+        return in_dtype(run.load_pipeline(JointImageMaskPipeline, UNet2DConditionModel, class_names=class_names), dtype)
     base = run.base()
     trained_text_encoder = (run.folder / "text_encoder").is_dir()
     try:
@@ -164,7 +164,7 @@ def load_pipeline(run: TrainedRun, class_names, dtype: torch.dtype) -> JointImag
             f"{run.folder}: cannot load the base model {base!r} that training_config.json names ({error}). "
             "Fix: make that path (or hub name) reachable from here, or generate from the finished output folder."
         ) from None
-    return pipeline.to(dtype=dtype)
+    return in_dtype(pipeline, dtype)
 
 
 # ------------------------------------------------------------------------------------------------

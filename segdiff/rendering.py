@@ -38,7 +38,7 @@ from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette, resize
 from segdiff.models.spade_unet import SpadeUNetModel
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline
 from segdiff.prompts import DEFAULT_PROMPT_TOP_K, LABEL_MAP_PROMPT_TEMPLATE, label_map_prompt
-from segdiff.runs import RunError, TrainedRun, open_run
+from segdiff.runs import RunError, TrainedRun, in_dtype, open_run
 from segdiff.schedulers import SCHEDULERS, make_scheduler
 from segdiff.seeds import cpu_generators
 
@@ -66,7 +66,7 @@ def load_controlnet_pipeline(
     except (OSError, ValueError) as error:
         raise RunError(f"cannot load the base model {base}: {error}") from None
     # Cast after loading: from_pretrained's dtype argument changed names across the diffusers versions we support.
-    pipeline = pipeline.to(dtype=dtype) if dtype else pipeline
+    pipeline = in_dtype(pipeline, dtype)
     factor = vae_scale_factor(pipeline.vae.config)
     if conditioning_downsampling(controlnet.config) != factor:
         raise RunError(
@@ -93,7 +93,7 @@ def load_sdm_pipeline(run: TrainedRun, dtype: torch.dtype | None = None) -> Sema
     """The pipeline of a trained SDM output folder; for a checkpoint-N/, its (EMA) UNet in the run's pipeline."""
     run.require("spade_sdm")
     pipeline = run.load_pipeline(SemanticDiffusionPipeline, SpadeUNetModel)
-    return pipeline.to(dtype=dtype) if dtype else pipeline
+    return in_dtype(pipeline, dtype)
 
 
 def learned_null_map(run: TrainedRun) -> bool:

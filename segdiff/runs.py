@@ -213,6 +213,18 @@ class TrainedRun:
         return str(base)
 
 
+def in_dtype(pipeline, dtype):
+    """``pipeline.to(dtype=dtype)`` (a torch dtype, or None: as loaded), skipped when every weight already has that
+    dtype: diffusers' ModelMixin.to warns at any cast with a dtype about "modules that should be kept in float32",
+    even in a model that has none, and a generator loading float32 weights in float32 has nothing to cast."""
+    import torch
+
+    modules = [module for module in pipeline.components.values() if isinstance(module, torch.nn.Module)]
+    if dtype is None or all(weight.dtype == dtype for module in modules for weight in module.parameters()):
+        return pipeline
+    return pipeline.to(dtype=dtype)
+
+
 def open_run(folder: str | Path, flag: str = "--model", revision: str | None = None) -> TrainedRun:
     """The trained folder ``folder`` (an output folder or a checkpoint-N/ in one) with its run files read.
 

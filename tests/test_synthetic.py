@@ -107,7 +107,10 @@ def test_writes_a_generic_dataset_with_its_requests_and_what_they_got(models, tm
     import sys
 
     out = tmp_path / "synthetic"
-    generate(models, out, "--renderer", models / "sdm", "--ratios", "disk:0.3", "--num_samples", "5", "--seed", "7")
+    result = generate(
+        models, out, "--renderer", models / "sdm", "--ratios", "disk:0.3", "--num_samples", "5", "--seed", "7"
+    )
+    assert "should be kept in float32" not in result.stderr  # diffusers' warning at a cast to the dtype loaded
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"synthetic_00000{i}.png" for i in range(5)]
     check = subprocess.run(
         [sys.executable, "-m", "segdiff.data", "check", "--data_root", out, "--dataset", "generic"],
