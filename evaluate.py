@@ -725,6 +725,7 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, Segm
             num_classes=len(classes.names),
             ignore_index=args.ignore_index,
         )
+        check_same_classes(dataset, classes, root)
         return dataset
 
     real_dir = Path(args.real_dir)
@@ -748,6 +749,20 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, Segm
         val = train.select(sorted(held_out))
         train = train.select(sorted(kept))
     return limit_train_samples(train, args.max_train_samples), val
+
+
+def check_same_classes(dataset: SegmentationDataset, classes: Classes, root: Path) -> None:
+    """Refuse real pairs whose class ids name other classes than the generated set's: a segmenter trained on both
+    would learn one id as two classes. Default names (``class_0``...: no names known on one side) match anything."""
+    defaults = [f"class_{i}" for i in range(len(classes.names))]
+    if dataset.class_names in (classes.names, defaults) or classes.names == defaults:
+        return
+    raise DatasetError(
+        f"{root}: its classes ({', '.join(dataset.class_names)}) are not those of the generated set "
+        f"({', '.join(classes.names)}, from {classes.source}), id for id: an id would be one class in the real pairs "
+        "and another in the synthetic ones. Fix: generate with models trained on this dataset; if only the names "
+        "differ, pass --class_names_json to name both alike."
+    )
 
 
 def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path, Path]], list[int] | None]:

@@ -731,6 +731,21 @@ def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, t
             parse(["--max_train_samples", "0"])
 
 
+def test_downstream_refuses_real_pairs_whose_ids_name_other_classes(toy_data, real_split, tmp_path):
+    """A synthetic set from models of another class list would teach one id as two classes: refused at once."""
+    names_file = real_split / "train" / "class_names.json"
+    names = json.loads(names_file.read_text())
+    listed = names["class_names"] if isinstance(names, dict) else names
+    listed[1], listed[2] = listed[2], listed[1]
+    names_file.write_text(json.dumps(names))
+    with pytest.raises(SystemExit) as refused:
+        run_downstream(toy_data, real_split, tmp_path / "eval")
+    message = str(refused.value)
+    assert f"{real_split / 'train'}: its classes (background, disk, square, triangle)" in message
+    assert "generated set (background, square, disk, triangle" in message and "--class_names_json" in message
+    assert not (tmp_path / "eval").exists()  # nothing trained, nothing written
+
+
 def test_class_vs_rest_labels_keep_only_the_masks_class():
     mask = np.array([[0, 2, 2], [0, 0, 2]])  # a class-2 sample; the rest written as background
     assert class_vs_rest_labels(mask, 2, 255).tolist() == [[255, 2, 2], [255, 255, 2]]
