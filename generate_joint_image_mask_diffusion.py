@@ -210,7 +210,8 @@ def unseen_class_note(classes: list[int], seen: list[bool], class_names: list[st
             "train_class_pixels): it never learned what the class looks like, so its samples show something else."
         )
     if never_seen and args.class_weights is None and args.class_id is None:
-        return f"Leaving out {', '.join(never_seen)}: no pixel of it in the model's training pairs."
+        them = "it" if len(never_seen) == 1 else "them"
+        return f"Leaving out {', '.join(never_seen)}: no pixel of {them} in the model's training pairs."
     return None
 
 
