@@ -99,6 +99,7 @@ from segdiff.data import (
     load_class_names,
     load_segmentation_dataset,
     read_image,
+    read_json,
     read_label_map,
     train_sample_order,
 )
@@ -129,7 +130,9 @@ from segdiff.evaluation import (
     style_scores,
 )
 from segdiff.files import write_json_atomic, write_text_atomic
+from segdiff.generation import ARGS_FILE
 from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette
+from segdiff.runs import RunError, open_run
 
 ALL_METRICS = ("fid", "kid", "lpips", "miou", "style")
 
@@ -765,6 +768,38 @@ def check_same_classes(dataset: SegmentationDataset, classes: Classes, root: Pat
     )
 
 
+def same_folder(path, other) -> bool:
+    return other is not None and Path(path).resolve() == Path(other).resolve()
+
+
+def generators_real_pairs(generated_dir: Path, real_train: SegmentationDataset, real_val: SegmentationDataset) -> dict:
+    """Which real pairs the trained models behind the generated set saw (generation_args.json's layout_model,
+    renderer or model, where its folder is here), against the segmenters': a fair comparison gives every arm the real
+    pairs the generators saw, and no generator a validation pair. Names are compared where the model trained on the
+    same folder (its training_config.json's data_root) as the segmenters or the validation pairs came from."""
+    args_file = generated_dir / ARGS_FILE
+    recorded = read_json(args_file) if args_file.is_file() else {}
+    models = {}
+    for flag in ("layout_model", "renderer", "model"):
+        folder = recorded.get(flag)
+        if not folder or not Path(folder).is_dir():
+            continue
+        try:
+            run = open_run(folder, flag=f"--{flag}")
+        except RunError:
+            continue
+        seen, data_root = run.config.get("train_samples"), run.config.get("data_root")
+        if seen is None or data_root is None:
+            continue
+        entry = {"folder": str(run.run_dir), "data_root": data_root, "train_samples": len(seen)}
+        if same_folder(data_root, real_train.data_root):
+            entry["not_among_segmenters"] = len(set(seen) - set(real_train.sample_names()))
+        if same_folder(data_root, real_val.data_root):
+            entry["validation_pairs_seen"] = len(set(seen) & set(real_val.sample_names()))
+        models[flag] = entry
+    return models
+
+
 def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path, Path]], list[int] | None]:
     """The generated (image, mask) pairs to train on, and, for the joint layout, the class each mask marks.
 
@@ -895,6 +930,30 @@ def _over_seeds(summary: dict, digits: int = 4, signed: bool = False) -> str:
     return text if std is None else f"{text} +-{std:.{digits}f}"
 
 
+def generator_lines(down: dict) -> list[str]:
+    """One line per generator model: the real pairs it saw against the segmenters', flagging an unfair comparison."""
+    lines = []
+    for flag, entry in down.get("generators", {}).items():
+        line = f"  {flag} {entry['folder']}: {entry['train_samples']} real pairs"
+        if "not_among_segmenters" not in entry:
+            line += f" of {entry['data_root']} (another folder than the segmenters': not compared)"
+        elif entry["not_among_segmenters"]:
+            line += (
+                f", {entry['not_among_segmenters']} of them not among the segmenters' {down['num_real_train']}: NOT A "
+                "FAIR COMPARISON (the synthetic arms carry real data the others lack). Fix: pass the --max_train_samples "
+                "the generators were trained with"
+            )
+        else:
+            line += ", all among the segmenters'"
+        if entry.get("validation_pairs_seen"):
+            line += (
+                f"; it saw {entry['validation_pairs_seen']} of the validation pairs, which then score what it learned. "
+                "Fix: validate on pairs no generator saw (--real_val_dir, or train it with --max_train_samples)"
+            )
+        lines.append(line)
+    return lines
+
+
 def downstream_report(down: dict) -> list[str]:
     """The arms' scores, synthetic vs oversampling, and the per-class table (rare classes first)."""
     model = {"unet": "a small UNet", "segformer": "a SegFormer"}[down["model"]]
@@ -917,6 +976,7 @@ def downstream_report(down: dict) -> list[str]:
         f"per arm and seed (seeds {down['seeds']}), scored on {down['num_real_val']} real validation pairs",
         f"  real pairs: {real} (metrics.json downstream.train_samples; the same as a trainer's with the same data "
         "and --max_train_samples)",
+        *generator_lines(down),
         f"  synthetic labels: {down['synthetic_labels']}",
         f"  oversampling: repeat-factor sampling (LVIS), {synthetic} extra copies (as many as synthetic pairs), "
         f"threshold {thresholds}",
@@ -1200,7 +1260,11 @@ def evaluate(args) -> dict:
             device=device,
         )
         # Which real pairs every arm trained on: those of a trainer run with the same data and --max_train_samples.
-        results["downstream"] = {**downstream, "train_samples": real_train.sample_names()}
+        results["downstream"] = {
+            **downstream,
+            "train_samples": real_train.sample_names(),
+            "generators": generators_real_pairs(generated_dir, real_train, real_val),
+        }
 
     results = json_ready(results)
     report = write_results(results, results_dir, generated, classes, real_files, args)

@@ -746,6 +746,38 @@ def test_downstream_refuses_real_pairs_whose_ids_name_other_classes(toy_data, re
     assert not (tmp_path / "eval").exists()  # nothing trained, nothing written
 
 
+def test_downstream_says_which_real_pairs_the_generators_saw(toy_data, real_split, tmp_path):
+    """generation_args.json names the models behind the set; their training_config.json, the real pairs they saw."""
+    generated = tmp_path / "generated"
+    shutil.copytree(toy_data, generated)
+    train_names = sorted(path.stem for path in (real_split / "train" / "masks").iterdir())
+    val_names = sorted(path.stem for path in (real_split / "val" / "masks").iterdir())
+    models = {
+        "layout_model": (real_split / "train", train_names),  # all 8 train pairs
+        "renderer": (real_split / "val", val_names[:3]),  # 3 validation pairs
+        "model": (tmp_path / "elsewhere", ["x"]),  # another folder: not compared
+    }
+    for flag, (data_root, seen) in models.items():
+        (tmp_path / flag).mkdir()
+        config = {"pipeline": "spade_sdm", "data_root": str(data_root), "train_samples": seen}
+        (tmp_path / flag / "training_config.json").write_text(json.dumps(config))
+    (generated / "generation_args.json").write_text(json.dumps({flag: str(tmp_path / flag) for flag in models}))
+
+    down = run_downstream(generated, real_split, tmp_path / "eval", "--max_train_samples", "5")
+    assert down["generators"]["layout_model"]["train_samples"] == 8
+    assert down["generators"]["layout_model"]["not_among_segmenters"] == 3  # 8 seen, 5 given to the segmenters
+    assert down["generators"]["renderer"]["validation_pairs_seen"] == 3
+    assert "not_among_segmenters" not in down["generators"]["model"]
+    report = (tmp_path / "eval" / "evaluation_report.txt").read_text()
+    assert "8 real pairs, 3 of them not among the segmenters' 5: NOT A FAIR COMPARISON" in report
+    assert (
+        "it saw 3 of the validation pairs" in report and "(another folder than the segmenters': not compared)" in report
+    )
+
+    fair = run_downstream(generated, real_split, tmp_path / "fair")["generators"]["layout_model"]
+    assert fair["not_among_segmenters"] == 0 and "validation_pairs_seen" not in fair
+
+
 def test_class_vs_rest_labels_keep_only_the_masks_class():
     mask = np.array([[0, 2, 2], [0, 0, 2]])  # a class-2 sample; the rest written as background
     assert class_vs_rest_labels(mask, 2, 255).tolist() == [[255, 2, 2], [255, 255, 2]]
