@@ -337,10 +337,17 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
     versus = down["synthetic_vs_oversampling"]
     rare, miou = versus["per_class_iou"][RARE], versus["miou"]
     copying = balance["layout_quality"]["copying"]["share_above_0.9"]
+    needed = round(0.8 * num_seeds)  # 4 of 5
+    generators = down["generators"]  # the real pairs the layout model and the renderer recorded, against the arms'
+    unfair = sum(
+        entry.get("not_among_segmenters", 1) + entry.get("validation_pairs_seen", 0) for entry in generators.values()
+    )
     checks = {
+        f"fair protocol: the {' and '.join(generators)} saw only the segmenters' real pairs, no validation pair "
+        f"({unfair} other)": set(generators) == {"layout_model", "renderer"} and unfair == 0,
         f"{RARE} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
-        f"... positive in >= 4 of 5 seeds ({rare['positive_seeds']} of {num_seeds})": rare["positive_seeds"]
-        >= round(0.8 * num_seeds),
+        f"... positive in >= {needed} of {num_seeds} seeds ({rare['positive_seeds']})": rare["positive_seeds"]
+        >= needed,
         f"mIoU not lower ({miou['mean']:+.3f})": miou["mean"] >= 0,
         f"no class below -0.05 ({', '.join(down['classes_made_worse']) or 'none'})": not down["classes_made_worse"],
         f"--balance ratio MAE <= 0.05 ({balance['mae']:.4f})": balance["mae"] <= 0.05,

@@ -47,3 +47,25 @@ def test_a_class_never_drawn_has_no_realism_and_the_row_says_so(bench):
 
     section = layout_quality(real, drawn, ["background", "square", "speck"], IGNORE, max_pairwise_maps=8)
     assert "speck in no training map" in bench.layout_quality_row(section, num_synthetic=2)["result"]
+
+
+def test_the_targets_row_checks_the_protocol_from_what_the_models_recorded(bench):
+    versus = {"mean": 0.1, "positive_seeds": 5}
+    down = {
+        "synthetic_vs_oversampling": {"per_class_iou": {bench.RARE: versus}, "miou": versus},
+        "classes_made_worse": [],
+        "generators": {
+            "layout_model": {"train_samples": 64, "not_among_segmenters": 0},
+            "renderer": {"train_samples": 64, "not_among_segmenters": 0},
+        },
+    }
+    balance = {"mae": 0.001, "layout_quality": {"copying": {"share_above_0.9": 0.0}}}
+    fair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5)["result"]
+    assert "PASS fair protocol: the layout_model and renderer saw only the segmenters' real pairs" in fair
+
+    down["generators"]["renderer"] = {"train_samples": 512, "not_among_segmenters": 448, "validation_pairs_seen": 3}
+    unfair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5)["result"]
+    assert (
+        "MISSED fair protocol: the layout_model and renderer saw only the segmenters' real pairs, no validation "
+        "pair (451 other)" in unfair
+    )
