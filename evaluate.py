@@ -779,6 +779,7 @@ def generators_real_pairs(generated_dir: Path, real_train: SegmentationDataset, 
     same folder (its training_config.json's data_root) as the segmenters or the validation pairs came from."""
     args_file = generated_dir / ARGS_FILE
     recorded = read_json(args_file) if args_file.is_file() else {}
+    train_names, val_names = set(real_train.sample_names()), set(real_val.sample_names())
     models = {}
     for flag in ("layout_model", "renderer", "model"):
         folder = recorded.get(flag)
@@ -793,9 +794,9 @@ def generators_real_pairs(generated_dir: Path, real_train: SegmentationDataset, 
             continue
         entry = {"folder": str(run.run_dir), "data_root": data_root, "train_samples": len(seen)}
         if same_folder(data_root, real_train.data_root):
-            entry["not_among_segmenters"] = len(set(seen) - set(real_train.sample_names()))
+            entry["not_among_segmenters"] = len(set(seen) - train_names)
         if same_folder(data_root, real_val.data_root):
-            entry["validation_pairs_seen"] = len(set(seen) & set(real_val.sample_names()))
+            entry["validation_pairs_seen"] = len(set(seen) & val_names)
         models[flag] = entry
     return models
 

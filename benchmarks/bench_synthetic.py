@@ -339,6 +339,8 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
     copying = balance["layout_quality"]["copying"]["share_above_0.9"]
     needed = round(0.8 * num_seeds)  # 4 of 5
     generators = down["generators"]  # the real pairs the layout model and the renderer recorded, against the arms'
+    # Pairs a generator saw that the arms did not get, plus validation pairs it saw; a generator trained on another
+    # folder (no "not_among_segmenters": its pairs cannot be compared) counts as one.
     unfair = sum(
         entry.get("not_among_segmenters", 1) + entry.get("validation_pairs_seen", 0) for entry in generators.values()
     )
