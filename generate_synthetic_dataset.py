@@ -121,6 +121,15 @@ def parse_args(argv=None):
         "alone); between, a trade of exact shares for layouts more the model's own (segdiff/pipelines/layout.py's "
         "match_requested_shares says how). (default: %(default)s)",
     )
+    parser.add_argument(
+        "--layout_candidates",
+        type=positive_int,
+        default=1,
+        help="Layouts drawn per request, of which the one whose shares come closest to it is kept "
+        "(LayoutDiffusionPipeline's num_candidates): closer shares without editing the model's shapes, at this "
+        "many times the layout sampling cost; for --no_match_ratios or a --match_strength below 1. "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="Layout sampling steps.")
     parser.add_argument(
         "--scheduler",
@@ -216,9 +225,12 @@ def requests(args, class_names: list[str], prior: dict | None, domains: list[str
     return [{}] * args.num_samples
 
 
-def unseen_class_note(args, prior: dict | None, class_names: list[str], domains: list[str | None]) -> str | None:
+def unseen_class_note(
+    args, prior: dict | None, class_names: list[str], domains: list[str | None], all_requests: list[dict[int, float]]
+) -> str | None:
     """What the requests cannot get, if anything: the classes of which the layout model's training maps (of a
-    sample's domain) have no pixel. --balance leaves them out; a --ratios request for one is extrapolation."""
+    sample's domain) have no pixel. --balance leaves them out; a --ratios request (every sample's) for one is
+    extrapolation."""
     if prior is None:
         return None
     unseen = {domain: unseen_classes(prior_of(prior, domain), class_names) for domain in dict.fromkeys(domains)}
@@ -230,7 +242,7 @@ def unseen_class_note(args, prior: dict | None, class_names: list[str], domains:
             if names
         ]
         return f"--balance leaves out {'; '.join(parts)}: {where}, so the model never drew one." if parts else None
-    asked = [class_names[c] for c, share in parse_ratios(args.ratios, class_names).items() if share > 0]
+    asked = [class_names[c] for c, share in all_requests[0].items() if share > 0]
     lacking = [name for name in asked if any(name in names for names in unseen.values())]
     if lacking:
         return (
@@ -348,7 +360,7 @@ def main(args):
     prior = load_prior(layout_run) if args.balance or (args.ratios and has_prior) else None
     domains = sample_domains(pipeline, args.domain, args.num_samples)
     all_requests = requests(args, class_names, prior, domains)
-    note = unseen_class_note(args, prior, class_names, domains)
+    note = unseen_class_note(args, prior, class_names, domains, all_requests)
     if note and state.is_main_process:
         print(note, file=sys.stderr)
 
@@ -384,6 +396,7 @@ def main(args):
         "guidance_scale": args.guidance_scale,
         "match_ratios": args.match_ratios,
         "match_strength": args.match_strength,
+        "layout_candidates": args.layout_candidates,
         "num_inference_steps": args.num_inference_steps,
         "scheduler": args.scheduler,
         "domain": args.domain,
@@ -414,6 +427,7 @@ def main(args):
             scheduler=args.scheduler,
             match_ratios=args.match_ratios,
             match_strength=args.match_strength,
+            num_candidates=args.layout_candidates,
         ).label_maps
         labels = [resize_labels(layout, *size) for layout in layouts]
         images = [None] * len(batch)

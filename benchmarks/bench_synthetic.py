@@ -15,8 +15,9 @@
    VAE fitted: see RESULTS.md, bench_sdm and bench_controlnet), both on the --max_train_samples real pairs the
    segmenters get in step 4, no more;
 3. ratio control, on requests from the held-out val maps (every class at a map's shares, one class, the rare
-   class, and the rare class at 5x its share): the layout model alone (no ratio matching), with matching at
-   strength 0.5 and 1, and the realism each costs; and the --balance run's own ratio_report.json;
+   class, and the rare class at 5x its share): the layout model alone (no ratio matching), the best of 4 of its
+   layouts (LayoutDiffusionPipeline's num_candidates), with matching at strength 0.5 and 1, and the realism each
+   costs; and the --balance run's own ratio_report.json;
 4. generate_synthetic_dataset.py --balance --renderer SDM, then evaluate.py --downstream with the same
    --max_train_samples: the same segmenter, seeds and steps trained on each arm (real only, real + oversampling,
    real + synthetic, real + synthetic + oversampling), scored on the real validation split; per seed and
@@ -196,13 +197,19 @@ def ratio_mae(requests: list[dict], layouts: np.ndarray, num_classes: int) -> fl
     return float(np.mean([np.mean([abs(achieved[i][c] - v) for c, v in r.items()]) for i, r in enumerate(requests)]))
 
 
-# Ratio matching's settings compared: the model alone (no matching), half-way, exact (the default).
-MATCHING = {"model alone": {"match_ratios": False}, "match 0.5": {"match_strength": 0.5}, "match 1": {}}
+# The ways to a request compared: the model alone (no matching); the best of 4 of its layouts (none edited: the one
+# whose shares come closest); ratio matching half-way and exact (the default).
+MATCHING = {
+    "model alone": {"match_ratios": False},
+    "best of 4": {"match_ratios": False, "num_candidates": 4},
+    "match 0.5": {"match_strength": 0.5},
+    "match 1": {},
+}
 
 
 def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> list[dict]:
-    """How closely the layouts follow held-out requests (`held_out_requests`), by the model alone and with ratio
-    matching at strength 0.5 and 1, and what matching costs in realism (`segdiff.layout_quality.realism` against
+    """How closely the layouts follow held-out requests (`held_out_requests`), by the model alone, as the best of 4
+    of its layouts, and with ratio matching at strength 0.5 and 1, and what each costs in realism (`segdiff.layout_quality.realism` against
     the maps the model trained on: mean over the classes of the per-class summary distance). 50 steps (DDIM for
     an analog model, its own scheduler for a d3pm one), guidance 1, as generate_synthetic_dataset.py's defaults;
     sample i seeded i.
@@ -237,6 +244,7 @@ def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> lis
                 + " / ".join(f"{v:.3f}" for v in realisms.values())
                 + f"; {drawing_none:.4f}",
                 "model_alone_mae": maes["model alone"],
+                "best_of_4_mae": maes["best of 4"],
                 "drawing_none_mae": drawing_none,
                 "kind": kind,
             }
@@ -318,17 +326,20 @@ def class_realism(value: dict) -> str:
 
 
 def model_alone_checks(rows: list[dict]) -> dict[str, bool]:
-    """The layout model alone on each kind of held-out request (full, one class, rare): MAE <= 0.03, and at most half
-    of what drawing none of the asked classes scores (without the second, a model that never draws the rare class
-    passes on its small requests)."""
+    """The layout model without ratio matching on each kind of held-out request (full, one class, rare), alone and
+    as the best of 4 of its layouts: MAE <= 0.03, and at most half of what drawing none of the asked classes scores
+    (without the second, a model that never draws the rare class passes on its small requests). Issue #24's target
+    is the model alone; the best of 4 is a sampler's choice among its layouts, checked on its own line."""
     checks = {}
     for row in rows:
         if row.get("kind") in ("full", "one class", "rare"):
-            mae, none = row["model_alone_mae"], row["drawing_none_mae"]
-            name = (
-                f"model-only ratio MAE <= 0.03 and <= half of drawing none, {row['kind']} ({mae:.4f}; none {none:.4f})"
-            )
-            checks[name] = mae <= 0.03 and mae <= none / 2
+            none = row["drawing_none_mae"]
+            for label, key in (("model-only", "model_alone_mae"), ("best of 4 (no matching)", "best_of_4_mae")):
+                mae = row[key]
+                name = (
+                    f"{label} ratio MAE <= 0.03 and <= half of drawing none, {row['kind']} ({mae:.4f}; none {none:.4f})"
+                )
+                checks[name] = mae <= 0.03 and mae <= none / 2
     return checks
 
 

@@ -69,3 +69,20 @@ def test_the_targets_row_checks_the_protocol_from_what_the_models_recorded(bench
         "MISSED fair protocol: the layout_model and renderer saw only the segmenters' real pairs, no validation "
         "pair (451 other)" in unfair
     )
+
+
+def test_the_best_of_4_is_checked_on_its_own_line_and_the_model_alone_stays_the_target(bench):
+    """A row where the best of 4 meets the target and the model alone does not: the model-only line still reads
+    MISSED; a rare row drawn as badly as drawing none fails the half-of-none part."""
+    rows = [
+        {"kind": "one class", "model_alone_mae": 0.047, "best_of_4_mae": 0.021, "drawing_none_mae": 0.088},
+        {"kind": "rare", "model_alone_mae": 0.021, "best_of_4_mae": 0.019, "drawing_none_mae": 0.023},
+        {"kind": "rare x5", "model_alone_mae": 0.11, "best_of_4_mae": 0.10, "drawing_none_mae": 0.116},
+    ]
+    checks = bench.model_alone_checks(rows)
+    assert checks == {
+        "model-only ratio MAE <= 0.03 and <= half of drawing none, one class (0.0470; none 0.0880)": False,
+        "best of 4 (no matching) ratio MAE <= 0.03 and <= half of drawing none, one class (0.0210; none 0.0880)": True,
+        "model-only ratio MAE <= 0.03 and <= half of drawing none, rare (0.0210; none 0.0230)": False,
+        "best of 4 (no matching) ratio MAE <= 0.03 and <= half of drawing none, rare (0.0190; none 0.0230)": False,
+    }

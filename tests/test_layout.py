@@ -246,6 +246,43 @@ def test_match_strength_trades_exact_shares_for_the_model_alone(pipeline):
         pipeline(ratios[:1], known[:1], match_ratios=False, match_strength=0.5)
 
 
+def test_num_candidates_keeps_the_candidate_closest_to_the_request(pipeline):
+    """Best of 4 is never further from a request than candidate 0, which is the num_candidates=1 layout (DDIM);
+    on average it is closer; a request for nothing keeps candidate 0; candidates come from the sample's generator."""
+    count = 6
+    ratios = torch.tensor([[0.0, 0.3, 0.0, 0.0], [0.0, 0.0, 0.15, 0.0], [0.7, 0.1, 0.15, 0.05], [0.0] * 4])
+    ratios, known = ratios.repeat(count, 1), ratios.repeat(count, 1) > 0
+    requests = len(ratios)
+
+    def layouts(candidates, **kwargs):
+        return pipeline(
+            ratios, known, num_inference_steps=10, generator=seeds(*range(requests)), match_ratios=False,
+            num_candidates=candidates, **kwargs,
+        ).label_maps  # fmt: skip
+
+    def errors(maps):
+        drawn = class_ratios(torch.from_numpy(maps), 4)
+        return ((drawn - ratios).abs() * known).sum(1) / known.sum(1).clamp(min=1)
+
+    one, best = layouts(1), layouts(4)
+    assert best.shape == one.shape == (requests, 16, 16)
+    assert (errors(best) <= errors(one) + 1e-6).all()
+    asked = known.any(1)
+    print(
+        f"ratio MAE of the model alone: one candidate {errors(one)[asked].mean():.4f}, best of 4 {errors(best)[asked].mean():.4f}"
+    )
+    assert errors(best)[asked].mean() < 0.8 * errors(one)[asked].mean()
+    np.testing.assert_array_equal(best[~asked.numpy()], one[~asked.numpy()])  # nothing asked: all tie, the first kept
+    # Request 1 alone (with its own generator) draws the same 4 candidates, so keeps the same one.
+    alone = pipeline(
+        ratios[1:2], known[1:2], num_inference_steps=10, generator=seeds(1), match_ratios=False, num_candidates=4
+    ).label_maps
+    np.testing.assert_array_equal(alone[0], best[1])
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="num_candidates must be a whole number >= 1"):
+            layouts(bad)
+
+
 def test_sparse_requests_and_per_sample_generators(pipeline):
     """Only one class named; sample i is the same alone and in a batch, also with the stochastic DDPM scheduler."""
     ratios = torch.zeros(3, 4)

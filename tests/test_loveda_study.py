@@ -134,9 +134,13 @@ def test_quick_study_runs_every_stage_then_skips_them_all(tmp_path):
         assert row["synthetic_minus_oversampling"] == down["synthetic_vs_oversampling"]["per_class_iou"][row["class"]]
         assert row["render_iou"] == down["render_fidelity"]["per_class_iou"][row["class"]]
     assert report["classes_made_worse"] == down["classes_made_worse"]
-    models = report["real_pairs"]["models"]
-    assert report["real_pairs"]["max_train_samples"] == 8
-    assert all(seen == {"count": 8, "same_pairs_as_the_segmenters": True} for seen in models.values())
+    # The layout model and the ControlNet saw the segmenters' 8 real pairs and no validation pair (evaluate.py
+    # checked it from their training_config.json).
+    real_pairs = report["real_pairs"]
+    assert real_pairs["max_train_samples"] == 8 and real_pairs["segmenters"] == 8
+    assert sorted(real_pairs["generators"]) == ["layout_model", "renderer"]
+    for seen in real_pairs["generators"].values():
+        assert (seen["train_samples"], seen["not_among_segmenters"], seen["validation_pairs_seen"]) == (8, 0, 0)
     markdown = (work / "report.md").read_text()
     table = [line.split(" | ")[0].lstrip("| ") for line in markdown.splitlines() if "%) |" in line]
     assert [name.removesuffix(" (worse)") for name in table] == order

@@ -206,6 +206,34 @@ def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch, capsys):
     )  # fmt: skip
 
 
+def test_layout_candidates_keep_each_requests_closest_layout(models, tmp_path):
+    """--layout_candidates 4 writes, per sample, the closest of 4 layouts, of which the first is the one
+    --layout_candidates 1 writes (DDIM): no sample further from its request, at least one closer, and the run's
+    record says how it was made."""
+    import json
+
+    import torch
+
+    from segdiff.data import read_label_map
+    from segdiff.models.layout_unet import class_ratios
+
+    def disk_errors(out):
+        records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+        maps = torch.from_numpy(np.stack([read_label_map(out / record["mask_file_name"]) for record in records]))
+        return (class_ratios(maps, 4)[:, NAMES_TOY.index("disk")] - 0.3).abs()
+
+    # DDIM, as the layout trainer saves (this untrained model holds DDPM, whose step noise the candidates share).
+    run = ["--layouts_only", "--ratios", "disk:0.3", "--no_match_ratios", "--num_samples", "6", "--scheduler", "ddim"]
+    generate(models, tmp_path / "one", *run)
+    generate(models, tmp_path / "best", *run, "--layout_candidates", "4")
+    one, best = disk_errors(tmp_path / "one"), disk_errors(tmp_path / "best")
+    assert (best <= one + 1e-6).all() and (best < one - 1e-6).any(), (one, best)
+    assert json_of(tmp_path / "best" / "generation_args.json")["layout_candidates"] == 4
+    assert (
+        json_of(tmp_path / "best" / "ratio_report.json")["mae"] < json_of(tmp_path / "one" / "ratio_report.json")["mae"]
+    )
+
+
 def test_the_ratio_report_holds_the_layout_quality_against_the_training_maps(models, toy_data, tmp_path):
     import json
     import shutil
