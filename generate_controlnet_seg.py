@@ -59,7 +59,6 @@ from segdiff.generation import (
     read_captions,
     read_mask,
     recorded_model,
-    recorded_path,
 )
 from segdiff.geometry import ImageSize
 from segdiff.processes import generation_state
@@ -70,7 +69,7 @@ from segdiff.rendering import (
     ControlNetSettings,
     load_controlnet_renderer,
 )
-from segdiff.runs import open_run
+from segdiff.runs import open_run, recorded_path
 from segdiff.schedulers import SCHEDULERS
 
 # Stops here, naming the upgrade, when the installed diffusers is older than this script needs.

@@ -57,13 +57,12 @@ from segdiff.generation import (
     masks_of,
     read_mask,
     recorded_model,
-    recorded_path,
 )
 from segdiff.geometry import ImageSize
 from segdiff.labels import resize_labels
 from segdiff.processes import generation_state
 from segdiff.rendering import SDM_GUIDANCE_SCALE, SDM_SCHEDULER, load_sdm_pipeline, sdm_guidance_scale, sdm_palette
-from segdiff.runs import open_run
+from segdiff.runs import open_run, recorded_path
 from segdiff.schedulers import CORE_SCHEDULERS, make_scheduler
 
 # Stops here, naming the upgrade, when the installed diffusers is older than this script needs.

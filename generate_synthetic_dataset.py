@@ -55,14 +55,14 @@ from segdiff.data import (
     save_label_png,
 )
 from segdiff.files import save_image_atomic, write_json_atomic
-from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_model, recorded_path
+from segdiff.generation import SampleWriter, add_save_dir_arguments, recorded_model
 from segdiff.geometry import ImageSize
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.layout_quality import evenly_spaced, layout_quality
 from segdiff.models.layout_unet import LayoutUNetModel, class_ratios
 from segdiff.pipelines.layout import LayoutDiffusionPipeline
 from segdiff.processes import generation_state
-from segdiff.runs import TrainedRun, open_run, read_run_file
+from segdiff.runs import TrainedRun, open_run, read_run_file, recorded_path
 from segdiff.schedulers import CORE_SCHEDULERS, SCHEDULERS
 from segdiff.seeds import cpu_generators
 from segdiff.synthetic import balanced_request, parse_class_weights, parse_ratios, ratio_report, unseen_classes
@@ -127,7 +127,8 @@ def parse_args(argv=None):
         default=1,
         help="Layouts drawn per request, of which the one whose shares come closest to it is kept "
         "(LayoutDiffusionPipeline's num_candidates): closer shares without editing the model's shapes, at this "
-        "many times the layout sampling cost; for --no_match_ratios or a --match_strength below 1. "
+        "many times the layout sampling cost and batch (lower --batch_size if memory runs short); for "
+        "--no_match_ratios or a --match_strength below 1. "
         "(default: %(default)s)",
     )
     parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="Layout sampling steps.")

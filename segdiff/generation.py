@@ -57,6 +57,7 @@ from segdiff.files import save_image_atomic, write_bytes_atomic, write_json_atom
 from segdiff.geometry import ImageSize
 from segdiff.labels import colorize_label, colour_codes, colours_of_codes, resize_labels
 from segdiff.processes import OneProcess, process_share
+from segdiff.runs import recorded_path
 from segdiff.schedulers import SCHEDULERS, takes_eta
 from segdiff.seeds import derive_seed
 from segdiff.visualize import image_grid
@@ -396,16 +397,8 @@ def read_captions(path: str | Path, stems: list[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def recorded_path(name: str | Path | None) -> str | None:
-    """A path argument (model, checkpoint, reference image) as recorded in ARGS_FILE: a local path made absolute (the
-    same file from any working directory, so a re-run from elsewhere still matches), anything else (a hub id) as given."""
-    if name is None:
-        return None
-    return str(Path(name).resolve()) if Path(name).exists() else str(name)
-
-
 def recorded_model(name: str | Path | None, revision: str | None) -> str | None:
-    """A trained model's flag as recorded in ARGS_FILE: `recorded_path`, with the revision of a Hub repository
+    """A trained model's flag as recorded in ARGS_FILE: `segdiff.runs.recorded_path`, with the revision of a Hub repository
     after an @ (samples of two revisions are two experiments)."""
     if name is None:
         return None

@@ -32,6 +32,17 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 # How the Hub copy of a run file names a folder of the machine that trained it: <local>/<folder name>.
 LOCAL_FOLDER = "<local>"
 
+
+def recorded_path(name: str | Path | None) -> str | None:
+    """A path argument (data, base model, checkpoint, reference image) as a run file records it (training_config.json,
+    generation_args.json): a local path made absolute, so that it names the same folder read from any working
+    directory (a re-run from elsewhere still matches; evaluate.py still finds a model's training data); anything else
+    (a Hub id) as given."""
+    if name is None:
+        return None
+    return str(Path(name).resolve()) if Path(name).exists() else str(name)
+
+
 # The ``pipeline`` each trainer records in training_config.json, and what a folder of it is called in messages.
 KINDS = {
     "joint_image_mask": "train_seg_mask_diffusion.py",

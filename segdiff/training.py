@@ -57,7 +57,7 @@ from segdiff.data import DatasetError, SegmentationDataset, bad_data_error, firs
 from segdiff.files import write_json_atomic
 from segdiff.geometry import ImageSize, check_size_multiple, size_multiple, unet_downsampling, vae_scale_factor
 from segdiff.processes import launched_on_cpus_only
-from segdiff.runs import LOCAL_FOLDER
+from segdiff.runs import LOCAL_FOLDER, recorded_path
 from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
@@ -1258,6 +1258,11 @@ def stop_on_nonfinite_loss(accelerator: Accelerator, loss: torch.Tensor, global_
     )
 
 
+# The path arguments that later runs read back from training_config.json: the training data (evaluate.py's
+# fair-protocol check, the synthetic generator's layout quality) and the base models (a ControlNet's generator).
+RECORDED_PATHS = ("data_root", "train_data_dir", "pretrained_model_name_or_path", "controlnet_model_name_or_path")
+
+
 def write_run_files(
     output_dir: str | Path,
     args: argparse.Namespace,
@@ -1268,14 +1273,17 @@ def write_run_files(
     train_class_pixels: list[int] | None,
     **extra,
 ) -> None:
-    """``training_config.json`` (every argument but the secrets, the names of the pairs trained on and each class's
-    pixels in them, from `check_training_data`, or None without label maps, plus what generation needs) and, when
-    the classes are known, ``class_names.json``."""
+    """``training_config.json`` (every argument but the secrets, the local paths of `RECORDED_PATHS` made absolute;
+    the names of the pairs trained on and each class's pixels in them, from `check_training_data`, or None without
+    label maps; plus what generation needs) and, when the classes are known, ``class_names.json``."""
     import diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(args)
+    for key in RECORDED_PATHS:  # absolute: later runs read them back from wherever they are started
+        if config.get(key) is not None:
+            config[key] = recorded_path(config[key])
     # Which real pairs the model saw: what evaluate.py --downstream must give its segmenters for a fair comparison.
     config["train_samples"] = list(train_samples)
     config["train_class_pixels"] = train_class_pixels  # a class without a pixel is one the model never saw

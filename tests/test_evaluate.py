@@ -703,14 +703,17 @@ def test_downstream_segformer_from_random_or_pretrained_weights(toy_data, real_s
 
 def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, tiny_sd_folder, tmp_path):
     """--max_train_samples 5 of the 24 toy pairs: the layout model, the SDM renderer, the ControlNet and evaluate.py's
-    segmenters take the same 5; evaluate.py's held-out validation pairs are none of them."""
-    data = ["--data_root", toy_data, "--dataset", "generic", "--max_train_samples", "5"]
+    segmenters take the same 5; evaluate.py's held-out validation pairs are none of them. A trainer given the data as
+    a relative path records it absolute, so evaluate.py run from another folder still finds it the segmenters'."""
+    relative = os.path.relpath(toy_data, ROOT)  # the scripts run in the repository root
+    data = ["--data_root", relative, "--dataset", "generic", "--max_train_samples", "5"]
     short = ["--max_train_steps", "1", "--train_batch_size", "4", "--resolution", "16", "--report_to", "none"]
     short += ["--validation_steps", "0"]
     layout_config = ["--model_config", "configs/models/layout_tiny.json"]
     run_script("accelerate", "launch", "train_layout_diffusion.py", *data, *short, *layout_config, "--output_dir", tmp_path / "layout")  # fmt: skip
     run_script("train_spade_sdm.py", *data, *short, "--model_config", "configs/models/sdm_tiny.json", "--output_dir", tmp_path / "sdm")  # fmt: skip
     layout, sdm = (json.loads((tmp_path / run / "training_config.json").read_text()) for run in ("layout", "sdm"))
+    assert layout["data_root"] == sdm["data_root"] == str(toy_data.resolve())
     controlnet_args = train_controlnet_seg.parse_args(
         [str(argument) for argument in data]
         + ["--pretrained_model_name_or_path", str(tiny_sd_folder), "--output_dir", "unused", "--resolution", "16"]
