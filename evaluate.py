@@ -626,7 +626,10 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
     else:
         return None
     if 0 <= args.ignore_index < len(names):
-        raise DatasetError(f"--ignore_index {args.ignore_index} is also a class id (0..{len(names) - 1}).")
+        raise DatasetError(
+            f"--ignore_index {args.ignore_index} is also a class id (0..{len(names) - 1}). Fix: choose an id outside "
+            f"the classes (the default is {IGNORE_INDEX})."
+        )
     return Classes(names, list(palette or default_palette(len(names))), palette is not None, source)
 
 

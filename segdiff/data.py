@@ -323,7 +323,9 @@ class SegmentationDataset(Dataset):
         if 0 <= self.ignore_index < self.num_classes:
             raise DatasetError(
                 f"--ignore_index {self.ignore_index} is also a class id (classes are 0..{self.num_classes - 1}). "
-                f"Fix: choose an id outside the classes (the default is {IGNORE_INDEX})."
+                f"Fix: choose an id outside the classes (the default is {IGNORE_INDEX}). Masks whose id 0 marks "
+                f"unlabelled pixels and 1..N the classes must be re-saved with class = id - 1 and {IGNORE_INDEX} "
+                "where the id is 0, and their class list without the unlabelled entry."
             )
         self.palette = _checked_palette(list(self.palette), self.num_classes, "the palette")
         self.pairs = [(Path(image), Path(mask)) for image, mask in self.pairs]

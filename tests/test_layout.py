@@ -600,13 +600,14 @@ def test_d3pm_layout_model_learns_the_data_and_follows_requests(d3pm_pipeline, d
 
 
 def test_d3pm_samples_are_per_sample_seeded_and_refuse_another_scheduler(d3pm_pipeline):
+    """Also with candidates: request i's are drawn from its generator alone, whatever else is in the batch."""
     ratios, known = d3pm_pipeline.requests([{"disk": 0.3}, {"background": 0.9}, {}])
-    kwargs = dict(num_inference_steps=6, guidance_scale=1.5)
-    batch = d3pm_pipeline(ratios, known, generator=seeds(5, 6, 7), **kwargs).label_maps
-    assert batch.shape == (3, 16, 16) and batch.dtype == np.int64 and batch.min() >= 0 and batch.max() < 4
-    for i, seed in enumerate((5, 6, 7)):
-        alone = d3pm_pipeline(ratios[i : i + 1], known[i : i + 1], generator=seeds(seed), **kwargs).label_maps
-        np.testing.assert_array_equal(alone[0], batch[i])
+    for kwargs in (dict(num_inference_steps=6, guidance_scale=1.5), dict(num_inference_steps=4, num_candidates=3)):
+        batch = d3pm_pipeline(ratios, known, generator=seeds(5, 6, 7), **kwargs).label_maps
+        assert batch.shape == (3, 16, 16) and batch.dtype == np.int64 and batch.min() >= 0 and batch.max() < 4
+        for i, seed in enumerate((5, 6, 7)):
+            alone = d3pm_pipeline(ratios[i : i + 1], known[i : i + 1], generator=seeds(seed), **kwargs).label_maps
+            np.testing.assert_array_equal(alone[0], batch[i])
     with pytest.raises(ValueError, match="samples with its own MaskedLayoutScheduler.*leave the scheduler unset"):
         d3pm_pipeline(ratios, known, scheduler="ddim")
 
