@@ -92,6 +92,7 @@ from segdiff.data import (
     IMAGE_EXTENSIONS,
     DatasetError,
     SegmentationDataset,
+    default_class_names,
     exit_on_bad_input,
     files_by_stem,
     first_few,
@@ -622,7 +623,7 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
                 "Fix: drop --num_classes, or pass the matching --class_names_json."
             )
     elif args.num_classes is not None:
-        names, palette, source = [f"class_{i}" for i in range(args.num_classes)], None, "--num_classes"
+        names, palette, source = default_class_names(args.num_classes), None, "--num_classes"
     else:
         return None
     if 0 <= args.ignore_index < len(names):
@@ -760,7 +761,7 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, Segm
 def check_same_classes(dataset: SegmentationDataset, classes: Classes, root: Path) -> None:
     """Refuse real pairs whose class ids name other classes than the generated set's: a segmenter trained on both
     would learn one id as two classes. Default names (``class_0``...: no names known on one side) match anything."""
-    defaults = [f"class_{i}" for i in range(len(classes.names))]
+    defaults = default_class_names(len(classes.names))
     if dataset.class_names in (classes.names, defaults) or classes.names == defaults:
         return
     raise DatasetError(

@@ -210,8 +210,9 @@ MATCHING = {
 
 def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> list[dict]:
     """How closely the layouts follow held-out requests (`held_out_requests`), by the model alone, as the best of 4
-    of its layouts, and with ratio matching at strength 0.5 and 1, and what each costs in realism (`segdiff.layout_quality.realism` against
-    the maps the model trained on: mean over the classes of the per-class summary distance). 50 steps (DDIM for
+    of its layouts, and with ratio matching at strength 0.5 and 1, and what each costs in realism
+    (`segdiff.layout_quality.realism` against the maps the model trained on: mean over the classes of the per-class
+    summary distance). 50 steps (DDIM for
     an analog model, its own scheduler for a d3pm one), guidance 1, as generate_synthetic_dataset.py's defaults;
     sample i seeded i.
 

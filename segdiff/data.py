@@ -266,6 +266,11 @@ def write_class_names(path: str | Path, names: list[str], palette=None, **notes)
     write_json_atomic(path, {**content, **notes})
 
 
+def default_class_names(num_classes: int) -> list[str]:
+    """The names of classes known only by their count: ``class_0``, ``class_1``..."""
+    return [f"class_{i}" for i in range(num_classes)]
+
+
 def _resolve_classes(layout: str, names, palette, names_source, *, class_names_json, num_classes, data_root):
     """Class names and palette: --class_names_json wins, then the layout's own list, then --num_classes."""
     if class_names_json is not None:
@@ -283,7 +288,7 @@ def _resolve_classes(layout: str, names, palette, names_source, *, class_names_j
                 "Fix: pass --num_classes N (ids 0..N-1) or --class_names_json FILE, or put a "
                 f"class_names.json (a JSON list of names) in {data_root}."
             )
-        names = [f"class_{i}" for i in range(num_classes)]
+        names = default_class_names(num_classes)
     elif num_classes is not None and num_classes != len(names):
         raise DatasetError(
             f"--num_classes {num_classes} disagrees with the {len(names)} class names from {names_source}. "

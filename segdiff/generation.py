@@ -398,8 +398,8 @@ def read_captions(path: str | Path, stems: list[str]) -> dict[str, str]:
 
 
 def recorded_model(name: str | Path | None, revision: str | None) -> str | None:
-    """A trained model's flag as recorded in ARGS_FILE: `segdiff.runs.recorded_path`, with the revision of a Hub repository
-    after an @ (samples of two revisions are two experiments)."""
+    """A trained model's flag as recorded in ARGS_FILE: `segdiff.runs.recorded_path`, with the revision of a Hub
+    repository after an @ (samples of two revisions are two experiments)."""
     if name is None:
         return None
     return recorded_path(name) + (f"@{revision}" if revision else "")
