@@ -188,6 +188,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Mask id meaning no-data: not scored. (default: %(default)s)",
     )
     data.add_argument(
+        "--label_offset",
+        type=non_negative_int,
+        default=None,
+        help="The file id of class 0 in the real masks (--real_dir, --real_val_dir): 1 for masks whose 0 marks "
+        "unlabelled pixels and whose classes count from 1 (ids below it are no-data). The generated masks hold class "
+        "ids, as the generators write them. Default: 1 for --real_dataset loveda, else 0 (the trainers' option too).",
+    )
+    data.add_argument(
         "--reference_dir",
         default=None,
         help="Reference images for the style metric: one image for all, or a folder whose images pair with the "
@@ -629,7 +637,8 @@ def resolve_classes(args, generated_dir: Path) -> Classes | None:
     if 0 <= args.ignore_index < len(names):
         raise DatasetError(
             f"--ignore_index {args.ignore_index} is also a class id (0..{len(names) - 1}). Fix: choose an id outside "
-            f"the classes (the default is {IGNORE_INDEX})."
+            f"the classes (the default is {IGNORE_INDEX}); for real masks whose 0 marks unlabelled pixels, pass "
+            "--label_offset 1."
         )
     return Classes(names, list(palette or default_palette(len(names))), palette is not None, source)
 
@@ -731,6 +740,7 @@ def downstream_splits(args, classes: Classes) -> tuple[SegmentationDataset, Segm
             class_names_json=args.class_names_json,
             num_classes=len(classes.names),
             ignore_index=args.ignore_index,
+            label_offset=args.label_offset,
         )
         check_same_classes(dataset, classes, root)
         return dataset

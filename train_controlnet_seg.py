@@ -48,7 +48,6 @@ from transformers import AutoTokenizer, CLIPTextModel
 from segdiff import check_min_diffusers_version, training
 from segdiff.arguments import finite_float, non_negative_int, positive_int
 from segdiff.data import (
-    LABEL_OFFSETS,
     DatasetError,
     JointTransform,
     add_dataset_args,
@@ -653,7 +652,7 @@ def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Ima
     if args.validation_image:
         for path in args.validation_image:
             if palette is not None:  # label PNGs (as the training layout stores them: raw LoveDA ids) or colours
-                offset = LABEL_OFFSETS.get(args.dataset, 0) if args.data_root else 0
+                offset = dataset.label_offset if args.data_root else 0
                 label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), height, width)
                 controls.append(colorize_label(label, palette, args.ignore_index))
                 labels.append(label)

@@ -333,6 +333,10 @@ def rarest_first(pixels: dict) -> list[str]:
     return sorted(pixels, key=pixels.get)
 
 
+# The models evaluate.py checks, by generate_synthetic_dataset.py's flag (metrics.json's downstream.generators keys).
+MODEL_NAMES = {"layout_model": "layout model", "renderer": "ControlNet"}
+
+
 def real_pairs_seen(args, down: dict) -> dict:
     """Which real pairs each model saw, as evaluate.py checked them from the models' own records (metrics.json's
     downstream.generators: the layout model's and the ControlNet's training_config.json train_samples against the
@@ -440,9 +444,9 @@ def report_markdown(report: dict) -> str:
         "| model | real pairs | not among the segmenters' | validation pairs |",
         "| --- | --- | --- | --- |",
         *(
-            f"| {model} | {seen['train_samples']} | {compared(seen, 'not_among_segmenters')} | "
-            f"{compared(seen, 'validation_pairs_seen')} |"
-            for model, seen in report["real_pairs"]["generators"].items()
+            f"| {MODEL_NAMES.get(flag, flag)} (--{flag}) | {seen['train_samples']} | "
+            f"{compared(seen, 'not_among_segmenters')} | {compared(seen, 'validation_pairs_seen')} |"
+            for flag, seen in report["real_pairs"]["generators"].items()
         ),
         "",
         f"All numbers: {report['evaluation']} (and evaluation_report.txt beside it).",

@@ -328,9 +328,9 @@ class SegmentationDataset(Dataset):
         if 0 <= self.ignore_index < self.num_classes:
             raise DatasetError(
                 f"--ignore_index {self.ignore_index} is also a class id (classes are 0..{self.num_classes - 1}). "
-                f"Fix: choose an id outside the classes (the default is {IGNORE_INDEX}). Masks whose id 0 marks "
-                f"unlabelled pixels and 1..N the classes must be re-saved with class = id - 1 and {IGNORE_INDEX} "
-                "where the id is 0, and their class list without the unlabelled entry."
+                f"Fix: choose an id outside the classes (the default is {IGNORE_INDEX}). For masks whose id 0 marks "
+                "unlabelled pixels and 1..N the classes, pass --label_offset 1 instead (and a class list without "
+                "the unlabelled entry)."
             )
         self.palette = _checked_palette(list(self.palette), self.num_classes, "the palette")
         self.pairs = [(Path(image), Path(mask)) for image, mask in self.pairs]
@@ -417,10 +417,12 @@ def check_label_ids(label: np.ndarray, num_classes: int, ignore_index: int, mask
     bad = np.unique(label[~valid]).tolist()
     shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
     shift = f" (class = file id - {label_offset})" if label_offset else ""
+    from_one = "" if label_offset else ", or --label_offset 1 if the files count the classes from 1 (0 = unlabelled)"
     raise DatasetError(
         f"mask {mask_path} holds class ids {shown}{shift}, but there are {num_classes} classes "
         f"(0..{num_classes - 1}) and ignore_index is {ignore_index}. Fix: pass --num_classes or "
-        "--class_names_json (a class_names.json) listing every class, or --ignore_index if that id marks no-data."
+        "--class_names_json (a class_names.json) listing every class, or --ignore_index if that id marks "
+        f"no-data{from_one}."
     )
 
 
@@ -681,9 +683,13 @@ def load_segmentation_dataset(
     class_names_json: str | Path | None = None,
     num_classes: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    label_offset: int | None = None,
     problems: list[str] | None = None,
 ) -> SegmentationDataset:
     """Find the (image, mask) pairs of one split of a dataset in one of the layouts in ``DATASETS``.
+
+    ``label_offset``: the file id of class 0 (ids below it are no-data); None means the layout's own
+    (`LABEL_OFFSETS`: 1 for LoveDA, else 0).
 
     Any problem raises a DatasetError, except with a ``problems`` list: then unpaired files (and a LoveDA scene
     without its sub-folders) are noted there and the dataset holds the pairs that were found.
@@ -719,7 +725,7 @@ def load_segmentation_dataset(
         palette,
         ignore_index=ignore_index,
         layout=dataset,
-        label_offset=LABEL_OFFSETS.get(dataset, 0),
+        label_offset=LABEL_OFFSETS.get(dataset, 0) if label_offset is None else label_offset,
         split=split,
         data_root=root,
     )
@@ -953,6 +959,18 @@ def add_dataset_args(parser: argparse.ArgumentParser, *, default_dataset: str = 
         help="Label id meaning no-data: excluded from losses and metrics, never a class. (default: %(default)s)",
     )
     group.add_argument(
+        "--label_offset",
+        type=non_negative_int,
+        default=None,
+        help=(
+            "The mask file id of class 0: a file id i is class i - N, and ids below N are no-data (read as "
+            "--ignore_index). Pass 1 for masks whose 0 marks unlabelled pixels and whose classes count from 1 "
+            "(ADE20K-style; what other tools call reduce_zero_label or do_reduce_labels); the class names then "
+            "leave the unlabelled entry out. Default: 1 for --dataset loveda (its files store 0 for no-data), "
+            "else 0."
+        ),
+    )
+    group.add_argument(
         "--split",
         type=str,
         default="train",
@@ -983,6 +1001,7 @@ def dataset_from_args(args: argparse.Namespace, problems=None) -> SegmentationDa
         class_names_json=getattr(args, "class_names_json", None),
         num_classes=getattr(args, "num_classes", None),
         ignore_index=getattr(args, "ignore_index", IGNORE_INDEX),
+        label_offset=getattr(args, "label_offset", None),
         problems=problems,
     )
 

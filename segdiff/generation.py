@@ -331,7 +331,8 @@ def checked_masks(paths: list[Path], where: str, num_classes: int, palette, igno
         if stray:
             problems.append(
                 f"mask {path} holds ids the model was not trained for: {stray[:10]}. The model knows classes "
-                f"0..{num_classes - 1} and ignore_index {ignore_index}. Fix: remap the ids, or use the model "
+                f"0..{num_classes - 1} and ignore_index {ignore_index}. Fix: remap the ids (files that count the "
+                "classes from 1, as LoveDA's or those read with --label_offset 1, hold class + 1), or use the model "
                 "trained on this label set."
             )
     if problems:

@@ -35,6 +35,7 @@ from segdiff.data import (
 )
 from segdiff.data import main as data_main
 from segdiff.labels import (
+    IGNORE_INDEX,
     LOVEDA_CLASSES,
     LOVEDA_PALETTE,
     SIDEWALK_CLASSES,
@@ -224,6 +225,29 @@ def test_ignore_index_may_not_be_a_class_id(tmp_path):
     make_generic(tmp_path, num_classes=4)
     with pytest.raises(DatasetError, match="--ignore_index 0 is also a class id"):
         load_segmentation_dataset(tmp_path, "generic", num_classes=4, ignore_index=0)
+
+
+def test_label_offset_reads_masks_whose_zero_is_unlabelled(tmp_path, capsys):
+    """Masks storing 0 for unlabelled pixels and the 3 classes as 1..3: read as class ids they hold a 4th class, and
+    the error names --label_offset; with --label_offset 1 file id i is class i - 1 and 0 is ignore_index, for the
+    trainers' options and for python -m segdiff.data check alike."""
+    raws = make_generic(tmp_path, num_classes=4)
+    (tmp_path / "class_names.json").write_text(json.dumps(["sea", "land", "cloud"]))
+    parser = add_dataset_args(argparse.ArgumentParser())
+    as_ids = dataset_from_args(parser.parse_args(["--data_root", str(tmp_path)]))
+    with pytest.raises(DatasetError, match=r"holds class ids 3, .*--label_offset 1 if the files count the classes"):
+        as_ids[0]
+    dataset = dataset_from_args(parser.parse_args(["--data_root", str(tmp_path), "--label_offset", "1"]))
+    assert dataset.label_offset == 1
+    for item in dataset:
+        raw = raws[item["name"]]
+        assert (raw == 0).any() and (raw == 3).any()
+        np.testing.assert_array_equal(item["label"], np.where(raw == 0, IGNORE_INDEX, raw - 1))
+    assert data_main(["check", "--data_root", str(tmp_path), "--label_offset", "1"]) == 0
+    assert "pairs: 3   classes: 3" in capsys.readouterr().out
+    assert data_main(["check", "--data_root", str(tmp_path)]) == 1
+    # LoveDA's own offset (1) is the default there; an explicit value replaces it.
+    assert load_segmentation_dataset(tmp_path, "generic", label_offset=2).label_offset == 2
 
 
 # ---------------------------------------------------------------------------------------------

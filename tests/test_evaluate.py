@@ -749,6 +749,31 @@ def test_downstream_refuses_real_pairs_whose_ids_name_other_classes(toy_data, re
     assert not (tmp_path / "eval").exists()  # nothing trained, nothing written
 
 
+def test_downstream_reads_real_masks_whose_zero_is_unlabelled_with_label_offset(
+    toy_data, real_split, training_sets, tmp_path
+):
+    """Real masks that store 0 for unlabelled pixels and the classes from 1: --label_offset 1 trains every arm on
+    the class ids, the unlabelled pixels ignored; without it they are refused, naming the option."""
+    expected = {}
+    for split in ("train", "val"):
+        for mask in sorted((real_split / split / "masks").glob("*.png")):
+            label = read_label_map(mask)
+            unlabelled = np.zeros_like(label, dtype=bool)
+            unlabelled[:4] = True  # the top rows: no-data
+            expected[mask.stem] = np.where(unlabelled, IGNORE_INDEX, label)
+            Image.fromarray(np.where(unlabelled, 0, label + 1).astype(np.uint8)).save(mask)
+    with pytest.raises(SystemExit, match=r"holds class ids 4, .*--label_offset 1 if the files count the classes"):
+        run_downstream(toy_data, real_split, tmp_path / "refused", "--downstream_steps", "1")
+    training_sets.clear()
+    down = run_downstream(
+        toy_data, real_split, tmp_path / "eval", "--label_offset", "1", "--downstream_steps", "1",
+        "--downstream_seeds", "0",
+    )  # fmt: skip
+    _, real_labels = training_sets[0]  # the real-only arm
+    wanted = np.stack([expected[name] for name in down["train_samples"]])
+    np.testing.assert_array_equal(real_labels.numpy(), wanted)
+
+
 def test_downstream_says_which_real_pairs_the_generators_saw(toy_data, real_split, tmp_path):
     """generation_args.json names the models behind the set; their training_config.json, the real pairs they saw."""
     generated = tmp_path / "generated"

@@ -144,6 +144,8 @@ def test_quick_study_runs_every_stage_then_skips_them_all(tmp_path):
     markdown = (work / "report.md").read_text()
     table = [line.split(" | ")[0].lstrip("| ") for line in markdown.splitlines() if "%) |" in line]
     assert [name.removesuffix(" (worse)") for name in table] == order
+    for model in ("layout model (--layout_model)", "ControlNet (--renderer)"):
+        assert f"| {model} | 8 | 0 | 0 |" in markdown
 
     # Again: every stage is skipped and nothing under --work_dir is written.
     before = modification_times(work)
