@@ -54,6 +54,7 @@ from segdiff.data import (
     dataset_from_args,
     exit_on_bad_input,
     first_line,
+    label_offset_for,
     limit_train_samples,
     load_class_names,
     read_image,
@@ -652,7 +653,7 @@ def validation_conditions(args, dataset, class_names, palette) -> list[tuple[Ima
     if args.validation_image:
         for path in args.validation_image:
             if palette is not None:  # label PNGs (as the training layout stores them: raw LoveDA ids) or colours
-                offset = dataset.label_offset if args.data_root else 0
+                offset = label_offset_for(args.dataset, args.label_offset) if args.data_root else 0
                 label = resize_labels(read_mask(Path(path), palette, args.ignore_index, offset), height, width)
                 controls.append(colorize_label(label, palette, args.ignore_index))
                 labels.append(label)

@@ -126,6 +126,12 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
 LABEL_OFFSETS = {"loveda": 1}
 
 
+def label_offset_for(layout: str, label_offset: int | None = None) -> int:
+    """The file id of class 0 in a layout's mask files: ``label_offset`` (--label_offset) when given, else the
+    layout's own (`LABEL_OFFSETS`)."""
+    return LABEL_OFFSETS.get(layout, 0) if label_offset is None else label_offset
+
+
 def decode_label_ids(raw: np.ndarray, label_offset: int, ignore_index: int) -> np.ndarray:
     """File ids -> class ids: minus ``label_offset``, with ``ignore_index`` for ids below it (no-data)."""
     if label_offset == 0:
@@ -689,7 +695,7 @@ def load_segmentation_dataset(
     """Find the (image, mask) pairs of one split of a dataset in one of the layouts in ``DATASETS``.
 
     ``label_offset``: the file id of class 0 (ids below it are no-data); None means the layout's own
-    (`LABEL_OFFSETS`: 1 for LoveDA, else 0).
+    (`label_offset_for`: 1 for LoveDA, else 0).
 
     Any problem raises a DatasetError, except with a ``problems`` list: then unpaired files (and a LoveDA scene
     without its sub-folders) are noted there and the dataset holds the pairs that were found.
@@ -725,7 +731,7 @@ def load_segmentation_dataset(
         palette,
         ignore_index=ignore_index,
         layout=dataset,
-        label_offset=LABEL_OFFSETS.get(dataset, 0) if label_offset is None else label_offset,
+        label_offset=label_offset_for(dataset, label_offset),
         split=split,
         data_root=root,
     )

@@ -246,8 +246,10 @@ def test_label_offset_reads_masks_whose_zero_is_unlabelled(tmp_path, capsys):
     assert data_main(["check", "--data_root", str(tmp_path), "--label_offset", "1"]) == 0
     assert "pairs: 3   classes: 3" in capsys.readouterr().out
     assert data_main(["check", "--data_root", str(tmp_path)]) == 1
-    # LoveDA's own offset (1) is the default there; an explicit value replaces it.
-    assert load_segmentation_dataset(tmp_path, "generic", label_offset=2).label_offset == 2
+    # LoveDA's files count from 1 by default; an explicit --label_offset replaces the layout's own.
+    make_loveda(tmp_path / "loveda", scenes=("Urban",), per_scene=1)
+    assert load_segmentation_dataset(tmp_path / "loveda", "loveda").label_offset == 1
+    assert load_segmentation_dataset(tmp_path / "loveda", "loveda", label_offset=0).label_offset == 0
 
 
 # ---------------------------------------------------------------------------------------------
