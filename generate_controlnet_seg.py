@@ -57,7 +57,6 @@ from segdiff.generation import (
     mask_groups,
     masks_of,
     read_captions,
-    read_mask,
     recorded_model,
 )
 from segdiff.geometry import ImageSize
@@ -228,8 +227,7 @@ def main(args):
     with tqdm(total=len(todo) * n, desc="Images", disable=not state.is_local_main_process) as progress:
         for group in mask_groups(todo, n, args.batch_size):
             conditions = [
-                renderer.condition(read_mask(mask.path, palette, settings.ignore_index), *(exact_size or ()))
-                for mask in group
+                renderer.condition(mask.read(palette, settings.ignore_index), *(exact_size or ())) for mask in group
             ]
             prompts = [args.prompt or captions.get(mask.stem) or c.prompt for mask, c in zip(group, conditions)]
             # Each mask's n images, with their own seeds; masks of one size share pipeline calls of --batch_size.

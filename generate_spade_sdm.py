@@ -55,7 +55,6 @@ from segdiff.generation import (
     check_generation_args,
     mask_groups,
     masks_of,
-    read_mask,
     recorded_model,
 )
 from segdiff.geometry import ImageSize
@@ -256,7 +255,7 @@ def main(args):
     with tqdm(total=len(todo) * per_mask, desc="Images", disable=not state.is_local_main_process) as progress:
         for group in mask_groups(todo, per_mask, args.batch_size):
             # At the output size, nearest: the map the model sees is the one saved beside its images.
-            labels = [resize_labels(read_mask(mask.path, palette, ignore_index), height, width) for mask in group]
+            labels = [resize_labels(mask.read(palette, ignore_index), height, width) for mask in group]
             seeds = [seed for mask in group for seed in mask.seeds(args.seed, per_mask)]
             styles = None if references is None else [read_image(references[mask.stem]) for mask in group]
             # One call: the group's masks and, with guidance, the null branch in one batched forward per step.

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segdiff.arguments import finite_float, image_size, output_folder, positive_int
+from segdiff.arguments import finite_float, image_size, non_negative_int, output_folder, positive_int
 from segdiff.data import (
     IMAGE_EXTENSIONS,
     DatasetError,
@@ -120,6 +120,15 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask",
         default=None,
         help="A single mask file instead of --masks_dir: its images are written as for a folder of that one mask.",
+    )
+    parser.add_argument(
+        "--label_offset",
+        type=non_negative_int,
+        default=0,
+        help="The file id of class 0 in label PNG masks: 1 for masks whose 0 marks no-data and whose classes "
+        "count from 1, such as LoveDA's raw masks_png (the trainers' --label_offset, or LoveDA's own). Ids below it "
+        "are no-data. Colour masks are read through the palette. (default: %(default)s: class ids, as the masks/ "
+        "of a generated folder hold them)",
     )
 
 
@@ -260,6 +269,11 @@ class MaskFile:
     """One input mask. Its stem, not its position in the folder, names its outputs and seeds its images."""
 
     path: Path
+    label_offset: int = 0  # how its ids encode classes (--label_offset)
+
+    def read(self, palette, ignore_index: int) -> np.ndarray:
+        """Its label map of class ids (`read_mask`)."""
+        return read_mask(self.path, palette, ignore_index, self.label_offset)
 
     @property
     def stem(self) -> str:
@@ -283,7 +297,9 @@ def same_stem_files(paths: list[Path]) -> list[list[Path]]:
     return [group for group in by_stem.values() if len(group) > 1]
 
 
-def list_masks(masks_dir: str | Path, num_classes: int, palette, ignore_index: int) -> list[MaskFile]:
+def list_masks(
+    masks_dir: str | Path, num_classes: int, palette, ignore_index: int, label_offset: int = 0
+) -> list[MaskFile]:
     """Every mask of the folder, in stem order, checked before anything is generated: all problems at once."""
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
@@ -305,25 +321,29 @@ def list_masks(masks_dir: str | Path, num_classes: int, palette, ignore_index: i
             f"{'; ...' if len(clashes) > 5 else ''}. A mask's file stem names its sample folder, its output files "
             "and seeds its images (stems are compared ignoring case). Fix: rename or remove one file of each pair."
         )
-    return checked_masks(paths, f"{masks_dir}", num_classes, palette, ignore_index)
+    return checked_masks(paths, f"{masks_dir}", num_classes, palette, ignore_index, label_offset)
 
 
 def masks_of(args, num_classes: int, palette, ignore_index: int) -> list[MaskFile]:
     """The masks of ``--masks_dir`` or the single ``--mask`` (add_mask_arguments), checked."""
     if args.masks_dir is not None:
-        return list_masks(args.masks_dir, num_classes, palette, ignore_index)
+        return list_masks(args.masks_dir, num_classes, palette, ignore_index, args.label_offset)
     path = Path(args.mask)
     if not path.is_file():
         raise DatasetError(f"--mask {path} does not exist. Fix: pass a label PNG or a colour PNG in the palette.")
-    return checked_masks([path], f"--mask {path}", num_classes, palette, ignore_index)
+    return checked_masks([path], f"--mask {path}", num_classes, palette, ignore_index, args.label_offset)
 
 
-def checked_masks(paths: list[Path], where: str, num_classes: int, palette, ignore_index: int) -> list[MaskFile]:
+def checked_masks(
+    paths: list[Path], where: str, num_classes: int, palette, ignore_index: int, label_offset: int = 0
+) -> list[MaskFile]:
     """The masks, each read once to check it decodes and holds only the model's ids; all problems at once."""
+    masks = [MaskFile(path, label_offset) for path in paths]
     problems = []
-    for path in paths:
+    for mask in masks:
+        path = mask.path
         try:
-            label = read_mask(path, palette, ignore_index)
+            label = mask.read(palette, ignore_index)
         except DatasetError as error:
             problems.append(str(error))
             continue
@@ -331,13 +351,13 @@ def checked_masks(paths: list[Path], where: str, num_classes: int, palette, igno
         if stray:
             problems.append(
                 f"mask {path} holds ids the model was not trained for: {stray[:10]}. The model knows classes "
-                f"0..{num_classes - 1} and ignore_index {ignore_index}. Fix: remap the ids (files that count the "
-                "classes from 1, as LoveDA's or those read with --label_offset 1, hold class + 1), or use the model "
-                "trained on this label set."
+                f"0..{num_classes - 1} and ignore_index {ignore_index}. Fix: for files that count the classes "
+                "from 1 (0 = no-data, as LoveDA's raw masks), pass --label_offset 1; else remap the ids, or use "
+                "the model trained on this label set."
             )
     if problems:
         raise DatasetError(f"{len(problems)} bad mask(s) in {where}:\n  " + "\n  ".join(problems))
-    return [MaskFile(path) for path in paths]
+    return masks
 
 
 def read_captions(path: str | Path, stems: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 import evaluate
 from segdiff.data import load_segmentation_dataset, read_label_map, save_label_png
+from segdiff.labels import IGNORE_INDEX
 from segdiff.pipelines.sdm import SemanticDiffusionPipeline, sdm_scheduler
 from segdiff.rendering import load_renderer
 from segdiff.schedulers import make_scheduler
@@ -410,6 +411,25 @@ def test_generator_reads_colour_masks_and_checkpoint_folders(trained, toy_data, 
     Image.fromarray(colours).save(masks_dir / "drawn.png")
     generate(trained / "checkpoint-2", masks_dir, tmp_path / "out", "--num_images_per_mask", "1")
     np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/drawn_00.png"), label)
+
+
+def test_generator_reads_masks_whose_classes_count_from_one_with_label_offset(trained, tmp_path):
+    """Masks stored as raw LoveDA's are (0 = no-data, class c as c + 1): --label_offset 1 reads them as the model's
+    classes with the no-data rows ignored, and the masks written beside the images hold class ids; read as class
+    ids, the top class's id is refused, naming the option."""
+    label = np.zeros((32, 32), dtype=np.int64)
+    label[4:12, 4:12], label[20:28, 8:16] = 1, 3
+    stored = label + 1
+    stored[:2] = 0
+    masks_dir = tmp_path / "raw"
+    masks_dir.mkdir()
+    save_label_png(stored.astype(np.uint8), masks_dir / "raw.png")
+    refused = generate(trained, masks_dir, tmp_path / "x", check=False)
+    assert refused.returncode != 0 and "raw.png holds ids the model was not trained for: [4]" in refused.stderr
+    assert "pass --label_offset 1" in refused.stderr
+    generate(trained, masks_dir, tmp_path / "out", "--num_images_per_mask", "1", "--label_offset", "1")
+    expected = np.where(stored == 0, IGNORE_INDEX, label)
+    np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/raw_00.png"), expected)
 
 
 def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
