@@ -413,8 +413,9 @@ def test_layout_quality_compares_with_the_maps_the_layout_model_trained_on(model
     import json
 
     from generate_synthetic_dataset import training_maps
-    from segdiff.data import limit_train_samples, load_segmentation_dataset, read_label_map
+    from segdiff.data import limit_train_samples, load_segmentation_dataset, read_label_map, save_label_png
     from segdiff.geometry import ImageSize
+    from segdiff.labels import IGNORE_INDEX
     from segdiff.runs import open_run
 
     folder = tmp_path / "layout"
@@ -425,6 +426,22 @@ def test_layout_quality_compares_with_the_maps_the_layout_model_trained_on(model
     seen = limit_train_samples(load_segmentation_dataset(toy_data, "generic"), 5)
     assert count == 5 and len(seen) == 5
     np.testing.assert_array_equal(maps, np.stack([read_label_map(mask) for _, mask in seen.pairs]))
+
+    # A model trained with --label_offset 1 (masks storing 0 for no-data, classes from 1): read back the same way.
+    shifted = tmp_path / "shifted"
+    shutil.copytree(toy_data, shifted)
+    for mask in (shifted / "masks").iterdir():
+        stored = read_label_map(mask) + 1
+        stored[:2] = 0
+        save_label_png(stored.astype(np.uint8), mask)
+    (folder / "training_config.json").write_text(
+        json.dumps({**config, "max_train_samples": 5, "data_root": str(shifted), "label_offset": 1})
+    )
+    maps, count = training_maps(open_run(folder), ImageSize(32, 32), cap=512)
+    expected = np.stack([read_label_map(mask) for _, mask in seen.pairs])
+    expected[:, :2] = IGNORE_INDEX
+    assert count == 5
+    np.testing.assert_array_equal(maps, expected)
 
 
 def test_a_d3pm_layout_model_generates_and_refuses_another_scheduler(models, tmp_path, monkeypatch):
