@@ -185,6 +185,7 @@ def generation_args(args, base: str, settings: ControlNetSettings, size: ImageSi
         "seed": args.seed,
         "class_names_json": recorded_path(args.class_names_json),
         "ignore_index": settings.ignore_index,
+        "label_offset": args.label_offset,  # how the masks' ids are read
         "fp16": args.fp16,
     }
 

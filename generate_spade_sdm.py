@@ -205,6 +205,7 @@ def generation_args(args, size: ImageSize) -> dict:
         "style_scale": args.style_scale,
         "seed": args.seed,
         "resolution": size,
+        "label_offset": args.label_offset,  # how the masks' ids are read
         "fp16": args.fp16,
     }
 

@@ -430,6 +430,11 @@ def test_generator_reads_masks_whose_classes_count_from_one_with_label_offset(tr
     generate(trained, masks_dir, tmp_path / "out", "--num_images_per_mask", "1", "--label_offset", "1")
     expected = np.where(stored == 0, IGNORE_INDEX, label)
     np.testing.assert_array_equal(read_label_map(tmp_path / "out/masks/raw_00.png"), expected)
+    # Another offset reads other classes from the same files: not a re-run of these samples.
+    other = generate(
+        trained, masks_dir, tmp_path / "out", "--num_images_per_mask", "1", "--label_offset", "2", check=False
+    )
+    assert other.returncode != 0 and "--label_offset: 1 there, 2 now" in other.stderr
 
 
 def test_generator_bad_masks_give_clear_errors(trained, tmp_path, monkeypatch):
