@@ -53,6 +53,20 @@ def test_balance_asks_for_the_classes_below_uniform_in_proportion_to_their_short
     assert [balanced_request(prior, np.random.default_rng(7))] == [balanced_request(prior, np.random.default_rng(7))]
 
 
+def test_balance_asks_for_a_small_object_class_at_its_own_size():
+    # A traffic sign: 0.2% of a street scene where present; a one-pixel class of a 256 px layout: 1.5e-5. Neither
+    # is inflated to a fixed floor, and neither rounds to a request for 0 (absence). A big class is capped.
+    prior = {"pixel_share": [0.6, 0.399, 0.001, 0.00001], "mean_share_when_present": [0.6, 0.45, 0.002, 1.5e-5]}
+    draws = [balanced_request(prior, np.random.default_rng(seed)) for seed in range(200)]
+    sign = [d[2] for d in draws if 2 in d]
+    tiny = [d[3] for d in draws if 3 in d]
+    assert sign and tiny
+    assert 0.002 <= min(sign) and max(sign) <= 0.004
+    assert 1.5e-5 <= min(tiny) and max(tiny) <= 3e-5
+    big = {"pixel_share": [0.9, 0.1], "mean_share_when_present": [0.9, 0.5]}
+    assert max(balanced_request(big, np.random.default_rng(seed))[1] for seed in range(50)) == 0.6
+
+
 def test_balance_never_asks_for_a_class_the_training_maps_do_not_show():
     # Uniform over the three classes shown is 1/3: building 0.13 short, road 0.23 short; water has no pixel.
     weights = balance_weights([0.7, 0.2, 0.1, 0.0])
