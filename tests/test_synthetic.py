@@ -61,8 +61,8 @@ def test_balance_asks_for_a_small_object_class_at_its_own_size():
     sign = [d[2] for d in draws if 2 in d]
     tiny = [d[3] for d in draws if 3 in d]
     assert sign and tiny
-    assert 0.002 <= min(sign) and max(sign) <= 0.004
-    assert 1.5e-5 <= min(tiny) and max(tiny) <= 3e-5
+    assert min(sign) >= 0.002 and max(sign) <= 0.004
+    assert min(tiny) >= 1.5e-5 and max(tiny) <= 3e-5
     big = {"pixel_share": [0.9, 0.1], "mean_share_when_present": [0.9, 0.5]}
     assert max(balanced_request(big, np.random.default_rng(seed))[1] for seed in range(50)) == 0.6
 
