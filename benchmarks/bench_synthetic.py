@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does balanced synthetic data lift a rare class? The whole synthetic-data path on long-tailed toy data.
 
-    python benchmarks/bench_synthetic.py                  # 25 minutes on a fast 2-core machine, 47 on a slow one
+    python benchmarks/bench_synthetic.py                  # 25 minutes on a fast 2-core machine, 47-49 on a slow one
     python benchmarks/bench_synthetic.py --quick          # a few minutes; the numbers mean little
     python benchmarks/bench_synthetic.py --layout_only --layout_type d3pm   # steps 1 and 3 only, 7-14 minutes
 
