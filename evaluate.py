@@ -1023,15 +1023,17 @@ def downstream_class_table(down: dict) -> list[str]:
     width = max(len("class"), *(len(name) for name in pixels))
     arms, changes = down["arms"], down["change_vs_real_only"]
     versus = down["synthetic_vs_oversampling"]["per_class_iou"]
-    render = down["render_fidelity"]["per_class_iou"]
+    render, reader = down["render_fidelity"]["per_class_iou"], down["render_fidelity"]["reader_real_val_iou"]
     lines = [
         "  per class, rarest first (fewest real training pixels): IoU with real data only, each arm's change from",
-        "  it, synthetic - oversampling (in how many seeds it is positive), and the render IoU: the real-only",
-        f"  segmenter of seed {down['render_fidelity']['seed']} reading the synthetic images against their own "
-        "masks (low: a class the renderer cannot yet draw)",
+        "  it, synthetic - oversampling (in how many seeds it is positive), the render IoU: the real-only segmenter",
+        f"  of seed {down['render_fidelity']['seed']} reading the synthetic images against their own masks, and "
+        "(on real) the same segmenter on the",
+        "  real val images. Render IoU well below on real: a class the renderer cannot yet draw; both low: the",
+        "  segmenter cannot read the class at all, so its render IoU says nothing of the renderer",
         f"    {'class':<{width}}  {'train pixels':>16}  {'real only':>14}"
         + "".join(f"  {column:>14}" for column in ARM_COLUMNS.values())
-        + f"  {'synth - overs':>14} {'>0':>5}  {'render IoU':>10}",
+        + f"  {'synth - overs':>14} {'>0':>5}  {'render IoU':>10}  {'on real':>7}",
     ]
     for name in sorted(pixels, key=pixels.get):  # stable: equal counts keep the class order
         line = f"    {name:<{width}}  {pixels[name]:>8} ({100 * pixels[name] / total:5.1f}%)"
@@ -1040,7 +1042,7 @@ def downstream_class_table(down: dict) -> list[str]:
         line += (
             f"  {_over_seeds(versus[name], 3, True):>14} {versus[name]['positive_seeds']:>2}/{len(down['seeds']):<2}"
         )
-        line += f"  {_number(render[name]):>10}"
+        line += f"  {_number(render[name]):>10}  {_number(reader[name], 3):>7}"
         lines.append(line + ("  worse" if name in down["classes_made_worse"] else ""))
     return lines
 

@@ -270,13 +270,18 @@ def downstream(synthetic: Path, data: Path, work: Path, args) -> dict:
 def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
     """The RESULTS.md rows of evaluate.py's metrics.json: render fidelity, each seed's arms, synthetic - oversampling."""
     down = evaluation["downstream"]
-    fidelity = down["render_fidelity"]["per_class_iou"]
+    fidelity, reader = down["render_fidelity"]["per_class_iou"], down["render_fidelity"]["reader_real_val_iou"]
     rows = [
         {
             "setup": "synthetic images read by the real-only segmenter of the first seed, against their layouts",
-            "measurement": "render fidelity per class IoU"
+            "measurement": "render fidelity per class IoU (in brackets: the same segmenter on the real val images; "
+            "both low: it cannot read the class, whatever the renderer draws)"
             + ("; palette-segmenter consistency mIoU" if "miou" in evaluation else ""),
-            "result": ", ".join(f"{name} {iou:.3f}" for name, iou in fidelity.items() if iou is not None)
+            "result": ", ".join(
+                f"{name} {iou:.3f} ({'n/a' if reader[name] is None else f'{reader[name]:.3f}'})"
+                for name, iou in fidelity.items()
+                if iou is not None
+            )
             + (f"; {evaluation['miou']:.3f}" if "miou" in evaluation else ""),
         }
     ]

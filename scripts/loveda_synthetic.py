@@ -25,8 +25,9 @@ with --num_processes > 1, ``accelerate launch``):
               --downstream_seeds (5), 4000 steps at 512 px, scored on LoveDA's Val split; no FID etc. (--metrics "")
   report      WORK_DIR/report.md and report.json, from evaluate.py's metrics.json: the per-class IoU of every arm
               (rare classes first: fewest training pixels), mean +- std over seeds, synthetic - oversampling per
-              class with its positive seeds, the classes made worse, the render fidelity per class, and which
-              real pairs each model saw (evaluate.py's check of the layout model's and ControlNet's records)
+              class with its positive seeds, the classes made worse, the render fidelity per class (next to what its
+              reader reads on the real Val pairs), and which real pairs each model saw (evaluate.py's check of the
+              layout model's and ControlNet's records)
 
 Under --work_dir:
 
@@ -363,6 +364,7 @@ def class_rows(down: dict) -> list[dict]:
             "iou": {arm: down["arms"][arm]["per_class_iou"][name] for arm in ARMS},
             "synthetic_minus_oversampling": versus[name],
             "render_iou": down["render_fidelity"]["per_class_iou"][name],
+            "reader_real_val_iou": down["render_fidelity"]["reader_real_val_iou"][name],
             "made_worse": name in down["classes_made_worse"],
         }
         for name in rarest_first(pixels)
@@ -414,14 +416,18 @@ def report_markdown(report: dict) -> str:
         f"Synthetic - oversampling, mIoU: {over_seeds(report['synthetic_minus_oversampling_miou'], signed=True)} "
         f"(positive in {report['synthetic_minus_oversampling_miou']['positive_seeds']} of {seeds} seeds).",
         "",
-        "Per class, rarest first (fewest real training pixels); render IoU: the real-only segmenter reading the "
-        "synthetic images against their own masks (low: a class the renderer cannot draw yet).",
+        "Per class, rarest first (fewest real training pixels); render IoU: the real-only segmenter of the first "
+        "seed reading the synthetic images against their own masks, next to the same segmenter on the real Val "
+        "pairs (on real). Render IoU well below on real: a class the renderer cannot draw yet; both low: the "
+        "segmenter cannot read the class at all, so its render IoU says nothing of the renderer.",
         "",
-        "| class | train pixels | " + " | ".join(ARMS.values()) + " | synthetic - oversampling | > 0 | render IoU |",
-        "| --- | --- | " + " | ".join("---" for _ in ARMS) + " | --- | --- | --- |",
+        "| class | train pixels | "
+        + " | ".join(ARMS.values())
+        + " | synthetic - oversampling | > 0 | render IoU | on real |",
+        "| --- | --- | " + " | ".join("---" for _ in ARMS) + " | --- | --- | --- | --- |",
     ]
     for row in report["classes"]:
-        versus, render = row["synthetic_minus_oversampling"], row["render_iou"]
+        versus, render, reader = row["synthetic_minus_oversampling"], row["render_iou"], row["reader_real_val_iou"]
         cells = [
             f"{row['class']}{' (worse)' if row['made_worse'] else ''}",
             f"{row['train_pixels']} ({100 * row['train_pixels'] / total:.1f}%)",
@@ -429,6 +435,7 @@ def report_markdown(report: dict) -> str:
             over_seeds(versus, signed=True),
             f"{versus['positive_seeds']}/{seeds}",
             "-" if render is None else f"{render:.3f}",
+            "-" if reader is None else f"{reader:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     worse = report["classes_made_worse"]

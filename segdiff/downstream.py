@@ -502,9 +502,16 @@ def run_downstream(
             confusion = evaluate_segmentation_net(network, val_images, val_labels, num_classes, **scoring)
             scores[arm].append(segmentation_summary(confusion, class_names))
             if render_fidelity is None and arm == "real_only":
-                # Which classes the renderer draws so that a segmenter of real images recognises them.
+                # Which classes the renderer draws so that a segmenter of real images recognises them. Next to it,
+                # how well that same reader reads each class on the real val images: a rare class it cannot read
+                # there either (before any synthetic data, the usual case) gets a low render IoU whatever the
+                # renderer draws, so only a render IoU well below the reader's own tells of the renderer.
                 confusion = evaluate_segmentation_net(network, *generated, num_classes, **scoring)
-                render_fidelity = {**segmentation_summary(confusion, class_names), "seed": seed}
+                render_fidelity = {
+                    **segmentation_summary(confusion, class_names),
+                    "seed": seed,
+                    "reader_real_val_iou": scores[arm][-1]["per_class_iou"],
+                }
 
     synthetic_vs_oversampling = comparison(scores["real_plus_synthetic"], scores["real_plus_oversampling"], class_names)
     worse = [

@@ -24,6 +24,7 @@ import train_controlnet_seg
 from segdiff.data import (
     DatasetError,
     choose_train_samples,
+    load_segmentation_dataset,
     read_image,
     read_label_map,
     save_label_png,
@@ -649,10 +650,21 @@ def test_downstream_trains_each_arm_on_its_pairs_with_the_same_seeds(toy_data, r
         name for name, change in versus["per_class_iou"].items() if change["mean"] < -first["worse_threshold"]
     ]
 
-    # The render fidelity: the real-only segmenter of seed 0 on the synthetic pairs.
+    # The render fidelity: the real-only segmenter of seed 0 on the synthetic pairs, and the same segmenter on the
+    # real val pairs (what it can read at all), which is the real-only arm's first seed.
     network = train_segmentation_net(real, real_labels, 4, steps=20, batch_size=4, seed=0)
     confusion = evaluate_segmentation_net(network, pooled[8:], pooled_labels[8:], 4)
-    assert first["render_fidelity"] == {**segmentation_summary(confusion, list(TOY_CLASSES)), "seed": 0}
+    val_pairs = load_segmentation_dataset(real_split / "val", "generic").pairs
+    val, val_labels = load_pairs(val_pairs, 32, 4)
+    reader = segmentation_summary(evaluate_segmentation_net(network, val, val_labels, 4), list(TOY_CLASSES))
+    assert first["render_fidelity"] == {
+        **segmentation_summary(confusion, list(TOY_CLASSES)),
+        "seed": 0,
+        "reader_real_val_iou": reader["per_class_iou"],
+    }
+    assert [arms["real_only"]["per_class_iou"][name]["per_seed"][0] for name in TOY_CLASSES] == [
+        reader["per_class_iou"][name] for name in TOY_CLASSES
+    ]
 
     # The report: the arms with their pair counts, and the per-class table, rarest class first.
     report = (tmp_path / "first" / "evaluation_report.txt").read_text()
@@ -662,6 +674,16 @@ def test_downstream_trains_each_arm_on_its_pairs_with_the_same_seeds(toy_data, r
         line.split()[0] for line in report.splitlines() if line.startswith("    ") and line.split()[0] in TOY_CLASSES
     ]
     assert rows == sorted(TOY_CLASSES, key=first["train_pixels_per_class"].get)
+    render = first["render_fidelity"]
+    for line in report.splitlines():
+        fields = [field for field in line.split() if field != "worse"]
+        if line.startswith("    ") and fields[0] in TOY_CLASSES:  # render IoU, then the same reader on real val
+            name = fields[0]
+            shown = [
+                evaluate._number(render["per_class_iou"][name]),
+                evaluate._number(render["reader_real_val_iou"][name], 3),
+            ]
+            assert fields[-2:] == shown
 
     # The same seeds give the same result; a threshold of -1 calls every class made worse.
     again = run_downstream(

@@ -133,6 +133,8 @@ def test_quick_study_runs_every_stage_then_skips_them_all(tmp_path):
             assert len(row["iou"][arm]["per_seed"]) == 2
         assert row["synthetic_minus_oversampling"] == down["synthetic_vs_oversampling"]["per_class_iou"][row["class"]]
         assert row["render_iou"] == down["render_fidelity"]["per_class_iou"][row["class"]]
+        reader = down["arms"]["real_only"]["per_class_iou"][row["class"]]["per_seed"][0]  # the reader: seed 0's
+        assert row["reader_real_val_iou"] == reader
     assert report["classes_made_worse"] == down["classes_made_worse"]
     # The layout model and the ControlNet saw the segmenters' 8 real pairs and no validation pair (evaluate.py
     # checked it from their training_config.json).
