@@ -86,3 +86,26 @@ def test_the_best_of_4_is_checked_on_its_own_line_and_the_model_alone_stays_the_
         "model-only ratio MAE <= 0.03 and <= half of drawing none, rare (0.0210; none 0.0230)": False,
         "best of 4 (no matching) ratio MAE <= 0.03 and <= half of drawing none, rare (0.0190; none 0.0230)": False,
     }
+
+
+def test_the_render_fidelity_row_shows_each_class_beside_what_its_reader_reads_on_real_images(bench):
+    """A rare class the real-only reader cannot find in real images either (triangle) is not mistaken for one the
+    renderer cannot draw: the row gives both. A class absent from the renders has no entry; one absent from the
+    real val images reads n/a."""
+    spread = {"mean": 0.1, "positive_seeds": 1, "per_seed": [0.1]}
+    down = {
+        "render_fidelity": {
+            "per_class_iou": {"background": 0.968, "square": None, "striped": 0.5, "triangle": 0.036},
+            "reader_real_val_iou": {"background": 0.989, "square": 0.889, "striped": None, "triangle": 0.016},
+        },
+        "arms": {
+            arm: {"miou": {"per_seed": [0.7]}, "per_class_iou": {"triangle": {"per_seed": [0.0]}}}
+            for arm in bench.ARMS_SHOWN
+        },
+        "synthetic_vs_oversampling": {"miou": spread, "per_class_iou": {"triangle": spread}},
+        "classes_made_worse": [],
+        "num_real_train": 64,
+        "num_synthetic": 256,
+    }
+    row = bench.downstream_rows({"downstream": down}, seeds=[0])[0]
+    assert row["result"] == "background 0.968 (0.989), striped 0.500 (n/a), triangle 0.036 (0.016)"
