@@ -96,7 +96,7 @@ def parse_args(argv=None):
         "--balance_class_weights",
         default=None,
         help='With --balance: "CLASS:FACTOR,..." multiplies how often a class is asked for; 0 leaves it out (e.g. '
-        "a class the renderer draws badly: evaluate.py --downstream's render fidelity column says which).",
+        "a class the renderer draws badly: evaluate.py --downstream's render IoU well below its on-real column).",
     )
     parser.add_argument(
         "--guidance_scale",

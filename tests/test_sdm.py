@@ -472,3 +472,18 @@ def test_trainer_refuses_bad_options(toy_data, tmp_path, capsys):
         *train_args(toy_data, tmp_path / "odd", "--resolution", "31", "--max_train_steps", "1"), check=False
     )
     assert result.returncode != 0 and "multiples of 2" in result.stderr
+
+
+def test_a_read_only_label_map_is_taken_without_a_warning():
+    """np.asarray of a PIL image is read-only, and torch warns on such a buffer: every generator run printed it.
+    (torch warns once per process, so this fails when run alone without the copy.)"""
+    import warnings
+
+    from segdiff.pipelines.sdm import as_label_maps
+
+    label = np.asarray(Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) % 3))
+    assert not label.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (tensor,) = as_label_maps(label)
+    assert tensor.tolist() == label.tolist()

@@ -119,6 +119,8 @@ def as_label_maps(label_maps) -> list[torch.Tensor]:
                     "segdiff.data.read_label_map), not a colour-coded mask"
                 )
             item = np.array(item)
+        if isinstance(item, np.ndarray) and not item.flags.writeable:
+            item = item.copy()  # np.asarray of a PIL image is read-only, which torch warns about on every run
         tensor = torch.as_tensor(item) if not torch.is_tensor(item) else item
         if tensor.is_floating_point() or tensor.dtype == torch.bool:
             raise ValueError(f"label maps must hold integer class ids, got dtype {tensor.dtype}")
