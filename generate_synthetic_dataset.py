@@ -466,6 +466,12 @@ def main(args):
         write_json_atomic(writer.save_dir / "ratio_report.json", report)
         mae = "no class requested" if report["mae"] is None else f"MAE {report['mae']:.4f}"
         print(f"Wrote {args.num_samples} samples to {writer.save_dir}; requested vs achieved ratios: {mae}")
+        for name, count in report["not_drawn"].items():
+            asked = report["per_class"][name]["requests"]
+            print(
+                f"  {name}: asked for in {asked} samples, not drawn in {count} of them (ratio matching cannot draw a "
+                "class asked at a few pixels' share: ask for more, or train the layout model at a higher --resolution)"
+            )
 
 
 if __name__ == "__main__":

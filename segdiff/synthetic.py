@@ -116,14 +116,18 @@ def balanced_request(prior: dict, rng: np.random.Generator, class_weights=None) 
 
 
 def ratio_report(records: list[dict], class_names: list[str]) -> dict:
-    """Mean absolute error between requested and achieved shares, per requested class and over all requests.
+    """Mean absolute error between requested and achieved shares, per requested class and over all requests, and
+    how many samples asked for a class (at a share above 0) and drew not one pixel of it (``not_drawn``; only the
+    classes with any): a small class asked at a few pixels' share, which ratio matching cannot draw, shows here.
 
     ``records`` are metadata.jsonl lines with ``requested_ratios`` and ``achieved_ratios`` (by class name).
     """
     errors: dict[str, list[float]] = {name: [] for name in class_names}
+    not_drawn = dict.fromkeys(class_names, 0)
     for record in records:
         for name, requested in record["requested_ratios"].items():
             errors[name].append(abs(record["achieved_ratios"][name] - requested))
+            not_drawn[name] += requested > 0 and record["achieved_ratios"][name] == 0
     per_class = {
         name: {"mae": round(float(np.mean(values)), 4), "requests": len(values)}
         for name, values in errors.items()
@@ -135,5 +139,6 @@ def ratio_report(records: list[dict], class_names: list[str]) -> dict:
         "num_requests": len(every_error),
         "mae": round(float(np.mean(every_error)), 4) if every_error else None,
         "per_class": per_class,
+        "not_drawn": {name: count for name, count in not_drawn.items() if count},
         "note": "mean |achieved - requested| share of labelled pixels, over the requested classes only",
     }

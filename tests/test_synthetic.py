@@ -93,7 +93,16 @@ def test_ratio_report_is_the_mean_absolute_error_over_requested_classes():
     assert report["num_samples"] == 3 and report["num_requests"] == 3
     assert report["mae"] == pytest.approx(0.0667, abs=1e-4)
     assert report["per_class"] == {"road": {"mae": 0.0, "requests": 1}, "water": {"mae": 0.1, "requests": 2}}
+    assert report["not_drawn"] == {}
     assert ratio_report(records[2:], ["water"])["mae"] is None
+
+    # Asked for and not one pixel drawn: counted per class (a request for 0, absence, is met, not counted).
+    records = [
+        {"requested_ratios": {"sign": 0.002}, "achieved_ratios": {"sign": 0.0, "road": 1.0}},
+        {"requested_ratios": {"sign": 0.002}, "achieved_ratios": {"sign": 0.001, "road": 0.999}},
+        {"requested_ratios": {"sign": 0.0, "road": 0.5}, "achieved_ratios": {"sign": 0.0, "road": 1.0}},
+    ]
+    assert ratio_report(records, ["road", "sign"])["not_drawn"] == {"sign": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
