@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SCRIPT_ENV, run_script, script_error, write_untrained_models
 
-from segdiff.data import DatasetError
+from segdiff.data import DatasetError, read_label_map
 from segdiff.synthetic import (
     BALANCE_RATIO_RANGE,
     balance_weights,
@@ -197,6 +197,17 @@ def test_two_processes_write_what_one_writes_and_a_rerun_adds_only_what_is_missi
     assert [
         json_of_line["index"] for json_of_line in map(json.loads, (one / "metadata.jsonl").read_text().splitlines())
     ] == list(range(6))
+
+
+def test_a_class_asked_for_and_not_drawn_is_counted_and_named(models, tmp_path):
+    # Half a pixel of a 32 px map: ratio matching spreads it over the map and no pixel becomes a triangle.
+    out = tmp_path / "speck"
+    result = generate(models, out, "--layouts_only", "--ratios", "triangle:0.0005", "--num_samples", "3")
+    masks = [read_label_map(path) for path in sorted((out / "masks").iterdir())]
+    missing = sum(not (mask == NAMES_TOY.index("triangle")).any() for mask in masks)
+    assert missing > 0
+    assert json_of(out / "ratio_report.json")["not_drawn"] == {"triangle": missing}
+    assert f"triangle: asked for in 3 samples, not drawn in {missing} of them" in result.stdout
 
 
 def test_layouts_only_and_the_refusals(models, tmp_path, monkeypatch, capsys):
