@@ -146,7 +146,7 @@ def test_writes_a_generic_dataset_with_its_requests_and_what_they_got(models, tm
 
     import torch
 
-    from segdiff.data import load_segmentation_dataset, read_label_map
+    from segdiff.data import load_segmentation_dataset
     from segdiff.models.layout_unet import class_ratios
 
     dataset = load_segmentation_dataset(out, "generic")
@@ -251,7 +251,6 @@ def test_layout_candidates_keep_each_requests_closest_layout(models, tmp_path):
 
     import torch
 
-    from segdiff.data import read_label_map
     from segdiff.models.layout_unet import class_ratios
 
     def disk_errors(out):
@@ -275,7 +274,6 @@ def test_the_ratio_report_holds_the_layout_quality_against_the_training_maps(mod
     import json
     import shutil
 
-    from segdiff.data import read_label_map
     from segdiff.labels import resize_labels
     from segdiff.layout_quality import layout_quality
 
@@ -450,7 +448,7 @@ def test_layout_quality_compares_with_the_maps_the_layout_model_trained_on(model
     import json
 
     from generate_synthetic_dataset import training_maps
-    from segdiff.data import limit_train_samples, load_segmentation_dataset, read_label_map, save_label_png
+    from segdiff.data import limit_train_samples, load_segmentation_dataset, save_label_png
     from segdiff.geometry import ImageSize
     from segdiff.labels import IGNORE_INDEX
     from segdiff.runs import open_run
