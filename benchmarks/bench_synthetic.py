@@ -53,7 +53,7 @@ from segdiff.layout_quality import realism  # noqa: E402
 from segdiff.models.layout_unet import LAYOUT_TYPES, class_ratios  # noqa: E402
 from segdiff.pipelines.layout import LayoutDiffusionPipeline  # noqa: E402
 
-RARE = "triangle"
+RARE = "triangle"  # the bench's rare class; --rare_class picks another shape class of the textured toy
 # The renderer learns the null map (so that its renders can be guided) and draws in few steps: RESULTS.md,
 # "Choosing the bench_synthetic renderer's settings".
 RENDERER_DROP_RATE, RENDER_STEPS = 0.2, 25
@@ -76,6 +76,13 @@ def parse_args():
         type=int,
         default=32,
         help="Validation images showing the rare class: enough of its pixels for a stable IoU. (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rare_class",
+        default=RARE,
+        help="The toy's rare class: triangle (told from the square by its shape; the targets were set on it), or "
+        "striped / checkered (told from each other only by a fine texture, where renders that blur it could teach "
+        "the segmenter the confusion), or square. (default: %(default)s)",
     )
     parser.add_argument("--rare_rate", type=float, default=0.04, help="Share of training images with the rare class.")
     parser.add_argument("--layout_steps", type=int, default=600, help="Layout model steps (batch 32, 32 px).")
@@ -166,12 +173,14 @@ def run(*command) -> float:
     return time.perf_counter() - start
 
 
-def held_out_requests(val_maps: np.ndarray, class_names: list[str], count: int) -> dict[str, list[dict]]:
+def held_out_requests(
+    val_maps: np.ndarray, class_names: list[str], count: int, rare_class: str
+) -> dict[str, list[dict]]:
     """Requests a user would make, taken from real maps the layout model never saw (the val split): every class at
     a map's shares ("full"), one class present in a map at its share there ("one class"), the rare class at its
     share in the maps that show it ("rare"), and that share x5, beyond anything in the data ("rare x5")."""
     shares = class_ratios(torch.from_numpy(val_maps), len(class_names)).numpy()
-    rare = class_names.index(RARE)
+    rare = class_names.index(rare_class)
     rng = np.random.default_rng(0)
     one_class = []
     for row in shares[:count]:
@@ -208,7 +217,7 @@ MATCHING = {
 }
 
 
-def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> list[dict]:
+def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int, rare_class: str) -> list[dict]:
     """How closely the layouts follow held-out requests (`held_out_requests`), by the model alone, as the best of 4
     of its layouts, and with ratio matching at strength 0.5 and 1, and what each costs in realism
     (`segdiff.layout_quality.realism` against the maps the model trained on: mean over the classes of the per-class
@@ -226,7 +235,7 @@ def ratio_rows(layout: Path, data: Path, seconds: dict, num_layouts: int) -> lis
     trained_on = json.loads((layout / "training_config.json").read_text())["train_samples"]
     training_maps = read_maps(data / "train", trained_on)
     rows = []
-    for kind, requests in held_out_requests(read_maps(data / "val"), names, num_layouts).items():
+    for kind, requests in held_out_requests(read_maps(data / "val"), names, num_layouts, rare_class).items():
         ratios, known = pipeline.requests(requests)
         maes, realisms = {}, {}
         for setting, options in MATCHING.items():
@@ -267,7 +276,7 @@ def downstream(synthetic: Path, data: Path, work: Path, args) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
+def downstream_rows(evaluation: dict, seeds: list[int], rare_class: str) -> list[dict]:
     """The RESULTS.md rows of evaluate.py's metrics.json: render fidelity, each seed's arms, synthetic - oversampling."""
     down = evaluation["downstream"]
     fidelity, reader = down["render_fidelity"]["per_class_iou"], down["render_fidelity"]["reader_real_val_iou"]
@@ -291,18 +300,18 @@ def downstream_rows(evaluation: dict, seeds: list[int]) -> list[dict]:
             {
                 "setup": f"downstream seed {seed}: {down['num_real_train']} real (+ {down['num_synthetic']} synthetic "
                 "or as many oversampled)",
-                "measurement": f"mIoU real -> +oversampling -> +synthetic; {RARE} IoU",
+                "measurement": f"mIoU real -> +oversampling -> +synthetic; {rare_class} IoU",
                 "result": " -> ".join(f"{arms[arm]['miou']['per_seed'][index]:.3f}" for arm in ARMS_SHOWN)
                 + "; "
-                + " -> ".join(f"{arms[arm]['per_class_iou'][RARE]['per_seed'][index]:.3f}" for arm in ARMS_SHOWN),
+                + " -> ".join(f"{arms[arm]['per_class_iou'][rare_class]['per_seed'][index]:.3f}" for arm in ARMS_SHOWN),
             }
         )
     versus = down["synthetic_vs_oversampling"]
-    miou, rare = versus["miou"], versus["per_class_iou"][RARE]
+    miou, rare = versus["miou"], versus["per_class_iou"][rare_class]
     rows.append(
         {
             "setup": f"downstream, mean over seeds {seeds}",
-            "measurement": f"synthetic - oversampling: mIoU; {RARE} IoU (targets: >= 0, >= +0.05)",
+            "measurement": f"synthetic - oversampling: mIoU; {rare_class} IoU (targets: >= 0, >= +0.05)",
             "result": f"{miou['mean']:+.3f} (positive in {miou['positive_seeds']}/{len(seeds)}); "
             f"{rare['mean']:+.3f} (positive in {rare['positive_seeds']}/{len(seeds)}); made worse: "
             f"{', '.join(down['classes_made_worse']) or 'none'}",
@@ -350,10 +359,10 @@ def model_alone_checks(rows: list[dict]) -> dict[str, bool]:
     return checks
 
 
-def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num_seeds: int) -> dict:
+def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num_seeds: int, rare_class: str) -> dict:
     """Issue #24's targets, each PASS or MISSED (a missed target stays in the table)."""
     versus = down["synthetic_vs_oversampling"]
-    rare, miou = versus["per_class_iou"][RARE], versus["miou"]
+    rare, miou = versus["per_class_iou"][rare_class], versus["miou"]
     copying = balance["layout_quality"]["copying"]["share_above_0.9"]
     needed = round(0.8 * num_seeds)  # 4 of 5
     generators = down["generators"]  # the real pairs the layout model and the renderer recorded, against the arms'
@@ -365,7 +374,7 @@ def targets_row(down: dict, balance: dict, rows: list[dict], seconds: float, num
     checks = {
         f"fair protocol: the {' and '.join(generators)} saw only the segmenters' real pairs, no validation pair "
         f"({unfair} other)": set(generators) == {"layout_model", "renderer"} and unfair == 0,
-        f"{RARE} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
+        f"{rare_class} synthetic - oversampling >= +0.05 on average ({rare['mean']:+.3f})": rare["mean"] >= 0.05,
         f"... positive in >= {needed} of {num_seeds} seeds ({rare['positive_seeds']})": rare["positive_seeds"]
         >= needed,
         f"mIoU not lower ({miou['mean']:+.3f})": miou["mean"] >= 0,
@@ -400,21 +409,21 @@ def main(args):
     started = time.perf_counter()
     seconds["data"] = run(
         "-m", "segdiff.toy", "--output_dir", data, "--num_images", args.num_images, "--val_images", args.val_images,
-        "--size", 32, "--rare_class", RARE, "--rare_rate", args.rare_rate, "--style", args.toy_style,
+        "--size", 32, "--rare_class", args.rare_class, "--rare_rate", args.rare_rate, "--style", args.toy_style,
         "--rare_val_min_images", args.rare_val_images,
     )  # fmt: skip
-    stats = json.loads((data / "train" / "class_stats.json").read_text())["classes"][RARE]
+    stats = json.loads((data / "train" / "class_stats.json").read_text())["classes"][args.rare_class]
 
     start = time.perf_counter()
     layout_stats = launch_training(
         "train_layout_diffusion.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", layout,
         "--model_config", ROOT / "configs/models/layout_tiny.json", "--resolution", 32, "--train_batch_size", 32,
-        "--learning_rate", "1e-3", "--max_train_steps", args.layout_steps, "--lr_warmup_steps", 50,
+        "--learning_rate", "1e-3", "--max_train_steps", args.layout_steps,
         "--max_train_samples", args.max_train_samples, "--layout_type", args.layout_type, *layout_options(args),
     )  # fmt: skip
     seconds["layout model"] = time.perf_counter() - start
     if args.layout_only:
-        rows = ratio_rows(layout, data, seconds, args.num_layouts)
+        rows = ratio_rows(layout, data, seconds, args.num_layouts, args.rare_class)
         note = (
             f"--layout_type {args.layout_type}{flags(layout_options(args))}: {args.layout_steps} steps at batch 32 on "
             f"{args.max_train_samples} real maps; sampling 50 steps (the pipeline's default). Seconds: "
@@ -426,12 +435,12 @@ def main(args):
     launch_training(
         "train_spade_sdm.py", "--data_root", data / "train", "--dataset", "generic", "--output_dir", renderer,
         "--model_config", ROOT / "configs/models/sdm_tiny.json", "--resolution", 32, "--train_batch_size", 32,
-        "--learning_rate", "1e-3", "--max_train_steps", args.renderer_steps, "--lr_warmup_steps", 20,
+        "--learning_rate", "1e-3", "--max_train_steps", args.renderer_steps,
         "--max_train_samples", args.max_train_samples, "--drop_rate", RENDERER_DROP_RATE,
     )  # fmt: skip
     seconds["renderer"] = time.perf_counter() - start
 
-    rows = ratio_rows(layout, data, seconds, args.num_layouts)
+    rows = ratio_rows(layout, data, seconds, args.num_layouts, args.rare_class)
     seconds["synthetic"] = run(
         "generate_synthetic_dataset.py", "--layout_model", layout, "--renderer", renderer, "--balance",
         "--num_samples", args.num_synthetic, "--save_dir", synthetic, "--overwrite", "--render_steps", RENDER_STEPS,
@@ -439,12 +448,12 @@ def main(args):
     )  # fmt: skip
     balance = json.loads((synthetic / "ratio_report.json").read_text())
     records = [json.loads(line) for line in (synthetic / "metadata.jsonl").read_text().splitlines()]
-    rare_share = np.mean([r["achieved_ratios"][RARE] > 0 for r in records])
+    rare_share = np.mean([r["achieved_ratios"][args.rare_class] > 0 for r in records])
     rows.append(
         {
             "setup": f"--balance, {args.num_synthetic} samples, guidance {args.balance_guidance}, --match_ratios",
             "measurement": "ratio MAE over the requested classes; share of samples showing the rare class",
-            "result": f"{balance['mae']:.4f}; {RARE} in {rare_share:.0%} (real training data: "
+            "result": f"{balance['mae']:.4f}; {args.rare_class} in {rare_share:.0%} (real training data: "
             f"{stats['image_share']:.1%})",
         }
     )
@@ -453,9 +462,9 @@ def main(args):
     start = time.perf_counter()
     evaluation = downstream(synthetic, data, work, args)
     seconds["downstream"] = time.perf_counter() - start
-    rows += downstream_rows(evaluation, args.seeds)
+    rows += downstream_rows(evaluation, args.seeds, args.rare_class)
     total = time.perf_counter() - started
-    rows.append(targets_row(evaluation["downstream"], balance, rows, total, len(args.seeds)))
+    rows.append(targets_row(evaluation["downstream"], balance, rows, total, len(args.seeds), args.rare_class))
     rows.append(
         {
             "setup": "whole benchmark",
@@ -465,7 +474,7 @@ def main(args):
         }
     )
     note = (
-        f"Long-tailed toy data: {RARE} in {stats['image_share']:.1%} of the {args.num_images} training images, "
+        f"Long-tailed toy data: {args.rare_class} in {stats['image_share']:.1%} of the {args.num_images} training images, "
         f"{stats['pixel_share']:.2%} of their pixels. Layout model {args.layout_steps} steps"
         f"{flags(layout_options(args))}, SDM renderer "
         f"{args.renderer_steps} steps (--drop_rate {RENDERER_DROP_RATE}; renders: {RENDER_STEPS} steps, guidance "

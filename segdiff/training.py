@@ -62,6 +62,9 @@ from segdiff.seeds import derive_seed
 
 logger = get_logger(__name__)
 
+# diffusers' examples' default warmup, which their default constant schedule ignores, as ours does.
+DEFAULT_LR_WARMUP_STEPS = 500
+
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 # --lr_scheduler: diffusers' get_scheduler names that need no other argument, and `exponential_lr_schedule`.
 LR_SCHEDULES = (
@@ -151,7 +154,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_resolution: in
         "constant_with_warmup), or exponential: linear warmup, then the rate times --lr_exponential_gamma at every "
         "optimizer step. (default: %(default)s)",
     )
-    group.add_argument("--lr_warmup_steps", type=non_negative_int, default=500, help="Warmup steps of the lr schedule.")
+    group.add_argument(
+        "--lr_warmup_steps",
+        type=non_negative_int,
+        default=DEFAULT_LR_WARMUP_STEPS,
+        help="Warmup steps of the lr schedule (every schedule but constant, which has none). (default: %(default)s)",
+    )
     group.add_argument("--lr_num_cycles", type=positive_int, default=1, help="Hard resets of cosine_with_restarts.")
     group.add_argument("--lr_power", type=positive_float, default=1.0, help="Power of the polynomial schedule.")
     group.add_argument(
@@ -759,6 +767,8 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelera
     diffusers' examples)."""
     from diffusers.optimization import get_scheduler
 
+    warn_about_the_warmup(args)
+
     if args.lr_scheduler == "exponential":
         return exponential_lr_schedule(
             optimizer,
@@ -774,6 +784,24 @@ def make_lr_scheduler(args: argparse.Namespace, optimizer, accelerator: Accelera
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+
+
+def warn_about_the_warmup(args: argparse.Namespace) -> None:
+    """Say when ``--lr_warmup_steps`` does not do what it reads as: diffusers' constant schedule has no warmup, so a
+    warmup asked for with it is silently ignored (the default's 500 is not warned about: diffusers' examples pair it
+    with "constant" too); and a warmup as long as the run never reaches ``--learning_rate``."""
+    warmup, steps = args.lr_warmup_steps, args.max_train_steps
+    if args.lr_scheduler == "constant" and warmup not in (0, DEFAULT_LR_WARMUP_STEPS):
+        logger.warning(
+            f"--lr_warmup_steps {warmup} has no effect: --lr_scheduler constant does not warm up. Fix: "
+            "--lr_scheduler constant_with_warmup to warm up, or leave --lr_warmup_steps out."
+        )
+    elif args.lr_scheduler != "constant" and warmup >= steps:
+        logger.warning(
+            f"--lr_warmup_steps {warmup} is not below --max_train_steps {steps}: the learning rate rises for the "
+            f"whole run and ends at {steps / warmup:.0%} of --learning_rate. Fix: a shorter warmup (a few percent of "
+            "the run)."
+        )
 
 
 def exponential_lr_schedule(optimizer, *, warmup_steps: int, gamma: float, steps_per_update: int = 1):

@@ -60,11 +60,11 @@ def test_the_targets_row_checks_the_protocol_from_what_the_models_recorded(bench
         },
     }
     balance = {"mae": 0.001, "layout_quality": {"copying": {"share_above_0.9": 0.0}}}
-    fair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5)["result"]
+    fair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5, rare_class=bench.RARE)["result"]
     assert "PASS fair protocol: the layout_model and renderer saw only the segmenters' real pairs" in fair
 
     down["generators"]["renderer"] = {"train_samples": 512, "not_among_segmenters": 448, "validation_pairs_seen": 3}
-    unfair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5)["result"]
+    unfair = bench.targets_row(down, balance, [], seconds=60, num_seeds=5, rare_class=bench.RARE)["result"]
     assert (
         "MISSED fair protocol: the layout_model and renderer saw only the segmenters' real pairs, no validation "
         "pair (451 other)" in unfair
@@ -107,5 +107,5 @@ def test_the_render_fidelity_row_shows_each_class_beside_what_its_reader_reads_o
         "num_real_train": 64,
         "num_synthetic": 256,
     }
-    row = bench.downstream_rows({"downstream": down}, seeds=[0])[0]
+    row = bench.downstream_rows({"downstream": down}, seeds=[0], rare_class=bench.RARE)[0]
     assert row["result"] == "background 0.968 (0.989), striped 0.500 (n/a), triangle 0.036 (0.016)"

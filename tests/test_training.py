@@ -123,6 +123,28 @@ def test_a_kill_while_a_checkpoint_is_replaced_loses_neither_copy(toy_root, tmp_
     assert_same_weights(saved, load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "schedule, warning",
+    [
+        (["--lr_scheduler", "constant", "--lr_warmup_steps", "50"], "--lr_warmup_steps 50 has no effect: "
+         "--lr_scheduler constant does not warm up. Fix: --lr_scheduler constant_with_warmup"),
+        (["--lr_warmup_steps", "4"], "--lr_warmup_steps 4 is not below --max_train_steps 2: the learning rate rises "
+         "for the whole run and ends at 50% of --learning_rate"),
+        (["--lr_warmup_steps", "1"], None),
+        (["--lr_scheduler", "constant", "--lr_warmup_steps", "500"], None),  # the default, as diffusers pairs them
+    ],
+)  # fmt: skip
+def test_a_warmup_that_does_not_do_what_it_reads_as_is_warned_about(toy_root, tmp_path, schedule, warning):
+    """diffusers' constant schedule ignores --lr_warmup_steps (a benchmark here once passed 50 to it for nothing),
+    and a warmup as long as the run never reaches the learning rate: both are said (trainer_args: cosine)."""
+    options = trainer_args(toy_root, tmp_path / "run", "--max_train_steps", "2", *schedule)
+    result = run_script("accelerate", "launch", *SDM, *options)
+    if warning is None:
+        assert "--lr_warmup_steps" not in result.stderr
+    else:
+        assert warning in result.stderr
+
+
 def test_resume_with_a_wrong_path_names_the_available_checkpoints(toy_root, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
