@@ -4,6 +4,7 @@
     python benchmarks/bench_synthetic.py                  # 25 minutes on a fast 2-core machine, 47-49 on a slow one
     python benchmarks/bench_synthetic.py --quick          # a few minutes; the numbers mean little
     python benchmarks/bench_synthetic.py --layout_only --layout_type d3pm   # steps 1 and 3 only, 7-14 minutes
+    python benchmarks/bench_synthetic.py --rare_class checkered   # a rare class told apart by its texture alone
 
 1. `python -m segdiff.toy --style textured --rare_class triangle --rare_rate 0.04`: toy data where colour does
    not tell the class (striped and checkered objects share one colour, squares and triangles another; per-image

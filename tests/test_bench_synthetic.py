@@ -109,3 +109,16 @@ def test_the_render_fidelity_row_shows_each_class_beside_what_its_reader_reads_o
     }
     row = bench.downstream_rows({"downstream": down}, seeds=[0], rare_class=bench.RARE)[0]
     assert row["result"] == "background 0.968 (0.989), striped 0.500 (n/a), triangle 0.036 (0.016)"
+
+
+def test_the_rare_rows_ask_for_the_rare_class_chosen_on_the_command_line(bench):
+    """--rare_class checkered: the rare rows ask for it, at its share in the val maps that show it (and 5x that)."""
+    names = ["background", "striped", "checkered", "square", "triangle"]
+    maps = np.zeros((3, 4, 4), dtype=np.int64)
+    maps[0, 0, :2] = 2  # checkered: 2 of 16 pixels
+    maps[1, :2, :] = 4  # a triangle only
+    maps[2, 0, 0] = 2  # checkered: 1 of 16
+    requests = bench.held_out_requests(maps, names, count=8, rare_class="checkered")
+    assert requests["rare"] == [{2: 2 / 16}, {2: 1 / 16}]
+    assert requests["rare x5"] == [{2: 10 / 16}, {2: 5 / 16}]
+    assert bench.held_out_requests(maps, names, count=8, rare_class="triangle")["rare"] == [{4: 0.5}]
