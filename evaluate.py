@@ -74,6 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,7 @@ from PIL import Image, ImageDraw
 
 from segdiff.arguments import (
     finite_float,
+    image_size,
     non_negative_int,
     output_folder,
     positive_float,
@@ -132,6 +134,7 @@ from segdiff.evaluation import (
 )
 from segdiff.files import write_json_atomic, write_text_atomic
 from segdiff.generation import ARGS_FILE
+from segdiff.geometry import ImageSize
 from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette
 from segdiff.runs import RunError, open_run
 
@@ -314,10 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     downstream.add_argument(
         "--downstream_resolution",
-        type=positive_int,
+        type=image_size,
         default=None,
-        help="Side images and masks are resized to (multiple of 4; stretched if not square). Default: the short "
-        "side of the first real training image, at most 128 (32 for the toy data).",
+        help="The size every image and mask is resized to: N (N x N) or HEIGHT,WIDTH, multiples of 4. Default: the "
+        "real training images' own shape, short side at most 128 (32 for the toy data; a square of the first "
+        "image's short side when their shapes differ).",
     )
     downstream.add_argument(
         "--max_train_samples",
@@ -837,10 +841,51 @@ def downstream_synthetic_pairs(generated: GeneratedSet) -> tuple[list[tuple[Path
     return pairs, [sample.class_id for sample in generated.samples]
 
 
-def default_downstream_resolution(pairs: list) -> int:
-    """The short side of the first real training image, at most 128, as a multiple of 4."""
-    with Image.open(pairs[0][0]) as image:
-        return max(8, min(128, min(image.size)) // 4 * 4)
+def image_shapes(paths: list[Path]) -> list[tuple[int, int]]:
+    """Each image's (height, width), from the files' headers (nothing is decoded)."""
+    shapes = []
+    for path in paths:
+        with Image.open(path) as image:
+            shapes.append((image.height, image.width))
+    return shapes
+
+
+def same_aspect(shape: tuple[int, int], other: tuple[int, int]) -> bool:
+    return abs((shape[1] / shape[0]) / (other[1] / other[0]) - 1) <= ASPECT_TOLERANCE
+
+
+def common_shape(shapes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The first (height, width), when every shape has its aspect ratio; None for images of several shapes."""
+    return shapes[0] if all(same_aspect(shape, shapes[0]) for shape in shapes) else None
+
+
+def default_downstream_resolution(real_shapes: list[tuple[int, int]]) -> ImageSize:
+    """The real training images' shape, scaled to a short side of at most 128, each side a multiple of 4: a 2:1
+    street scene stays 2:1, so thin objects are not squeezed to nothing. Images of several shapes (as ADE20K's)
+    share none: a square of the first one's short side, at most 128."""
+    short = max(8, min(128, min(real_shapes[0])) // 4 * 4)
+    shape = common_shape(real_shapes)
+    if shape is None:
+        return ImageSize(short, short)
+    scale = short / min(shape)
+    return ImageSize(*(round(side * scale / 4) * 4 for side in shape))
+
+
+def warn_about_stretched_synthetic(synthetic_shapes: list[tuple[int, int]], real_shapes: list[tuple[int, int]]):
+    """Every pair is resized to one --downstream_resolution: synthetic images of another aspect ratio than the real
+    ones are stretched differently from them, and teach the segmenter shapes the real images do not have."""
+    real = common_shape(real_shapes)
+    if real is None:
+        return
+    other = [shape for shape in synthetic_shapes if not same_aspect(shape, real)]
+    if other:
+        warnings.warn(
+            f"--downstream: {len(other)} of the {len(synthetic_shapes)} synthetic images have another aspect ratio "
+            f"than the real ones ({real[0]}x{real[1]}, height x width), e.g. {other[0][0]}x{other[0][1]}; resized "
+            "to one size for training, they are stretched where the real images are not. Fix: generate at the real "
+            "images' aspect ratio (the layout model and the renderer trained with --resolution HEIGHT,WIDTH).",
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -908,6 +953,12 @@ def plot_per_class_iou(summary: dict, classes: Classes, path: Path, title: str) 
 
 def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def size_text(resolution) -> str:
+    """A recorded size (N, or [height, width]) as the report says it: "32 px", "64x96 px" (height x width)."""
+    size = ImageSize.of(resolution)
+    return f"{size.height} px" if size.is_square else f"{size.height}x{size.width} px"
 
 
 def iou_table(per_class: dict, pixels: dict | None = None) -> list[str]:
@@ -987,7 +1038,7 @@ def downstream_report(down: dict) -> list[str]:
     )
     lines = [
         "",
-        f"Downstream: {model} trained {down['steps']} steps at {down['resolution']} px, batch {down['batch_size']}, "
+        f"Downstream: {model} trained {down['steps']} steps at {size_text(down['resolution'])}, batch {down['batch_size']}, "
         f"per arm and seed (seeds {down['seeds']}), scored on {down['num_real_val']} real validation pairs",
         f"  real pairs: {real} (metrics.json downstream.train_samples; the same as a trainer's with the same data "
         "and --max_train_samples)",
@@ -1192,8 +1243,8 @@ def evaluate(args) -> dict:
     if "miou" in metrics:
         check_aspect_ratios(generated.samples)
     resolution = args.downstream_resolution
-    if args.downstream and resolution is not None and resolution % 4:
-        raise DatasetError(f"--downstream_resolution must be a multiple of 4, got {resolution}.")
+    if args.downstream and resolution is not None and (resolution.height % 4 or resolution.width % 4):
+        raise DatasetError(f"--downstream_resolution must be multiples of 4, got {resolution}.")
     real_files = real_image_files(args) if args.real_dir else []
     if "kid" in metrics:  # a --kid_subset_size too big stops here
         resolve_kid_subset_size(args.kid_subset_size, len(real_files), len(generated.samples))
@@ -1256,6 +1307,8 @@ def evaluate(args) -> dict:
         images = [sample.image for sample in generated.samples]
         results.update(style_scores(images, references, args.histogram_bins), reference_dir=args.reference_dir)
     if real_train is not None:
+        real_shapes = image_shapes([image for image, _ in real_train.pairs])
+        warn_about_stretched_synthetic(image_shapes([image for image, _ in synthetic]), real_shapes)
         downstream = run_downstream(
             real_train.pairs,
             synthetic,
@@ -1265,7 +1318,7 @@ def evaluate(args) -> dict:
             real_label_offset=real_train.label_offset,
             val_label_offset=real_val.label_offset,
             steps=args.downstream_steps,
-            resolution=resolution or default_downstream_resolution(real_train.pairs),
+            resolution=resolution or default_downstream_resolution(real_shapes),
             batch_size=args.downstream_batch_size,
             learning_rate=args.downstream_learning_rate,
             seeds=args.downstream_seeds,

@@ -15,8 +15,8 @@ Every arm is scored on the same real validation pairs. The synthetic data earns 
 The real-only segmenter of the first seed also reads the synthetic images against their own masks: which classes
 the renderer does not yet draw so that a segmenter trained on real images recognises them.
 
-Everything is held in memory at ``resolution x resolution`` (images bilinear, masks nearest, stretched
-when not square), so a run is a few hundred small steps: about 20 s per arm and seed on a 2-core CPU for the
+Everything is held in memory at one ``resolution`` (height x width; images bilinear, masks nearest, each stretched
+where its aspect ratio is another), so a run is a few hundred small steps: about 20 s per arm and seed on a 2-core CPU for the
 toy data (512 real + 256 synthetic 32 px pairs, 300 steps; OMP_NUM_THREADS=1 on a shared, busy CPU, where
 two OpenMP threads per process make these tiny convolutions many times slower).
 The UNet is deliberately small (about 0.1 M parameters): the point is comparing training sets on
@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segdiff.data import DatasetError, check_label_ids, decode_label_ids, read_image, read_label_map
+from segdiff.geometry import ImageSize
 from segdiff.labels import IGNORE_INDEX, resize_labels
 from segdiff.metrics import confusion_matrix, segmentation_summary
 
@@ -172,14 +173,15 @@ def class_vs_rest_labels(label: np.ndarray, class_id: int, ignore_index: int = I
 
 def load_pairs(
     pairs: list[tuple[Path, Path]],
-    resolution: int,
+    resolution: ImageSize | int,
     num_classes: int,
     ignore_index: int = IGNORE_INDEX,
     desc: str = "loading",
     class_ids: list[int] | None = None,
     label_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read (image, mask) files into ``uint8 (N, 3, R, R)`` images and ``int16 (N, R, R)`` label maps.
+    """Read (image, mask) files into ``uint8 (N, 3, H, W)`` images and ``int16 (N, H, W)`` label maps, at
+    ``resolution`` (N: N x N).
 
     ``label_offset``: how the mask files encode classes (`segdiff.data.LABEL_OFFSETS`: LoveDA's files hold 0 for
     no-data and class + 1), decoded as the dataset's own items are.
@@ -191,15 +193,16 @@ def load_pairs(
     """
     if class_ids is not None and len(class_ids) != len(pairs):
         raise ValueError(f"class_ids has {len(class_ids)} entries for {len(pairs)} pairs")
-    images = torch.empty((len(pairs), 3, resolution, resolution), dtype=torch.uint8)
-    labels = torch.empty((len(pairs), resolution, resolution), dtype=torch.int16)  # fits 255 and any class id
+    height, width = ImageSize.of(resolution)
+    images = torch.empty((len(pairs), 3, height, width), dtype=torch.uint8)
+    labels = torch.empty((len(pairs), height, width), dtype=torch.int16)  # fits 255 and any class id
     for index, (image_path, mask_path) in enumerate(tqdm(pairs, desc=desc, unit="pair", leave=False)):
-        image = read_image(image_path).resize((resolution, resolution), Image.BILINEAR)
+        image = read_image(image_path).resize((width, height), Image.BILINEAR)
         label = decode_label_ids(read_label_map(mask_path), label_offset, ignore_index)
         check_label_ids(label, num_classes, ignore_index, mask_path, label_offset)
         if class_ids is not None:
             label = class_vs_rest_labels(label, class_ids[index], ignore_index)
-        label = resize_labels(label, resolution, resolution)
+        label = resize_labels(label, height, width)
         images[index] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         labels[index] = torch.from_numpy(label.astype(np.int16))
     return images, labels
@@ -451,7 +454,7 @@ def run_downstream(
     class_names: list[str],
     *,
     steps: int = 300,
-    resolution: int = 32,
+    resolution: ImageSize | int = 32,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
     seeds: list[int] = (0,),
@@ -476,8 +479,9 @@ def run_downstream(
     seed, with the seeds where it is positive); the classes the synthetic data makes worse; the render fidelity per
     class; each class's training pixels; the settings.
     """
-    if resolution % 4:
-        raise ValueError(f"--downstream_resolution must be a multiple of 4, got {resolution}")
+    resolution = ImageSize.of(resolution)  # N: N x N
+    if resolution.height % 4 or resolution.width % 4:
+        raise ValueError(f"--downstream_resolution must be multiples of 4, got {resolution}")
     if not synthetic:
         raise DatasetError("--downstream has no synthetic pairs to add: there is nothing to compare.")
     seeds = list(seeds)
@@ -540,7 +544,7 @@ def run_downstream(
         "model": model,
         "pretrained": None if pretrained is None else str(pretrained),
         "steps": steps,
-        "resolution": resolution,
+        "resolution": resolution.config_value(),  # N for a square, else [height, width]
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "seconds": round(time.perf_counter() - started, 1),

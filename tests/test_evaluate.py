@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -721,6 +722,50 @@ def test_downstream_segformer_from_random_or_pretrained_weights(toy_data, real_s
     assert f"a SegFormer from {tmp_path / 'pretrained'} trained 5 steps" in report
     with pytest.raises(SystemExit, match="use it with --downstream_model segformer"):
         run_downstream(toy_data, real_split, tmp_path / "unet", "--downstream_pretrained", str(tmp_path / "pretrained"))
+
+
+def resize_dataset(folder: Path, height: int, width: int, stems=None) -> None:
+    """Resize a generic dataset's images (bilinear) and masks (nearest) in place: all of them, or those ``stems``."""
+    for sub, method in (("images", Image.BILINEAR), ("masks", Image.NEAREST)):
+        for path in (folder / sub).iterdir():
+            if stems is None or path.stem in stems:
+                with Image.open(path) as image:
+                    image.resize((width, height), method).save(path)
+
+
+def test_downstream_keeps_the_real_images_shape_and_warns_of_synthetic_ones_it_stretches(
+    toy_data, real_split, training_sets, tmp_path
+):
+    """Street scenes are not square: every arm trains at the real images' own aspect ratio (short side at most 128),
+    and synthetic images of another shape, which that size stretches where it does not stretch the real ones, are
+    warned about before any training."""
+    for split in ("train", "val"):
+        resize_dataset(real_split / split, 32, 48)  # height x width, 2:3
+    with pytest.warns(UserWarning, match=r"24 of the 24 synthetic images have another aspect ratio .*\(32x48, "):
+        down = run_downstream(toy_data, real_split, tmp_path / "square", "--downstream_steps", "1")
+    assert down["resolution"] == [32, 48]
+    assert {tuple(images.shape[1:]) for images, _ in training_sets} == {(3, 32, 48)}
+    assert {tuple(labels.shape[1:]) for _, labels in training_sets} == {(32, 48)}
+    assert "trained 1 steps at 32x48 px" in (tmp_path / "square" / "evaluation_report.txt").read_text()
+
+    # Synthetic images of the real shape (here 16x24): no warning; an explicit HEIGHT,WIDTH is used as given.
+    synthetic = tmp_path / "synthetic"
+    shutil.copytree(toy_data, synthetic)
+    resize_dataset(synthetic, 16, 24)
+    training_sets.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        down = run_downstream(synthetic, real_split, tmp_path / "given", "--downstream_resolution", "16,20")
+    assert down["resolution"] == [16, 20] and {tuple(images.shape[1:]) for images, _ in training_sets} == {(3, 16, 20)}
+    with pytest.raises(SystemExit, match="--downstream_resolution must be multiples of 4, got 16,18"):
+        run_downstream(synthetic, real_split, tmp_path / "refused", "--downstream_resolution", "16,18")
+
+    # Real images of several shapes share none: a square of the first one's short side, and no synthetic warning.
+    resize_dataset(real_split / "train", 48, 32, stems={"train_00003"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        down = run_downstream(toy_data, real_split, tmp_path / "mixed", "--downstream_steps", "1")
+    assert down["resolution"] == 32
 
 
 def test_every_script_given_the_same_n_trains_on_the_same_real_pairs(toy_data, tiny_sd_folder, tmp_path):
