@@ -1250,6 +1250,10 @@ def evaluate(args) -> dict:
         resolve_kid_subset_size(args.kid_subset_size, len(real_files), len(generated.samples))
     real_train, real_val = downstream_splits(args, classes) if args.downstream else (None, None)
     synthetic, synthetic_class_ids = downstream_synthetic_pairs(generated) if args.downstream else (None, None)
+    if args.downstream:
+        real_shapes = image_shapes([image for image, _ in real_train.pairs])
+        warn_about_stretched_synthetic(image_shapes([image for image, _ in synthetic]), real_shapes)
+        resolution = resolution or default_downstream_resolution(real_shapes)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     segmenter = build_segmenter(args.segmenter, classes, device) if "miou" in metrics else None
     lookup = class_lookup(args.segmenter_class_map, segmenter.num_labels, len(classes.names)) if segmenter else None
@@ -1307,8 +1311,6 @@ def evaluate(args) -> dict:
         images = [sample.image for sample in generated.samples]
         results.update(style_scores(images, references, args.histogram_bins), reference_dir=args.reference_dir)
     if real_train is not None:
-        real_shapes = image_shapes([image for image, _ in real_train.pairs])
-        warn_about_stretched_synthetic(image_shapes([image for image, _ in synthetic]), real_shapes)
         downstream = run_downstream(
             real_train.pairs,
             synthetic,
@@ -1318,7 +1320,7 @@ def evaluate(args) -> dict:
             real_label_offset=real_train.label_offset,
             val_label_offset=real_val.label_offset,
             steps=args.downstream_steps,
-            resolution=resolution or default_downstream_resolution(real_shapes),
+            resolution=resolution,
             batch_size=args.downstream_batch_size,
             learning_rate=args.downstream_learning_rate,
             seeds=args.downstream_seeds,

@@ -15,10 +15,10 @@ Every arm is scored on the same real validation pairs. The synthetic data earns 
 The real-only segmenter of the first seed also reads the synthetic images against their own masks: which classes
 the renderer does not yet draw so that a segmenter trained on real images recognises them.
 
-Everything is held in memory at one ``resolution`` (height x width; images bilinear, masks nearest, each stretched
-where its aspect ratio is another), so a run is a few hundred small steps: about 20 s per arm and seed on a 2-core CPU for the
-toy data (512 real + 256 synthetic 32 px pairs, 300 steps; OMP_NUM_THREADS=1 on a shared, busy CPU, where
-two OpenMP threads per process make these tiny convolutions many times slower).
+Everything is held in memory at one ``resolution`` (height x width; images bilinear, masks nearest, each
+stretched where its aspect ratio is another), so a run is a few hundred small steps: about 20 s per arm and seed on
+a 2-core CPU for the toy data (512 real + 256 synthetic 32 px pairs, 300 steps; OMP_NUM_THREADS=1 on a shared,
+busy CPU, where two OpenMP threads per process make these tiny convolutions many times slower).
 The UNet is deliberately small (about 0.1 M parameters): the point is comparing training sets on
 equal terms, not reaching a state-of-the-art score.
 
