@@ -754,7 +754,7 @@ def test_downstream_keeps_the_real_images_shape_and_warns_of_synthetic_ones_it_s
     resize_dataset(synthetic, 16, 24)
     training_sets.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message="--downstream")
         down = run_downstream(synthetic, real_split, tmp_path / "given", "--downstream_resolution", "16,20")
     assert down["resolution"] == [16, 20] and {tuple(images.shape[1:]) for images, _ in training_sets} == {(3, 16, 20)}
     with pytest.raises(SystemExit, match="--downstream_resolution must be multiples of 4, got 16,18"):
@@ -763,7 +763,7 @@ def test_downstream_keeps_the_real_images_shape_and_warns_of_synthetic_ones_it_s
     # Real images of several shapes share none: a square of the first one's short side, and no synthetic warning.
     resize_dataset(real_split / "train", 48, 32, stems={"train_00003"})
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message="--downstream")
         down = run_downstream(toy_data, real_split, tmp_path / "mixed", "--downstream_steps", "1")
     assert down["resolution"] == 32
 
