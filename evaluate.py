@@ -134,7 +134,7 @@ from segdiff.evaluation import (
 )
 from segdiff.files import write_json_atomic, write_text_atomic
 from segdiff.generation import ARGS_FILE
-from segdiff.geometry import ImageSize
+from segdiff.geometry import ImageSize, short_side_size
 from segdiff.labels import IGNORE_INDEX, colorize_label, default_palette
 from segdiff.runs import RunError, open_run
 
@@ -564,6 +564,11 @@ def check_files_exist(paths: list[Path], kind: str) -> None:
 ASPECT_TOLERANCE = 0.1
 
 
+def same_aspect(shape: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether two (height, width) shapes have one aspect ratio, within ASPECT_TOLERANCE."""
+    return abs((shape[1] / shape[0]) / (other[1] / other[0]) - 1) <= ASPECT_TOLERANCE
+
+
 def check_aspect_ratios(samples: list[GeneratedSample]) -> None:
     """Refuse images whose shape is not their mask's: the segmenter's reading would be stretched onto the mask, and
     mIoU would score the stretch (from the files' headers: no image is decoded)."""
@@ -571,8 +576,7 @@ def check_aspect_ratios(samples: list[GeneratedSample]) -> None:
     for sample in samples:
         with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
             (image_width, image_height), (mask_width, mask_height) = image.size, mask.size
-        image_ratio, mask_ratio = image_width / image_height, mask_width / mask_height
-        if abs(image_ratio / mask_ratio - 1) > ASPECT_TOLERANCE:
+        if not same_aspect((image_height, image_width), (mask_height, mask_width)):
             mismatched.append(
                 f"{sample.image.name} ({image_height}x{image_width}) and its mask {sample.mask.name} "
                 f"({mask_height}x{mask_width})"
@@ -850,10 +854,6 @@ def image_shapes(paths: list[Path]) -> list[tuple[int, int]]:
     return shapes
 
 
-def same_aspect(shape: tuple[int, int], other: tuple[int, int]) -> bool:
-    return abs((shape[1] / shape[0]) / (other[1] / other[0]) - 1) <= ASPECT_TOLERANCE
-
-
 def common_shape(shapes: list[tuple[int, int]]) -> tuple[int, int] | None:
     """The first (height, width), when every shape has its aspect ratio; None for images of several shapes."""
     return shapes[0] if all(same_aspect(shape, shapes[0]) for shape in shapes) else None
@@ -865,10 +865,7 @@ def default_downstream_resolution(real_shapes: list[tuple[int, int]]) -> ImageSi
     share none: a square of the first one's short side, at most 128."""
     short = max(8, min(128, min(real_shapes[0])) // 4 * 4)
     shape = common_shape(real_shapes)
-    if shape is None:
-        return ImageSize(short, short)
-    scale = short / min(shape)
-    return ImageSize(*(round(side * scale / 4) * 4 for side in shape))
+    return ImageSize(short, short) if shape is None else short_side_size(*shape, short, 4)
 
 
 def warn_about_stretched_synthetic(synthetic_shapes: list[tuple[int, int]], real_shapes: list[tuple[int, int]]):

@@ -51,6 +51,13 @@ class ImageSize(NamedTuple):
         return str(self.height) if self.is_square else f"{self.height},{self.width}"
 
 
+def short_side_size(height: int, width: int, short_side: int, multiple: int) -> ImageSize:
+    """The size of a ``height`` x ``width`` shape's aspect ratio with ``short_side`` as its short side, both sides
+    rounded to ``multiple`` (and at least ``multiple``)."""
+    scale = short_side / min(height, width)
+    return ImageSize(*(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)))
+
+
 # Stable Diffusion's ControlNet conditioning embedding: 3 stride-2 convolutions for its VAE's factor of 8.
 SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 

@@ -31,6 +31,7 @@ from PIL import Image
 from segdiff.geometry import (
     ImageSize,
     conditioning_downsampling,
+    short_side_size,
     size_multiple,
     vae_scale_factor,
 )
@@ -81,12 +82,6 @@ def load_controlnet_pipeline(
                 "Fix: pass the base it was trained on."
             )
     return pipeline
-
-
-def output_size(height: int, width: int, short_side: int, multiple: int) -> ImageSize:
-    """A map's aspect ratio with ``short_side`` as its short side, both sides rounded to ``multiple``."""
-    scale = short_side / min(height, width)
-    return ImageSize(*(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width)))
 
 
 def load_sdm_pipeline(run: TrainedRun, dtype: torch.dtype | None = None) -> SemanticDiffusionPipeline:
@@ -265,7 +260,7 @@ class ControlNetRenderer(Renderer):
 
     def output_size(self, label):
         # The map's aspect ratio, its short side at the training resolution.
-        return output_size(*label.shape, self.resolution, self.size_multiple)
+        return short_side_size(*label.shape, self.resolution, self.size_multiple)
 
     def prompt(self, label, domain: str | None = None) -> str:
         """The class prompt of a map, worded as in training (the run's template and top-k, its domain if named)."""
